@@ -1,0 +1,230 @@
+"""The one configuration object: every pipeline parameter, its type and documented default."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Where the seed notebook downloads ``iris-image.zip`` from (``wget``).
+DEFAULT_DATA_SOURCE = "https://github.com/jeffheaton/data-mirror/releases/download/v1/iris-image.zip"
+#: sha256 of that archive (see ``../shared/data/README.md``).
+DEFAULT_DATA_SHA256 = "48a5f6b0ad1019f4f7ce2628e08e9f71104ae625db1b7e4c24eaf051133f4589"
+
+#: Environment variables the CLI reads (and only the CLI, through :func:`env_overrides`):
+#: they let CI and air-gapped users point the pipeline at local copies without editing files.
+ENV_OVERRIDES: dict[str, str] = {
+    "IRIS_DATA_SOURCE": "data_source",
+    "IRIS_DATA_SHA256": "data_sha256",
+    "IRIS_MODEL_WEIGHTS": "weights",
+}
+
+#: Container images the pipeline compiles with; written by ``containers/build.sh``.
+IMAGES_FILE = Path(__file__).resolve().parent.parent / "containers" / "images.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Every tunable of the pipeline, with the notebook's value or a measured better one.
+
+    Only primitives (str, int, float, bool) so that each field becomes one KFP pipeline
+    parameter and one MLflow param. Field comments say where a default comes from.
+    """
+
+    # --- data -------------------------------------------------------------------------
+    data_source: str = DEFAULT_DATA_SOURCE  # notebook: wget of the public archive
+    data_sha256: str = DEFAULT_DATA_SHA256  # "" skips the check (e.g. a local folder)
+    seed: int = 42  # one seed drives split, shuffling, augmentation and init
+    val_fraction: float = 0.15  # notebook: none (it scores its training images)
+    test_fraction: float = 0.15  # held-out test split, the only one metrics are reported on
+    min_images_per_class: int = 5  # fewer usable images in a class is an error
+    min_image_side: int = 32  # smaller images are skipped as unreadable
+    max_archive_bytes: int = 2_000_000_000  # zip-bomb guard: total uncompressed size
+    max_archive_entries: int = 100_000  # zip-bomb guard: number of entries
+
+    # --- input pipeline and augmentation (notebook: ImageDataGenerator) -------------------
+    image_size: int = 224  # notebook: 256; MobileNet's ImageNet weights are for 224
+    batch_size: int = 32  # notebook: flow_from_directory's default, 32
+    augment_flip: bool = True  # notebook: horizontal_flip and vertical_flip
+    augment_rotation: float = 1.0  # fraction of a full turn; notebook: rotation_range=360
+    augment_shift: float = 0.2  # fraction of width; notebook: width_shift_range=[-200, 200]
+    augment_zoom: float = 0.1  # not in the notebook; 0 turns it off
+    augment_contrast: float = 0.1  # not in the notebook; 0 turns it off
+
+    # --- model ------------------------------------------------------------------------
+    model: str = "mobilenet"  # "mobilenet" (transfer learning) or "seed_cnn" (the notebook's)
+    alpha: float = 0.25  # MobileNet width multiplier
+    weights: str = "imagenet"  # "imagenet" (Keras downloads), a local path or URL, or "none"
+    dropout: float = 0.2  # before the softmax head
+
+    # --- training -----------------------------------------------------------------------
+    epochs: int = 50  # notebook: 50 (early stopping usually ends sooner)
+    steps_per_epoch: int = 0  # notebook: 10; 0 means one pass over the training split
+    learning_rate: float = 1e-3  # notebook: Adam's default, 1e-3
+    fine_tune_epochs: int = 0  # > 0 unfreezes the backbone after the head is trained
+    fine_tune_learning_rate: float = 1e-5  # learning rate while fine-tuning
+    early_stopping_patience: int = 5  # epochs without val-loss improvement before stopping
+    class_weights: bool = True  # weight the loss by inverse class frequency
+    mixed_precision: bool = True  # mixed_float16 when a GPU is present (ignored on CPU)
+    xla: bool = False  # jit_compile the train step
+
+    # --- evaluation, registry, tracking ------------------------------------------------------
+    gate_metric: str = "balanced_accuracy"  # test metric the registry gate reads
+    gate_threshold: float = 0.5  # register only when gate_metric >= this
+    registered_model_name: str = "iris-image-classifier"
+    experiment_name: str = "iris-image-classification"
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # ----------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def field_types(cls) -> dict[str, type]:
+        """Resolved Python type of every field (str, int, float or bool)."""
+        hints = typing.get_type_hints(cls)
+        return {name: hints[name] for name in cls.field_names()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: PipelineConfig | None = None) -> PipelineConfig:
+        """A config from ``values`` on top of ``base`` (defaults), converting strings by type.
+
+        Unknown keys and values that do not convert raise ``ValueError`` naming the key and
+        listing the valid ones, so ``--set`` typos fail fast instead of being ignored.
+        """
+        types_by_name = cls.field_types()
+        unknown = sorted(set(values) - set(types_by_name))
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))}; "
+                f"valid keys: {', '.join(sorted(types_by_name))}"
+            )
+        converted = {k: coerce(k, v, types_by_name[k]) for k, v in values.items()}
+        return dataclasses.replace(base or cls(), **converted)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, base: PipelineConfig | None = None) -> PipelineConfig:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read config file {str(path)!r}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of key: value")
+        return cls.from_mapping(loaded, base)
+
+
+def coerce(key: str, value: Any, target: type) -> Any:
+    """Convert ``value`` (often a CLI string) to ``target``; ``ValueError`` names the key."""
+    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        return value
+    try:
+        if target is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in {"1", "true", "yes", "on"}:
+                    return True
+                if lowered in {"0", "false", "no", "off"}:
+                    return False
+                raise ValueError(value)
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
+        if target is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if target is float:
+            return float(value)
+        if target is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"config key {key!r} expects {target.__name__}, got {value!r}")
+
+
+#: Allowed values of the enumerated fields.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model": ("mobilenet", "seed_cnn"),
+    "gate_metric": ("accuracy", "balanced_accuracy", "macro_f1"),
+}
+
+
+def validate(config: PipelineConfig) -> None:
+    """Reject values no step could use, naming the field, before any work starts."""
+    problems: list[str] = []
+    for name, target in PipelineConfig.field_types().items():
+        value = getattr(config, name)
+        ok = isinstance(value, target) and not (target is not bool and isinstance(value, bool))
+        if target is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            problems.append(f"{name} must be {target.__name__}, got {value!r}")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            problems.append(f"{name}={getattr(config, name)!r} is not one of {list(allowed)}")
+    if not 0 < config.val_fraction < 1 or not 0 < config.test_fraction < 1:
+        problems.append("val_fraction and test_fraction must be between 0 and 1")
+    elif config.val_fraction + config.test_fraction >= 0.9:
+        problems.append("val_fraction + test_fraction must leave at least 10% for training")
+    positive = ("image_size", "batch_size", "epochs", "min_images_per_class", "min_image_side",
+                "max_archive_bytes", "max_archive_entries", "learning_rate",
+                "fine_tune_learning_rate", "alpha")
+    problems += [f"{n} must be > 0, got {getattr(config, n)!r}" for n in positive
+                 if getattr(config, n) <= 0]
+    non_negative = ("steps_per_epoch", "fine_tune_epochs", "early_stopping_patience",
+                    "augment_rotation", "augment_shift", "augment_zoom", "augment_contrast")
+    problems += [f"{n} must be >= 0, got {getattr(config, n)!r}" for n in non_negative
+                 if getattr(config, n) < 0]
+    if not 0 <= config.dropout < 1:
+        problems.append(f"dropout must be in [0, 1), got {config.dropout!r}")
+    if not config.data_source.strip():
+        problems.append("data_source must not be empty")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Config values set through :data:`ENV_OVERRIDES` variables (CLI use only)."""
+    environ = os.environ if environ is None else environ
+    return {field: environ[var] for var, field in ENV_OVERRIDES.items() if environ.get(var)}
+
+
+def load_images(path: Path = IMAGES_FILE) -> dict[str, str]:
+    """The CPU and GPU image names the build script wrote (keys ``cpu`` and ``gpu``)."""
+    try:
+        images = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read image names from {str(path)!r}: {exc}") from exc
+    missing = {"cpu", "gpu"} - set(images)
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks image name(s) for {sorted(missing)}")
+    return {"cpu": images["cpu"], "gpu": images["gpu"]}
+
+
+__all__ = [
+    "CHOICES",
+    "DEFAULT_DATA_SHA256",
+    "DEFAULT_DATA_SOURCE",
+    "ENV_OVERRIDES",
+    "IMAGES_FILE",
+    "PipelineConfig",
+    "coerce",
+    "env_overrides",
+    "load_images",
+    "validate",
+]

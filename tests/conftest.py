@@ -1,0 +1,30 @@
+"""Shared fixtures: the real data set and ImageNet weights in ../shared/data (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+IRIS_ZIP = SHARED_DATA / "iris-image.zip"
+MOBILENET_WEIGHTS = SHARED_DATA / "mobilenet_2_5_224_tf_no_top.h5"
+
+# TensorFlow is chatty and slow to pick threads; keep test logs readable.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def iris_zip() -> Path:
+    if not IRIS_ZIP.is_file():
+        pytest.fail(f"shared data set missing: {IRIS_ZIP} (see ../shared/data/README.md)")
+    return IRIS_ZIP
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    if not MOBILENET_WEIGHTS.is_file():
+        pytest.fail(f"shared MobileNet weights missing: {MOBILENET_WEIGHTS}")
+    return MOBILENET_WEIGHTS
