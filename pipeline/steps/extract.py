@@ -1,0 +1,354 @@
+"""Safe extraction of zip and tar archives: no path escapes, no links out, no zip bombs."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import lzma
+import os
+import posixpath
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+logger = logging.getLogger(__name__)
+
+#: Operating-system litter that never belongs to a data set (compared case-insensitively).
+JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "__macosx"})
+
+_COPY_CHUNK = 1 << 20
+#: What broken archive data raises while being read (all turned into one clear ValueError).
+_CORRUPT = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+            gzip.BadGzipFile)
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive was refused; ``entries`` lists every offending member with the reason."""
+
+    def __init__(self, archive: Path, problems: list[tuple[str, str]]) -> None:
+        self.archive = Path(archive)
+        self.entries = [name for name, _ in problems]
+        self.problems = problems
+        listing = "; ".join(f"{name!r} ({reason})" for name, reason in problems)
+        super().__init__(
+            f"refusing to extract {str(archive)!r}: {len(problems)} unsafe entr"
+            f"{'y' if len(problems) == 1 else 'ies'}: {listing}"
+        )
+
+
+class ArchiveTooLargeError(ValueError):
+    """An archive exceeds the configured entry-count or uncompressed-size limit."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One archive entry as the pre-scan sees it, before anything is written."""
+
+    name: str  # the name as stored in the archive (for messages)
+    parts: tuple[str, ...]  # normalized relative path components inside the target
+    kind: str  # "file", "dir", "symlink", "hardlink" or "other"
+    size: int  # uncompressed bytes (for links: the bytes of the member they point to)
+    link: str = ""  # link target as stored, for links
+
+
+@dataclass
+class Extraction:
+    """What :func:`safe_extract` did: where the data landed and what it left out, and why."""
+
+    root: Path  # the folder holding the class folders (below any single wrapping folder)
+    target: Path  # the extraction target itself
+    files_written: int = 0
+    bytes_written: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+
+
+def is_junk(parts: tuple[str, ...] | list[str]) -> bool:
+    """True for OS litter and hidden files/folders anywhere in the path (``.x``, ``__MACOSX``)."""
+    return any(part.lower() in JUNK_NAMES or part.startswith(".") for part in parts)
+
+
+def _is_absolute(name: str) -> bool:
+    """POSIX absolute paths and Windows drive paths (``C:/x``, ``C:\\x``) alike."""
+    unified = name.replace("\\", "/")
+    return unified.startswith("/") or bool(re.match(r"^[A-Za-z]:(/|$)", unified))
+
+
+def _normalize(name: str) -> tuple[tuple[str, ...], str | None]:
+    """Split an entry name into safe components, or explain why it would escape the target."""
+    unified = name.replace("\\", "/")
+    if _is_absolute(unified):
+        return (), "absolute path"
+    if "\x00" in unified:
+        return (), "NUL byte in name"
+    parts: list[str] = []
+    for part in unified.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                return (), "path escapes the target (..)"
+            parts.pop()
+            continue
+        parts.append(part)
+    return tuple(parts), None
+
+
+def _link_problem(parts: tuple[str, ...], link: str, hard: bool) -> str | None:
+    """Why a link entry would point outside the target, or None when it stays inside."""
+    what = "hard link" if hard else "symbolic link"
+    if _is_absolute(link):
+        return f"{what} to absolute path {link!r}"
+    # Hard links are relative to the archive root, symbolic links to the entry's folder.
+    base = "" if hard else "/".join(parts[:-1])
+    _, problem = _normalize(posixpath.join(base, link.replace("\\", "/")))
+    return f"{what} points outside the target ({link!r})" if problem else None
+
+
+def _scan_zip(archive: zipfile.ZipFile) -> list[tuple[Member, zipfile.ZipInfo]]:
+    members = []
+    for info in archive.infolist():
+        # Unix tools store the file type in the high bits; many writers store only permissions.
+        file_type = stat.S_IFMT(info.external_attr >> 16)
+        if info.is_dir() or file_type == stat.S_IFDIR:
+            kind = "dir"
+        elif file_type == stat.S_IFLNK:
+            kind = "symlink"
+        elif file_type in (0, stat.S_IFREG):
+            kind = "file"
+        else:
+            kind = "other"
+        link = ""
+        if kind == "symlink":  # a zip link stores its target as the entry's data
+            if info.file_size > 4096:
+                kind = "other"  # no real link target is that long; do not inflate it
+            else:
+                link = archive.read(info).decode("utf-8", "replace")
+        parts, _ = _normalize(info.filename)
+        members.append((Member(info.filename, parts, kind, info.file_size, link), info))
+    return members
+
+
+def _scan_tar(archive: tarfile.TarFile) -> list[tuple[Member, tarfile.TarInfo]]:
+    members = []
+    for info in archive.getmembers():
+        if info.isdir():
+            kind = "dir"
+        elif info.isreg():
+            kind = "file"
+        elif info.issym():
+            kind = "symlink"
+        elif info.islnk():
+            kind = "hardlink"
+        else:
+            kind = "other"
+        size = info.size if kind == "file" else 0
+        parts, _ = _normalize(info.name)
+        members.append((Member(info.name, parts, kind, size, info.linkname), info))
+    # A link's payload is the member it points to: count those bytes against the limit.
+    by_name = {m.parts: m for m, _ in members if m.kind == "file"}
+    resolved = []
+    for member, info in members:
+        if member.kind in ("symlink", "hardlink") and member.link:
+            base = "" if member.kind == "hardlink" else "/".join(member.parts[:-1])
+            parts, problem = _normalize(posixpath.join(base, member.link))
+            if not problem and parts in by_name:
+                member = Member(member.name, member.parts, member.kind, by_name[parts].size,
+                                member.link)
+        resolved.append((member, info))
+    return resolved
+
+
+def _problems(members: list[Member]) -> list[tuple[str, str]]:
+    """Every entry that would land (or point) outside the target, with the reason."""
+    problems = []
+    for member in members:
+        _, problem = _normalize(member.name)
+        if problem is None and member.kind in ("symlink", "hardlink"):
+            problem = _link_problem(member.parts, member.link, member.kind == "hardlink")
+        if problem:
+            problems.append((member.name, problem))
+    return problems
+
+
+@contextmanager
+def _open_archive(archive: Path) -> Iterator[tuple[str, zipfile.ZipFile | tarfile.TarFile]]:
+    """Open a zip or a (compressed) tar, telling the two apart by content, not by name."""
+    if not archive.is_file():
+        raise FileNotFoundError(f"archive not found: {str(archive)!r}")
+    if zipfile.is_zipfile(archive):
+        try:
+            with zipfile.ZipFile(archive) as handle:
+                yield "zip", handle
+        except _CORRUPT as exc:
+            raise ValueError(f"corrupt zip archive {str(archive)!r}: {exc}") from exc
+        return
+    try:
+        handle = tarfile.open(archive, mode="r:*")  # noqa: SIM115 (closed by the with below)
+    except (*_CORRUPT, OSError) as exc:
+        raise ValueError(
+            f"{str(archive)!r} is not a zip or tar(.gz/.bz2/.xz) archive ({exc})"
+        ) from exc
+    with handle:
+        try:
+            yield "tar", handle
+        except _CORRUPT as exc:
+            raise ValueError(f"corrupt tar archive {str(archive)!r}: {exc}") from exc
+
+
+def _copy_limited(src: IO[bytes], dest: Path, budget: int, archive: Path) -> int:
+    """Copy at most ``budget`` bytes; more means the headers lied about sizes (a bomb)."""
+    written = 0
+    with open(dest, "xb") as out:
+        while chunk := src.read(_COPY_CHUNK):
+            written += len(chunk)
+            if written > budget:
+                raise ArchiveTooLargeError(
+                    f"{str(archive)!r} expands beyond its declared sizes and the limit; refused"
+                )
+            out.write(chunk)
+    return written
+
+
+def find_class_root(directory: Path) -> Path:
+    """Descend through single wrapping folders to the folder that holds the class folders.
+
+    A folder is a wrapper when it is the only non-junk entry of its parent and itself holds
+    sub-folders; a lone folder of images is a class, not a wrapper, and stays put.
+    """
+    root = Path(directory)
+    while True:
+        entries = [p for p in root.iterdir() if not is_junk((p.name,))]
+        if len(entries) != 1 or not entries[0].is_dir() or entries[0].is_symlink():
+            return root
+        inner = entries[0]
+        if not any(p.is_dir() and not is_junk((p.name,)) for p in inner.iterdir()):
+            return root
+        logger.info("descending into the single wrapping folder %s", inner.name)
+        root = inner
+
+
+def safe_extract(archive: str | Path, target: str | Path, *, max_bytes: int,
+                 max_entries: int) -> Extraction:
+    """Extract ``archive`` into ``target`` (new or empty) after checking every entry first.
+
+    Nothing is written unless the whole archive passes: entries escaping the target
+    (``../``, absolute paths, links pointing out) are refused together in one error that
+    names them, as are archives over ``max_entries`` entries or ``max_bytes`` uncompressed.
+    Links inside the archive are written as plain copies (no link is ever created), OS junk
+    and hidden files are skipped. Files land in a temporary sibling folder first, renamed
+    into place at the end, so a failure leaves nothing behind.
+    """
+    archive, target = Path(archive), Path(target)
+    if max_bytes <= 0 or max_entries <= 0:
+        raise ValueError("max_bytes and max_entries must be > 0")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"extraction target {str(target)!r} exists and is not empty")
+
+    with _open_archive(archive) as (kind, handle):
+        scanned = _scan_zip(handle) if kind == "zip" else _scan_tar(handle)  # type: ignore[arg-type]
+        members = [m for m, _ in scanned]
+        if len(members) > max_entries:
+            raise ArchiveTooLargeError(
+                f"{str(archive)!r} has {len(members)} entries, over the limit of {max_entries} "
+                "(max_archive_entries); refusing to extract a possible zip bomb"
+            )
+        total = sum(m.size for m in members)
+        if total > max_bytes:
+            raise ArchiveTooLargeError(
+                f"{str(archive)!r} expands to {total} bytes, over the limit of {max_bytes} "
+                "(max_archive_bytes); refusing to extract a possible zip bomb"
+            )
+        problems = _problems(members)
+        if problems:
+            raise UnsafeArchiveError(archive, problems)
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
+        result = Extraction(root=target, target=target)
+        seen: set[tuple[str, ...]] = set()
+        try:
+            for member, info in scanned:
+                if not member.parts or member.kind == "dir":
+                    continue
+                if is_junk(member.parts):
+                    result.skipped.append({"path": member.name, "reason": "OS junk or hidden"})
+                    continue
+                if member.kind == "other":
+                    result.skipped.append({"path": member.name, "reason": "not a regular file"})
+                    continue
+                if member.parts in seen:
+                    result.skipped.append({"path": member.name, "reason": "repeated entry name"})
+                    continue
+                seen.add(member.parts)
+                dest = staging.joinpath(*member.parts)
+                try:  # no link is ever written, so parents are real folders inside staging
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise ValueError(f"archive entry {member.name!r} clashes with another "
+                                     f"entry of {str(archive)!r}: {exc}") from exc
+                if dest.exists():
+                    raise ValueError(f"archive entry {member.name!r} clashes with another "
+                                     f"entry of {str(archive)!r}")
+                budget = max_bytes - result.bytes_written
+                if kind == "zip":
+                    if member.kind == "symlink":  # zip links hold their target as data
+                        result.skipped.append({"path": member.name, "reason": "link in zip"})
+                        continue
+                    with handle.open(info) as src:  # type: ignore[arg-type]
+                        written = _copy_limited(src, dest, budget, archive)
+                else:
+                    try:
+                        src = handle.extractfile(info)  # type: ignore[arg-type]
+                    except (KeyError, RecursionError):  # link to nothing, or a link loop
+                        src = None
+                    if src is None:
+                        result.skipped.append({"path": member.name,
+                                               "reason": "link to a missing member"})
+                        continue
+                    with src:
+                        written = _copy_limited(src, dest, budget, archive)
+                result.files_written += 1
+                result.bytes_written += written
+            if target.exists():
+                target.rmdir()
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    for item in result.skipped:
+        logger.info("skipped archive entry %r: %s", item["path"], item["reason"])
+    result.root = find_class_root(target)
+    logger.info("extracted %d files (%d bytes) from %s into %s", result.files_written,
+                result.bytes_written, archive.name, result.root)
+    return result
+
+
+def extract_archive(archive: Path, target: Path, *, max_bytes: int, max_entries: int) -> Path:
+    """Safely extract ``archive`` into ``target``; return the folder holding the class folders.
+
+    See :func:`safe_extract` for the checks; this is its short form for callers that only
+    need the data's location.
+    """
+    return safe_extract(archive, target, max_bytes=max_bytes, max_entries=max_entries).root
+
+
+__all__ = [
+    "JUNK_NAMES",
+    "ArchiveTooLargeError",
+    "Extraction",
+    "UnsafeArchiveError",
+    "extract_archive",
+    "find_class_root",
+    "is_junk",
+    "safe_extract",
+]

@@ -1,0 +1,137 @@
+"""Safe extraction: zip-slip, absolute paths, links out and zip bombs refused; junk, wrappers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from imagegen import image_bytes, tar_entries, zip_entries
+
+from pipeline.steps.extract import (
+    ArchiveTooLargeError,
+    UnsafeArchiveError,
+    extract_archive,
+    safe_extract,
+)
+
+LIMITS = {"max_bytes": 10_000_000, "max_entries": 1000}
+
+
+def _all_files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+
+
+def test_zip_slip_and_absolute_paths_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    outside = tmp_path / "victim.txt"
+    archive = zip_entries(tmp_path / "evil.zip", {
+        "good/ok.jpg": image_bytes(1),
+        "../victim.txt": b"zip slip",
+        "good/../../victim.txt": b"zip slip, nested",
+        str(outside): b"absolute path",
+        "C:\\windows\\evil.txt": b"drive path",
+    })
+    before = _all_files(tmp_path)
+    target = tmp_path / "out"
+
+    with pytest.raises(UnsafeArchiveError) as caught:
+        extract_archive(archive, target, **LIMITS)
+
+    message = str(caught.value)
+    for name in ("../victim.txt", "good/../../victim.txt", str(outside), "C:\\\\windows"):
+        assert name in message
+    assert "good/ok.jpg" not in message
+    assert len(caught.value.entries) == 4
+    assert not outside.exists()
+    assert not target.exists()
+    assert _all_files(tmp_path) == before  # no staging folder or partial file left either
+
+
+def test_tar_symlink_and_hardlink_pointing_out_are_refused(tmp_path: Path) -> None:
+    archive = tar_entries(
+        tmp_path / "links.tar", {"cls/a.jpg": image_bytes(1)},
+        symlinks={"cls/passwd.jpg": "/etc/passwd", "cls/up.jpg": "../../secret"},
+        hardlinks={"cls/hard.jpg": "../outside"},
+    )
+    target = tmp_path / "out"
+
+    with pytest.raises(UnsafeArchiveError) as caught:
+        extract_archive(archive, target, **LIMITS)
+
+    assert sorted(caught.value.entries) == ["cls/hard.jpg", "cls/passwd.jpg", "cls/up.jpg"]
+    assert "/etc/passwd" in str(caught.value)
+    assert not target.exists()
+
+
+def test_tar_link_inside_the_archive_becomes_a_plain_copy(tmp_path: Path) -> None:
+    data = image_bytes(2)
+    archive = tar_entries(tmp_path / "inner.tar.gz", {"a/x.jpg": data, "b/y.jpg": data},
+                          mode="w:gz", symlinks={"b/link.jpg": "../a/x.jpg"})
+
+    root = extract_archive(archive, tmp_path / "out", **LIMITS)
+
+    link = root / "b" / "link.jpg"
+    assert not link.is_symlink() and link.read_bytes() == data
+
+
+def test_zip_bomb_over_the_size_limit_is_refused_before_writing(tmp_path: Path) -> None:
+    archive = zip_entries(tmp_path / "bomb.zip", {"cls/zeros.jpg": bytes(20_000_000)})
+    assert archive.stat().st_size < 100_000  # small on disk, 20 MB unpacked
+    target = tmp_path / "out"
+
+    with pytest.raises(ArchiveTooLargeError, match="20000000 bytes, over the limit of 1000000"):
+        extract_archive(archive, target, max_bytes=1_000_000, max_entries=1000)
+    assert not target.exists()
+    assert _all_files(tmp_path) == {"bomb.zip"}
+
+
+def test_too_many_entries_is_refused(tmp_path: Path) -> None:
+    archive = zip_entries(tmp_path / "many.zip", {f"cls/{i}.jpg": b"x" for i in range(30)})
+    with pytest.raises(ArchiveTooLargeError, match="30 entries, over the limit of 20"):
+        extract_archive(archive, tmp_path / "out", max_bytes=10_000, max_entries=20)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode,suffix", [("w", ".tar"), ("w:gz", ".tar.gz"),
+                                         ("w:bz2", ".tar.bz2"), ("w:xz", ".tar.xz")])
+def test_tar_flavours_extract_and_skip_junk(tmp_path: Path, mode: str, suffix: str) -> None:
+    files = {
+        "a/1.jpg": image_bytes(1), "b/2.jpg": image_bytes(2),
+        "a/.DS_Store": b"junk", "b/Thumbs.db": b"junk", "b/.hidden.jpg": b"hidden",
+        "__MACOSX/a/._1.jpg": b"resource fork",
+    }
+    archive = tar_entries(tmp_path / f"data{suffix}", files, mode=mode)
+
+    extraction = safe_extract(archive, tmp_path / "out", **LIMITS)
+
+    assert extraction.root == tmp_path / "out"
+    assert _all_files(extraction.root) == {"a", "b", "a/1.jpg", "b/2.jpg"}
+    assert sorted(s["path"] for s in extraction.skipped) == [
+        "__MACOSX/a/._1.jpg", "a/.DS_Store", "b/.hidden.jpg", "b/Thumbs.db"]
+
+
+def test_single_wrapping_folder_is_accepted_and_macosx_junk_skipped(tmp_path: Path) -> None:
+    archive = zip_entries(tmp_path / "wrapped.zip", {
+        "flowers/": b"",
+        "flowers/setosa/1.jpg": image_bytes(1),
+        "flowers/virginica/2.jpg": image_bytes(2),
+        "__MACOSX/flowers/setosa/._1.jpg": b"resource fork",
+        "flowers/.DS_Store": b"junk",
+    })
+
+    root = extract_archive(archive, tmp_path / "out", **LIMITS)
+
+    assert root == tmp_path / "out" / "flowers"
+    assert sorted(p.name for p in root.iterdir()) == ["setosa", "virginica"]
+    assert not (tmp_path / "out" / "__MACOSX").exists()
+
+
+def test_lone_folder_of_images_is_a_class_not_a_wrapper(tmp_path: Path) -> None:
+    archive = zip_entries(tmp_path / "one.zip", {"setosa/1.jpg": image_bytes(1)})
+    assert extract_archive(archive, tmp_path / "out", **LIMITS) == tmp_path / "out"
+
+
+def test_not_an_archive_is_a_clear_error(tmp_path: Path) -> None:
+    bogus = tmp_path / "data.zip"
+    bogus.write_text("not an archive")
+    with pytest.raises(ValueError, match="not a zip or tar"):
+        extract_archive(bogus, tmp_path / "out", **LIMITS)
