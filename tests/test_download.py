@@ -1,0 +1,169 @@
+"""Download step over a real HTTP server on 127.0.0.1: retries, cache, checksums, local, fsspec."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import importlib.util
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from pipeline.steps.download import DownloadError, fetch_dataset
+
+PAYLOAD = b"PK-not-really-a-zip-but-bytes-are-bytes" * 1000
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+FAST = {"retries": 4, "backoff_s": 0.01, "timeout_s": 5.0}
+
+
+@dataclass
+class Server:
+    """A file server on 127.0.0.1 that answers 503 to the first ``fail_first`` requests."""
+
+    url: str
+    fail_first: int = 0
+    status_after: int = 200
+    requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    state = Server(url="")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.requests.append(self.path)
+            if len(state.requests) <= state.fail_first:
+                self.send_error(503, "try again")
+                return
+            if state.status_after != 200:
+                self.send_error(state.status_after)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD)
+
+        def log_message(self, *args: object) -> None:  # keep test output quiet
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/data/iris-image.zip"
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_retries_after_two_503s_then_second_call_hits_the_cache(server: Server,
+                                                                tmp_path: Path) -> None:
+    server.fail_first = 2
+    cache = tmp_path / "cache"
+
+    first = fetch_dataset(server.url, tmp_path / "a", DIGEST, cache_dir=cache, **FAST)
+
+    assert first == tmp_path / "a" / "iris-image.zip"
+    assert first.read_bytes() == PAYLOAD
+    assert len(server.requests) == 3  # two 503s, then the file
+
+    second = fetch_dataset(server.url, tmp_path / "b", DIGEST, cache_dir=cache, **FAST)
+
+    assert second.read_bytes() == PAYLOAD
+    assert len(server.requests) == 3  # served from the cache: no new request
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["iris-image.zip"]
+
+
+def test_gives_up_after_the_retries_naming_the_url(server: Server, tmp_path: Path) -> None:
+    server.fail_first = 100
+    with pytest.raises(DownloadError, match=re.escape(server.url) + r" after 3 attempt.*503"):
+        fetch_dataset(server.url, tmp_path / "d", DIGEST, cache_dir=tmp_path / "c",
+                      retries=2, backoff_s=0.01, timeout_s=5.0)
+    assert len(server.requests) == 3
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_client_errors_are_not_retried(server: Server, tmp_path: Path) -> None:
+    server.status_after = 404
+    with pytest.raises(DownloadError, match=r"iris-image\.zip: HTTP 404"):
+        fetch_dataset(server.url, tmp_path / "d", None, cache_dir=tmp_path / "c", **FAST)
+    assert len(server.requests) == 1
+
+
+def test_checksum_mismatch_over_http_leaves_no_file(server: Server, tmp_path: Path) -> None:
+    wrong = "0" * 64
+    with pytest.raises(ValueError, match=f"sha256 mismatch.*expected {wrong}, got {DIGEST}"):
+        fetch_dataset(server.url, tmp_path / "d", wrong, cache_dir=tmp_path / "c", **FAST)
+    assert list((tmp_path / "d").iterdir()) == []
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("*.zip"))
+
+
+def test_local_archive_and_file_url_are_copied_and_verified(tmp_path: Path) -> None:
+    source = tmp_path / "src" / "iris-image.zip"
+    source.parent.mkdir()
+    source.write_bytes(PAYLOAD)
+
+    copied = fetch_dataset(str(source), tmp_path / "a", DIGEST)
+    via_url = fetch_dataset(source.as_uri(), tmp_path / "b", DIGEST.upper())
+    unchecked = fetch_dataset(str(source), tmp_path / "c", "none")
+
+    for path in (copied, via_url, unchecked):
+        assert path.name == "iris-image.zip" and path.read_bytes() == PAYLOAD
+
+
+def test_local_checksum_mismatch_leaves_no_file(tmp_path: Path) -> None:
+    source = tmp_path / "data.zip"
+    source.write_bytes(PAYLOAD)
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        fetch_dataset(str(source), tmp_path / "out", "f" * 64)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_local_folder_is_copied_without_following_links(tmp_path: Path) -> None:
+    src = tmp_path / "flowers"
+    (src / "setosa").mkdir(parents=True)
+    (src / "setosa" / "a.jpg").write_bytes(b"jpeg")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    (src / "setosa" / "link.jpg").symlink_to(secret)
+
+    copied = fetch_dataset(str(src), tmp_path / "out", "")
+
+    assert copied == tmp_path / "out" / "flowers"
+    assert sorted(p.name for p in (copied / "setosa").iterdir()) == ["a.jpg"]
+    with pytest.raises(ValueError, match="is a folder"):
+        fetch_dataset(str(src), tmp_path / "out2", DIGEST)
+
+
+def test_missing_local_source_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.zip"):
+        fetch_dataset(str(tmp_path / "nowhere.zip"), tmp_path / "out")
+
+
+def test_fsspec_source_is_fetched_and_cached(tmp_path: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/iris-image.zip", PAYLOAD)
+    try:
+        out = fetch_dataset("memory://bucket/iris-image.zip", tmp_path / "d", DIGEST,
+                            cache_dir=tmp_path / "c", **FAST)
+    finally:
+        fs.rm("/bucket/iris-image.zip")  # gone from the "store": only the cache can serve it
+    assert out.read_bytes() == PAYLOAD
+
+    again = fetch_dataset("memory://bucket/iris-image.zip", tmp_path / "e", DIGEST,
+                          cache_dir=tmp_path / "c", **FAST)
+    assert again.read_bytes() == PAYLOAD
+
+
+@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")
+def test_s3_without_the_extra_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ImportError, match=r"iris-image-pipeline\[s3\]"):
+        fetch_dataset("s3://bucket/iris-image.zip", tmp_path, None, cache_dir=tmp_path / "c")
