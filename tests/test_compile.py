@@ -1,0 +1,221 @@
+"""Compile test: the IR YAML's tasks, images, GPU, retries, caching, resources and parameters."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from pipeline.config import PipelineConfig, load_images
+from pipeline.dag import (
+    CACHED_STEPS,
+    DOWNLOAD_RETRIES,
+    GPU_STEP,
+    MLFLOW_CONFIG_MAP,
+    MLFLOW_SECRET_KEYS,
+    STEP_FUNCTIONS,
+    TASK_NAMES,
+    TASK_RESOURCES,
+    TRACKING_STEPS,
+    build_components,
+    create_pipeline,
+)
+from pipeline.runners import compile_pipeline
+
+SECRET = "mlflow-credentials"
+ROOT_TASKS = {"download-dataset", "preprocess-dataset", "train-model", "evaluate-model"}
+KFP_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN"}
+
+
+def _load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    path = compile_pipeline(tmp_path_factory.mktemp("compile") / "pipeline.yaml",
+                            mlflow_secret=SECRET)
+    return _load(path)
+
+
+@pytest.fixture(scope="module")
+def spec(compiled: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    return compiled[0]
+
+
+def _tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every container task by name, including those inside the gate's sub-DAG."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for component in [spec["root"], *spec["components"].values()]:
+        for name, task in component.get("dag", {}).get("tasks", {}).items():
+            if not spec["components"][task["componentRef"]["name"]].get("dag"):
+                tasks[name] = task
+    return tasks
+
+
+def _executor(spec: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    label = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+    return spec["deploymentSpec"]["executors"][label]["container"]
+
+
+def test_yaml_parses_back_into_kfp_protobufs(compiled: tuple[dict, dict]) -> None:
+    spec, platform = compiled
+    parsed = json_format.ParseDict(spec, pipeline_spec_pb2.PipelineSpec())
+    assert parsed.pipeline_info.name == "iris-image-pipeline"
+    assert set(parsed.root.dag.tasks) == ROOT_TASKS | {"condition-1"}
+    platform_spec = json_format.ParseDict(platform["platforms"]["kubernetes"],
+                                          pipeline_spec_pb2.SinglePlatformSpec())
+    assert set(platform_spec.deployment_spec.executors) == {
+        "exec-train-model", "exec-evaluate-model", "exec-register-model"}
+
+
+def test_task_names_and_gate(spec: dict[str, Any]) -> None:
+    assert set(_tasks(spec)) == {name for name in TASK_NAMES.values()}
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == ROOT_TASKS | {"condition-1"}
+    gate = root["condition-1"]
+    assert gate["taskInfo"]["name"] == "gate-passed"
+    assert gate["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--evaluate-model-Output'] == true")
+    inner = spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inner) == {"register-model"}
+
+
+def test_images_per_task_come_from_images_json(spec: dict[str, Any]) -> None:
+    images = load_images()
+    for name, task in _tasks(spec).items():
+        expected = images["gpu"] if name == TASK_NAMES[GPU_STEP] else images["cpu"]
+        assert _executor(spec, task)["image"] == expected, name
+
+
+def test_gpu_requested_by_train_only(spec: dict[str, Any]) -> None:
+    for name, task in _tasks(spec).items():
+        accelerator = _executor(spec, task)["resources"].get("accelerator")
+        if name == "train-model":
+            assert accelerator["resourceType"] == "nvidia.com/gpu"
+            assert accelerator["resourceCount"] == "1"
+        else:
+            assert accelerator is None, name
+
+
+def test_every_task_sets_cpu_and_memory_requests_and_limits(spec: dict[str, Any]) -> None:
+    by_task = {TASK_NAMES[step]: res for step, res in TASK_RESOURCES.items()}
+    for name, task in _tasks(spec).items():
+        resources = _executor(spec, task)["resources"]
+        expected = by_task[name]
+        assert resources["resourceCpuRequest"] == expected.cpu_request, name
+        assert resources["resourceCpuLimit"] == expected.cpu_limit, name
+        assert resources["resourceMemoryRequest"] == expected.memory_request, name
+        assert resources["resourceMemoryLimit"] == expected.memory_limit, name
+
+
+def test_download_retries_with_backoff_and_nothing_else_retries(spec: dict[str, Any]) -> None:
+    for name, task in _tasks(spec).items():
+        if name == "download-dataset":
+            policy = task["retryPolicy"]
+            assert policy["maxRetryCount"] == DOWNLOAD_RETRIES > 0
+            assert policy["backoffDuration"] == "30s"
+            assert policy["backoffFactor"] == 2.0
+            assert policy["backoffMaxDuration"] == "600s"
+        else:
+            assert "retryPolicy" not in task, name
+
+
+def test_caching_on_for_download_and_preprocess_only(spec: dict[str, Any]) -> None:
+    cached = {TASK_NAMES[step] for step in CACHED_STEPS}
+    assert cached == {"download-dataset", "preprocess-dataset"}
+    for name, task in _tasks(spec).items():
+        assert task["cachingOptions"].get("enableCache", False) is (name in cached), name
+
+
+def test_parameter_defaults_and_types_equal_the_config(spec: dict[str, Any]) -> None:
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    defaults = PipelineConfig()
+    types = PipelineConfig.field_types()
+    assert set(params) == set(types) | {"tracking_uri"}
+    for name, kind in types.items():
+        assert params[name]["parameterType"] == KFP_TYPES[kind], name
+        value = params[name]["defaultValue"]
+        assert kind(value) == getattr(defaults, name) and value == getattr(defaults, name), name
+    assert params["tracking_uri"]["defaultValue"] == ""
+
+
+def test_each_task_gets_exactly_its_declared_config_fields(spec: dict[str, Any]) -> None:
+    fields = set(PipelineConfig.field_names())
+    used: set[str] = set()
+    for func in STEP_FUNCTIONS:
+        declared = set(inspect.signature(func).parameters) & fields
+        task = _tasks(spec)[TASK_NAMES[func.__name__]]
+        inputs = task["inputs"]["parameters"]
+        wired = {name for name in inputs if name in fields}
+        assert wired == declared, func.__name__
+        for name in wired:  # straight from the pipeline parameter of the same name
+            source = inputs[name]["componentInputParameter"]
+            assert source in (name, f"pipelinechannel--{name}"), (func.__name__, name)
+        used |= declared
+    assert used == fields, f"config fields no step reads: {sorted(fields - used)}"
+
+
+def test_mlflow_credentials_only_from_the_named_secret(compiled: tuple[dict, dict]) -> None:
+    spec, platform = compiled
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in TRACKING_STEPS:
+        config = executors[f"exec-{TASK_NAMES[step]}"]
+        (secret,) = config["secretAsEnv"]
+        assert secret["secretName"] == SECRET
+        assert {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]} == {
+            k: k for k in MLFLOW_SECRET_KEYS}
+        (config_map,) = config["configMapAsEnv"]
+        assert config_map["configMapName"] == MLFLOW_CONFIG_MAP and config_map["optional"]
+    for task in _tasks(spec).values():
+        env = {e["name"] for e in _executor(spec, task).get("env", [])}
+        assert not env & {*MLFLOW_SECRET_KEYS, "MLFLOW_TRACKING_URI"}
+
+
+def test_no_secret_unless_configured(tmp_path: Path) -> None:
+    _, platform = _load(compile_pipeline(tmp_path / "p.yaml", mlflow_config_map=None))
+    executors = platform.get("platforms", {}).get("kubernetes", {}).get(
+        "deploymentSpec", {}).get("executors", {})
+    assert all("secretAsEnv" not in e and "configMapAsEnv" not in e
+               for e in executors.values())
+    assert set(executors) == {"exec-train-model"}  # only the GPU toleration is left
+
+
+def test_compile_time_overrides_become_defaults(tmp_path: Path) -> None:
+    config = PipelineConfig.from_mapping({"epochs": "3", "gate_threshold": "0.7"})
+    spec, _ = _load(compile_pipeline(tmp_path / "p.yaml", config=config,
+                                     tracking_uri="http://mlflow:5000"))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["epochs"]["defaultValue"] == 3
+    assert params["gate_threshold"]["defaultValue"] == 0.7
+    assert params["tracking_uri"]["defaultValue"] == "http://mlflow:5000"
+
+
+def test_images_are_chosen_when_the_pipeline_is_built() -> None:
+    components = build_components({"cpu": "registry.example/cpu:1",
+                                   "gpu": "registry.example/gpu:1"})
+    images = {step: c.component_spec.implementation.container.image
+              for step, c in components.items()}
+    assert images == {step: ("registry.example/gpu:1" if step == GPU_STEP
+                             else "registry.example/cpu:1") for step in TASK_NAMES}
+
+
+def test_rejects_negative_retries_and_bad_package_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="download_retries"):
+        create_pipeline(download_retries=-1)
+    with pytest.raises(ValueError, match=r"\.yaml"):
+        compile_pipeline(tmp_path / "pipeline.json")
+
+
+def test_compiling_twice_gives_identical_yaml(tmp_path: Path) -> None:
+    """The submit path names versions by content hash, which needs a deterministic compile."""
+    first = compile_pipeline(tmp_path / "a.yaml").read_bytes()
+    second = compile_pipeline(tmp_path / "b.yaml").read_bytes()
+    assert first == second
+    assert next(yaml.safe_load_all(first))["pipelineInfo"]["name"] == "iris-image-pipeline"
