@@ -1,0 +1,280 @@
+"""Command line: run the pipeline locally, compile it, or submit it to a Kubeflow cluster."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ENV_OVERRIDES, PipelineConfig, env_overrides
+from pipeline.dag import MLFLOW_CONFIG_MAP, MLFLOW_SECRET_KEYS, PIPELINE_NAME
+from pipeline.runners import (
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_PACKAGE,
+    DEFAULT_WAIT_TIMEOUT_S,
+    StepFailedError,
+    build_summary,
+    compile_pipeline,
+    failure_summary,
+    run_local,
+    submit_pipeline,
+    write_json,
+)
+
+logger = logging.getLogger("pipeline")
+
+#: Exit codes: 0 success, 1 a step / the run / the server failed, 2 bad usage or config.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+Train, evaluate and register the iris-flower image classifier with Kubeflow Pipelines.
+One DAG (download -> preprocess -> train -> evaluate -> register if the gate passes) runs
+here with kfp.local (--local), compiles to KFP IR YAML (--compile) or runs on a cluster
+(--submit)."""
+
+
+def _config_help() -> str:
+    defaults = PipelineConfig()
+    rows = [f"  {name:<26} {kind.__name__:<6} {getattr(defaults, name)!r}"
+            for name, kind in PipelineConfig.field_types().items()]
+    env = "\n".join(f"  {var:<26} sets {field}" for var, field in ENV_OVERRIDES.items())
+    return f"""\
+configuration keys for --set / --config (name, type, default):
+{chr(10).join(rows)}
+
+Precedence, lowest to highest: defaults < --config FILE < environment < --data < --set.
+environment variables:
+{env}
+  MLFLOW_TRACKING_URI        read by the MLflow layer when --tracking-uri is not given
+
+outputs of --local (under --output-dir, default ./{DEFAULT_OUTPUT_DIR}):
+  {PIPELINE_NAME}-<timestamp>/<task>/...   each task's artifacts (model, metrics, report...)
+  .kfp_cache/                              kfp.local's cache: an identical second run
+                                           reuses download-dataset and preprocess-dataset
+
+exit status: 0 success; 1 a step, the run or the server failed (the message names the step
+and its error); 2 bad usage or configuration.
+
+examples:
+  python pipeline.py --local --data ../shared/data/iris-image.zip --summary summary.json
+  python pipeline.py --local --set epochs=2 --set image_size=96 --set weights=none
+  python pipeline.py --compile -o pipeline.yaml --mlflow-secret mlflow-credentials
+  python pipeline.py --submit --host http://localhost:8080 --experiment iris --wait"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline.py",
+        description=DESCRIPTION,
+        epilog=_config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    modes = parser.add_argument_group("mode (choose one)").add_mutually_exclusive_group(
+        required=True)
+    modes.add_argument("--local", action="store_true",
+                       help="run the whole DAG here with kfp.local (SubprocessRunner, this "
+                            "Python environment); each step is its own process")
+    modes.add_argument("--compile", action="store_true",
+                       help="write the pipeline's KFP IR YAML (see -o)")
+    modes.add_argument("--submit", action="store_true",
+                       help="compile, upload (new pipeline or version) and start a run on the "
+                            "KFP API at --host")
+
+    conf = parser.add_argument_group("configuration (all modes)")
+    conf.add_argument("--config", metavar="FILE.yaml", type=Path,
+                      help="YAML mapping of configuration keys (listed below) to values")
+    conf.add_argument("--data", metavar="URI",
+                      help="data set source: http(s)/s3/gs/file URL, local archive or folder "
+                           "(sets data_source; the default is the public iris-image.zip URL). "
+                           "data_sha256 still applies: use --set data_sha256=none for "
+                           "another archive or a folder")
+    conf.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                      dest="overrides",
+                      help="override one configuration key (repeatable); typed and validated")
+    conf.add_argument("--tracking-uri", metavar="URI",
+                      help="MLflow tracking URI. --local default: sqlite mlflow.db in the "
+                           "working folder (or MLFLOW_TRACKING_URI); on a cluster the steps "
+                           "read MLFLOW_TRACKING_URI from the ConfigMap / KFP MLflow plugin")
+
+    local = parser.add_argument_group("--local")
+    local.add_argument("--output-dir", metavar="DIR", type=Path, default=DEFAULT_OUTPUT_DIR,
+                       help=f"where runs and the cache go (default: ./{DEFAULT_OUTPUT_DIR})")
+    local.add_argument("--no-cache", action="store_true",
+                       help="run every step, ignoring kfp.local's cache (needed when a local "
+                            "data folder changed without a digest: the cache key is the path)")
+    local.add_argument("--summary", metavar="FILE", type=Path,
+                       help="write a JSON summary: test metrics and majority baseline, data "
+                            "counts, gate verdict, MLflow URI / run id / model URI, outputs")
+
+    comp = parser.add_argument_group("--compile")
+    comp.add_argument("-o", "--output", metavar="FILE", type=Path, default=None,
+                      help=f"IR YAML to write (default: {DEFAULT_PACKAGE})")
+
+    cluster = parser.add_argument_group("cluster (--compile and --submit)")
+    cluster.add_argument("--mlflow-secret", metavar="NAME",
+                         help="Kubernetes Secret whose keys " + " and ".join(MLFLOW_SECRET_KEYS)
+                              + " become the tracking steps' environment (e.g. "
+                                "mlflow-credentials); only the name is compiled in")
+    cluster.add_argument("--mlflow-config-map", metavar="NAME", default=MLFLOW_CONFIG_MAP,
+                         help="optional ConfigMap whose MLFLOW_TRACKING_URI key reaches the "
+                              f"tracking steps (default: {MLFLOW_CONFIG_MAP}; '' for none)")
+
+    submit = parser.add_argument_group("--submit")
+    submit.add_argument("--host", metavar="URL", help="KFP API endpoint (required for --submit)")
+    submit.add_argument("--experiment", metavar="NAME",
+                        help="KFP experiment (default: the config's experiment_name)")
+    submit.add_argument("--namespace", metavar="NS",
+                        help="Kubernetes namespace of a multi-user Kubeflow")
+    submit.add_argument("--run-name", metavar="NAME", help="run display name")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait for the run; exit 0 only if it succeeded")
+    submit.add_argument("--timeout", metavar="SECONDS", type=float,
+                        default=DEFAULT_WAIT_TIMEOUT_S,
+                        help=f"longest --wait (default: {DEFAULT_WAIT_TIMEOUT_S} s)")
+    return parser
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """``["key=value", ...]`` -> mapping; a malformed item is a ``ValueError`` naming it."""
+    values: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}; valid keys: "
+                             + ", ".join(sorted(PipelineConfig.field_names())))
+        values[key.strip()] = value
+    return values
+
+
+def resolve_config(config_file: Path | None = None, data: str | None = None,
+                   overrides: Sequence[str] = (),
+                   environ: Mapping[str, str] | None = None) -> PipelineConfig:
+    """Defaults < ``config_file`` < environment (:func:`env_overrides`) < ``data`` < ``--set``."""
+    config = PipelineConfig()
+    if config_file is not None:
+        config = PipelineConfig.from_yaml(config_file, config)
+    from_env = env_overrides(environ)
+    if from_env:
+        config = PipelineConfig.from_mapping(from_env, config)
+    if data is not None:
+        config = PipelineConfig.from_mapping({"data_source": data}, config)
+    sets = parse_overrides(overrides)
+    if sets:
+        config = PipelineConfig.from_mapping(sets, config)
+    return config
+
+
+def _check_mode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject options that would be silently ignored in the chosen mode."""
+    only = {
+        "local": [("summary", "--summary"), ("no_cache", "--no-cache")],
+        "compile": [("output", "-o/--output")],
+        "submit": [("host", "--host"), ("experiment", "--experiment"),
+                   ("namespace", "--namespace"), ("run_name", "--run-name"), ("wait", "--wait")],
+    }
+    for mode, options in only.items():
+        if getattr(args, mode):
+            continue
+        for dest, flag in options:
+            if getattr(args, dest):
+                parser.error(f"{flag} only applies to --{mode}")
+    if args.output_dir != DEFAULT_OUTPUT_DIR and not args.local:
+        parser.error("--output-dir only applies to --local")
+    if args.local and args.mlflow_secret:
+        parser.error("--mlflow-secret only applies to --compile and --submit (locally, "
+                     "export MLFLOW_TRACKING_USERNAME/PASSWORD instead)")
+    if args.submit and not args.host:
+        parser.error("--submit needs --host URL (the KFP API endpoint)")
+
+
+def _local_tracking_uri(tracking_uri: str | None) -> str:
+    """The MLflow URI of a local run: explicit, else the tracking layer's local default."""
+    from pipeline.steps.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(tracking_uri, Path.cwd())
+
+
+def _log_local_result(summary: Mapping[str, Any]) -> None:
+    metrics = ", ".join(f"{k}={v:.3f}" for k, v in summary["test_metrics"].items())
+    logger.info("test metrics: %s", metrics or "none")
+    logger.info("majority baseline: %s", summary["majority_baseline"] or "n/a")
+    gate = summary["gate"]
+    logger.info("gate %s %s (%s >= %s)", gate["metric"], "PASSED" if gate["passed"] else "FAILED",
+                gate["value"], gate["threshold"])
+    if summary["cached_steps"]:
+        logger.info("served from cache: %s", ", ".join(summary["cached_steps"]))
+    logger.info("outputs: %s", summary["run_dir"])
+
+
+def _run_local(args: argparse.Namespace, config: PipelineConfig) -> int:
+    tracking_uri = _local_tracking_uri(args.tracking_uri)
+    try:
+        result = run_local(config, output_dir=args.output_dir, tracking_uri=tracking_uri,
+                           enable_cache=not args.no_cache)
+    except StepFailedError as error:
+        logger.error("pipeline failed: %s", error)
+        if args.summary:
+            write_json(failure_summary(error, config), args.summary)
+        return EXIT_FAILED
+    summary = build_summary(result, config, tracking_uri)
+    _log_local_result(summary)
+    if args.summary:
+        logger.info("summary: %s", write_json(summary, args.summary))
+    return EXIT_OK
+
+
+def _submit(args: argparse.Namespace, config: PipelineConfig) -> int:
+    try:
+        result = submit_pipeline(
+            config, host=args.host, tracking_uri=args.tracking_uri or "",
+            experiment=args.experiment, namespace=args.namespace, run_name=args.run_name,
+            wait=args.wait, timeout_s=args.timeout, mlflow_secret=args.mlflow_secret,
+            mlflow_config_map=args.mlflow_config_map or None,
+        )
+    except Exception as exc:  # the CLI boundary: report any client or server error
+        logger.error("submitting to %s failed: %s: %s", args.host, type(exc).__name__, exc)
+        return EXIT_FAILED
+    logger.info("run %s started (pipeline %s, version %s, experiment %s)", result.run_id,
+                result.pipeline_id, result.pipeline_version_id, result.experiment_id)
+    if not args.wait:
+        return EXIT_OK
+    logger.info("run %s finished: %s", result.run_id, result.state)
+    return EXIT_OK if (result.state or "").upper() == "SUCCEEDED" else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen mode, return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check_mode_options(parser, args)
+    except SystemExit as exc:  # --help, or a usage error argparse already reported
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = resolve_config(args.config, args.data, args.overrides)
+    except ValueError as exc:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write(f"{parser.prog}: error: {exc}\n")
+        return EXIT_USAGE
+    if args.local:
+        return _run_local(args, config)
+    if args.compile:
+        try:
+            path = compile_pipeline(args.output or DEFAULT_PACKAGE, config=config,
+                                    tracking_uri=args.tracking_uri or "",
+                                    mlflow_secret=args.mlflow_secret,
+                                    mlflow_config_map=args.mlflow_config_map or None)
+        except ValueError as exc:
+            sys.stderr.write(f"{parser.prog}: error: {exc}\n")
+            return EXIT_USAGE
+        logger.info("wrote %s", path)
+        return EXIT_OK
+    return _submit(args, config)
+
+
+__all__ = ["build_parser", "main", "parse_overrides", "resolve_config"]
