@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import importlib.util
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ class Server:
 
     url: str
     fail_first: int = 0
+    stall_first: float = 0.0  # seconds the first request hangs before answering
     status_after: int = 200
     requests: list[str] = field(default_factory=list)
 
@@ -38,6 +41,15 @@ def server() -> Iterator[Server]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state.requests.append(self.path)
+            if len(state.requests) == 1 and state.stall_first:
+                time.sleep(state.stall_first)  # then answer with the wrong bytes: a client
+                stale = b"stale" * 10  # that ignored its timeout fails the checksum
+                with contextlib.suppress(OSError):
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(stale)))
+                    self.end_headers()
+                    self.wfile.write(stale)
+                return
             if len(state.requests) <= state.fail_first:
                 self.send_error(503, "try again")
                 return
@@ -80,6 +92,14 @@ def test_retries_after_two_503s_then_second_call_hits_the_cache(server: Server,
     assert second.read_bytes() == PAYLOAD
     assert len(server.requests) == 3  # served from the cache: no new request
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["iris-image.zip"]
+
+
+def test_a_stalled_response_times_out_and_is_retried(server: Server, tmp_path: Path) -> None:
+    server.stall_first = 1.0
+    out = fetch_dataset(server.url, tmp_path / "d", DIGEST, cache_dir=tmp_path / "c",
+                        retries=1, backoff_s=0.01, timeout_s=0.2)
+    assert out.read_bytes() == PAYLOAD
+    assert len(server.requests) == 2
 
 
 def test_gives_up_after_the_retries_naming_the_url(server: Server, tmp_path: Path) -> None:
