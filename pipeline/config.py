@@ -39,7 +39,7 @@ class PipelineConfig:
 
     # --- data -------------------------------------------------------------------------
     data_source: str = DEFAULT_DATA_SOURCE  # notebook: wget of the public archive
-    data_sha256: str = DEFAULT_DATA_SHA256  # "" skips the check (e.g. a local folder)
+    data_sha256: str = DEFAULT_DATA_SHA256  # "" or "none" skips the check (e.g. a local folder)
     seed: int = 42  # one seed drives split, shuffling, augmentation and init
     val_fraction: float = 0.15  # notebook: none (it scores its training images)
     test_fraction: float = 0.15  # held-out test split, the only one metrics are reported on
@@ -194,6 +194,12 @@ def validate(config: PipelineConfig) -> None:
         problems.append(f"dropout must be in [0, 1), got {config.dropout!r}")
     if not config.data_source.strip():
         problems.append("data_source must not be empty")
+    sha = config.data_sha256.strip().lower()
+    if sha not in ("", "none") and not (len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+        problems.append(
+            f"data_sha256 must be 64 hex digits, or '' / 'none' to skip the check; "
+            f"got {config.data_sha256!r}"
+        )
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
 
