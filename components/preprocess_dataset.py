@@ -30,12 +30,16 @@ def preprocess_dataset(
 
     params = {k: v for k, v in locals().items() if k in PipelineConfig.field_names()}
     config = PipelineConfig.from_mapping(params)
+    source = {"source": raw_data.metadata.get("source", ""),
+              "sha256": raw_data.metadata.get("sha256", "")}
     raw = Path(raw_data.path) / raw_data.metadata.get("path", "")
-    report = prepare_dataset(raw, prepared_data.path, config)
+    report = prepare_dataset(raw, prepared_data.path, config, source_info=source)
     shutil.copyfile(Path(prepared_data.path) / REPORT_MD, data_report.path)
     prepared_data.metadata.update(
-        source=raw_data.metadata.get("source", ""),
-        sha256=raw_data.metadata.get("sha256", ""),
+        **source,
         params=params,
-        report={k: v for k, v in report.items() if isinstance(v, (str, int, float, bool))},
+        class_counts=report["class_counts"],
+        split_sizes=report["split_sizes"],
+        files_skipped=report["files_skipped"],
+        duplicates_dropped=report["duplicates_dropped"],
     )

@@ -190,13 +190,6 @@ def _check_mode_options(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--submit needs --host URL (the KFP API endpoint)")
 
 
-def _local_tracking_uri(tracking_uri: str | None) -> str:
-    """The MLflow URI of a local run: explicit, else the tracking layer's local default."""
-    from pipeline.steps.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(tracking_uri, Path.cwd())
-
-
 def _log_local_result(summary: Mapping[str, Any]) -> None:
     metrics = ", ".join(f"{k}={v:.3f}" for k, v in summary["test_metrics"].items())
     logger.info("test metrics: %s", metrics or "none")
@@ -210,7 +203,9 @@ def _log_local_result(summary: Mapping[str, Any]) -> None:
 
 
 def _run_local(args: argparse.Namespace, config: PipelineConfig) -> int:
-    tracking_uri = _local_tracking_uri(args.tracking_uri)
+    # "" lets each tracking step resolve the default (MLFLOW_TRACKING_URI, else an absolute
+    # sqlite mlflow.db in the working folder, which kfp.local's step processes share).
+    tracking_uri = args.tracking_uri or ""
     try:
         result = run_local(config, output_dir=args.output_dir, tracking_uri=tracking_uri,
                            enable_cache=not args.no_cache)

@@ -328,7 +328,7 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
         },
         "registration": result.registration,
         "mlflow": {
-            "tracking_uri": tracking_uri,
+            "tracking_uri": model_meta.get("mlflow_tracking_uri", tracking_uri),
             "experiment_name": config.experiment_name,
             "parent_run_id": model_meta.get("mlflow_parent_run_id"),
             "run_id": model_meta.get("mlflow_run_id"),
