@@ -64,7 +64,9 @@ def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     return tf.io.parse_single_example(serialized, FEATURES)
 
 
-def write_split(root: Path, split: str, examples: Iterable[Example], num_shards: int = 2) -> list[Path]:
+def write_split(
+    root: Path, split: str, examples: Iterable[Example], num_shards: int = 2
+) -> list[Path]:
     """Write ``examples`` round-robin into ``num_shards`` files under ``root/split``."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
@@ -115,7 +117,9 @@ def load_classes(root: str | Path) -> list[str]:
     try:
         classes = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise FileNotFoundError(f"not a prepared data set: cannot read {str(path)!r} ({exc})") from exc
+        raise FileNotFoundError(
+            f"not a prepared data set: cannot read {str(path)!r} ({exc})"
+        ) from exc
     if not isinstance(classes, list) or len(classes) < 2:
         raise ValueError(f"{str(path)!r} must list at least two class names")
     return [str(c) for c in classes]
