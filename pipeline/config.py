@@ -56,6 +56,7 @@ class PipelineConfig:
     augment_shift: float = 0.2  # fraction of width; notebook: width_shift_range=[-200, 200]
     augment_zoom: float = 0.1  # not in the notebook; 0 turns it off
     augment_contrast: float = 0.1  # not in the notebook; 0 turns it off
+    augment_placement: str = "auto"  # "auto": in the model on GPU, in tf.data on CPU; "model"/"data"
 
     # --- model ------------------------------------------------------------------------
     model: str = "mobilenet"  # "mobilenet" (transfer learning) or "seed_cnn" (the notebook's)
@@ -69,10 +70,12 @@ class PipelineConfig:
     learning_rate: float = 1e-3  # notebook: Adam's default, 1e-3
     fine_tune_epochs: int = 0  # > 0 unfreezes the backbone after the head is trained
     fine_tune_learning_rate: float = 1e-5  # learning rate while fine-tuning
+    fine_tune_layers: int = 0  # conv layers unfrozen from the top of the backbone; 0 = all
     early_stopping_patience: int = 5  # epochs without val-loss improvement before stopping
     class_weights: bool = True  # weight the loss by inverse class frequency
     mixed_precision: bool = True  # mixed_float16 when a GPU is present (ignored on CPU)
     xla: bool = False  # jit_compile the train step
+    deterministic: bool = True  # TF op determinism: same seed + data + machine = same metrics
 
     # --- evaluation, registry, tracking ------------------------------------------------------
     gate_metric: str = "balanced_accuracy"  # test metric the registry gate reads
@@ -98,7 +101,9 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], base: PipelineConfig | None = None) -> PipelineConfig:
+    def from_mapping(
+        cls, values: Mapping[str, Any], base: PipelineConfig | None = None
+    ) -> PipelineConfig:
         """A config from ``values`` on top of ``base`` (defaults), converting strings by type.
 
         Unknown keys and values that do not convert raise ``ValueError`` naming the key and
@@ -159,6 +164,7 @@ def coerce(key: str, value: Any, target: type) -> Any:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": ("mobilenet", "seed_cnn"),
     "gate_metric": ("accuracy", "balanced_accuracy", "macro_f1"),
+    "augment_placement": ("auto", "model", "data"),
 }
 
 
@@ -186,7 +192,8 @@ def validate(config: PipelineConfig) -> None:
                 "fine_tune_learning_rate", "alpha")
     problems += [f"{n} must be > 0, got {getattr(config, n)!r}" for n in positive
                  if getattr(config, n) <= 0]
-    non_negative = ("steps_per_epoch", "fine_tune_epochs", "early_stopping_patience",
+    non_negative = ("steps_per_epoch", "fine_tune_epochs", "fine_tune_layers",
+                    "early_stopping_patience",
                     "augment_rotation", "augment_shift", "augment_zoom", "augment_contrast")
     problems += [f"{n} must be >= 0, got {getattr(config, n)!r}" for n in non_negative
                  if getattr(config, n) < 0]

@@ -1,0 +1,161 @@
+"""Evaluation step: honest metrics on the held-out test split, a gate verdict and a report.
+
+Only the test split is scored (the notebook scored its own training images). Every metric
+is shown beside the majority-class baseline, the score a model that learned nothing gets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+from pipeline.config import PipelineConfig
+from pipeline.steps import inputs, models, records, report
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+CONFUSION_PNG = "confusion_matrix.png"
+CURVES_PNG = "training_curves.png"
+MISCLASSIFIED_PNG = "misclassified.png"
+MAX_MISCLASSIFIED_SHOWN = 36
+
+
+def score(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro F1 over all ``num_classes`` (absent ones count 0)."""
+    every = list(range(num_classes))
+    present = np.unique(labels)
+    recalls = [float(np.mean(predictions[labels == c] == c)) for c in present]
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        # sklearn's balanced accuracy warns on classes absent from y_true; same definition
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,
+        "macro_f1": float(f1_score(labels, predictions, labels=every, average="macro",
+                                   zero_division=0)),
+    }
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: PipelineConfig,
+) -> dict[str, Any]:
+    """Score the model in ``model_dir`` on ``data_dir``'s test split; write metrics and report.
+
+    Writes ``metrics.json``, ``confusion_matrix.png``, ``training_curves.png``,
+    ``misclassified.png`` and a self-contained ``report.html`` into ``out_dir``. Returns the
+    metrics, including ``gate_passed`` (config.gate_metric >= config.gate_threshold).
+    """
+    model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
+    classes = records.load_classes(data_dir)
+    model_classes = _load_json(model_dir / records.CLASSES_FILE)
+    if model_classes is not None and list(model_classes) != classes:
+        raise ValueError(
+            f"the model in {str(model_dir)!r} was trained on classes {model_classes}, but the "
+            f"data set in {str(data_dir)!r} has {classes}"
+        )
+    model = models.load_model(model_dir)
+    if model.output_shape[-1] != len(classes):
+        raise ValueError(f"model predicts {model.output_shape[-1]} classes, data set has "
+                         f"{len(classes)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    labels_all, preds_all, probs_all = [], [], []
+    wrong_images: list[np.ndarray] = []
+    wrong_titles: list[str] = []
+    test = inputs.load_examples(data_dir, "test", config.image_size, cache=False)
+    for images, labels in test.batch(config.batch_size).prefetch(2):
+        probs = np.asarray(model.predict_on_batch(images))
+        preds = probs.argmax(axis=1)
+        labels_np = labels.numpy()
+        labels_all.append(labels_np)
+        preds_all.append(preds)
+        probs_all.append(probs)
+        for i in np.flatnonzero(preds != labels_np):
+            if len(wrong_images) < MAX_MISCLASSIFIED_SHOWN:
+                wrong_images.append(images[i].numpy())
+                wrong_titles.append(f"true: {classes[labels_np[i]]}\npred: {classes[preds[i]]} "
+                                    f"({probs[i, preds[i]]:.2f})")
+    if not labels_all:
+        raise ValueError(f"the test split under {str(data_dir)!r} is empty")
+    y_true = np.concatenate(labels_all)
+    y_pred = np.concatenate(preds_all)
+    every = list(range(len(classes)))
+
+    metrics: dict[str, Any] = score(y_true, y_pred, len(classes))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=every, zero_division=0)
+    metrics["per_class"] = {
+        c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+            "support": int(support[i])}
+        for i, c in enumerate(classes)
+    }
+    metrics["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=every).tolist()
+    metrics["classes"] = classes
+
+    # majority class of the training split, predicted for every test image
+    train_labels = inputs.read_labels(data_dir, "train")
+    majority = int(np.bincount(train_labels, minlength=len(classes)).argmax()) if len(
+        train_labels) else int(np.bincount(y_true, minlength=len(classes)).argmax())
+    baseline = score(y_true, np.full_like(y_true, majority), len(classes))
+    metrics["baseline"] = {"strategy": "majority class of the training split",
+                           "class": classes[majority], **baseline}
+
+    value = float(metrics[config.gate_metric])
+    metrics.update(
+        gate_metric=config.gate_metric,
+        gate_threshold=float(config.gate_threshold),
+        gate_value=value,
+        gate_passed=bool(value >= config.gate_threshold),
+        test_examples=len(y_true),
+        misclassified=int((y_true != y_pred).sum()),
+    )
+    summary = _load_json(model_dir / "training_summary.json") or {}
+    metrics["model"] = summary.get("model", config.model)
+
+    history = _load_json(model_dir / "history.json") or []
+    figures = {
+        "confusion_matrix": report.plot_confusion_matrix(
+            metrics["confusion_matrix"], classes, out_dir / CONFUSION_PNG),
+        "training_curves": report.plot_training_curves(history, out_dir / CURVES_PNG),
+        "misclassified": report.plot_image_grid(wrong_images, wrong_titles,
+                                                out_dir / MISCLASSIFIED_PNG),
+    }
+    data_report = _load_json(data_dir / records.REPORT_JSON)
+    report.render_html(metrics, data_report, figures, out_dir / REPORT_FILE)
+
+    tmp = out_dir / f".{METRICS_FILE}.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, out_dir / METRICS_FILE)
+    logger.info(
+        "test split (%d images): accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f "
+        "(majority baseline %.3f / %.3f / %.3f); gate %s %.3f >= %.3f: %s",
+        metrics["test_examples"], metrics["accuracy"], metrics["balanced_accuracy"],
+        metrics["macro_f1"], baseline["accuracy"], baseline["balanced_accuracy"],
+        baseline["macro_f1"], config.gate_metric, value, config.gate_threshold,
+        "passed" if metrics["gate_passed"] else "failed",
+    )
+    return metrics
+
+
+__all__ = ["evaluate_model", "score"]

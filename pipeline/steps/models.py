@@ -1,0 +1,164 @@
+"""The two classifiers (the notebook's CNN and MobileNet transfer learning) and safe loading.
+
+Both models take raw RGB images of any size with values 0..255 (uint8 or float): resizing and
+rescaling are layers of the model itself, so serving cannot drift from training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import keras
+
+from pipeline.config import PipelineConfig
+from pipeline.steps.inputs import RandomAugment, make_resizer
+
+logger = logging.getLogger(__name__)
+
+BACKBONE = "backbone"
+MODEL_FILE = "model.keras"
+
+#: Custom objects a saved model may reference; registered, listed here for safe-mode loading.
+CUSTOM_OBJECTS = {"iris>RandomAugment": RandomAugment}
+
+
+def resolve_weights(weights: str) -> str | None:
+    """Map config.weights to what ``keras.applications`` accepts: "imagenet", a file, or None.
+
+    A URL is downloaded once into Keras' cache (air-gapped clusters point at a local mirror);
+    a local path must exist, so a typo fails here with the path instead of deep in Keras.
+    """
+    value = weights.strip()
+    if value.lower() in {"none", ""}:
+        return None
+    if value == "imagenet":
+        return "imagenet"
+    scheme = urlparse(value).scheme
+    if scheme in {"http", "https"}:
+        name = os.path.basename(urlparse(value).path) or "mobilenet_weights.h5"
+        return keras.utils.get_file(fname=name, origin=value, cache_subdir="models")
+    if scheme == "file":
+        value = urlparse(value).path
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"MobileNet weights file not found: {str(path)!r} (config.weights: use 'imagenet', "
+            "a local .h5 path, an http(s) URL, or 'none')"
+        )
+    return str(path)
+
+
+def build_seed_cnn(image_size: int, num_classes: int) -> keras.Model:
+    """The notebook's CNN, layer for layer, behind resize + 1/255 rescaling.
+
+    Five 3x3 ReLU convolutions (16, 32, 64, 64, 64 filters) each followed by 2x2 max pooling,
+    dropout 0.5 after the 2nd and 3rd convolutions and after flattening (where the notebook
+    has it), a 512-unit ReLU dense layer and the softmax output.
+    """
+    layers = keras.layers
+    inputs = keras.Input(shape=(None, None, 3), name="image")
+    x = make_resizer(image_size)(inputs)
+    x = layers.Rescaling(1.0 / 255, name="rescale")(x)
+    x = layers.Conv2D(16, 3, activation="relu")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(32, 3, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(64, 3, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(64, 3, activation="relu")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Conv2D(64, 3, activation="relu")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dropout(0.5)(x)
+    x = layers.Dense(512, activation="relu")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32",
+                           name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="seed_cnn")
+
+
+def build_mobilenet(config: PipelineConfig, num_classes: int) -> keras.Model:
+    """ImageNet MobileNet backbone (frozen; see :func:`set_fine_tune`) + pooling, dropout, softmax.
+
+    The backbone runs in inference mode (``training=False``) even while fine-tuning, so its
+    BatchNorm statistics are never re-estimated from our few hundred images.
+    """
+    size = config.image_size
+    if size < 32:
+        raise ValueError(f"MobileNet needs image_size >= 32, got {size}")
+    weights = resolve_weights(config.weights)
+    backbone = keras.applications.MobileNet(
+        input_shape=(size, size, 3), alpha=config.alpha, include_top=False, weights=weights,
+        pooling=None,
+    )
+    backbone.name = BACKBONE
+    backbone.trainable = False
+    layers = keras.layers
+    inputs = keras.Input(shape=(None, None, 3), name="image")
+    x = make_resizer(size)(inputs)
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(x)  # MobileNet's [-1, 1]
+    x = backbone(x, training=False)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(config.dropout, name="head_dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32",
+                           name="probabilities")(x)
+    logger.info("MobileNet alpha=%s at %dx%d, weights=%s", config.alpha, size, size,
+                weights or "random")
+    return keras.Model(inputs, outputs, name="mobilenet_classifier")
+
+
+def build_model(config: PipelineConfig, num_classes: int) -> keras.Model:
+    """The model ``config.model`` names, taking raw 0..255 RGB images of any size."""
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes, got {num_classes}")
+    if config.model == "seed_cnn":
+        return build_seed_cnn(config.image_size, num_classes)
+    if config.model == "mobilenet":
+        return build_mobilenet(config, num_classes)
+    raise ValueError(f"unknown model {config.model!r}; choose 'mobilenet' or 'seed_cnn'")
+
+
+def has_backbone(model: keras.Model) -> bool:
+    return any(layer.name == BACKBONE for layer in model.layers)
+
+
+def set_fine_tune(model: keras.Model, num_layers: int) -> int:
+    """Unfreeze the last ``num_layers`` convolution layers of the backbone (0: all of them).
+
+    BatchNorm layers stay frozen (inference statistics); returns how many layers now train.
+    """
+    backbone = model.get_layer(BACKBONE)
+    backbone.trainable = True
+    convs = [layer for layer in backbone.layers
+             if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
+    chosen = {id(layer) for layer in (convs if num_layers <= 0 else convs[-num_layers:])}
+    for layer in backbone.layers:
+        layer.trainable = id(layer) in chosen
+    return len(chosen)
+
+
+def load_model(model_dir: str | Path) -> keras.Model:
+    """Load ``model_dir/model.keras`` in Keras safe mode (no arbitrary code from the file)."""
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained model at {str(path)!r}")
+    return keras.saving.load_model(path, safe_mode=True, compile=False,
+                                   custom_objects=CUSTOM_OBJECTS)
+
+
+__all__ = [
+    "BACKBONE",
+    "MODEL_FILE",
+    "build_mobilenet",
+    "build_model",
+    "build_seed_cnn",
+    "has_backbone",
+    "load_model",
+    "resolve_weights",
+    "set_fine_tune",
+]

@@ -1,0 +1,176 @@
+"""Evaluation figures (PNG) and the self-contained HTML report (images inlined as base64)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import itertools
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: pipeline pods and CI have no display
+import matplotlib.pyplot as plt
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    """Write atomically (temp file, then rename) so a crash leaves no half-written PNG."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str],
+                          path: str | Path) -> Path:
+    """Counts per (true, predicted) class, darker = more; the diagonal is what is right."""
+    cm = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.6 * len(classes) + 2, 1.4 * len(classes) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (test split)")
+    threshold = cm.max() / 2 if cm.size and cm.max() else 0
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > threshold else "black")
+    return _save(fig, Path(path))
+
+
+def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Loss and accuracy per epoch for training and validation, phases marked."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.plot(epochs, [h.get(key, np.nan) for h in history], label=f"train {key}")
+        ax.plot(epochs, [h.get(f"val_{key}", np.nan) for h in history], label=f"val {key}")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        for prev, cur in itertools.pairwise(history):
+            if prev.get("phase") != cur.get("phase"):
+                ax.axvline(cur["epoch"] - 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.legend()
+    if not history:
+        axes[0].text(0.5, 0.5, "no history", ha="center", transform=axes[0].transAxes)
+    return _save(fig, Path(path))
+
+
+def plot_image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: str | Path,
+                    *, columns: int = 6) -> Path:
+    """A grid of images with a title each (e.g. misclassified test images, true vs predicted)."""
+    count = max(len(images), 1)
+    cols = min(columns, count)
+    rows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(np.asarray(image).astype(np.uint8))
+        ax.set_title(title, fontsize=7)
+    if not images:
+        axes[0][0].text(0.5, 0.5, "none", ha="center", va="center")
+    return _save(fig, Path(path))
+
+
+def _img_tag(path: Path | None, alt: str) -> str:
+    if path is None or not Path(path).is_file():
+        return f"<p><em>{html.escape(alt)}: not available</em></p>"
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def render_html(
+    metrics: Mapping[str, Any],
+    data_report: Mapping[str, Any] | None,
+    figures: Mapping[str, Path | None],
+    path: str | Path,
+) -> Path:
+    """One HTML file with everything inlined, so it can be mailed or stored as one artifact."""
+    classes = metrics["classes"]
+    baseline = metrics["baseline"]
+    gate = "PASSED" if metrics["gate_passed"] else "FAILED"
+    rows = "".join(
+        f"<tr><td>{html.escape(c)}</td>"
+        + "".join(f"<td>{_fmt(metrics['per_class'][c][k])}</td>"
+                  for k in ("precision", "recall", "f1", "support"))
+        + "</tr>"
+        for c in classes
+    )
+    summary_rows = "".join(
+        f"<tr><td>{name}</td><td>{_fmt(metrics[name])}</td><td>{_fmt(baseline[name])}</td></tr>"
+        for name in ("accuracy", "balanced_accuracy", "macro_f1")
+    )
+    data_html = "<p><em>no data report found</em></p>"
+    if data_report:
+        counts = data_report.get("split_counts") or {}
+        count_rows = "".join(
+            f"<tr><td>{html.escape(str(split))}</td>"
+            + "".join(f"<td>{_fmt((counts.get(split) or {}).get(c, 0))}</td>" for c in classes)
+            + "</tr>"
+            for split in counts
+        )
+        facts = {k: data_report.get(k) for k in ("files_seen", "files_used", "files_skipped",
+                                                 "duplicates_dropped", "imbalance_ratio",
+                                                 "majority_baseline")
+                 if k in data_report}
+        fact_html = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in facts.items())
+        data_html = (
+            f"<ul>{fact_html}</ul>"
+            + ("<table><tr><th>split</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in classes)
+               + f"</tr>{count_rows}</table>" if count_rows else "")
+        )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Iris classifier evaluation</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+.pass {{ color: #17702c; }} .fail {{ color: #a51d1d; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>Iris classifier: evaluation on the held-out test split</h1>
+<p>Model <b>{html.escape(str(metrics.get("model", "?")))}</b>,
+{metrics["test_examples"]} test images.
+Gate: {html.escape(metrics["gate_metric"])} = {_fmt(metrics["gate_value"])} &ge;
+{_fmt(metrics["gate_threshold"])}?
+<b class="{"pass" if metrics["gate_passed"] else "fail"}">{gate}</b></p>
+<h2>Summary (model vs majority-class baseline)</h2>
+<table><tr><th>metric</th><th>model</th>
+<th>baseline ({html.escape(str(baseline["class"]))})</th></tr>
+{summary_rows}</table>
+<h2>Per class</h2>
+<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
+<h2>Confusion matrix</h2>{_img_tag(figures.get("confusion_matrix"), "confusion matrix")}
+<h2>Training curves</h2>{_img_tag(figures.get("training_curves"), "training curves")}
+<h2>Data</h2>{data_html}
+<h2>Misclassified test images ({metrics["misclassified"]})</h2>
+{_img_tag(figures.get("misclassified"), "misclassified test images")}
+</body></html>
+"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(page)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["plot_confusion_matrix", "plot_image_grid", "plot_training_curves", "render_html"]

@@ -1,0 +1,426 @@
+"""Training step: seeded, resumable, GPU-ready training that writes an exportable model.
+
+Outputs in ``model_dir``: ``model.keras`` (float32, loads in safe mode), ``saved_model/``
+(serving signature ``serving_default`` taking uint8 images [batch, height, width, 3] of any
+size), ``classes.json``, ``history.json``, ``training_summary.json``,
+``augmentation_preview.png`` and ``checkpoints/`` (weights + optimizer state after every
+epoch, so a killed run started again with the same ``model_dir`` continues from its last
+finished epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.config import PipelineConfig
+from pipeline.steps import inputs, models, records
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "state.json"
+HISTORY_FILE = "history.json"
+SUMMARY_FILE = "training_summary.json"
+PREVIEW_FILE = "augmentation_preview.png"
+SAVED_MODEL_DIR = "saved_model"
+
+#: Config fields that do not change what is trained (resume ignores differences in them).
+NOT_TRAINING_FIELDS = frozenset({
+    "data_source", "data_sha256", "max_archive_bytes", "max_archive_entries", "weights",
+    "gate_metric", "gate_threshold", "registered_model_name", "experiment_name",
+    "mixed_precision", "xla", "augment_placement",
+})
+
+
+# ----------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def config_fingerprint(config: PipelineConfig, classes: list[str]) -> str:
+    """Digest of everything that defines a training run; checkpoints of another run are refused."""
+    relevant = {k: v for k, v in config.to_dict().items() if k not in NOT_TRAINING_FIELDS}
+    blob = json.dumps({"config": relevant, "classes": classes}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def class_weights_for(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Inverse-frequency weights n / (k * n_c); absent classes get 0 instead of dividing by 0."""
+    counts = np.bincount(labels, minlength=num_classes)
+    total = counts.sum()
+    return {c: (float(total / (num_classes * counts[c])) if counts[c] else 0.0)
+            for c in range(num_classes)}
+
+
+def describe_devices() -> dict[str, Any]:
+    """Logical devices TensorFlow sees; the strategy is chosen from these."""
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return {"gpus": gpus, "cpus": cpus, "accelerated": bool(gpus)}
+
+
+def choose_strategy(devices: dict[str, Any]) -> tf.distribute.Strategy:
+    """MirroredStrategy over several GPUs (or several logical CPUs, used by tests), else default."""
+    pool = devices["gpus"] or devices["cpus"]
+    if len(pool) > 1:
+        return tf.distribute.MirroredStrategy(devices=pool)
+    return tf.distribute.get_strategy()
+
+
+def augment_in_model(config: PipelineConfig, devices: dict[str, Any]) -> bool:
+    """GPU: augment inside the model on the device; CPU: in tf.data, overlapped by prefetch."""
+    if config.augment_placement == "auto":
+        return devices["accelerated"]
+    return config.augment_placement == "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    name: str
+    epochs: int
+    learning_rate: float
+    fine_tune: bool
+
+
+def plan_phases(config: PipelineConfig) -> list[Phase]:
+    """MobileNet: train the head, then optionally fine-tune; the notebook's CNN: one phase."""
+    if config.model != "mobilenet":
+        return [Phase("train", config.epochs, config.learning_rate, fine_tune=False)]
+    phases = [Phase("head", config.epochs, config.learning_rate, fine_tune=False)]
+    if config.fine_tune_epochs > 0:
+        phases.append(Phase("fine_tune", config.fine_tune_epochs, config.fine_tune_learning_rate,
+                            fine_tune=True))
+    return phases
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints, early stopping, history
+# ----------------------------------------------------------------------------------------
+class Checkpoints:
+    """``checkpoints/state.json`` plus weight files; state is written last, so it is consistent."""
+
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.state_path.is_file():
+            return None
+        try:
+            state = json.loads(self.state_path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"corrupt checkpoint state {str(self.state_path)!r}: {exc}") from exc
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"{str(self.directory)!r} holds checkpoints of a different training run (other "
+                "config or classes); use a fresh model_dir or delete that folder to start over"
+            )
+        return state
+
+    def save_weights(self, model: keras.Model, name: str) -> str:
+        path = self.directory / name
+        tmp = self.directory / f".tmp-{name}"
+        model.save_weights(tmp)
+        os.replace(tmp, path)
+        return name
+
+    def commit(self, state: dict[str, Any]) -> None:
+        """Write the state, then drop weight files it no longer references."""
+        state = {**state, "fingerprint": self.fingerprint}
+        write_json_atomic(self.state_path, state)
+        keep = {state.get("last_weights"), state.get("best_weights")}
+        for path in self.directory.glob("*.weights.h5"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+
+class EpochTracker(keras.callbacks.Callback):
+    """Per epoch: record history, early-stop on val_loss (keeping the best weights), checkpoint.
+
+    Replaces ``keras.callbacks.EarlyStopping`` because its state (best loss, patience counter,
+    best weights) would be lost on a restart; here all of it is in the checkpoint.
+    """
+
+    def __init__(self, checkpoints: Checkpoints, state: dict[str, Any], phase: Phase,
+                 patience: int) -> None:
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.state = state
+        self.phase = phase
+        self.patience = patience
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = dict(logs or {})
+        state = self.state
+        seconds = time.perf_counter() - self._started
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["learning_rate"] = lr
+        entry = {
+            "epoch": len(state["history"]) + 1,
+            "phase": self.phase.name,
+            "phase_epoch": epoch + 1,
+            **{k: float(logs[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+               if k in logs},
+            "learning_rate": lr,
+            "seconds": round(seconds, 3),
+        }
+        state["history"].append(entry)
+        state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
+        val_loss = entry.get("val_loss", math.inf)
+        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+            state["best_val_loss"] = val_loss
+            state["best_epoch"] = entry["epoch"]
+            state["wait"] = 0
+            state["best_weights"] = self.checkpoints.save_weights(
+                self.model, f"best-{self.phase.name}-{entry['epoch']:04d}.weights.h5")
+        else:
+            state["wait"] += 1
+        state["phase_epoch"] = epoch + 1
+        if self.patience and state["wait"] >= self.patience:
+            self.model.stop_training = True
+            state["phase_done"] = True
+            logger.info("early stopping in phase %s after epoch %d (best epoch %d, val_loss %.4f)",
+                        self.phase.name, epoch + 1, state["best_epoch"], state["best_val_loss"])
+        state["last_weights"] = self.checkpoints.save_weights(
+            self.model, f"last-{entry['epoch']:04d}.weights.h5")
+        self.checkpoints.commit(state)
+        logger.info(
+            "epoch %d (%s %d/%d): loss %.4f acc %.3f val_loss %.4f val_acc %.3f lr %.2g (%.1fs)",
+            entry["epoch"], self.phase.name, epoch + 1, self.phase.epochs, entry.get("loss", 0),
+            entry.get("accuracy", 0), entry.get("val_loss", 0), entry.get("val_accuracy", 0),
+            lr, seconds,
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------
+def export_model(trained: keras.Model, config: PipelineConfig, num_classes: int,
+                 model_dir: Path) -> keras.Model:
+    """Write ``model.keras`` and ``saved_model/`` from a clean float32 copy of ``trained``.
+
+    The copy carries no optimizer state or mixed-precision policy, so it serves on any CPU.
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        clean = models.build_model(dataclasses.replace(config, weights="none"), num_classes)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    clean.set_weights([np.asarray(w) for w in trained.get_weights()])
+
+    keras_path = model_dir / models.MODEL_FILE
+    tmp = model_dir / f".tmp-{models.MODEL_FILE}"
+    clean.save(tmp)
+    os.replace(tmp, keras_path)
+
+    saved = model_dir / SAVED_MODEL_DIR
+    tmp_dir = model_dir / f".tmp-{SAVED_MODEL_DIR}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    archive = keras.export.ExportArchive()
+    archive.track(clean)
+
+    def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"probabilities": clean(tf.cast(images, tf.float32), training=False)}
+
+    archive.add_endpoint(
+        "serve", serve,
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+    )
+    archive.write_out(str(tmp_dir), verbose=False)
+    shutil.rmtree(saved, ignore_errors=True)
+    os.replace(tmp_dir, saved)
+    return clean
+
+
+# ----------------------------------------------------------------------------------------
+# the step
+# ----------------------------------------------------------------------------------------
+def _compile(model: keras.Model, learning_rate: float, config: PipelineConfig) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=bool(config.xla),
+    )
+
+
+def _set_phase(core: keras.Model, phase: Phase, config: PipelineConfig) -> None:
+    if models.has_backbone(core):
+        if phase.fine_tune:
+            count = models.set_fine_tune(core, config.fine_tune_layers)
+            logger.info("fine-tuning %d backbone layers at lr %g", count, phase.learning_rate)
+        else:
+            core.get_layer(models.BACKBONE).trainable = False
+
+
+def train_model(
+    data_dir: str | Path,
+    model_dir: str | Path,
+    config: PipelineConfig,
+    *,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> dict[str, Any]:
+    """Train ``config.model`` on the prepared data in ``data_dir``; export it to ``model_dir``.
+
+    Resumes from ``model_dir/checkpoints`` when a previous run with the same config was
+    interrupted. ``callbacks`` (e.g. an MLflow logger) are added to every ``fit`` call.
+    Returns a summary: epochs_run, best_epoch, train_seconds, devices, history, ...
+    """
+    data_dir, model_dir = Path(data_dir), Path(model_dir)
+    classes = records.load_classes(data_dir)
+    train_labels = inputs.read_labels(data_dir, "train")
+    if len(train_labels) == 0:
+        raise ValueError(f"the training split under {str(data_dir)!r} is empty")
+    records.split_files(data_dir, "val")  # fail early and clearly when val is missing
+    model_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(model_dir / CHECKPOINT_DIR, config_fingerprint(config, classes))
+    state = checkpoints.load()
+    resumed_from = None
+    if state is None:
+        state = {"phase_index": 0, "phase_epoch": 0, "phase_done": False, "history": [],
+                 "best_val_loss": None, "best_epoch": None, "wait": 0, "best_weights": None,
+                 "last_weights": None, "train_seconds": 0.0, "complete": False,
+                 "phase_best_epochs": []}
+    else:
+        resumed_from = len(state["history"])
+        logger.info("resuming from %s: %d epoch(s) already finished", checkpoints.directory,
+                    resumed_from)
+
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    devices = describe_devices()
+    strategy = choose_strategy(devices)
+    in_model = augment_in_model(config, devices)
+    mixed = bool(config.mixed_precision and devices["accelerated"])
+    previous_policy = keras.mixed_precision.global_policy()
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    logger.info(
+        "training %s on %s (%d replica(s), %s); mixed precision %s, XLA %s, augmentation in %s",
+        config.model, ", ".join(devices["gpus"] or devices["cpus"]),
+        strategy.num_replicas_in_sync, type(strategy).__name__, "on" if mixed else "off",
+        "on" if config.xla else "off", "the model" if in_model else "tf.data",
+    )
+    try:
+        with strategy.scope():
+            core = models.build_model(config, len(classes))
+            augmenter = inputs.build_augmenter(config)
+            if in_model:
+                image = keras.Input(shape=(None, None, 3), name="image")
+                trainer = keras.Model(image, core(augmenter(image)), name="trainer")
+            else:
+                trainer = core
+        weights = class_weights_for(train_labels, len(classes)) if config.class_weights else None
+        val_data = inputs.make_eval_dataset(data_dir, "val", config)
+        phases = plan_phases(config)
+        fit_seconds = 0.0
+        while not state["complete"]:
+            index = state["phase_index"]
+            phase = phases[index]
+            _set_phase(core, phase, config)
+            # at a phase start the saved optimizer state belongs to the previous phase:
+            # load the weights before compiling so only the model's part is read
+            mid_phase = state["phase_epoch"] > 0
+            if state["last_weights"] and not mid_phase:
+                trainer.load_weights(checkpoints.directory / state["last_weights"])
+            with strategy.scope():
+                _compile(trainer, phase.learning_rate, config)
+                trainer.optimizer.build(trainer.trainable_variables)
+            if state["last_weights"] and mid_phase:
+                trainer.load_weights(checkpoints.directory / state["last_weights"])
+            if not state["phase_done"] and state["phase_epoch"] < phase.epochs:
+                offset = index * 10_000  # distinct shuffles per phase
+                train_data, steps = inputs.make_train_dataset(
+                    data_dir, config, first_epoch=offset + state["phase_epoch"],
+                    last_epoch=offset + phase.epochs, augmenter=None if in_model else augmenter,
+                )
+                tracker = EpochTracker(checkpoints, state, phase, config.early_stopping_patience)
+                started = time.perf_counter()
+                trainer.fit(
+                    train_data, epochs=phase.epochs, initial_epoch=state["phase_epoch"],
+                    steps_per_epoch=steps, validation_data=val_data, class_weight=weights,
+                    callbacks=[tracker, *callbacks], verbose=0,
+                )
+                fit_seconds += time.perf_counter() - started
+            # phase over: continue from its best weights
+            if state["best_weights"]:
+                trainer.load_weights(checkpoints.directory / state["best_weights"])
+            state["phase_best_epochs"].append(state["best_epoch"])
+            last = index + 1 >= len(phases)
+            state.update(phase_index=index + 1, phase_epoch=0, phase_done=False, wait=0,
+                         best_val_loss=None if not last else state["best_val_loss"],
+                         complete=last)
+            if not last:
+                state["last_weights"] = checkpoints.save_weights(
+                    trainer, f"last-{len(state['history']):04d}-phase{index + 1}.weights.h5")
+                state["best_weights"] = None
+            checkpoints.commit(state)
+
+        export_model(core, config, len(classes), model_dir)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    write_json_atomic(model_dir / records.CLASSES_FILE, classes)
+    write_json_atomic(model_dir / HISTORY_FILE, state["history"])
+    inputs.save_augmentation_preview(data_dir, config, model_dir / PREVIEW_FILE)
+    history = state["history"]
+    final_best = state["phase_best_epochs"][-1] if state["phase_best_epochs"] else None
+    best_entry = next((h for h in history if h["epoch"] == final_best), None)
+    summary = {
+        "model": config.model,
+        "epochs_run": len(history),
+        "best_epoch": final_best,
+        "best_val_loss": best_entry.get("val_loss") if best_entry else None,
+        "best_val_accuracy": best_entry.get("val_accuracy") if best_entry else None,
+        "phase_best_epochs": state["phase_best_epochs"],
+        "train_seconds": round(float(state["train_seconds"]), 3),
+        "fit_seconds_this_run": round(fit_seconds, 3),
+        "resumed_from_epoch": resumed_from,
+        "devices": devices["gpus"] or devices["cpus"],
+        "replicas": strategy.num_replicas_in_sync,
+        "strategy": type(strategy).__name__,
+        "mixed_precision": mixed,
+        "xla": bool(config.xla),
+        "augmentation_in": "model" if in_model else "tf.data",
+        "class_weights": {classes[c]: w for c, w in (weights or {}).items()},
+        "train_examples": len(train_labels),
+        "classes": classes,
+        "history": history,
+    }
+    write_json_atomic(model_dir / SUMMARY_FILE, summary)
+    logger.info("trained %s: %d epochs, best epoch %s, %.1fs of training", config.model,
+                summary["epochs_run"], final_best, summary["train_seconds"])
+    return summary
+
+
+__all__ = ["class_weights_for", "config_fingerprint", "describe_devices", "export_model",
+           "train_model"]
