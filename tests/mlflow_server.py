@@ -1,0 +1,132 @@
+"""Pytest fixtures that run a real ``mlflow server`` on 127.0.0.1 for the tracking tests.
+
+Imported by ``tests/conftest.py`` so any test (also the pipeline's end-to-end test) can ask
+for ``mlflow_server``. One server per test session: sqlite backend and served artifacts in
+a temp folder, a free port, /health polled with a deadline, the process group terminated at
+the end. Its log is attached to start-up failures so they explain themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+#: Seconds to wait for /health; a cold start (imports, DB migrations) takes ~10-20 s on 2 cores.
+STARTUP_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """A running server: its URL (the tracking URI) and where it keeps data and its log."""
+
+    url: str
+    backend_uri: str
+    artifacts_dir: Path
+    log_path: Path
+    pid: int
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no server log: {exc})"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group (uvicorn worker, job runner), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def run_mlflow_server(root: Path) -> Iterator[MlflowServer]:
+    """Start ``mlflow server`` with its data under ``root``; stop it on exit."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    artifacts = root / "artifacts"
+    backend = f"sqlite:///{root / 'mlflow.db'}"
+    log_path = root / "server.log"
+    env = {
+        **os.environ,
+        # The job runner (huey workers for GenAI jobs) is not needed and costs a core.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(var, None)
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", backend,
+        "--serve-artifacts", "--artifacts-destination", str(artifacts),
+        "--workers", "1",
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env,
+            start_new_session=True,  # own process group: teardown reaches its children
+        )
+    server = MlflowServer(f"http://127.0.0.1:{port}", backend, artifacts, log_path, process.pid)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited with {process.returncode} during start-up:\n"
+                    f"{server.log_tail()}"
+                )
+            try:
+                if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n"
+                    f"{server.log_tail()}"
+                )
+            time.sleep(0.25)
+        yield server
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real MLflow tracking server for the whole session (sqlite, served artifacts)."""
+    try:
+        with run_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+            yield server
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture
+def closed_port_uri() -> str:
+    """An http tracking URI on 127.0.0.1 where nothing listens (connection refused)."""
+    return f"http://127.0.0.1:{free_port()}"
