@@ -1,0 +1,826 @@
+"""MLflow tracking for the pipeline: one parent run per pipeline run, one nested run per step.
+
+Why this module exists instead of ``mlflow.autolog``: autologging is untested on TF 2.21 /
+Keras 3, and a KFP pipeline runs each step in its own process (often its own pod), so the
+"one parent run, nested step runs" layout has to be re-found by tag in every step rather than
+kept in process state. Everything here talks to MLflow through its public client API and
+works the same against a local ``sqlite:///`` store and a remote ``mlflow server``.
+
+Typical use inside a step (layer 1 stays free of KFP)::
+
+    uri = resolve_tracking_uri(config_uri, workdir)
+    with step_run("train", tracking_uri=uri, experiment_name=config.experiment_name,
+                  pipeline_run_id=run_id, pipeline_name="iris", params=config.to_dict()):
+        train_model(..., callbacks=[MlflowEpochLogger()])
+        model_uri = log_model(model_dir, input_example=images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import subprocess
+import time
+import urllib.parse
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+from mlflow.entities import Dataset as DatasetEntity
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+#: Environment variables the KFP backend's MLflow plugin sets on each task's container.
+PLUGIN_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+
+# Tags (dotted keys need backticks in MLflow filter strings).
+TAG_PIPELINE_RUN_ID = "kfp.pipeline_run_id"
+TAG_PIPELINE_NAME = "kfp.pipeline_name"
+TAG_STEP = "kfp.step"
+TAG_RUN_KIND = "iris.run_kind"  # "pipeline" (parent) or "step" (child)
+TAG_PACKAGE_VERSION = "iris.package_version"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the key the MLflow UI shows as "Git commit"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_NAME = "mlflow.runName"
+
+#: Where local (sqlite) tracking keeps its database and artifacts, relative to the workdir.
+LOCAL_DB_NAME = "mlflow.db"
+LOCAL_ARTIFACTS_DIR = "mlartifacts"
+
+#: Keras log keys that :class:`MlflowEpochLogger` always logs when present.
+EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+# MLflow accepts at most 100 params and 1000 metrics per log_batch call.
+_PARAM_BATCH = 100
+
+
+class TrackingServerError(RuntimeError):
+    """The tracking store is unreachable or refuses us; raised before any work starts."""
+
+
+# ----------------------------------------------------------------------------------------
+# Tracking URI and the fail-fast check
+# ----------------------------------------------------------------------------------------
+def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
+    """The tracking URI a step uses: ``uri``, else ``$MLFLOW_TRACKING_URI``, else local sqlite.
+
+    The local default is an *absolute* ``sqlite:///<workdir>/mlflow.db`` so that every step
+    process (KFP's local runner starts one per step, each in its own folder) writes to the
+    same database, and ``mlflow ui --backend-store-uri`` opens it from anywhere. Experiments
+    this module creates in a local store put their artifacts in ``<workdir>/mlartifacts``.
+    """
+    if uri and uri.strip():
+        return uri.strip()
+    from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if from_env:
+        return from_env
+    db = Path(workdir).expanduser().resolve() / LOCAL_DB_NAME
+    return f"sqlite:///{db}"
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """``file://`` artifact root next to a local sqlite/file store, ``None`` for remote stores.
+
+    MLflow's client-side default for a sqlite store is ``./mlruns`` of the *current*
+    directory; pinning it beside the database keeps runs and their artifacts together.
+    """
+    path = _local_store_path(tracking_uri)
+    if path is None:
+        return None
+    base = path.parent if tracking_uri.startswith("sqlite:") else path
+    return (base / LOCAL_ARTIFACTS_DIR).resolve().as_uri()
+
+
+def _local_store_path(tracking_uri: str) -> Path | None:
+    """The database file of ``sqlite:`` URIs, the directory of ``file:`` URIs and bare paths."""
+    parsed = urllib.parse.urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        # sqlite:///relative.db or sqlite:////absolute/path.db (SQLAlchemy's convention)
+        raw = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else ""
+        if not raw or raw == ":memory:":
+            return None
+        return Path(urllib.parse.unquote(raw.split("?", 1)[0])).resolve()
+    if parsed.scheme == "file":
+        return Path(urllib.parse.unquote(parsed.path)).resolve()
+    if parsed.scheme == "" and tracking_uri:
+        return Path(tracking_uri).resolve()
+    return None
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without a password, so that error messages and logs can name it safely."""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.password is None:
+        return uri
+    netloc = f"{parsed.username}:***@{parsed.hostname}"
+    if parsed.port:
+        netloc += f":{parsed.port}"
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
+
+
+def check_tracking_server(tracking_uri: str, timeout_s: float = 15.0) -> None:
+    """Fail within ``timeout_s`` with :class:`TrackingServerError` naming the URI.
+
+    Called before training starts so that a wrong URI, a stopped server or missing
+    credentials cost seconds, not a training run: MLflow's own client retries a dead server
+    for minutes (7 retries, exponential backoff). For HTTP servers this makes two requests
+    without retries: ``GET /health`` (is something listening) and a one-row experiment
+    search (does it accept our credentials; 401/403/5xx are errors). MLflow's request code
+    is reused so that the same credentials (``MLFLOW_TRACKING_TOKEN``, username/password,
+    ``MLFLOW_TRACKING_AUTH`` plugins) apply as for real calls. Local ``sqlite:``/``file:``
+    stores are checked by opening (or creating) the database / directory.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+    scheme = urllib.parse.urlparse(tracking_uri).scheme
+    shown = redact_uri(tracking_uri)
+    if scheme in ("http", "https"):
+        _check_http_server(tracking_uri, shown, timeout_s)
+    elif scheme == "sqlite" or scheme == "file" or scheme == "":
+        _check_local_store(tracking_uri, shown, timeout_s)
+    else:
+        logger.info("no reachability check for tracking URI scheme %r (%s)", scheme, shown)
+
+
+def _check_http_server(tracking_uri: str, shown: str, timeout_s: float) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    deadline = time.monotonic() + timeout_s
+    creds = get_default_host_creds(tracking_uri)
+
+    def request(endpoint: str, method: str, **kwargs: Any) -> Any:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TrackingServerError(
+                f"MLflow tracking server {shown} did not answer within {timeout_s:.0f} s"
+            )
+        try:
+            return http_request(
+                creds, endpoint, method, max_retries=0, backoff_factor=0, backoff_jitter=0,
+                retry_codes=(), timeout=remaining, raise_on_status=False, **kwargs,
+            )
+        except MlflowException as exc:
+            detail = _first_line(exc.message)
+            password = urllib.parse.urlsplit(tracking_uri).password
+            if password:  # MLflow's message repeats the URL, userinfo and all
+                detail = detail.replace(f":{password}@", ":***@")
+            raise TrackingServerError(
+                f"cannot reach MLflow tracking server {shown}: {detail}"
+            ) from exc
+
+    started = time.monotonic()
+    health = request("/health", "GET")
+    if health.status_code in (401, 403):
+        _raise_refused(shown, health)
+    if health.status_code >= 500:
+        raise TrackingServerError(
+            f"MLflow tracking server {shown} is unhealthy: GET /health answered "
+            f"HTTP {health.status_code} {_snippet(health.text)}"
+        )
+    # /health may legitimately be missing behind some proxies (404); the search below decides.
+    search = request(
+        "/api/2.0/mlflow/experiments/search", "POST", json={"max_results": 1},
+    )
+    if search.status_code in (401, 403):
+        _raise_refused(shown, search)
+    if search.status_code != 200:
+        raise TrackingServerError(
+            f"MLflow tracking server {shown} refused a request: POST "
+            f"/api/2.0/mlflow/experiments/search answered HTTP {search.status_code} "
+            f"{_snippet(search.text)}"
+        )
+    try:
+        search.json()
+    except ValueError as exc:
+        raise TrackingServerError(
+            f"{shown} does not look like an MLflow tracking server: experiment search "
+            f"returned non-JSON {_snippet(search.text)}"
+        ) from exc
+    logger.info("MLflow tracking server %s is reachable (%.2f s)", shown,
+                time.monotonic() - started)
+
+
+def _raise_refused(shown: str, response: Any) -> None:
+    raise TrackingServerError(
+        f"MLflow tracking server {shown} refused our credentials: HTTP {response.status_code} "
+        f"{_snippet(response.text)} (set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / "
+        "MLFLOW_TRACKING_PASSWORD)"
+    )
+
+
+def _check_local_store(tracking_uri: str, shown: str, timeout_s: float) -> None:
+    path = _local_store_path(tracking_uri)
+    if path is None:
+        return
+    try:
+        if tracking_uri.startswith("sqlite:"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(str(path), timeout=timeout_s)
+            try:
+                connection.execute("PRAGMA schema_version").fetchone()
+            finally:
+                connection.close()
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise PermissionError(f"{path} is not writable")
+    except (OSError, sqlite3.Error) as exc:
+        raise TrackingServerError(
+            f"cannot open MLflow tracking store {shown}: {exc}"
+        ) from exc
+
+
+def _first_line(text: str) -> str:
+    return (text or "").strip().splitlines()[0][:500] if (text or "").strip() else ""
+
+
+def _snippet(text: str, limit: int = 200) -> str:
+    text = " ".join((text or "").split())
+    return f"({text[:limit]})" if text else ""
+
+
+# ----------------------------------------------------------------------------------------
+# Parent and step runs
+# ----------------------------------------------------------------------------------------
+def git_commit() -> str | None:
+    """The commit the code runs from: ``$GIT_COMMIT`` (set by image builds) or ``git``."""
+    for var in ("IRIS_GIT_COMMIT", "GIT_COMMIT"):
+        if os.environ.get(var, "").strip():
+            return os.environ[var].strip()
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
+
+
+def plugin_run_id() -> str | None:
+    """``$MLFLOW_RUN_ID`` when the KFP MLflow plugin (or a user) gave us a run to log under."""
+    value = os.environ.get("MLFLOW_RUN_ID", "").strip()
+    return value or None
+
+
+def _package_version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
+def _validate_run_args(step: str, pipeline_run_id: str, pipeline_name: str) -> None:
+    for label, value in (("step", step), ("pipeline_run_id", pipeline_run_id),
+                         ("pipeline_name", pipeline_name)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{label} must be a non-empty string, got {value!r}")
+    if "{{" in pipeline_run_id or any(c in pipeline_run_id for c in "'\"\\"):
+        raise ValueError(
+            f"pipeline_run_id {pipeline_run_id!r} is not a resolved KFP run id "
+            "(unfilled placeholder or quote characters)"
+        )
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created (with a local artifact root if local) if missing."""
+    if not name or not name.strip():
+        raise ValueError("experiment_name must be a non-empty string")
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage != "active":
+            raise ValueError(
+                f"MLflow experiment {name!r} is deleted; restore it in the MLflow UI "
+                "(or `mlflow experiments restore`) or choose another experiment_name"
+            )
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=local_artifact_root(tracking_uri))
+    except MlflowException as exc:  # another step created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        logger.debug("experiment %r was created concurrently: %s", name, exc)
+        return experiment.experiment_id
+
+
+def find_parent_run(client: MlflowClient, experiment_id: str, pipeline_run_id: str) -> str | None:
+    """The oldest parent run tagged with ``pipeline_run_id`` in the experiment, if any."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}' "
+            f"AND tags.`{TAG_RUN_KIND}` = 'pipeline'"
+        ),
+        order_by=["attributes.start_time ASC"],
+        max_results=10,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _get_or_create_parent(
+    client: MlflowClient, experiment_id: str, pipeline_run_id: str, tags: dict[str, str],
+    run_name: str,
+) -> str:
+    """Find the pipeline's parent run or create it; concurrent creators settle on the oldest."""
+    existing = find_parent_run(client, experiment_id, pipeline_run_id)
+    if existing:
+        return existing
+    created = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    winner = find_parent_run(client, experiment_id, pipeline_run_id) or created
+    if winner != created:  # lost a race with a parallel step: keep one parent
+        client.delete_run(created)
+        logger.info("parent run %s already existed; discarded duplicate %s", winner, created)
+    else:
+        logger.info("created MLflow parent run %s for pipeline run %s", created, pipeline_run_id)
+    return winner
+
+
+def log_params_once(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> dict[str, str]:
+    """Log ``params`` on ``run_id`` unless already there; returns values that *differ*.
+
+    MLflow refuses to change a param's value, and every step of a pipeline run logs the same
+    config on the same parent, so already-logged equal values are skipped rather than sent.
+    Differing values (a re-run with another config under the same KFP run id) are returned
+    so the caller can record them elsewhere instead of failing the step.
+    """
+    values = {str(k): _param_value(v) for k, v in params.items()}
+    existing = client.get_run(run_id).data.params
+    new = [Param(k, v) for k, v in values.items() if k not in existing]
+    conflicts = {k: v for k, v in values.items() if k in existing and existing[k] != v}
+    for start in range(0, len(new), _PARAM_BATCH):
+        client.log_batch(run_id, params=new[start:start + _PARAM_BATCH])
+    if conflicts:
+        logger.warning(
+            "run %s already has different values for param(s) %s; MLflow cannot change them",
+            run_id, ", ".join(f"{k} ({existing[k]!r} -> {v!r})" for k, v in conflicts.items()),
+        )
+    return conflicts
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(
+        value, (list, dict)) else str(value)
+    return text[:6000]  # MLflow's param value limit
+
+
+@contextlib.contextmanager
+def step_run(
+    step: str,
+    *,
+    tracking_uri: str,
+    experiment_name: str,
+    pipeline_run_id: str,
+    pipeline_name: str,
+    params: Mapping[str, Any] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Run the body inside a nested MLflow run named ``step`` under the pipeline's parent run.
+
+    The parent (one per KFP run id, found by the ``kfp.pipeline_run_id`` tag or created) carries
+    the config as params and the run id, pipeline name, package version and git commit as
+    tags, so runs are compared at the parent level in the MLflow UI. Its status follows the
+    steps: RUNNING while one runs, FINISHED after each success, FAILED after a failure.
+
+    Under the KFP MLflow plugin (``$MLFLOW_RUN_ID`` set, with ``$MLFLOW_TRACKING_URI`` and
+    ``$MLFLOW_EXPERIMENT_ID``) the given run plays the parent: the step run nests under it, its
+    status is left to the plugin, and ``experiment_name`` is not used.
+
+    The server is checked first (:func:`check_tracking_server`), so an unreachable one fails
+    the step in seconds. Yields the active child run; fluent ``mlflow.log_*`` calls in the
+    body go to it. The child ends FINISHED, FAILED (exception) or KILLED (interrupt).
+    """
+    _validate_run_args(step, pipeline_run_id, pipeline_name)
+    given_run = plugin_run_id()
+    if given_run:
+        env_uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        if env_uri and env_uri != tracking_uri:
+            logger.warning("MLFLOW_RUN_ID is set: using the plugin's tracking URI %s, not %s",
+                           redact_uri(env_uri), redact_uri(tracking_uri))
+            tracking_uri = env_uri
+    check_tracking_server(tracking_uri)
+    with _tracking_uri_scope(tracking_uri):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        with _step_run(step, client, tracking_uri, experiment_name, pipeline_run_id,
+                       pipeline_name, params, given_run) as active:
+            yield active
+
+
+@contextlib.contextmanager
+def _tracking_uri_scope(uri: str) -> Iterator[None]:
+    """Make ``uri`` MLflow's global tracking URI for the body, then restore the previous one.
+
+    ``mlflow.set_tracking_uri`` also exports ``$MLFLOW_TRACKING_URI``; left in place, a later
+    :func:`resolve_tracking_uri` in the same process (benchmarks, tests, notebooks) would
+    silently reuse this step's store instead of its own default.
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = tracking_utils._tracking_uri
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+@contextlib.contextmanager
+def _step_run(
+    step: str, client: MlflowClient, tracking_uri: str, experiment_name: str,
+    pipeline_run_id: str, pipeline_name: str, params: Mapping[str, Any] | None,
+    given_run: str | None,
+) -> Iterator[mlflow.ActiveRun]:
+    """The body of :func:`step_run` once the tracking URI is set."""
+    parent_tags = {
+        TAG_PIPELINE_RUN_ID: pipeline_run_id,
+        TAG_PIPELINE_NAME: pipeline_name,
+        TAG_PACKAGE_VERSION: _package_version(),
+    }
+    commit = git_commit()
+    if commit:
+        parent_tags[TAG_GIT_COMMIT] = commit
+
+    if given_run:
+        try:
+            parent = client.get_run(given_run)
+        except MlflowException as exc:
+            raise TrackingServerError(
+                f"MLFLOW_RUN_ID={given_run} is not a run on {redact_uri(tracking_uri)}: "
+                f"{_first_line(exc.message)}"
+            ) from exc
+        parent_id = given_run
+        experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip() or (
+            parent.info.experiment_id)
+        client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in parent_tags.items()])
+        manage_parent = False
+        logger.info("MLFLOW_RUN_ID=%s given: step %r nests under it", parent_id, step)
+    else:
+        experiment_id = get_or_create_experiment(client, experiment_name, tracking_uri)
+        parent_name = f"{pipeline_name}-{pipeline_run_id}"[:250]
+        parent_id = _get_or_create_parent(
+            client, experiment_id, pipeline_run_id,
+            {**parent_tags, TAG_RUN_KIND: "pipeline"}, parent_name,
+        )
+        manage_parent = True
+
+    conflicts = log_params_once(client, parent_id, params or {})
+    if manage_parent:
+        client.update_run(parent_id, status="RUNNING")
+
+    child_tags = {
+        TAG_PARENT: parent_id,
+        TAG_RUN_KIND: "step",
+        TAG_STEP: step,
+        TAG_PIPELINE_RUN_ID: pipeline_run_id,
+        TAG_PIPELINE_NAME: pipeline_name,
+        TAG_PACKAGE_VERSION: parent_tags[TAG_PACKAGE_VERSION],
+    }
+    if commit:
+        child_tags[TAG_GIT_COMMIT] = commit
+    from mlflow.tracking.context.registry import resolve_tags
+
+    child_id = client.create_run(
+        experiment_id, run_name=step, tags={**resolve_tags(child_tags), **child_tags},
+    ).info.run_id
+    if conflicts:  # keep the differing values visible on the step that saw them
+        client.log_batch(child_id, params=[Param(k, v) for k, v in conflicts.items()])
+    logger.info("MLflow run %s (step %r) under parent %s at %s", child_id, step, parent_id,
+                redact_uri(tracking_uri))
+
+    # An explicit run_id keeps start_run from consuming $MLFLOW_RUN_ID (it deletes the
+    # variable and resumes that run), so the plugin's run stays the parent for later steps.
+    active = mlflow.start_run(run_id=child_id, nested=True)
+    status = RunStatus.to_string(RunStatus.FINISHED)
+    try:
+        yield active
+    except BaseException as exc:
+        status = RunStatus.to_string(
+            RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED)
+        with contextlib.suppress(Exception):
+            client.set_tag(child_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+        raise
+    finally:
+        current = mlflow.active_run()
+        if current is not None and current.info.run_id == child_id:
+            mlflow.end_run(status)  # note: end_run also unsets $MLFLOW_RUN_ID ...
+        else:
+            client.set_terminated(child_id, status)
+        if given_run:  # ... which later steps in this process still need
+            os.environ["MLFLOW_RUN_ID"] = given_run
+        if manage_parent:
+            with contextlib.suppress(Exception):
+                client.set_terminated(parent_id, status)
+
+
+def parent_run_id(run_id: str | None = None, client: MlflowClient | None = None) -> str | None:
+    """The ``mlflow.parentRunId`` of ``run_id`` (default: the active run)."""
+    client = client or MlflowClient()
+    run_id = run_id or _require_active_run("parent_run_id")
+    return client.get_run(run_id).data.tags.get(TAG_PARENT)
+
+
+def _require_active_run(what: str) -> str:
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError(f"{what} needs an active MLflow run: call it inside step_run(...)")
+    return run.info.run_id
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics, artifacts, dataset inputs
+# ----------------------------------------------------------------------------------------
+def numeric_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers (and booleans as 0/1) in ``values``, nested keys joined by ``.``.
+
+    Step results such as ``metrics.json`` mix numbers with strings (``gate_metric``) and
+    nested per-class dicts; MLflow metrics must be plain floats.
+    """
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(numeric_metrics(value, prefix=f"{name}."))
+        elif isinstance(value, (bool, int, float, np.integer, np.floating, np.bool_)):
+            number = float(value)
+            if math.isfinite(number):
+                out[name] = number
+    return out
+
+
+def log_metrics(
+    values: Mapping[str, Any], *, step: int | None = None, on_parent: bool = False,
+    client: MlflowClient | None = None,
+) -> dict[str, float]:
+    """Log the numeric entries of ``values`` on the active run (and its parent); returns them.
+
+    ``on_parent=True`` also logs them on the pipeline's parent run, where the MLflow UI
+    compares pipeline runs side by side (test metrics, majority baseline).
+    """
+    run_id = _require_active_run("log_metrics")
+    client = client or MlflowClient()
+    metrics = numeric_metrics(values)
+    timestamp = int(time.time() * 1000)
+    entities = [Metric(k, v, timestamp, step or 0) for k, v in metrics.items()]
+    targets = [run_id]
+    if on_parent:
+        parent = parent_run_id(run_id, client)
+        if parent:
+            targets.append(parent)
+    for target in targets:
+        for start in range(0, len(entities), 1000):
+            client.log_batch(target, metrics=entities[start:start + 1000])
+    return metrics
+
+
+def log_artifacts(path: str | Path, artifact_path: str | None = None) -> None:
+    """Upload a file or a directory's contents to the active run; missing paths are an error."""
+    _require_active_run("log_artifacts")
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path)
+    elif path.is_file():
+        mlflow.log_artifact(str(path), artifact_path)
+    else:
+        raise FileNotFoundError(f"cannot log artifact: {str(path)!r} does not exist")
+
+
+def _dataset_source_json(source: str) -> tuple[str, str]:
+    """(source_type, source_json) for ``source``: local path, http(s), s3/gs/... or other."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            resolved = resolve_dataset_source(source)
+    except MlflowException:
+        resolved = CodeDatasetSource(tags={"source": source})
+    return resolved._get_source_type(), resolved.to_json()
+
+
+def log_dataset_input(
+    source: str, sha256: str, report: Mapping[str, Any], *, name: str = "iris-image",
+    context: str = "training", client: MlflowClient | None = None,
+) -> str:
+    """Record the data set as an MLflow dataset input (active run and parent) + its report.
+
+    MLflow limits a dataset digest to 36 characters, so the digest is the sha256's first 32
+    hex digits and the full sha256 is an input tag and part of the profile (with the data
+    report's counts). Without a sha256 (a local folder) the digest is computed from the
+    report, which lists every file's hash. Returns the digest.
+    """
+    run_id = _require_active_run("log_dataset_input")
+    if not source or not source.strip():
+        raise ValueError("dataset source must be a non-empty string")
+    client = client or MlflowClient()
+    report_json = json.dumps(report, sort_keys=True, default=str)
+    full = sha256.strip().lower() if sha256 else hashlib.sha256(report_json.encode()).hexdigest()
+    source_type, source_json = _dataset_source_json(source)
+    entity = DatasetEntity(
+        name=name,
+        digest=full[:32],
+        source_type=source_type,
+        source=source_json,
+        profile=json.dumps({"sha256": full, "sha256_of": "archive" if sha256 else "data_report",
+                            "report": report}, default=str),
+    )
+    tags = [InputTag("mlflow.data.context", context), InputTag("sha256", full)]
+    targets = [run_id]
+    parent = parent_run_id(run_id, client)
+    if parent:
+        targets.append(parent)
+    for target in targets:
+        client.log_inputs(target, datasets=[DatasetInput(entity, tags)])
+    mlflow.log_dict(dict(report), "data_report.json")
+    return full[:32]
+
+
+# ----------------------------------------------------------------------------------------
+# Keras callback
+# ----------------------------------------------------------------------------------------
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Logs loss/accuracy (train and validation) and the learning rate after every epoch.
+
+    Explicit instead of ``mlflow.keras.autolog`` (untested on TF 2.21). One ``log_batch``
+    per epoch with ``step`` = epoch; if ``fit`` runs again (fine-tuning) and restarts its
+    epoch count at 0, steps continue after the last one so histories never overlap.
+    """
+
+    def __init__(self, run_id: str | None = None, client: MlflowClient | None = None) -> None:
+        super().__init__()
+        self._run_id = run_id
+        self._client = client
+        self._last_step = -1
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        if self._run_id is None:
+            self._run_id = _require_active_run("MlflowEpochLogger")
+        if self._client is None:
+            self._client = MlflowClient()
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        step = epoch if epoch > self._last_step else self._last_step + 1
+        self._last_step = step
+        values = numeric_metrics(dict(logs or {}))
+        learning_rate = self._learning_rate()
+        if learning_rate is not None:
+            values["learning_rate"] = learning_rate
+        missing = [k for k in EPOCH_KEYS if k not in values]
+        if missing:
+            logger.debug("epoch %d: Keras logs lack %s", epoch, missing)
+        timestamp = int(time.time() * 1000)
+        assert self._client is not None and self._run_id is not None  # set in on_train_begin
+        self._client.log_batch(
+            self._run_id, metrics=[Metric(k, v, timestamp, step) for k, v in values.items()],
+        )
+
+    def _learning_rate(self) -> float | None:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return None
+        try:
+            value = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        except (AttributeError, TypeError, ValueError):
+            return None
+        return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------
+def _raw_image_model(model: keras.Model) -> keras.Model:
+    """``model`` if it takes uint8 images of any size, else a wrapper that resizes first.
+
+    The logged model must accept raw HxWx3 uint8 images of any size; a model built for a
+    fixed input size gets a ``Resizing`` layer in front (plain Keras layers, so the
+    ``.keras`` file loads without custom code).
+    """
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"model input must be a batch of HxWx3 images, got shape {shape}")
+    if shape[1] is None and shape[2] is None:
+        return model
+    height, width = shape[1], shape[2]
+    if height is None or width is None:
+        raise ValueError(f"model input has only one fixed side: {shape}")
+    inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
+    resized = keras.layers.Resizing(height, width, name="resize_to_model")(inputs)
+    outputs = model(resized)
+    logger.info("model expects %dx%d inputs: logging it behind a Resizing layer", height, width)
+    return keras.Model(inputs, outputs, name=f"{model.name}_any_size")
+
+
+def _pip_requirements() -> list[str]:
+    import tensorflow as tf
+
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"tensorflow=={tf.__version__}",
+        f"keras=={keras.__version__}",
+        f"numpy=={np.__version__}",
+    ]
+
+
+def log_model(
+    model_dir: str | Path, *, name: str = "model", input_example: np.ndarray,
+) -> str:
+    """Log ``model_dir/model.keras`` with MLflow 3's ``mlflow.keras.log_model``; returns its URI.
+
+    The logged model takes a batch of raw uint8 images of any size (``(n, h, w, 3)``) and
+    returns class probabilities in the order of ``model_dir/classes.json``, which is stored
+    in the model's metadata (``metadata["classes"]``) so a registry user can name them.
+    The signature is built by hand with free height and width: inferring it from the
+    example would pin the example's size and reject other images.
+    Pip requirements are pinned explicitly (inference would load TensorFlow in a subprocess).
+    """
+    _require_active_run("log_model")
+    model_dir = Path(model_dir)
+    model_file = model_dir / "model.keras"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"cannot log model: {str(model_file)!r} does not exist")
+    example = np.asarray(input_example)
+    if example.dtype != np.uint8 or example.ndim != 4 or example.shape[-1] != 3 or not len(example):
+        raise ValueError(
+            "input_example must be a non-empty uint8 array of shape (n, height, width, 3), "
+            f"got {example.dtype} {example.shape}"
+        )
+    classes: list[str] | None = None
+    classes_file = model_dir / "classes.json"
+    if classes_file.is_file():
+        classes = [str(c) for c in json.loads(classes_file.read_text())]
+
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # compile=False: inference needs no optimizer state (nor custom losses)
+    model = _raw_image_model(keras.saving.load_model(model_file, compile=False))
+    example = example[:2]  # the example is stored as JSON: keep it small
+    probabilities = np.asarray(model.predict(example, verbose=0))
+    if probabilities.ndim != 2 or (classes and probabilities.shape[1] != len(classes)):
+        raise ValueError(
+            f"model output shape {probabilities.shape} does not match {len(classes or [])} "
+            f"classes in {str(classes_file)!r}"
+        )
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, probabilities.shape[1]),
+                                   name="probabilities")]),
+    )
+    metadata: dict[str, Any] = {"input": "uint8 images (n, height, width, 3), any size",
+                                "output": "class probabilities"}
+    if classes:
+        metadata["classes"] = classes
+    info = mlflow.tensorflow.log_model(
+        model,
+        name=name,
+        signature=signature,
+        input_example=example,
+        pip_requirements=_pip_requirements(),
+        metadata=metadata,
+    )
+    logger.info("logged model %s (%s)", info.model_uri, model_file)
+    return info.model_uri
+
+
+__all__ = [
+    "EPOCH_KEYS",
+    "PLUGIN_ENV",
+    "MlflowEpochLogger",
+    "TrackingServerError",
+    "check_tracking_server",
+    "find_parent_run",
+    "get_or_create_experiment",
+    "git_commit",
+    "local_artifact_root",
+    "log_artifacts",
+    "log_dataset_input",
+    "log_metrics",
+    "log_model",
+    "log_params_once",
+    "numeric_metrics",
+    "parent_run_id",
+    "plugin_run_id",
+    "redact_uri",
+    "resolve_tracking_uri",
+    "step_run",
+]

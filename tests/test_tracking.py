@@ -1,0 +1,462 @@
+"""Tracking against a real ``mlflow server`` (and a local sqlite store): runs, params, metrics,
+artifacts, dataset inputs, the logged model, fail-fast checks and the KFP plugin's run."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow_server import MlflowServer
+
+from pipeline import __version__
+from pipeline.config import PipelineConfig
+from pipeline.steps import tracking
+from pipeline.steps.tracking import (
+    MlflowEpochLogger,
+    TrackingServerError,
+    check_tracking_server,
+    log_artifacts,
+    log_dataset_input,
+    log_metrics,
+    log_model,
+    resolve_tracking_uri,
+    step_run,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ["iris-setosa", "iris-versicolour", "iris-virginica"]
+SHA = "48a5f6b0ad1019f4f7ce2628e08e9f71104ae625db1b7e4c24eaf051133f4589"
+
+
+@pytest.fixture(autouse=True)
+def clean_mlflow_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No MLflow env vars or active runs leak into or out of a test; stray files go to tmp."""
+    monkeypatch.chdir(tmp_path)
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
+
+
+def tiny_model(fixed_size: int | None = None) -> keras.Model:
+    """uint8 images in (any size unless ``fixed_size``), resizing and rescaling inside."""
+    keras.utils.set_random_seed(0)
+    side = fixed_size
+    inputs = keras.Input(shape=(side, side, 3), dtype="uint8")
+    x = keras.layers.Resizing(16, 16)(inputs)
+    x = keras.layers.Rescaling(1 / 255)(x)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def save_model_dir(model: keras.Model, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory / "model.keras")
+    (directory / "classes.json").write_text(json.dumps(CLASSES))
+    return directory
+
+
+def images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+
+
+def run_kwargs(uri: str, pipeline_run_id: str, **extra: object) -> dict:
+    return {"tracking_uri": uri, "experiment_name": extra.pop("experiment", "tracking-tests"),
+            "pipeline_run_id": pipeline_run_id, "pipeline_name": "iris-test", **extra}
+
+
+def find_parent(client: MlflowClient, experiment: str, pipeline_run_id: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`kfp.pipeline_run_id` = '{pipeline_run_id}' "
+                      "AND tags.`iris.run_kind` = 'pipeline'")
+
+
+# ---------------------------------------------------------------------------------------
+# URI resolution and local sqlite default
+# ---------------------------------------------------------------------------------------
+def test_resolve_tracking_uri_prefers_explicit_then_env_then_absolute_sqlite(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    expected = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    assert resolve_tracking_uri(None, Path("work")) == expected
+    assert resolve_tracking_uri("  ", tmp_path).startswith("sqlite:////")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri(None, tmp_path) == "http://env:5000"
+    assert resolve_tracking_uri("http://explicit:1", tmp_path) == "http://explicit:1"
+
+
+def test_sqlite_default_keeps_database_and_artifacts_in_workdir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    workdir, elsewhere = tmp_path / "work", tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a cwd-relative ./mlruns would land here
+    uri = resolve_tracking_uri(None, workdir)
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    with step_run("train", **run_kwargs(uri, "local-1", params={"epochs": 2})) as run:
+        log_artifacts(note)
+        log_metrics({"accuracy": 0.5})
+    assert (workdir / "mlflow.db").is_file()
+    assert list((workdir / "mlartifacts").rglob("note.txt")), "artifact not under workdir"
+    assert not any(elsewhere.iterdir()), f"files leaked into cwd: {list(elsewhere.iterdir())}"
+    client = MlflowClient(uri)
+    child = client.get_run(run.info.run_id)
+    assert child.info.artifact_uri.startswith((workdir / "mlartifacts").as_uri())
+    assert child.data.metrics == {"accuracy": 0.5}
+    assert os.environ.get("MLFLOW_TRACKING_URI") is None, "step_run leaked its tracking URI"
+
+
+def test_sqlite_store_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "mlflow.db").write_bytes(b"this is not sqlite" * 100)
+    uri = resolve_tracking_uri(None, tmp_path)
+    with pytest.raises(TrackingServerError, match=re.escape(uri)):
+        check_tracking_server(uri)
+
+
+# ---------------------------------------------------------------------------------------
+# Fail fast
+# ---------------------------------------------------------------------------------------
+def test_unreachable_server_fails_fast_naming_the_uri(closed_port_uri: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(TrackingServerError, match=re.escape(closed_port_uri)):
+        check_tracking_server(closed_port_uri)
+    with (pytest.raises(TrackingServerError, match=re.escape(closed_port_uri)),
+          step_run("train", **run_kwargs(closed_port_uri, "never"))):
+        pytest.fail("the body must not run when the server is unreachable")
+    elapsed = time.monotonic() - started
+    print(f"fail-fast on a closed port: {elapsed:.2f} s for two checks")
+    assert elapsed < 30, f"fail-fast contract: took {elapsed:.1f} s"
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    status = 401
+
+    def _answer(self) -> None:
+        body = b'{"error_code": "UNAUTHENTICATED", "message": "no credentials"}'
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status, phrase", [(401, "credentials"), (403, "credentials"),
+                                            (503, "unhealthy")])
+def test_refusing_server_is_a_clear_error(status: int, phrase: str) -> None:
+    handler = type("Handler", (_Refusing,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        started = time.monotonic()
+        with pytest.raises(TrackingServerError) as info:
+            check_tracking_server(uri, timeout_s=10)
+        assert time.monotonic() - started < 15  # no MLflow retry/backoff on 503
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert uri in str(info.value) and str(status) in str(info.value)
+    assert phrase in str(info.value)
+
+
+def test_password_in_uri_is_not_shown(closed_port_uri: str) -> None:
+    uri = closed_port_uri.replace("http://", "http://alice:s3cret@")
+    with pytest.raises(TrackingServerError) as info:
+        check_tracking_server(uri)
+    assert "s3cret" not in str(info.value) and "alice:***@" in str(info.value)
+
+
+@pytest.mark.mlflow_server
+def test_reachable_server_passes_check(mlflow_server: MlflowServer) -> None:
+    check_tracking_server(mlflow_server.url)
+
+
+# ---------------------------------------------------------------------------------------
+# Parent and child runs against the real server
+# ---------------------------------------------------------------------------------------
+@pytest.mark.mlflow_server
+def test_parent_and_nested_step_runs_with_params_and_tags(mlflow_server: MlflowServer) -> None:
+    config = PipelineConfig(epochs=3, image_size=64)
+    run_id = f"kfp-{uuid.uuid4()}"
+    children = {}
+    for step in ("train", "evaluate"):
+        with step_run(step, **run_kwargs(mlflow_server.url, run_id,
+                                         params=config.to_dict())) as run:
+            assert mlflow.active_run().info.run_id == run.info.run_id
+            mlflow.log_metric(f"{step}_done", 1)
+            children[step] = run.info.run_id
+
+    client = MlflowClient(mlflow_server.url)
+    parents = find_parent(client, "tracking-tests", run_id)
+    assert len(parents) == 1, "exactly one parent per pipeline run"
+    parent = parents[0]
+    assert parent.data.params == {k: str(v) for k, v in config.to_dict().items()}
+    assert parent.data.tags["kfp.pipeline_run_id"] == run_id
+    assert parent.data.tags["kfp.pipeline_name"] == "iris-test"
+    assert parent.data.tags["iris.package_version"] == __version__
+    head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    if head:
+        assert parent.data.tags["mlflow.source.git.commit"] == head
+    assert parent.info.status == "FINISHED"
+
+    for step, child_id in children.items():
+        child = client.get_run(child_id)
+        assert child.info.run_name == step
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["kfp.step"] == step
+        assert child.info.status == "FINISHED"
+        assert child.data.metrics == {f"{step}_done": 1.0}
+        assert child.data.params == {}, "config params live on the parent only"
+
+
+@pytest.mark.mlflow_server
+def test_relogging_params_is_idempotent_and_conflicts_go_to_the_step(
+        mlflow_server: MlflowServer) -> None:
+    run_id = f"kfp-{uuid.uuid4()}"
+    with step_run("train", **run_kwargs(mlflow_server.url, run_id, params={"epochs": 3})):
+        pass
+    with step_run("evaluate", **run_kwargs(mlflow_server.url, run_id,
+                                           params={"epochs": 3, "seed": 1})):
+        pass
+    with step_run("register", **run_kwargs(mlflow_server.url, run_id,
+                                           params={"epochs": 5})) as run:
+        pass
+    client = MlflowClient(mlflow_server.url)
+    parent = find_parent(client, "tracking-tests", run_id)[0]
+    assert parent.data.params == {"epochs": "3", "seed": "1"}
+    assert client.get_run(run.info.run_id).data.params == {"epochs": "5"}
+
+
+@pytest.mark.mlflow_server
+def test_failing_step_marks_step_and_parent_failed(mlflow_server: MlflowServer) -> None:
+    run_id = f"kfp-{uuid.uuid4()}"
+    with (pytest.raises(ValueError, match="boom"),
+          step_run("train", **run_kwargs(mlflow_server.url, run_id)) as run):
+        raise ValueError("boom")
+    client = MlflowClient(mlflow_server.url)
+    child = client.get_run(run.info.run_id)
+    assert child.info.status == "FAILED"
+    assert child.data.tags["error"] == "ValueError: boom"
+    assert find_parent(client, "tracking-tests", run_id)[0].info.status == "FAILED"
+    assert mlflow.active_run() is None
+
+
+@pytest.mark.mlflow_server
+@pytest.mark.slow
+def test_epoch_logger_history_matches_epochs_run(mlflow_server: MlflowServer) -> None:
+    model = tiny_model()
+    x, y = images(12, 20, 20), np.arange(12) % 3
+    with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")) as run:
+        logger = MlflowEpochLogger()
+        history = model.fit(x, y, validation_data=(x, y), epochs=3, verbose=0,
+                            callbacks=[logger])
+        # a second fit (fine-tuning) restarts Keras' epoch count; steps must continue
+        model.optimizer.learning_rate.assign(0.001)
+        model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[logger])
+    client = MlflowClient(mlflow_server.url)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        points = client.get_metric_history(run.info.run_id, key)
+        assert [p.step for p in sorted(points, key=lambda p: p.step)] == [0, 1, 2, 3, 4], key
+    losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda p: p.step)
+    assert [p.value for p in losses[:3]] == pytest.approx(history.history["loss"])
+    rates = sorted(client.get_metric_history(run.info.run_id, "learning_rate"),
+                   key=lambda p: p.step)
+    assert [p.value for p in rates] == pytest.approx([0.01] * 3 + [0.001] * 2)
+
+
+@pytest.mark.mlflow_server
+def test_artifacts_metrics_and_dataset_input(mlflow_server: MlflowServer,
+                                             tmp_path: Path) -> None:
+    outputs = tmp_path / "eval"
+    outputs.mkdir()
+    for name in ("confusion_matrix.png", "training_curves.png", "report.html"):
+        (outputs / name).write_bytes(b"x" * 10)
+    report = {"counts": {"iris-setosa": 59, "iris-versicolour": 253, "iris-virginica": 77},
+              "duplicates_dropped": 32}
+    metrics = {"accuracy": 0.9, "balanced_accuracy": 0.85, "macro_f1": 0.8,
+               "majority_baseline_accuracy": 0.65, "gate_passed": True,
+               "gate_metric": "balanced_accuracy", "per_class": {"iris-setosa": {"f1": 1.0}},
+               "nan_metric": float("nan")}
+    with step_run("evaluate", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")) as run:
+        log_artifacts(outputs)
+        log_artifacts(outputs / "report.html", "reports")
+        digest = log_dataset_input("/data/iris-image.zip", SHA, report)
+        logged = log_metrics(metrics, on_parent=True)
+        with pytest.raises(FileNotFoundError, match=r"missing\.png"):
+            log_artifacts(tmp_path / "missing.png")
+
+    assert digest == SHA[:32]
+    assert logged == {"accuracy": 0.9, "balanced_accuracy": 0.85, "macro_f1": 0.8,
+                      "majority_baseline_accuracy": 0.65, "gate_passed": 1.0,
+                      "per_class.iris-setosa.f1": 1.0}
+    client = MlflowClient(mlflow_server.url)
+    child = client.get_run(run.info.run_id)
+    parent = client.get_run(child.data.tags["mlflow.parentRunId"])
+    assert child.data.metrics == logged and parent.data.metrics == logged
+
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "training_curves.png", "report.html", "reports",
+            "data_report.json"} <= names
+    stored = list(mlflow_server.artifacts_dir.rglob("confusion_matrix.png"))
+    assert stored, "artifact did not reach the server's artifact store"
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="data_report.json", tracking_uri=mlflow_server.url,
+        dst_path=str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text()) == report
+
+    for run_data in (child, parent):
+        inputs = run_data.inputs.dataset_inputs
+        assert len(inputs) == 1
+        dataset = inputs[0].dataset
+        assert dataset.digest == SHA[:32] and dataset.name == "iris-image"
+        assert "/data/iris-image.zip" in dataset.source
+        assert json.loads(dataset.profile)["sha256"] == SHA
+        tags = {t.key: t.value for t in inputs[0].tags}
+        assert tags == {"mlflow.data.context": "training", "sha256": SHA}
+
+
+def test_helpers_need_an_active_run() -> None:
+    with pytest.raises(RuntimeError, match="step_run"):
+        log_metrics({"a": 1})
+    with pytest.raises(RuntimeError, match="step_run"):
+        log_dataset_input("x.zip", SHA, {})
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------
+@pytest.mark.mlflow_server
+@pytest.mark.parametrize("fixed_size", [None, 24], ids=["any-size-model", "fixed-size-model"])
+def test_logged_model_predicts_raw_uint8_images_of_odd_size(
+        mlflow_server: MlflowServer, tmp_path: Path, fixed_size: int | None) -> None:
+    model = tiny_model(fixed_size)
+    model_dir = save_model_dir(model, tmp_path / "model")
+    with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")) as run:
+        model_uri = log_model(model_dir, input_example=images(4, 24, 24))
+    assert model_uri.startswith("models:/")
+
+    mlflow.set_tracking_uri(mlflow_server.url)  # step_run restored the previous (unset) URI
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    assert loaded.metadata.metadata["classes"] == CLASSES
+    assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1, 3)
+    assert loaded.metadata.saved_input_example_info is not None
+    odd = images(3, 37, 53, seed=1)
+    predicted = np.asarray(loaded.predict(odd))
+    assert predicted.shape == (3, len(CLASSES))
+    assert np.allclose(predicted.sum(axis=1), 1.0, atol=1e-5)
+    if fixed_size is None:
+        expected = model.predict(odd, verbose=0)
+    else:
+        resized = keras.ops.convert_to_numpy(keras.layers.Resizing(fixed_size, fixed_size)(odd))
+        expected = model.predict(resized.astype("uint8"), verbose=0)
+    assert np.allclose(predicted, expected, atol=1e-3)
+
+    logged = MlflowClient(mlflow_server.url).get_logged_model(model_uri.split("/")[-1])
+    assert logged.source_run_id == run.info.run_id
+
+
+@pytest.mark.mlflow_server
+def test_log_model_rejects_bad_input(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    model_dir = save_model_dir(tiny_model(), tmp_path / "model")
+    with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")):
+        with pytest.raises(FileNotFoundError, match=r"model\.keras"):
+            log_model(tmp_path / "nowhere", input_example=images(1, 8, 8))
+        with pytest.raises(ValueError, match="uint8"):
+            log_model(model_dir, input_example=images(1, 8, 8).astype("float32"))
+    with pytest.raises(RuntimeError, match="step_run"):
+        log_model(model_dir, input_example=images(1, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------
+# The KFP MLflow plugin's environment
+# ---------------------------------------------------------------------------------------
+@pytest.mark.mlflow_server
+def test_under_plugin_env_steps_nest_under_the_given_run(
+        mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = MlflowClient(mlflow_server.url)
+    experiment_id = client.create_experiment(f"plugin-{uuid.uuid4()}")
+    given = client.create_run(experiment_id, run_name="kfp-task").info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    monkeypatch.setenv("MLFLOW_RUN_ID", given)
+
+    uri = resolve_tracking_uri(None, tmp_path)
+    assert uri == mlflow_server.url
+    child_ids = []
+    for step in ("train", "evaluate"):
+        with step_run(step, tracking_uri=uri, experiment_name="ignored-under-plugin",
+                      pipeline_run_id="kfp-plugin-run", pipeline_name="iris-test",
+                      params={"epochs": 2}) as run:
+            mlflow.log_metric("inside", 1.0)
+            child_ids.append(run.info.run_id)
+    assert os.environ.get("MLFLOW_RUN_ID") == given, "MLFLOW_RUN_ID must not be consumed"
+
+    runs = client.search_runs([experiment_id])
+    assert {r.info.run_id for r in runs} == {given, *child_ids}, "no extra parent created"
+    for child_id in child_ids:
+        child = client.get_run(child_id)
+        assert child.data.tags["mlflow.parentRunId"] == given
+        assert child.data.metrics == {"inside": 1.0}
+    parent = client.get_run(given)
+    assert parent.data.params == {"epochs": "2"}
+    assert parent.data.tags["kfp.pipeline_run_id"] == "kfp-plugin-run"
+    assert parent.info.status == "RUNNING", "the plugin owns the given run's status"
+    assert client.get_experiment_by_name("ignored-under-plugin") is None
+
+
+def test_plugin_run_id_that_does_not_exist_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
+    uri = resolve_tracking_uri(None, tmp_path)
+    with (pytest.raises(TrackingServerError, match="MLFLOW_RUN_ID=0123456789abcdef"),
+          step_run("train", **run_kwargs(uri, "x"))):
+        pass
+
+
+def test_unresolved_pipeline_run_id_is_rejected(tmp_path: Path) -> None:
+    uri = resolve_tracking_uri(None, tmp_path)
+    with (pytest.raises(ValueError, match="placeholder"),
+          step_run("train", **run_kwargs(uri, "{{$.pipeline_job_uuid}}"))):
+        pass
+
+
+def test_numeric_metrics_keeps_finite_numbers_and_flattens() -> None:
+    values = {"a": "text", "b": 2, "ok": True, "nan": float("nan"), "n": {"x": np.float32(0.5)}}
+    assert tracking.numeric_metrics(values) == {"b": 2.0, "ok": 1.0, "n.x": 0.5}
