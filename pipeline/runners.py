@@ -22,6 +22,8 @@ from pipeline.config import PipelineConfig
 from pipeline.dag import (
     MLFLOW_CONFIG_MAP,
     PIPELINE_NAME,
+    STEPS,
+    TASK_NAMES,
     create_pipeline,
     pipeline_arguments,
 )
@@ -35,6 +37,10 @@ DEFAULT_WAIT_TIMEOUT_S = 6 * 3600
 #: Pipeline outputs that are folders or files on disk (Metrics artifacts are metadata only).
 FILE_OUTPUTS = ("raw_data", "prepared_data", "data_report", "trained_model", "report",
                 "evaluation")
+#: Entries of the data report that the summary repeats (the rest lists files).
+DATA_REPORT_COUNTS = ("files_seen", "files_used", "files_skipped", "duplicates_dropped",
+                      "class_counts", "split_sizes", "split_counts", "skipped_by_reason",
+                      "majority_baseline")
 #: The task kfp.local runs inside the gate's ``dsl.If`` branch.
 GATED_TASK = "register-model"
 #: Successful kfp tasks end by writing this file into their task folder.
@@ -221,8 +227,7 @@ def _verify_local_run(outputs: Mapping[str, Any], producers: Mapping[str, str],
     registration = None
     if register is not None:
         registration = register.get("parameterValues", {}).get("Output")
-    ordered = [task for task in dict.fromkeys(producers.values()) if task in cached]
-    return ordered, registration
+    return [TASK_NAMES[step] for step in STEPS if TASK_NAMES[step] in cached], registration
 
 
 def run_local(
@@ -309,31 +314,35 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
     return {
         "status": "succeeded",
         "pipeline": PIPELINE_NAME,
-        "test_metrics": {k: v for k, v in metrics_meta.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)},
-        "majority_baseline": {k: v for k, v in evaluation.items() if "majority" in k},
+        "test_metrics": {k: v for k, v in evaluation.items() if not k.startswith("gate_")
+                         and isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "majority_baseline": evaluation.get("baseline"),
         "per_class": evaluation.get("per_class"),
         "classes": evaluation.get("classes"),
         "confusion_matrix": evaluation.get("confusion_matrix"),
         "data": {
             "source": prepared_meta.get("source", config.data_source),
             "sha256": prepared_meta.get("sha256", config.data_sha256),
-            "report": data_report,
+            "counts": {k: data_report[k] for k in DATA_REPORT_COUNTS if k in data_report},
+            "report": str(Path(outputs["prepared_data"].path) / "data_report.json"),
         },
         "gate": {
-            "metric": gate_metric,
-            "value": metrics_meta.get(gate_metric),
-            "threshold": config.gate_threshold,
+            "metric": evaluation.get("gate_metric", gate_metric),
+            "value": evaluation.get("gate_value", metrics_meta.get(gate_metric)),
+            "threshold": evaluation.get("gate_threshold", config.gate_threshold),
             "passed": result.gate_passed,
         },
         "registration": result.registration,
         "mlflow": {
             "tracking_uri": model_meta.get("mlflow_tracking_uri", tracking_uri),
             "experiment_name": config.experiment_name,
-            "parent_run_id": model_meta.get("mlflow_parent_run_id"),
-            "run_id": model_meta.get("mlflow_run_id"),
-            "model_uri": registration.get("model_uri", model_meta.get("mlflow_model_uri")),
-            "registered_model": registration.get("registered_model_name"),
+            "run_id": model_meta.get("mlflow_parent_run_id"),  # the pipeline run's parent
+            "step_run_ids": {"train": model_meta.get("mlflow_run_id"),
+                             "evaluate": metrics_meta.get("mlflow_run_id"),
+                             "register": registration.get("mlflow_run_id")},
+            "logged_model_uri": model_meta.get("mlflow_model_uri"),
+            "model_uri": registration.get("model_uri") or model_meta.get("mlflow_model_uri"),
+            "registered_model": registration.get("name"),
             "registered_version": registration.get("version"),
             "alias": registration.get("alias"),
         },
@@ -341,8 +350,7 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
         "elapsed_s": round(result.elapsed_s, 1),
         "output_dir": str(result.output_dir),
         "run_dir": str(result.run_dir),
-        "outputs": {name: value.uri if hasattr(value, "uri") else value
-                    for name, value in outputs.items()},
+        "outputs": {name: outputs[name].path for name in FILE_OUTPUTS},
         "config": config.to_dict(),
     }
 
