@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -152,6 +153,19 @@ def test_unreachable_server_fails_fast_naming_the_uri(closed_port_uri: str) -> N
     elapsed = time.monotonic() - started
     print(f"fail-fast on a closed port: {elapsed:.2f} s for two checks")
     assert elapsed < 30, f"fail-fast contract: took {elapsed:.1f} s"
+
+
+def test_server_that_never_answers_fails_within_the_timeout() -> None:
+    """A listening socket that never replies (a hung server): bounded by ``timeout_s``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the backlog; nobody ever answers
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(TrackingServerError, match=re.escape(uri)):
+            check_tracking_server(uri, timeout_s=2)
+        elapsed = time.monotonic() - started
+    assert 1.5 < elapsed < 10, f"expected to give up after ~2 s, took {elapsed:.1f} s"
 
 
 class _Refusing(http.server.BaseHTTPRequestHandler):
