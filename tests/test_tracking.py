@@ -58,11 +58,11 @@ def clean_mlflow_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
             os.environ[name] = value
 
 
-def tiny_model(fixed_size: int | None = None) -> keras.Model:
-    """uint8 images in (any size unless ``fixed_size``), resizing and rescaling inside."""
+def tiny_model(fixed_size: int | None = None, dtype: str = "uint8") -> keras.Model:
+    """Images in (any size unless ``fixed_size``), resizing and rescaling inside."""
     keras.utils.set_random_seed(0)
     side = fixed_size
-    inputs = keras.Input(shape=(side, side, 3), dtype="uint8")
+    inputs = keras.Input(shape=(side, side, 3), dtype=dtype)
     x = keras.layers.Resizing(16, 16)(inputs)
     x = keras.layers.Rescaling(1 / 255)(x)
     x = keras.layers.Conv2D(4, 3, activation="relu")(x)
@@ -377,10 +377,11 @@ def test_helpers_need_an_active_run() -> None:
 # The model
 # ---------------------------------------------------------------------------------------
 @pytest.mark.mlflow_server
-@pytest.mark.parametrize("fixed_size", [None, 24], ids=["any-size-model", "fixed-size-model"])
+@pytest.mark.parametrize("fixed_size, dtype", [(None, "uint8"), (24, "uint8"), (None, "float32")],
+                         ids=["any-size-model", "fixed-size-model", "float-input-model"])
 def test_logged_model_predicts_raw_uint8_images_of_odd_size(
-        mlflow_server: MlflowServer, tmp_path: Path, fixed_size: int | None) -> None:
-    model = tiny_model(fixed_size)
+        mlflow_server: MlflowServer, tmp_path: Path, fixed_size: int | None, dtype: str) -> None:
+    model = tiny_model(fixed_size, dtype)
     model_dir = save_model_dir(model, tmp_path / "model")
     with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")) as run:
         model_uri = log_model(model_dir, input_example=images(4, 24, 24))
@@ -404,6 +405,23 @@ def test_logged_model_predicts_raw_uint8_images_of_odd_size(
 
     logged = MlflowClient(mlflow_server.url).get_logged_model(model_uri.split("/")[-1])
     assert logged.source_run_id == run.info.run_id
+
+
+@pytest.mark.mlflow_server
+def test_the_pipelines_own_model_logs_and_predicts(mlflow_server: MlflowServer,
+                                                  tmp_path: Path) -> None:
+    """Integration with pipeline.steps.models: the architecture training exports."""
+    from pipeline.steps import models
+
+    model = models.build_model(PipelineConfig(model="seed_cnn", image_size=96, weights="none"),
+                               len(CLASSES))
+    model_dir = save_model_dir(model, tmp_path / "model")
+    with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")):
+        model_uri = log_model(model_dir, input_example=images(2, 40, 40))
+    mlflow.set_tracking_uri(mlflow_server.url)
+    odd = images(2, 45, 61, seed=3)
+    predicted = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(odd))
+    assert np.allclose(predicted, model.predict(odd, verbose=0), atol=1e-4)
 
 
 @pytest.mark.mlflow_server
@@ -472,5 +490,7 @@ def test_unresolved_pipeline_run_id_is_rejected(tmp_path: Path) -> None:
 
 
 def test_numeric_metrics_keeps_finite_numbers_and_flattens() -> None:
-    values = {"a": "text", "b": 2, "ok": True, "nan": float("nan"), "n": {"x": np.float32(0.5)}}
-    assert tracking.numeric_metrics(values) == {"b": 2.0, "ok": 1.0, "n.x": 0.5}
+    values = {"a": "text", "b": 2, "ok": True, "nan": float("nan"), "n": {"x": np.float32(0.5)},
+              "f1 (iris-setosa)": 1, "matrix": [[1, 2]]}
+    assert tracking.numeric_metrics(values) == {"b": 2.0, "ok": 1.0, "n.x": 0.5,
+                                                "f1 _iris-setosa_": 1.0}

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import sqlite3
 import subprocess
 import time
@@ -64,6 +65,8 @@ EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 # MLflow accepts at most 100 params and 1000 metrics per log_batch call.
 _PARAM_BATCH = 100
+#: Characters MLflow refuses in metric names (it allows alphanumerics, _ - . : / and space).
+_METRIC_NAME_BAD = re.compile(r"[^\w\-.:/ ]")
 
 
 class TrackingServerError(RuntimeError):
@@ -557,7 +560,7 @@ def numeric_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, fl
     """
     out: dict[str, float] = {}
     for key, value in values.items():
-        name = f"{prefix}{key}"
+        name = _METRIC_NAME_BAD.sub("_", f"{prefix}{key}")  # e.g. class names in keys
         if isinstance(value, Mapping):
             out.update(numeric_metrics(value, prefix=f"{name}."))
         elif isinstance(value, (bool, int, float, np.integer, np.floating, np.bool_)):
