@@ -336,3 +336,17 @@ def test_repo_images_json_names_tagged_images_never_latest() -> None:
         assert f"iris-image-pipeline-{variant}:" in name, name
         tag = name.split("@")[0].rpartition(":")[2]
         assert tag and tag != "latest" and "/" not in tag, name
+
+
+def test_build_sh_is_valid_bash_and_shellcheck_clean() -> None:
+    """``bash -n`` always; shellcheck too where it is installed (apt/pip shellcheck)."""
+    syntax = subprocess.run(["bash", "-n", str(BUILD_SH)], capture_output=True, text=True,
+                            check=False)
+    assert syntax.returncode == 0, syntax.stderr
+    assert os.access(BUILD_SH, os.X_OK), "build.sh must be executable"
+    shellcheck = shutil.which("shellcheck")
+    if not shellcheck:
+        pytest.skip("shellcheck not installed (bash -n passed)")
+    proc = subprocess.run([shellcheck, "--severity=style", str(BUILD_SH)], capture_output=True,
+                          text=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stdout
