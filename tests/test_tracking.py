@@ -473,10 +473,11 @@ def test_under_plugin_env_steps_nest_under_the_given_run(
     assert client.get_experiment_by_name("ignored-under-plugin") is None
 
 
+@pytest.mark.mlflow_server
 def test_plugin_run_id_that_does_not_exist_is_a_clear_error(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
-    uri = resolve_tracking_uri(None, tmp_path)
+    uri = mlflow_server.url
     with (pytest.raises(TrackingServerError, match="MLFLOW_RUN_ID=0123456789abcdef"),
           step_run("train", **run_kwargs(uri, "x"))):
         pass
