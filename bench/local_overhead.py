@@ -1,0 +1,140 @@
+"""Benchmark: wall time of ``pipeline.py --local`` vs the same steps called in one process.
+
+The baseline calls each component's body (one layer-1 call plus its MLflow tracking) in this
+process, in DAG order, with the same config, data and kfp artifact objects; the measured run
+is the CLI with kfp.local (a process per step, executor JSON, artifact folders), cache off
+so both do all the work. Each gets a fresh MLflow sqlite store. Target: ratio <= 1.15.
+Prints one JSON line last.
+
+    python bench/local_overhead.py                      # default config, shared data
+    python bench/local_overhead.py --set epochs=5 --set image_size=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kfp import dsl
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED = PROJECT_ROOT.parent / "shared" / "data"
+TARGET_RATIO = 1.15
+
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from components.download_dataset import download_dataset  # noqa: E402
+from components.evaluate_model import evaluate_model  # noqa: E402
+from components.preprocess_dataset import preprocess_dataset  # noqa: E402
+from components.register_model import register_model  # noqa: E402
+from components.train_model import train_model  # noqa: E402
+from pipeline.cli import resolve_config  # noqa: E402
+from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.dag import PIPELINE_NAME  # noqa: E402
+
+
+def run_in_process(config: PipelineConfig, workdir: Path, tracking_uri: str) -> bool:
+    """The DAG's steps as plain calls of the component bodies; returns the gate verdict."""
+    values: dict[str, Any] = {**config.to_dict(), "tracking_uri": tracking_uri,
+                              "pipeline_run_id": uuid.uuid4().hex[:8],
+                              "pipeline_name": PIPELINE_NAME}
+
+    def artifact(kind: type[dsl.Artifact], task: str, name: str) -> dsl.Artifact:
+        (workdir / task).mkdir(parents=True, exist_ok=True)
+        return kind(name=name, uri=str(workdir / task / name), metadata={})
+
+    def call(func: Callable[..., Any], **artifacts: dsl.Artifact) -> Any:
+        params = {name: values[name] for name in inspect.signature(func).parameters
+                  if name not in artifacts}
+        return func(**artifacts, **params)
+
+    raw = artifact(dsl.Dataset, "download-dataset", "raw_data")
+    call(download_dataset, raw_data=raw)
+    prepared = artifact(dsl.Dataset, "preprocess-dataset", "prepared_data")
+    call(preprocess_dataset, raw_data=raw,
+         prepared_data=prepared,
+         data_report=artifact(dsl.Markdown, "preprocess-dataset", "data_report"))
+    model = artifact(dsl.Model, "train-model", "trained_model")
+    call(train_model, prepared_data=prepared, trained_model=model)
+    metrics = artifact(dsl.Metrics, "evaluate-model", "metrics")
+    gate = call(evaluate_model, trained_model=model, prepared_data=prepared, metrics=metrics,
+                classification_metrics=artifact(dsl.ClassificationMetrics, "evaluate-model",
+                                                "classification_metrics"),
+                report=artifact(dsl.HTML, "evaluate-model", "report"),
+                evaluation=artifact(dsl.Artifact, "evaluate-model", "evaluation"))
+    if gate:
+        call(register_model, trained_model=model, metrics=metrics)
+    return bool(gate)
+
+
+def run_cli(argv: list[str], workdir: Path, tracking_uri: str) -> None:
+    command = [sys.executable, str(PROJECT_ROOT / "pipeline.py"), "--local", "--no-cache",
+               "--output-dir", str(workdir / "local_outputs"), "--tracking-uri", tracking_uri,
+               "--summary", str(workdir / "summary.json"), *argv]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    subprocess.run(command, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(SHARED / "iris-image.zip"))
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        metavar="KEY=VALUE")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="pairs of runs; the order alternates, the median ratio counts")
+    args = parser.parse_args()
+    overrides = [f"weights={SHARED / 'mobilenet_2_5_224_tf_no_top.h5'}", *args.overrides]
+    config = resolve_config(None, args.data, overrides, environ={})
+    cli_args = ["--data", args.data, *(x for item in overrides for x in ("--set", item))]
+
+    pairs: list[dict[str, float]] = []
+    summary: dict[str, Any] = {}
+    for i in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="bench-local-") as tmp:
+            times: dict[str, float] = {}
+            # Alternate which goes first so warm caches do not favour one side.
+            for mode in (("in_process", "local") if i % 2 == 0 else ("local", "in_process")):
+                workdir = Path(tmp) / mode
+                workdir.mkdir()
+                uri = f"sqlite:///{workdir / 'mlflow.db'}"
+                start = time.perf_counter()
+                if mode == "in_process":
+                    run_in_process(config, workdir, uri)
+                else:
+                    run_cli(cli_args, workdir, uri)
+                    summary = json.loads((workdir / "summary.json").read_text())
+                times[mode] = time.perf_counter() - start
+            pairs.append({"local_s": round(times["local"], 2),
+                          "in_process_s": round(times["in_process"], 2),
+                          "ratio": round(times["local"] / times["in_process"], 3)})
+            print(json.dumps({"pair": i + 1, **pairs[-1]}), file=sys.stderr)
+
+    ratio = statistics.median(p["ratio"] for p in pairs)
+    print(json.dumps({
+        "benchmark": "local_overhead",
+        "ratio": ratio,
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ratio <= TARGET_RATIO,
+        "pairs": pairs,
+        "local_test_metrics": summary.get("test_metrics"),
+        "local_gate": summary.get("gate"),
+        "overrides": overrides,
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
