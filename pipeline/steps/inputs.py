@@ -229,7 +229,8 @@ def load_examples(data_dir: str | Path, split: str, image_size: int, *,
 def read_labels(data_dir: str | Path, split: str) -> np.ndarray:
     """Label of every record in a split (no image decoding): class weights, baselines."""
     files = records.split_files(data_dir, split)
-    dataset = tf.data.TFRecordDataset(files).map(
+    # same reader settings as load_examples, so labels come in the same order
+    dataset = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4)).map(
         lambda s: tf.io.parse_single_example(s, {"label": records.FEATURES["label"]})["label"]
     )
     return np.fromiter((int(v) for v in dataset.as_numpy_iterator()), dtype=np.int64)

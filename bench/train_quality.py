@@ -1,0 +1,113 @@
+"""Benchmark: test-split quality and training time of the default config over several seeds.
+
+For each seed: split the shared iris archive with ``prepare_dataset`` (that seed), train the
+default config (MobileNet) with ``train_model``, score the test split with
+``evaluate_model``; then the same for the notebook's CNN (``model=seed_cnn``, the notebook's
+image size 256) for comparison. Reports per-seed and mean balanced accuracy, macro F1 and
+wall-clock training seconds. Target on 2 CPU cores: mean balanced accuracy >= 0.65 with
+<= 120 s of training per seed.
+
+Run: ``python bench/train_quality.py [--seeds 5] [--skip-seed-cnn]``; one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from pipeline.config import PipelineConfig  # noqa: E402
+from pipeline.steps.dataset import prepare_dataset  # noqa: E402
+from pipeline.steps.evaluate import evaluate_model  # noqa: E402
+from pipeline.steps.train import train_model  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def run_one(config: PipelineConfig, data_dir: Path, work: Path, name: str) -> dict:
+    started = time.perf_counter()
+    summary = train_model(data_dir, work / f"{name}-model", config)
+    seconds = time.perf_counter() - started
+    metrics = evaluate_model(work / f"{name}-model", data_dir, work / f"{name}-eval", config)
+    return {
+        "balanced_accuracy": round(metrics["balanced_accuracy"], 4),
+        "macro_f1": round(metrics["macro_f1"], 4),
+        "accuracy": round(metrics["accuracy"], 4),
+        "train_wall_seconds": round(seconds, 1),
+        "epochs": summary["epochs_run"],
+    }
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return round(float(np.mean([r[key] for r in rows])), 4)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--zip", type=Path, default=SHARED / "iris-image.zip")
+    parser.add_argument("--weights", default=str(SHARED / "mobilenet_2_5_224_tf_no_top.h5"))
+    parser.add_argument("--skip-seed-cnn", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    ours, notebook = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        for seed in range(1, args.seeds + 1):
+            work = Path(tmp) / f"seed{seed}"
+            config = PipelineConfig(data_source=str(args.zip), weights=args.weights, seed=seed)
+            data_dir = work / "data"
+            prepare_dataset(args.zip, data_dir, config)
+            row = {"seed": seed, **run_one(config, data_dir, work, "default")}
+            ours.append(row)
+            print(json.dumps({"default": row}), flush=True)
+            if not args.skip_seed_cnn:
+                cnn = dataclasses.replace(config, model="seed_cnn", image_size=256)
+                row = {"seed": seed, **run_one(cnn, data_dir, work, "seed_cnn")}
+                notebook.append(row)
+                print(json.dumps({"seed_cnn": row}), flush=True)
+
+    defaults = PipelineConfig()
+    result = {
+        "bench": "train_quality",
+        "cpu_count": os.cpu_count(),
+        "seeds": args.seeds,
+        "default_config": {k: getattr(defaults, k) for k in (
+            "model", "alpha", "image_size", "epochs", "learning_rate", "fine_tune_epochs",
+            "fine_tune_learning_rate", "fine_tune_layers", "early_stopping_patience",
+            "dropout", "augment_rotation", "augment_shift", "augment_zoom",
+            "augment_contrast")},
+        "default": {"per_seed": ours, "mean_balanced_accuracy": mean(ours, "balanced_accuracy"),
+                    "mean_macro_f1": mean(ours, "macro_f1"),
+                    "mean_train_seconds": mean(ours, "train_wall_seconds"),
+                    "max_train_seconds": max(r["train_wall_seconds"] for r in ours)},
+        "target": {"mean_balanced_accuracy": 0.65, "train_seconds_per_seed": 120},
+    }
+    if notebook:
+        result["seed_cnn"] = {
+            "per_seed": notebook,
+            "mean_balanced_accuracy": mean(notebook, "balanced_accuracy"),
+            "mean_macro_f1": mean(notebook, "macro_f1"),
+            "mean_train_seconds": mean(notebook, "train_wall_seconds"),
+        }
+    result["target_met"] = (result["default"]["mean_balanced_accuracy"] >= 0.65
+                            and result["default"]["max_train_seconds"] <= 120)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Evaluation: metric arithmetic, the self-contained report, and a real model on the test split."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+from train_helpers import prepared_iris, small_config, trained_reference
+
+from pipeline.steps import report
+from pipeline.steps.evaluate import evaluate_model, score
+
+
+def test_score_counts_every_class():
+    labels = np.array([0, 0, 1, 1, 1, 1, 2, 2])
+    preds = np.array([0, 1, 1, 1, 1, 0, 2, 1])
+    got = score(labels, preds, 3)
+    assert got["accuracy"] == pytest.approx(5 / 8)
+    assert got["balanced_accuracy"] == pytest.approx((1 / 2 + 3 / 4 + 1 / 2) / 3)
+    majority = score(labels, np.ones_like(labels), 3)
+    assert majority["balanced_accuracy"] == pytest.approx(1 / 3)
+    assert majority["macro_f1"] == pytest.approx((0 + 2 * 0.5 * 1 / 1.5 + 0) / 3)
+
+
+def test_report_html_is_self_contained(tmp_path):
+    classes = ["a", "b"]
+    figure = report.plot_confusion_matrix([[3, 1], [0, 4]], classes, tmp_path / "cm.png")
+    metrics = {
+        "classes": classes, "accuracy": 0.875, "balanced_accuracy": 0.875, "macro_f1": 0.87,
+        "per_class": {c: {"precision": 1.0, "recall": 0.75, "f1": 0.86, "support": 4}
+                      for c in classes},
+        "baseline": {"class": "b", "accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.33},
+        "gate_metric": "balanced_accuracy", "gate_value": 0.875, "gate_threshold": 0.5,
+        "gate_passed": True, "test_examples": 8, "misclassified": 1, "model": "m",
+    }
+    path = report.render_html(metrics, {"split_counts": {"test": {"a": 4, "b": 4}}},
+                              {"confusion_matrix": figure}, tmp_path / "r.html")
+    page = path.read_text()
+    assert "data:image/png;base64," in page and "PASSED" in page
+    assert not re.search(r'src="(?!data:)', page)  # nothing loaded from elsewhere
+
+
+@pytest.mark.slow
+def test_evaluate_real_model_on_test_split(tmp_path_factory, iris_zip, mobilenet_weights):
+    root = tmp_path_factory.mktemp("evaluate")
+    model_dir, _ = trained_reference(root)
+    data_dir = prepared_iris(root)
+    out = root / "eval"
+    metrics = evaluate_model(model_dir, data_dir, out, small_config())
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    data_report = json.loads((data_dir / "data_report.json").read_text())
+    n_test = sum(data_report["split_counts"]["test"].values())
+    assert metrics["test_examples"] == n_test
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert 0 <= metrics[key] <= 1
+        assert 0 <= metrics["baseline"][key] <= 1
+    assert metrics["baseline"]["class"] == "iris-versicolour"
+    assert metrics["baseline"]["balanced_accuracy"] == pytest.approx(1 / 3)
+    cm = np.array(metrics["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == n_test
+    assert metrics["misclassified"] == n_test - np.trace(cm)
+    assert metrics["accuracy"] == pytest.approx(np.trace(cm) / n_test)
+    assert [metrics["per_class"][c]["support"] for c in metrics["classes"]] == cm.sum(1).tolist()
+    assert metrics["gate_metric"] == "balanced_accuracy"
+    assert metrics["gate_value"] == metrics["balanced_accuracy"]
+    assert metrics["gate_passed"] == (metrics["gate_value"] >= metrics["gate_threshold"])
+    for name in ("confusion_matrix.png", "training_curves.png", "misclassified.png",
+                 "report.html"):
+        assert (out / name).stat().st_size > 0
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "iris-virginica" in page
+
+    strict = evaluate_model(model_dir, data_dir, root / "strict",
+                            dataclasses.replace(small_config(), gate_metric="macro_f1",
+                                                gate_threshold=1.0))
+    assert strict["gate_value"] == strict["macro_f1"]
+    assert strict["gate_passed"] is (strict["macro_f1"] >= 1.0)
+
+
+def test_evaluate_refuses_mismatched_classes(tmp_path_factory, iris_zip, mobilenet_weights):
+    root = tmp_path_factory.mktemp("mismatch")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    (model_dir / "classes.json").write_text(json.dumps(["x", "y", "z"]))
+    with pytest.raises(ValueError, match="trained on classes"):
+        evaluate_model(model_dir, prepared_iris(root), root / "out", small_config())

@@ -1,0 +1,139 @@
+"""Input pipeline and augmentation: identity at inference, exact flips, seeded resumable streams."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from train_helpers import prepared_iris, small_config
+
+from pipeline.steps import inputs
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, iris_zip):
+    return prepared_iris(tmp_path_factory.mktemp("inputs"))
+
+
+def _images(n: int = 3, h: int = 40, w: int = 52, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_augmentation_is_identity_at_inference():
+    layer = inputs.RandomAugment(flip=True, rotation=1.0, shift=0.3, zoom=0.2, contrast=0.3, seed=1)
+    x = _images()
+    out = layer(x, training=False)
+    assert out.dtype == tf.float32
+    np.testing.assert_array_equal(out.numpy(), x.astype(np.float32))
+    # and it really augments when training
+    assert not np.allclose(layer(x, training=True).numpy(), x)
+
+
+def test_all_amounts_zero_switches_augmentation_off():
+    layer = inputs.RandomAugment(flip=False, rotation=0, shift=0, zoom=0, contrast=0)
+    assert not layer.active
+    x = _images()
+    np.testing.assert_array_equal(layer(x, training=True).numpy(), x.astype(np.float32))
+
+
+def test_flip_only_gives_exact_flips():
+    layer = inputs.RandomAugment(flip=True, rotation=0, shift=0, zoom=0, contrast=0)
+    x = _images(n=16)
+    out = layer.augment(x, tf.constant([3, 4], tf.int64)).numpy()
+    seen = set()
+    for original, augmented in zip(x.astype(np.float32), out, strict=True):
+        candidates = {
+            "none": original, "h": original[:, ::-1], "v": original[::-1],
+            "hv": original[::-1, ::-1],
+        }
+        match = [k for k, c in candidates.items() if np.allclose(c, augmented, atol=1e-3)]
+        assert match, "a flip-only augmentation must be an exact flip of the input"
+        seen.add(match[0])
+    assert len(seen) >= 2  # random, not always the same flip
+
+
+def test_augmentation_keeps_shape_range_and_is_seeded():
+    layer = inputs.RandomAugment(seed=7)
+    x = _images(n=4, h=33, w=47)
+    a = layer.augment(x, tf.constant([1, 2], tf.int64)).numpy()
+    b = layer.augment(x, tf.constant([1, 2], tf.int64)).numpy()
+    c = layer.augment(x, tf.constant([1, 3], tf.int64)).numpy()
+    assert a.shape == x.shape
+    assert a.min() >= 0 and a.max() <= 255
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_augmenter_follows_config_and_serializes():
+    config = small_config(augment_flip=False, augment_rotation=0.25, augment_shift=0.0,
+                          augment_zoom=0.0, augment_contrast=0.0)
+    layer = inputs.build_augmenter(config)
+    assert (layer.flip, layer.rotation, layer.shift) == (False, 0.25, 0.0)
+    clone = inputs.RandomAugment.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("kwargs", [{"rotation": -0.1}, {"zoom": 1.0}, {"contrast": 1.5}])
+def test_augmenter_rejects_bad_amounts(kwargs):
+    with pytest.raises(ValueError, match="must be"):
+        inputs.RandomAugment(**kwargs)
+
+
+def test_load_examples_decodes_and_resizes(data_dir):
+    examples = list(inputs.load_examples(data_dir, "test", 48).as_numpy_iterator())
+    labels = inputs.read_labels(data_dir, "test")
+    assert len(examples) == len(labels) > 0
+    image = examples[0][0]
+    assert image.shape == (48, 48, 3) and image.dtype == np.uint8
+    assert [int(e[1]) for e in examples] == labels.tolist()
+    assert image.std() > 5  # a real photo, not a blank
+
+
+def test_missing_split_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no TFRecord shards"):
+        inputs.load_examples(tmp_path, "train", 32)
+
+
+def test_eval_dataset_is_unaugmented_and_ordered(data_dir):
+    config = small_config()
+    first = [b[0].numpy() for b in inputs.make_eval_dataset(data_dir, "val", config)]
+    second = [b[0].numpy() for b in inputs.make_eval_dataset(data_dir, "val", config)]
+    plain = np.stack([e[0] for e in inputs.load_examples(data_dir, "val", 64).as_numpy_iterator()])
+    np.testing.assert_array_equal(np.concatenate(first), plain)
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(second))
+
+
+def test_train_stream_is_seeded_and_resumable(data_dir):
+    config = small_config(image_size=32, batch_size=64)
+    augmenter = inputs.build_augmenter(config)
+    steps = inputs.steps_for(len(inputs.read_labels(data_dir, "train")), config)
+
+    def take(first_epoch: int, count: int) -> list[np.ndarray]:
+        ds, _ = inputs.make_train_dataset(data_dir, config, first_epoch=first_epoch,
+                                          last_epoch=first_epoch + 3, augmenter=augmenter)
+        return [b[0].numpy() for b in ds.take(count)]
+
+    full = take(0, 2 * steps)
+    again = take(0, 2 * steps)
+    resumed = take(1, steps)  # a run restarted at epoch 1 sees epoch 1's batches
+    for a, b in zip(full, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(full[steps:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(full[0], full[steps])  # epochs differ (shuffle and augmentation)
+
+
+def test_steps_per_epoch_from_config():
+    assert inputs.steps_for(100, small_config(batch_size=32)) == 4
+    assert inputs.steps_for(100, dataclasses.replace(small_config(), steps_per_epoch=10)) == 10
+    with pytest.raises(ValueError, match="empty"):
+        inputs.steps_for(0, small_config())
+
+
+def test_augmentation_preview_png(data_dir, tmp_path):
+    path = inputs.save_augmentation_preview(data_dir, small_config(), tmp_path / "p.png",
+                                            num_images=2, num_versions=3)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp*"))

@@ -1,0 +1,91 @@
+"""Both models on tiny tensors: shapes, raw uint8 input of any size, weights, safe loading."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+from train_helpers import small_config
+
+from pipeline.steps import models
+
+
+def _odd_images(n: int = 2, h: int = 71, w: int = 53) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_mobilenet_takes_uint8_of_any_size(mobilenet_weights):
+    model = models.build_model(small_config(weights=str(mobilenet_weights)), 3)
+    for shape in [(2, 71, 53), (1, 300, 17), (3, 64, 64)]:
+        out = np.asarray(model(_odd_images(*shape), training=False))
+        assert out.shape == (shape[0], 3)
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+    assert model.get_layer(models.BACKBONE).trainable is False
+
+
+def test_seed_cnn_matches_notebook_architecture():
+    model = models.build_model(small_config(model="seed_cnn", image_size=96), 3)
+    out = np.asarray(model(_odd_images(), training=False))
+    assert out.shape == (2, 3)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [16, 32, 64, 64, 64]
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    assert sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers) == 5
+    assert [d.rate for d in model.layers if isinstance(d, keras.layers.Dropout)] == [0.5] * 3
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert [d.units for d in dense] == [512, 3]
+
+
+def test_imagenet_weights_file_is_loaded(mobilenet_weights):
+    loaded = models.build_model(small_config(weights=str(mobilenet_weights)), 3)
+    again = models.build_model(small_config(weights=str(mobilenet_weights)), 3)
+    random = models.build_model(small_config(weights="none"), 3)
+    kernel = loaded.get_layer(models.BACKBONE).get_layer("conv1").get_weights()[0]
+    np.testing.assert_array_equal(
+        kernel, again.get_layer(models.BACKBONE).get_layer("conv1").get_weights()[0])
+    assert not np.allclose(
+        kernel, random.get_layer(models.BACKBONE).get_layer("conv1").get_weights()[0])
+
+
+def test_weights_setting_is_resolved_with_clear_errors(tmp_path):
+    assert models.resolve_weights("none") is None
+    assert models.resolve_weights("imagenet") == "imagenet"
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        models.resolve_weights(str(tmp_path / "missing.h5"))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        models.build_model(small_config(weights="none"), 1)
+
+
+def test_fine_tune_unfreezes_top_convolutions_only(mobilenet_weights):
+    model = models.build_model(small_config(weights=str(mobilenet_weights)), 3)
+    count = models.set_fine_tune(model, 4)
+    backbone = model.get_layer(models.BACKBONE)
+    trainable = [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
+    assert count == 4 and len(trainable) == 4
+    assert not any(isinstance(backbone.get_layer(n), keras.layers.BatchNormalization)
+                   for n in trainable)
+    assert models.set_fine_tune(model, 0) > 4  # 0 = every convolution
+
+
+def test_mixed_precision_keeps_float32_output():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = models.build_model(small_config(weights="none"), 3)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert model.get_layer(models.BACKBONE).compute_dtype == "float16"
+    assert str(model(_odd_images()).dtype) in {"float32", "<dtype: 'float32'>"}
+
+
+def test_load_model_uses_safe_mode_and_round_trips(tmp_path):
+    config = dataclasses.replace(small_config(weights="none"))
+    model = models.build_model(config, 3)
+    model.save(tmp_path / models.MODEL_FILE)
+    loaded = models.load_model(tmp_path)
+    x = _odd_images()
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="no trained model"):
+        models.load_model(tmp_path / "nowhere")

@@ -1,0 +1,79 @@
+"""Helpers for the training/evaluation tests: a prepared iris data set and small configs.
+
+The prepared data set comes from the real data step (``prepare_dataset``) on the shared
+archive; it is built once per test session and shared by the test modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.config import PipelineConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+IRIS_ZIP = SHARED_DATA / "iris-image.zip"
+MOBILENET_WEIGHTS = SHARED_DATA / "mobilenet_2_5_224_tf_no_top.h5"
+
+_PREPARED: dict[str, Path] = {}
+
+
+def prepared_iris(root: Path) -> Path:
+    """The shared archive prepared with the default split (seed 42), built once per session."""
+    from pipeline.steps.dataset import prepare_dataset
+
+    if "iris" not in _PREPARED:
+        out = root / "iris-prepared"
+        prepare_dataset(IRIS_ZIP, out, PipelineConfig(data_source=str(IRIS_ZIP)))
+        _PREPARED["iris"] = out
+    return _PREPARED["iris"]
+
+
+def small_config(**overrides: object) -> PipelineConfig:
+    """A fast but real training config: MobileNet-0.25 with the shared ImageNet weights, 64 px."""
+    base = PipelineConfig(
+        data_source=str(IRIS_ZIP),
+        weights=str(MOBILENET_WEIGHTS),
+        image_size=64,
+        batch_size=32,
+        epochs=2,
+        fine_tune_epochs=1,
+        fine_tune_learning_rate=1e-4,
+        early_stopping_patience=0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def run_python(code: str, *, timeout: float = 300, env: dict[str, str] | None = None,
+               wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    """Run ``code`` in a fresh interpreter from the project root (own TF runtime and devices)."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(PROJECT_ROOT),
+                **(env or {})}
+    command = [sys.executable, "-c", code]
+    if not wait:
+        return subprocess.Popen(command, cwd=PROJECT_ROOT, env=full_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+_TRAINED: dict[str, tuple[Path, dict]] = {}
+
+#: The config of the shared reference run (5 epochs: 4 head + 1 fine-tune, no early stop).
+REFERENCE_OVERRIDES: dict[str, object] = {"epochs": 4, "fine_tune_epochs": 1}
+
+
+def trained_reference(root: Path) -> tuple[Path, dict]:
+    """One real short training on the prepared iris set, shared by the test modules."""
+    from pipeline.steps.train import train_model
+
+    if "reference" not in _TRAINED:
+        data_dir = prepared_iris(root)
+        model_dir = root / "reference-model"
+        summary = train_model(data_dir, model_dir, small_config(**REFERENCE_OVERRIDES))
+        _TRAINED["reference"] = (model_dir, summary)
+    return _TRAINED["reference"]
