@@ -56,7 +56,7 @@ class PipelineConfig:
     augment_shift: float = 0.2  # fraction of width; notebook: width_shift_range=[-200, 200]
     augment_zoom: float = 0.1  # not in the notebook; 0 turns it off
     augment_contrast: float = 0.1  # not in the notebook; 0 turns it off
-    augment_placement: str = "auto"  # "auto": in the model on GPU, in tf.data on CPU; "model"/"data"
+    augment_placement: str = "auto"  # "auto": in the model on GPU, in tf.data on CPU
 
     # --- model ------------------------------------------------------------------------
     model: str = "mobilenet"  # "mobilenet" (transfer learning) or "seed_cnn" (the notebook's)
