@@ -26,8 +26,9 @@ from pipeline.runners import (
 
 logger = logging.getLogger("pipeline")
 
-#: Exit codes: 0 success, 1 a step / the run / the server failed, 2 bad usage or config.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Exit codes: 0 success, 1 a step / the run / the server failed, 2 bad usage or config,
+#: 130 interrupted (Ctrl-C), as shells report SIGINT.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 DESCRIPTION = """\
 Train, evaluate and register the iris-flower image classifier with Kubeflow Pipelines.
@@ -56,7 +57,7 @@ outputs of --local (under --output-dir, default ./{DEFAULT_OUTPUT_DIR}):
                                            reuses download-dataset and preprocess-dataset
 
 exit status: 0 success; 1 a step, the run or the server failed (the message names the step
-and its error); 2 bad usage or configuration.
+and its error); 2 bad usage or configuration; 130 interrupted.
 
 examples:
   python pipeline.py --local --data ../shared/data/iris-image.zip --summary summary.json
@@ -257,7 +258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{parser.prog}: error: {exc}\n")
         return EXIT_USAGE
     if args.local:
-        return _run_local(args, config)
+        try:
+            return _run_local(args, config)
+        except KeyboardInterrupt:
+            logger.error("interrupted: the run folder under %s is incomplete", args.output_dir)
+            return EXIT_INTERRUPTED
+    if not args.tracking_uri:
+        logger.warning(
+            "no --tracking-uri: on the cluster the steps use MLFLOW_TRACKING_URI from the "
+            "ConfigMap %r or the KFP MLflow plugin; without either, each pod would log to "
+            "its own throw-away sqlite file", args.mlflow_config_map or "(none)")
     if args.compile:
         try:
             path = compile_pipeline(args.output or DEFAULT_PACKAGE, config=config,
