@@ -13,19 +13,27 @@ def register_model(
     registered_model_name: str,
     gate_metric: str,
 ) -> dict:
-    """Record the gate verdict that let this step run and what was (or was not) registered.
+    """Register the trained model in MLflow: alias ``champion`` if it beats the current one.
 
-    The returned dict is the task's output parameter; the local runner puts it in the summary.
+    Runs only when the gate passed (``dsl.If``); the verdict and value come from the
+    evaluation's Metrics artifact, the model URI from the training step's Model metadata.
+    The returned decision (version, alias, both metric values) is the task's output.
     """
-    import logging
+    from pathlib import Path
 
-    decision = {
-        "registered_model_name": registered_model_name,
-        "gate_metric": gate_metric,
-        "gate_value": float(metrics.metadata[gate_metric]),
-        "gate_passed": bool(metrics.metadata["gate_passed"]),
-        "registered": False,
-        "reason": "model registry not wired yet (MLflow issue)",
-    }
-    logging.getLogger(__name__).info("register decision: %s", decision)
-    return decision
+    from pipeline.config import PipelineConfig
+    from pipeline.steps import registry, tracking
+
+    params = {k: v for k, v in locals().items() if k in PipelineConfig.field_names()}
+    uri = tracking.resolve_tracking_uri(tracking_uri, Path.cwd())
+    with tracking.step_run("register", tracking_uri=uri, experiment_name=experiment_name,
+                           pipeline_run_id=pipeline_run_id, pipeline_name=pipeline_name,
+                           params=params) as run:
+        decision = registry.register_model(
+            trained_model.metadata["mlflow_model_uri"],
+            name=registered_model_name,
+            metric_name=gate_metric,
+            metric_value=float(metrics.metadata[gate_metric]),
+            gate_passed=bool(metrics.metadata["gate_passed"]),
+        )
+    return {**decision, "mlflow_run_id": run.info.run_id}

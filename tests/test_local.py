@@ -1,6 +1,11 @@
 """``--local``: failure detection (fast) and end-to-end runs on the shared iris archive (slow)."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -9,6 +14,7 @@ from kfp import dsl, local
 from kfp.dsl import Artifact, Output
 
 from pipeline import runners
+from pipeline.config import PipelineConfig
 from pipeline.runners import StepFailedError, failed_tasks, task_error
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -173,3 +179,175 @@ def test_kfp_local_condition_on_a_named_output_is_silently_skipped(tmp_path: Pat
     canary()  # no exception: kfp.local calls this run a success
     ran = sorted(p.parent.name for p in tmp_path.glob("gate-canary-*/*/out"))
     assert ran == ["mark"], "only the branch gated on the single Output ran"
+
+
+# --- end to end: python pipeline.py --local on the shared archive ---------------------------
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    summary: dict[str, Any]
+
+
+def _run_cli(workdir: Path, *args: str, timeout: float = 900) -> CliRun:
+    """``python pipeline.py --local`` in ``workdir``, with this machine's MLflow/IRIS env off."""
+    summary = workdir / f"summary-{len(list(workdir.glob('summary-*')))}.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "IRIS_"))}
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "pipeline.py"), "--local", "--summary", str(summary),
+         *args],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    data = json.loads(summary.read_text()) if summary.is_file() else {}
+    return CliRun(done.returncode, done.stdout, done.stderr, data)
+
+
+def _fast_args(iris_zip: Path, weights: Path) -> list[str]:
+    """Few epochs, small images, offline weights; threshold 0 so the gated step runs."""
+    return ["--data", str(iris_zip), "--set", "epochs=2", "--set", "image_size=96",
+            "--set", f"weights={weights}", "--set", "gate_threshold=0"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("local")
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir: Path, iris_zip: Path, mobilenet_weights: Path) -> CliRun:
+    return _run_cli(workdir, *_fast_args(iris_zip, mobilenet_weights))
+
+
+@pytest.fixture(scope="module")
+def second_run(first_run: CliRun, workdir: Path, iris_zip: Path,
+               mobilenet_weights: Path) -> CliRun:
+    return _run_cli(workdir, *_fast_args(iris_zip, mobilenet_weights))
+
+
+def _ok(run: CliRun) -> dict[str, Any]:
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.summary["status"] == "succeeded"
+    return run.summary
+
+
+@pytest.mark.slow
+def test_local_run_writes_every_artifact(first_run: CliRun) -> None:
+    summary = _ok(first_run)
+    out = {name: Path(path) for name, path in summary["outputs"].items()}
+    assert (out["raw_data"] / "iris-image.zip").is_file()
+    prepared = out["prepared_data"]
+    assert json.loads((prepared / "classes.json").read_text()) == [
+        "iris-setosa", "iris-versicolour", "iris-virginica"]
+    for split in ("train", "val", "test"):
+        assert list((prepared / split).glob("*.tfrecord")), split
+    assert out["data_report"].read_text().startswith("#")
+    model = out["trained_model"]
+    for name in ("model.keras", "classes.json", "history.json", "augmentation_preview.png"):
+        assert (model / name).is_file(), name
+    assert (model / "saved_model" / "saved_model.pb").is_file()
+    assert len(json.loads((model / "history.json").read_text())) == 2  # epochs=2
+    evaluation = out["evaluation"]
+    for name in ("metrics.json", "confusion_matrix.png", "training_curves.png", "report.html"):
+        assert (evaluation / name).is_file(), name
+    assert "<html" in out["report"].read_text().lower()
+    run_dir = Path(summary["run_dir"])
+    for task in ("download-dataset", "preprocess-dataset", "train-model", "evaluate-model",
+                 "register-model"):
+        assert (run_dir / task / "executor_output.json").is_file(), task
+
+
+@pytest.mark.slow
+def test_local_run_metrics_and_data_counts(first_run: CliRun) -> None:
+    summary = _ok(first_run)
+    metrics = summary["test_metrics"]
+    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    assert metrics["test_examples"] == 59
+    assert sum(map(sum, summary["confusion_matrix"])) == 59
+    baseline = summary["majority_baseline"]
+    assert baseline["class"] == "iris-versicolour"
+    assert baseline["accuracy"] == pytest.approx(38 / 59)
+    counts = summary["data"]["counts"]
+    assert (counts["files_seen"], counts["files_used"], counts["duplicates_dropped"]) == (
+        421, 389, 32)
+    assert counts["class_counts"] == {"iris-setosa": 66, "iris-versicolour": 253,
+                                      "iris-virginica": 70}
+    assert summary["data"]["sha256"] == PipelineConfig().data_sha256
+
+
+@pytest.mark.slow
+def test_local_summary_has_gate_registration_and_mlflow_ids(first_run: CliRun,
+                                                            workdir: Path) -> None:
+    summary = _ok(first_run)
+    gate = summary["gate"]
+    assert gate == {"metric": "balanced_accuracy", "threshold": 0.0, "passed": True,
+                    "value": summary["test_metrics"]["balanced_accuracy"]}
+    registration = summary["registration"]
+    assert registration["registered"] is True and registration["version"] == "1"
+    mlflow_info = summary["mlflow"]
+    assert mlflow_info["tracking_uri"] == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+    assert mlflow_info["model_uri"] == "models:/iris-image-classifier/1"
+    assert mlflow_info["alias"] == "champion"
+    assert mlflow_info["run_id"] and all(mlflow_info["step_run_ids"].values())
+    assert summary["cached_steps"] == []
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_info["tracking_uri"])
+    params = client.get_run(mlflow_info["run_id"]).data.params
+    missing = set(PipelineConfig.field_names()) - set(params)
+    assert not missing, f"config fields not logged on the parent run: {sorted(missing)}"
+    assert params["data_source"] == summary["data"]["source"] and params["epochs"] == "2"
+
+
+@pytest.mark.slow
+def test_local_run_streams_training_progress(first_run: CliRun) -> None:
+    _ok(first_run)
+    output = re.sub(r"\x1b\[[0-9;]*m", "", first_run.stdout)
+    assert "Executing task 'train-model'" in output
+    assert re.search(r"epoch 1 .*loss [0-9.]+", output), "no per-epoch progress in the output"
+    assert re.search(r"epoch 2 .*loss [0-9.]+", output)
+
+
+@pytest.mark.slow
+def test_second_identical_run_reuses_download_and_preprocess(first_run: CliRun,
+                                                             second_run: CliRun) -> None:
+    first, second = _ok(first_run), _ok(second_run)
+    assert second["cached_steps"] == ["download-dataset", "preprocess-dataset"]
+    assert "download-dataset cache hit" in second_run.stderr
+    assert "preprocess-dataset cache hit" in second_run.stderr
+    for name in ("raw_data", "prepared_data", "data_report"):  # the first run's artifacts
+        assert second["outputs"][name] == first["outputs"][name], name
+    run_dir = Path(second["run_dir"])
+    assert run_dir != Path(first["run_dir"])
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "evaluate-model", "register-model", "train-model"]
+    assert second["registration"]["version"] == "2"
+    assert second["mlflow"]["run_id"] != first["mlflow"]["run_id"]
+
+
+def test_failing_first_step_exits_non_zero_naming_it(tmp_path: Path) -> None:
+    run = _run_cli(tmp_path, "--data", str(tmp_path / "missing.zip"), timeout=300)
+    assert run.returncode == 1
+    assert "pipeline failed: step 'download-dataset' failed: FileNotFoundError: data source " \
+           "not found" in run.stderr
+    assert "Traceback" not in run.stderr  # a message, not the CLI's own traceback
+    assert run.summary["status"] == "failed"
+    assert run.summary["failed_step"] == "download-dataset"
+    assert "missing.zip" in run.summary["error"]
+
+
+@pytest.mark.slow
+def test_failing_later_step_is_named_and_uses_the_cache(second_run: CliRun, workdir: Path,
+                                                        iris_zip: Path,
+                                                        mobilenet_weights: Path) -> None:
+    run = _run_cli(workdir, *_fast_args(iris_zip, mobilenet_weights),
+                   "--set", "min_images_per_class=1000")
+    assert run.returncode == 1
+    assert "step 'preprocess-dataset' failed: ValueError: too few usable images per class" \
+        in run.stderr
+    assert "download-dataset cache hit" in run.stderr
+    assert run.summary["failed_step"] == "preprocess-dataset"
+    assert not (Path(run.summary["run_dir"]) / "train-model").exists()
