@@ -297,7 +297,10 @@ def make_train_dataset(
 
 def make_eval_dataset(data_dir: str | Path, split: str, config: PipelineConfig) -> tf.data.Dataset:
     """(uint8 image batch, label batch) of a split in file order, no augmentation."""
-    examples = load_examples(data_dir, split, config.image_size)
+    # a known length lets Keras end validation cleanly (no "ran out of data" warning)
+    size = len(read_labels(data_dir, split))
+    examples = load_examples(data_dir, split, config.image_size).apply(
+        tf.data.experimental.assert_cardinality(size))
     return examples.batch(config.batch_size).prefetch(AUTOTUNE)
 
 
