@@ -59,7 +59,8 @@ def train_model(
     with tracking.step_run("train", tracking_uri=uri, experiment_name=experiment_name,
                            pipeline_run_id=pipeline_run_id, pipeline_name=pipeline_name,
                            params=params) as run:
-        tracking.log_dataset_input(data["source"], data["sha256"], load_report(prepared_data.path))
+        report = load_report(prepared_data.path)  # its input.sha256 is the archive's actual one
+        tracking.log_dataset_input(data["source"], report["input"].get("sha256", ""), report)
         result = fit_model(prepared_data.path, trained_model.path, config,
                            callbacks=[tracking.MlflowEpochLogger()])
         tracking.log_metrics({k: v for k, v in result.items() if k != "history"})
