@@ -16,8 +16,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer
 
+from pipeline.steps.model_tracking import log_model
 from pipeline.steps.registry import CHALLENGER, CHAMPION, register_model
-from pipeline.steps.tracking import log_model, step_run
+from pipeline.steps.tracking import step_run
 
 pytestmark = pytest.mark.mlflow_server
 

@@ -25,14 +25,13 @@ from mlflow_server import MlflowServer
 from pipeline import __version__
 from pipeline.config import PipelineConfig
 from pipeline.steps import tracking
+from pipeline.steps.model_tracking import MlflowEpochLogger, log_model
 from pipeline.steps.tracking import (
-    MlflowEpochLogger,
     TrackingServerError,
     check_tracking_server,
     log_artifacts,
     log_dataset_input,
     log_metrics,
-    log_model,
     resolve_tracking_uri,
     step_run,
 )
