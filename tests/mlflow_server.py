@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 import requests
 
@@ -130,3 +132,24 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 def closed_port_uri() -> str:
     """An http tracking URI on 127.0.0.1 where nothing listens (connection refused)."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def clean_mlflow_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No MLflow env vars or active runs leak into or out of a test; stray files go to tmp."""
+    monkeypatch.chdir(tmp_path)
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
+
+
+def images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Random uint8 RGB images, the raw input the logged models must accept."""
+    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)

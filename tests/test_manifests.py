@@ -10,7 +10,6 @@ were set in the environment while it compiled.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import functools
 import importlib.util
@@ -18,13 +17,9 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +29,7 @@ from urllib.parse import urlparse
 import kubernetes_validate
 import pytest
 import yaml
+from mlflow_server import MlflowServer
 
 from pipeline.config import PipelineConfig, load_images
 
@@ -639,61 +635,10 @@ def test_to_storage_uri_refuses_what_kserve_cannot_download(location: str, desti
         resolve_champion.to_storage_uri(location, destination)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def served_artifacts_server(request: pytest.FixtureRequest,
-                            tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A real ``mlflow server`` on 127.0.0.1 proxying artifacts into a local folder.
-
-    Reuses the session's shared server (``mlflow_server`` from tests/mlflow_server.py) when
-    that fixture exists, so the suite starts one server; otherwise starts its own.
-    """
-    try:
-        shared = request.getfixturevalue("mlflow_server")
-    except pytest.FixtureLookupError:
-        shared = None
-    if shared is not None:
-        yield shared.url, Path(shared.artifacts_dir)
-        return
-    port = free_port()
-    artifacts = tmp_path / "artifacts"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    with (tmp_path / "server.log").open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-             f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(artifacts),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
-            start_new_session=True)  # own process group: teardown reaches uvicorn too
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
-        yield url, artifacts
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+def served_artifacts_server(mlflow_server: MlflowServer) -> tuple[str, Path]:
+    """The session's real ``mlflow server`` (tests/mlflow_server.py) and its artifact folder."""
+    return mlflow_server.url, Path(mlflow_server.artifacts_dir)
 
 
 class _Identity:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import keras
 import mlflow
@@ -14,35 +11,15 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer
+from mlflow_server import MlflowServer, images
 
 from pipeline.steps.model_tracking import log_model
 from pipeline.steps.registry import CHALLENGER, CHAMPION, register_model
 from pipeline.steps.tracking import step_run
 
-pytestmark = pytest.mark.mlflow_server
+pytestmark = [pytest.mark.mlflow_server, pytest.mark.usefixtures("clean_mlflow_state")]
 
 CLASSES = ["iris-setosa", "iris-versicolour", "iris-virginica"]
-
-
-@pytest.fixture(autouse=True)
-def clean_mlflow_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No MLflow env vars or active runs leak into or out of a test; stray files go to tmp."""
-    monkeypatch.chdir(tmp_path)
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
-    saved = {name: os.environ.pop(name, None) for name in names}
-    yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    for name, value in saved.items():
-        os.environ.pop(name, None)
-        if value is not None:
-            os.environ[name] = value
-
-
-def images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")

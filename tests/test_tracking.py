@@ -12,7 +12,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -20,7 +19,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer
+from mlflow_server import MlflowServer, images
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
@@ -39,22 +38,6 @@ from pipeline.steps.tracking import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["iris-setosa", "iris-versicolour", "iris-virginica"]
 SHA = "48a5f6b0ad1019f4f7ce2628e08e9f71104ae625db1b7e4c24eaf051133f4589"
-
-
-@pytest.fixture(autouse=True)
-def clean_mlflow_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No MLflow env vars or active runs leak into or out of a test; stray files go to tmp."""
-    monkeypatch.chdir(tmp_path)
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
-    saved = {name: os.environ.pop(name, None) for name in names}
-    yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    for name, value in saved.items():
-        os.environ.pop(name, None)
-        if value is not None:
-            os.environ[name] = value
 
 
 def tiny_model(fixed_size: int | None = None, dtype: str = "uint8") -> keras.Model:
@@ -78,10 +61,6 @@ def save_model_dir(model: keras.Model, directory: Path) -> Path:
     model.save(directory / "model.keras")
     (directory / "classes.json").write_text(json.dumps(CLASSES))
     return directory
-
-
-def images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
 
 
 def run_kwargs(uri: str, pipeline_run_id: str, **extra: object) -> dict:
