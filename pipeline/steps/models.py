@@ -19,6 +19,8 @@ from pipeline.steps.inputs import RandomAugment, make_resizer
 logger = logging.getLogger(__name__)
 
 BACKBONE = "backbone"
+POOL = "pool"
+HEAD = "probabilities"
 MODEL_FILE = "model.keras"
 
 #: Custom objects a saved model may reference; registered, listed here for safe-mode loading.
@@ -103,10 +105,9 @@ def build_mobilenet(config: PipelineConfig, num_classes: int) -> keras.Model:
     x = make_resizer(size)(inputs)
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(x)  # MobileNet's [-1, 1]
     x = backbone(x, training=False)
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.GlobalAveragePooling2D(name=POOL)(x)
     x = layers.Dropout(config.dropout, name="head_dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32",
-                           name="probabilities")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name=HEAD)(x)
     logger.info("MobileNet alpha=%s at %dx%d, weights=%s", config.alpha, size, size,
                 weights or "random")
     return keras.Model(inputs, outputs, name="mobilenet_classifier")
@@ -153,7 +154,9 @@ def load_model(model_dir: str | Path) -> keras.Model:
 
 __all__ = [
     "BACKBONE",
+    "HEAD",
     "MODEL_FILE",
+    "POOL",
     "build_mobilenet",
     "build_model",
     "build_seed_cnn",

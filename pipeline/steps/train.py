@@ -220,6 +220,85 @@ class EpochTracker(keras.callbacks.Callback):
 
 
 # ----------------------------------------------------------------------------------------
+# head on cached backbone features
+# ----------------------------------------------------------------------------------------
+def uses_feature_head(config: PipelineConfig) -> bool:
+    """Whether the frozen-backbone head phase trains on cached features (MobileNet only)."""
+    return config.model == "mobilenet" and config.head_feature_views > 0
+
+
+def extract_features(
+    core: keras.Model, data_dir: Path, split: str, config: PipelineConfig, *,
+    augmenter: inputs.RandomAugment | None = None, views: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled backbone features of a split: the images, then ``views`` augmented copies of them.
+
+    Augmentation uses stateless seeds from (config.seed, view, batch), so features (and the
+    head fitted on them) are reproducible.
+    """
+    extractor = keras.Model(core.inputs, core.get_layer(models.POOL).output)
+    examples = inputs.load_examples(data_dir, split, config.image_size, cache=False)
+    images, labels = [], []
+    for image, label in examples.batch(config.batch_size):
+        images.append(image.numpy())
+        labels.append(label.numpy())
+    features, all_labels = [], []
+    for view in range(views + 1):
+        for step, batch in enumerate(images):
+            if view:
+                seed = tf.constant([config.seed, view * 100_000 + step], tf.int64)
+                batch = augmenter.augment(batch, seed)
+            features.append(np.asarray(extractor(tf.cast(batch, tf.float32), training=False)))
+        all_labels += labels
+    return np.concatenate(features), np.concatenate(all_labels)
+
+
+def fit_head_on_features(
+    core: keras.Model, data_dir: Path, config: PipelineConfig, augmenter: inputs.RandomAugment,
+    class_weight: dict[int, float] | None,
+) -> dict[str, float]:
+    """Fit the softmax head as L2 logistic regression on cached features; write it into ``core``.
+
+    Why: with a frozen backbone every head epoch recomputes the same backbone forward passes;
+    computing features once (original + ``head_feature_views`` augmented views per image) and
+    solving the convex head problem takes seconds and scored better on held-out data than
+    early-stopped Adam epochs (bench/train_quality.py). Standardization is folded into the
+    Dense weights, so the exported model is the plain Keras model. Dropout is not used here.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x_train, y_train = extract_features(core, data_dir, "train", config, augmenter=augmenter,
+                                        views=config.head_feature_views)
+    x_val, y_val = extract_features(core, data_dir, "val", config)
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0) + 1e-6
+    dense = core.get_layer(models.HEAD)
+    num_classes = int(dense.units)
+    sample_weight = (np.array([class_weight[int(y)] for y in y_train]) if class_weight
+                     else None)
+    clf = LogisticRegression(C=config.head_c, max_iter=2000)
+    clf.fit((x_train - mean) / std, y_train, sample_weight=sample_weight)
+    if list(clf.classes_) != list(range(num_classes)):
+        raise ValueError(f"every class needs training images; found classes {clf.classes_}")
+    kernel = (clf.coef_ / std).T.astype(np.float32)
+    bias = (clf.intercept_ - (clf.coef_ * (mean / std)).sum(axis=1)).astype(np.float32)
+    dense.set_weights([kernel, bias])
+
+    def loss_and_accuracy(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        probabilities = np.clip(clf.predict_proba((x - mean) / std), 1e-7, 1.0)
+        loss = float(-np.mean(np.log(probabilities[np.arange(len(y)), y])))
+        return loss, float(np.mean(probabilities.argmax(axis=1) == y))
+
+    loss, accuracy = loss_and_accuracy(x_train, y_train)
+    val_loss, val_accuracy = loss_and_accuracy(x_val, y_val)
+    logger.info("head fitted on %d cached feature rows (%d augmented views per image): "
+                "val_loss %.4f val_acc %.3f", len(y_train), config.head_feature_views,
+                val_loss, val_accuracy)
+    return {"loss": loss, "accuracy": accuracy, "val_loss": val_loss,
+            "val_accuracy": val_accuracy}
+
+
+# ----------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------
 def export_model(trained: keras.Model, config: PipelineConfig, num_classes: int,
@@ -357,7 +436,23 @@ def train_model(
                 trainer.optimizer.build(trainer.trainable_variables)
             if state["last_weights"] and mid_phase:
                 trainer.load_weights(checkpoints.directory / state["last_weights"])
-            if not state["phase_done"] and state["phase_epoch"] < phase.epochs:
+            if phase.name == "head" and uses_feature_head(config) and not state["phase_done"]:
+                started = time.perf_counter()
+                logs = fit_head_on_features(core, data_dir, config, augmenter, weights)
+                seconds = time.perf_counter() - started
+                fit_seconds += seconds
+                epoch = len(state["history"]) + 1
+                state["history"].append({
+                    "epoch": epoch, "phase": phase.name, "phase_epoch": 1, **logs,
+                    "learning_rate": 0.0, "seconds": round(seconds, 3),
+                })
+                state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
+                state.update(best_val_loss=logs["val_loss"], best_epoch=epoch, phase_done=True,
+                             phase_epoch=1)
+                state["best_weights"] = state["last_weights"] = checkpoints.save_weights(
+                    trainer, f"best-{phase.name}-{epoch:04d}.weights.h5")
+                checkpoints.commit(state)
+            elif not state["phase_done"] and state["phase_epoch"] < phase.epochs:
                 offset = index * 10_000  # distinct shuffles per phase
                 train_data, steps = inputs.make_train_dataset(
                     data_dir, config, first_epoch=offset + state["phase_epoch"],
@@ -411,6 +506,7 @@ def train_model(
         "mixed_precision": mixed,
         "xla": bool(config.xla),
         "augmentation_in": "model" if in_model else "tf.data",
+        "head_training": "features" if uses_feature_head(config) else "epochs",
         "class_weights": {classes[c]: w for c, w in (weights or {}).items()},
         "train_examples": len(train_labels),
         "classes": classes,
@@ -423,4 +519,4 @@ def train_model(
 
 
 __all__ = ["class_weights_for", "config_fingerprint", "describe_devices", "export_model",
-           "train_model"]
+           "extract_features", "fit_head_on_features", "train_model", "uses_feature_head"]
