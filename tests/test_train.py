@@ -18,7 +18,7 @@ from train_helpers import (
     trained_reference,
 )
 
-from pipeline.steps import models
+from pipeline.steps import inputs, models
 from pipeline.steps.train import train_model
 
 pytestmark = pytest.mark.slow
@@ -136,6 +136,28 @@ def test_checkpoints_of_another_run_are_refused(root):
     model_dir, _ = trained_reference(root)
     with pytest.raises(ValueError, match="different training run"):
         train_model(prepared_iris(root), model_dir, small_config(seed=7, **REFERENCE_OVERRIDES))
+
+
+def test_head_on_cached_features_is_exported_exactly(root):
+    """The logistic head (standardization folded into Dense) scores the same in the export."""
+    data_dir = prepared_iris(root)
+    model_dir = root / "feature-head"
+    summary = train_model(data_dir, model_dir,
+                          small_config(head_feature_views=2, fine_tune_epochs=0, head_c=0.01))
+    assert summary["head_training"] == "features"
+    assert [h["phase"] for h in summary["history"]] == ["head"]
+    head = summary["history"][0]
+    assert set(head) >= HISTORY_KEYS and head["loss"] > 0
+    images, labels = [], []
+    for image, label in inputs.load_examples(data_dir, "val", 64, cache=False):
+        images.append(image.numpy())
+        labels.append(int(label))
+    probabilities = np.asarray(models.load_model(model_dir).predict(np.stack(images), verbose=0))
+    labels = np.array(labels)
+    assert np.mean(probabilities.argmax(axis=1) == labels) == pytest.approx(head["val_accuracy"])
+    val_loss = -np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1)))
+    assert val_loss == pytest.approx(head["val_loss"], rel=1e-3)
+    assert (model_dir / "saved_model" / "saved_model.pb").is_file()
 
 
 def test_missing_data_set_is_a_clear_error(tmp_path):

@@ -44,6 +44,7 @@ def small_config(**overrides: object) -> PipelineConfig:
         fine_tune_epochs=1,
         fine_tune_learning_rate=1e-4,
         early_stopping_patience=0,
+        head_feature_views=0,  # epoch-by-epoch head (history, resume); feature head: own test
     )
     return dataclasses.replace(base, **overrides)
 
