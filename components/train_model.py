@@ -22,6 +22,8 @@ def train_model(
     alpha: float,
     weights: str,
     dropout: float,
+    head_feature_views: int,
+    head_c: float,
     epochs: int,
     steps_per_epoch: int,
     learning_rate: float,

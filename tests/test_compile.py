@@ -219,3 +219,12 @@ def test_compiling_twice_gives_identical_yaml(tmp_path: Path) -> None:
     second = compile_pipeline(tmp_path / "b.yaml").read_bytes()
     assert first == second
     assert next(yaml.safe_load_all(first))["pipelineInfo"]["name"] == "iris-image-pipeline"
+
+
+def test_every_config_field_reaches_some_component() -> None:
+    """A config field no component declares would be a pipeline parameter that does nothing."""
+    from pipeline.dag import STEP_FUNCTIONS
+
+    declared = {name for func in STEP_FUNCTIONS for name in inspect.signature(func).parameters}
+    unused = sorted(set(PipelineConfig.field_names()) - declared)
+    assert not unused, f"config fields no component consumes: {unused}"
