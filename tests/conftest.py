@@ -6,7 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-from mlflow_server import clean_mlflow_state, closed_port_uri, mlflow_server  # noqa: F401 (fixtures)
+from mlflow_server import (  # noqa: F401 (fixtures)
+    clean_mlflow_state,
+    closed_port_uri,
+    isolated_mlflow_globals,
+    mlflow_server,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))

@@ -26,6 +26,8 @@ import requests
 
 #: Seconds to wait for /health; a cold start (imports, DB migrations) takes ~10-20 s on 2 cores.
 STARTUP_TIMEOUT_S = 120.0
+#: Process-global MLflow state: ``mlflow.set_tracking_uri`` exports the first one.
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def run_mlflow_server(root: Path) -> Iterator[MlflowServer]:
         # The job runner (huey workers for GenAI jobs) is not needed and costs a core.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+    for var in MLFLOW_ENV:
         env.pop(var, None)
     command = [
         sys.executable, "-m", "mlflow", "server",
@@ -134,12 +136,15 @@ def closed_port_uri() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
-@pytest.fixture
-def clean_mlflow_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No MLflow env vars or active runs leak into or out of a test; stray files go to tmp."""
-    monkeypatch.chdir(tmp_path)
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
-    saved = {name: os.environ.pop(name, None) for name in names}
+@pytest.fixture(autouse=True)
+def isolated_mlflow_globals() -> Iterator[None]:
+    """Every test starts without MLflow env vars and leaves none behind.
+
+    ``mlflow.set_tracking_uri`` writes ``$MLFLOW_TRACKING_URI``; without this guard a test that
+    points MLflow at the session server silently redirects every later test that expects the
+    local sqlite default (test order then decides the outcome).
+    """
+    saved = {name: os.environ.pop(name, None) for name in MLFLOW_ENV}
     yield
     while mlflow.active_run() is not None:
         mlflow.end_run()
@@ -148,6 +153,12 @@ def clean_mlflow_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
         os.environ.pop(name, None)
         if value is not None:
             os.environ[name] = value
+
+
+@pytest.fixture
+def clean_mlflow_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow globals are isolated (autouse fixture above); stray files go to tmp."""
+    monkeypatch.chdir(tmp_path)
 
 
 def images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -205,8 +205,13 @@ def _run_cli(workdir: Path, *args: str, timeout: float = 900) -> CliRun:
 
 
 def _fast_args(iris_zip: Path, weights: Path) -> list[str]:
-    """Few epochs, small images, offline weights; threshold 0 so the gated step runs."""
+    """Few epochs, small images, offline weights; threshold 0 so the gated step runs.
+
+    The head trains epoch by epoch (head_feature_views=0) so history and MLflow metrics have
+    one entry per epoch; the cached-feature head is covered in tests/test_train.py.
+    """
     return ["--data", str(iris_zip), "--set", "epochs=2", "--set", "image_size=96",
+            "--set", "head_feature_views=0",
             "--set", f"weights={weights}", "--set", "gate_threshold=0"]
 
 

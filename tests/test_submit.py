@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import PipelineConfig
+from pipeline.config import ENV_OVERRIDES, PipelineConfig
 from pipeline.runners import compile_pipeline
 
 API = "/apis/v2beta1"
@@ -143,7 +143,13 @@ def compiled_spec(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 def test_submit_uploads_the_compiled_spec_and_runs_with_the_parameters(
-        kfp_server: tuple[str, FakeKfp], compiled_spec: bytes) -> None:
+        kfp_server: tuple[str, FakeKfp], compiled_spec: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The environment route (CI exports these) reaches the run; flags win over it.
+    for var in ENV_OVERRIDES:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("IRIS_MODEL_WEIGHTS", "/models/mobilenet.h5")
+    monkeypatch.setenv("IRIS_DATA_SOURCE", "https://overridden.example/iris.zip")
     host, fake = kfp_server
     argv = ["--submit", "--host", host, "--experiment", "iris-ci", "--run-name", "ci run",
             "--data", "gs://bucket/iris.zip", "--set", "epochs=3", "--set", "xla=true",
@@ -167,7 +173,8 @@ def test_submit_uploads_the_compiled_spec_and_runs_with_the_parameters(
                                                  "pipeline_version_id": "ver-1"}
     params = run["runtime_config"]["parameters"]
     expected = PipelineConfig.from_mapping({"data_source": "gs://bucket/iris.zip", "epochs": 3,
-                                            "xla": True}).to_dict()
+                                            "xla": True, "weights": "/models/mobilenet.h5"},
+                                           ).to_dict()
     assert params == {**expected, "tracking_uri": "http://mlflow.mlflow:5000"}
     assert not fake.of("GET", f"{API}/runs/run-1"), "polled the run without --wait"
 
