@@ -231,7 +231,7 @@ def read_labels(data_dir: str | Path, split: str) -> np.ndarray:
     files = records.split_files(data_dir, split)
     # same reader settings as load_examples, so labels come in the same order
     dataset = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4)).map(
-        lambda s: tf.io.parse_single_example(s, {"label": records.FEATURES["label"]})["label"]
+        lambda s: tf.io.parse_single_example(s, {"label": records.feature_spec()["label"]})["label"]
     )
     return np.fromiter((int(v) for v in dataset.as_numpy_iterator()), dtype=np.int64)
 

@@ -1,0 +1,68 @@
+"""The TFRecord contract: records written without TensorFlow read back exactly with it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+from pipeline.steps import records
+
+EXAMPLES = [
+    records.Example(image=bytes(range(256)) * 200, label=1, sha256="ab" * 32,
+                    path="iris-setosa/blüte 1.jpg"),
+    records.Example(image=b"\xff\xd8", label=300, sha256="", path=""),  # multi-byte varint
+    records.Example(image=b"", label=0, sha256="cd" * 32, path="x.png"),
+]
+
+
+def _tf_example(example: records.Example) -> tf.train.Example:
+    def _bytes(value: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image": _bytes(example.image),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[example.label])),
+        "sha256": _bytes(example.sha256.encode()),
+        "path": _bytes(example.path.encode()),
+    }))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=["jpeg", "big-label", "empty"])
+def test_serialize_decodes_as_the_same_tf_example(example: records.Example) -> None:
+    assert tf.train.Example.FromString(records.serialize(example)) == _tf_example(example)
+
+
+def test_framing_is_byte_identical_to_tf_record_writer(tmp_path: Path) -> None:
+    payload = records.serialize(EXAMPLES[0])
+    with tf.io.TFRecordWriter(str(tmp_path / "ref.tfrecord")) as writer:
+        writer.write(payload)
+    assert records.frame(payload) == (tmp_path / "ref.tfrecord").read_bytes()
+
+
+def test_written_split_reads_back_through_tf_data(tmp_path: Path) -> None:
+    paths = records.write_split(tmp_path, "val", EXAMPLES, num_shards=2)
+    assert [p.name for p in paths] == ["val-00000-of-00002.tfrecord",
+                                       "val-00001-of-00002.tfrecord"]
+    back = records.read_split(tmp_path, "val")
+    assert sorted(back, key=lambda e: e.label) == sorted(EXAMPLES, key=lambda e: e.label)
+
+
+def test_corrupted_record_is_rejected_by_tf_crc_check(tmp_path: Path) -> None:
+    (path, _) = records.write_split(tmp_path, "test", EXAMPLES[:1], num_shards=2)
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0xFF  # a byte of the image payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(tf.errors.DataLossError):
+        list(tf.data.TFRecordDataset([str(path)]))
+
+
+def test_preprocess_step_does_not_import_tensorflow() -> None:
+    """The download and preprocess steps run without paying TensorFlow's import."""
+    code = ("import sys; import components.download_dataset, components.preprocess_dataset, "
+            "pipeline.steps.dataset; sys.exit('tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, f"tensorflow imported: {done.stderr}"
