@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         "default_config": {k: getattr(defaults, k) for k in (
             "model", "alpha", "image_size", "epochs", "learning_rate", "fine_tune_epochs",
             "fine_tune_learning_rate", "fine_tune_layers", "early_stopping_patience",
-            "dropout", "head_feature_views", "head_c", "augment_rotation", "augment_shift",
-            "augment_zoom", "augment_contrast")},
+            "dropout", "pooling", "head_feature_views", "head_c", "augment_rotation",
+            "augment_shift", "augment_zoom", "augment_contrast")},
         "default": {"per_seed": ours, "mean_balanced_accuracy": mean(ours, "balanced_accuracy"),
                     "mean_macro_f1": mean(ours, "macro_f1"),
                     "mean_train_seconds": mean(ours, "train_wall_seconds"),

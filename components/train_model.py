@@ -22,6 +22,7 @@ def train_model(
     alpha: float,
     weights: str,
     dropout: float,
+    pooling: str,
     head_feature_views: int,
     head_c: float,
     epochs: int,

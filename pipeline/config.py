@@ -63,6 +63,9 @@ class PipelineConfig:
     alpha: float = 0.25  # MobileNet width multiplier
     weights: str = "imagenet"  # "imagenet" (Keras downloads), a local path or URL, or "none"
     dropout: float = 0.2  # before the softmax head
+    # backbone features pooled by "avg" (Keras' usual) or "avg_max" (average and max pooling
+    # concatenated: +0.04 test / +0.03 val balanced accuracy, 5 seeds, README)
+    pooling: str = "avg_max"
 
     # --- training -----------------------------------------------------------------------
     epochs: int = 50  # notebook: 50 (early stopping usually ends sooner)
@@ -168,6 +171,7 @@ def coerce(key: str, value: Any, target: type) -> Any:
 #: Allowed values of the enumerated fields.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": ("mobilenet", "seed_cnn"),
+    "pooling": ("avg", "avg_max"),
     "gate_metric": ("accuracy", "balanced_accuracy", "macro_f1"),
     "augment_placement": ("auto", "model", "data"),
 }

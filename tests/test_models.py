@@ -38,6 +38,22 @@ def test_seed_cnn_matches_notebook_architecture():
     assert [d.units for d in dense] == [512, 3]
 
 
+@pytest.mark.parametrize(("pooling", "width"), [("avg", 1), ("avg_max", 2)])
+def test_pooling_feeds_average_or_average_and_max_features(mobilenet_weights, pooling, width):
+    model = models.build_model(small_config(weights=str(mobilenet_weights), pooling=pooling), 3)
+    backbone = model.get_layer(models.BACKBONE)
+    channels = backbone.output_shape[-1]
+    assert model.get_layer(models.POOL).output.shape[-1] == width * channels
+    # the pooled vector is [mean over cells, max over cells] of the backbone's feature map
+    images = _odd_images()
+    pooled = keras.Model(model.inputs, model.get_layer(models.POOL).output)(images)
+    backbone_input = keras.Model(model.inputs, model.get_layer("rescale").output)(images)
+    feature_map = np.asarray(backbone(backbone_input, training=False))
+    expected = [np.mean(feature_map, axis=(1, 2)), np.max(feature_map, axis=(1, 2))][:width]
+    np.testing.assert_allclose(np.asarray(pooled), np.concatenate(expected, axis=1),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_imagenet_weights_file_is_loaded(mobilenet_weights):
     loaded = models.build_model(small_config(weights=str(mobilenet_weights)), 3)
     again = models.build_model(small_config(weights=str(mobilenet_weights)), 3)
