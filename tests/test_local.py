@@ -1,15 +1,12 @@
 """``--local``: failure detection (fast) and end-to-end runs on the shared iris archive (slow)."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from cli_helpers import CliRun, run_local_cli, succeeded
 from kfp import dsl, local
 from kfp.dsl import Artifact, Output
 
@@ -17,7 +14,6 @@ from pipeline import runners
 from pipeline.config import PipelineConfig
 from pipeline.runners import StepFailedError, failed_tasks, task_error
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CYAN, RED, RESET = "\x1b[96m", "\x1b[91m", "\x1b[0m"
 
 # What kfp.local 2.17 streams for a failing step (copied from a real run, shortened).
@@ -184,26 +180,6 @@ def test_kfp_local_condition_on_a_named_output_is_silently_skipped(tmp_path: Pat
 # --- end to end: python pipeline.py --local on the shared archive ---------------------------
 
 
-@dataclass
-class CliRun:
-    returncode: int
-    stdout: str
-    stderr: str
-    summary: dict[str, Any]
-
-
-def _run_cli(workdir: Path, *args: str, timeout: float = 900) -> CliRun:
-    """``python pipeline.py --local`` in ``workdir``, with this machine's MLflow/IRIS env off."""
-    summary = workdir / f"summary-{len(list(workdir.glob('summary-*')))}.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "IRIS_"))}
-    done = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "pipeline.py"), "--local", "--summary", str(summary),
-         *args],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-    data = json.loads(summary.read_text()) if summary.is_file() else {}
-    return CliRun(done.returncode, done.stdout, done.stderr, data)
-
-
 def _fast_args(iris_zip: Path, weights: Path) -> list[str]:
     """Few epochs, small images, offline weights; threshold 0 so the gated step runs.
 
@@ -222,24 +198,18 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(workdir: Path, iris_zip: Path, mobilenet_weights: Path) -> CliRun:
-    return _run_cli(workdir, *_fast_args(iris_zip, mobilenet_weights))
+    return run_local_cli(workdir, *_fast_args(iris_zip, mobilenet_weights))
 
 
 @pytest.fixture(scope="module")
 def second_run(first_run: CliRun, workdir: Path, iris_zip: Path,
                mobilenet_weights: Path) -> CliRun:
-    return _run_cli(workdir, *_fast_args(iris_zip, mobilenet_weights))
-
-
-def _ok(run: CliRun) -> dict[str, Any]:
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.summary["status"] == "succeeded"
-    return run.summary
+    return run_local_cli(workdir, *_fast_args(iris_zip, mobilenet_weights))
 
 
 @pytest.mark.slow
 def test_local_run_writes_every_artifact(first_run: CliRun) -> None:
-    summary = _ok(first_run)
+    summary = succeeded(first_run)
     out = {name: Path(path) for name, path in summary["outputs"].items()}
     assert (out["raw_data"] / "iris-image.zip").is_file()
     prepared = out["prepared_data"]
@@ -265,7 +235,7 @@ def test_local_run_writes_every_artifact(first_run: CliRun) -> None:
 
 @pytest.mark.slow
 def test_local_run_metrics_and_data_counts(first_run: CliRun) -> None:
-    summary = _ok(first_run)
+    summary = succeeded(first_run)
     metrics = summary["test_metrics"]
     for name in ("accuracy", "balanced_accuracy", "macro_f1"):
         assert 0.0 <= metrics[name] <= 1.0, name
@@ -285,7 +255,7 @@ def test_local_run_metrics_and_data_counts(first_run: CliRun) -> None:
 @pytest.mark.slow
 def test_local_summary_has_gate_registration_and_mlflow_ids(first_run: CliRun,
                                                             workdir: Path) -> None:
-    summary = _ok(first_run)
+    summary = succeeded(first_run)
     gate = summary["gate"]
     assert gate == {"metric": "balanced_accuracy", "threshold": 0.0, "passed": True,
                     "value": summary["test_metrics"]["balanced_accuracy"]}
@@ -309,7 +279,7 @@ def test_local_summary_has_gate_registration_and_mlflow_ids(first_run: CliRun,
 
 @pytest.mark.slow
 def test_local_run_streams_training_progress(first_run: CliRun) -> None:
-    _ok(first_run)
+    succeeded(first_run)
     output = re.sub(r"\x1b\[[0-9;]*m", "", first_run.stdout)
     assert "Executing task 'train-model'" in output
     assert re.search(r"epoch 1 .*loss [0-9.]+", output), "no per-epoch progress in the output"
@@ -319,7 +289,7 @@ def test_local_run_streams_training_progress(first_run: CliRun) -> None:
 @pytest.mark.slow
 def test_second_identical_run_reuses_download_and_preprocess(first_run: CliRun,
                                                              second_run: CliRun) -> None:
-    first, second = _ok(first_run), _ok(second_run)
+    first, second = succeeded(first_run), succeeded(second_run)
     assert second["cached_steps"] == ["download-dataset", "preprocess-dataset"]
     assert "download-dataset cache hit" in second_run.stderr
     assert "preprocess-dataset cache hit" in second_run.stderr
@@ -334,7 +304,7 @@ def test_second_identical_run_reuses_download_and_preprocess(first_run: CliRun,
 
 
 def test_failing_first_step_exits_non_zero_naming_it(tmp_path: Path) -> None:
-    run = _run_cli(tmp_path, "--data", str(tmp_path / "missing.zip"), timeout=300)
+    run = run_local_cli(tmp_path, "--data", str(tmp_path / "missing.zip"), timeout=300)
     assert run.returncode == 1
     assert "pipeline failed: step 'download-dataset' failed: FileNotFoundError: data source " \
            "not found" in run.stderr
@@ -348,7 +318,7 @@ def test_failing_first_step_exits_non_zero_naming_it(tmp_path: Path) -> None:
 def test_failing_later_step_is_named_and_uses_the_cache(second_run: CliRun, workdir: Path,
                                                         iris_zip: Path,
                                                         mobilenet_weights: Path) -> None:
-    run = _run_cli(workdir, *_fast_args(iris_zip, mobilenet_weights),
+    run = run_local_cli(workdir, *_fast_args(iris_zip, mobilenet_weights),
                    "--set", "min_images_per_class=1000")
     assert run.returncode == 1
     assert "step 'preprocess-dataset' failed: ValueError: too few usable images per class" \

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +11,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cli_helpers import CliRun, clean_env, run_local_cli, succeeded
 from mlflow_server import MlflowServer
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
 from pipeline.steps import tracking
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: The session's server is shared with other modules: this module's names are its own.
 SUFFIX = uuid.uuid4().hex[:8]
 MODEL_NAME = f"iris-e2e-{SUFFIX}"
@@ -36,32 +32,11 @@ FAIL_FAST_BOUND_S = 60.0
 pytestmark = [pytest.mark.slow, pytest.mark.mlflow_server]
 
 
-@dataclass
-class CliRun:
-    returncode: int
-    stdout: str
-    stderr: str
-    summary: dict[str, Any]
-    elapsed_s: float
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "IRIS_"))}
-    return {**env, **extra}
-
-
 def _run_cli(workdir: Path, *args: str, env: dict[str, str] | None = None,
              timeout: float = 600) -> CliRun:
     """``python pipeline.py --local`` in ``workdir`` (outputs and kfp cache in workdir/out)."""
-    summary = workdir / f"summary-{uuid.uuid4().hex[:6]}.json"
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "pipeline.py"), "--local",
-         "--output-dir", str(workdir / "out"), "--summary", str(summary), *args],
-        cwd=workdir, env=env or _clean_env(), capture_output=True, text=True, timeout=timeout)
-    elapsed = time.monotonic() - started
-    data = json.loads(summary.read_text()) if summary.is_file() else {}
-    return CliRun(done.returncode, done.stdout, done.stderr, data, elapsed)
+    return run_local_cli(workdir, "--output-dir", str(workdir / "out"), *args, env=env,
+                         timeout=timeout)
 
 
 #: The first run must clearly beat the second; both train the head epoch by epoch
@@ -79,12 +54,6 @@ def _args(iris_zip: Path, weights: Path, *sets: str, model_name: str = MODEL_NAM
     for item in (*base, *sets):
         args += ["--set", item]
     return args
-
-
-def _ok(run: CliRun) -> dict[str, Any]:
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert run.summary["status"] == "succeeded"
-    return run.summary
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +91,10 @@ def second_run(first_run: CliRun, mlflow_server: MlflowServer, workdir: Path, cl
     module's runtime down: the plugin creates the run and passes MLFLOW_TRACKING_URI,
     MLFLOW_EXPERIMENT_ID and MLFLOW_RUN_ID; no --tracking-uri is given.
     """
-    _ok(first_run)  # its experiment exists and its cache serves download and preprocess
+    succeeded(first_run)  # its experiment exists and its cache serves download and preprocess
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     given = client.create_run(experiment_id, run_name="kfp-plugin-run").info.run_id
-    env = _clean_env(MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_EXPERIMENT_ID=experiment_id,
+    env = clean_env(MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_EXPERIMENT_ID=experiment_id,
                      MLFLOW_RUN_ID=given)
     run = _run_cli(workdir, *_args(iris_zip, mobilenet_weights, *SECOND_RUN), env=env)
     return PluginRun(run, given, experiment_id)
@@ -140,7 +109,7 @@ def _child_runs(client: Any, parent_id: str) -> dict[str, Any]:
 
 def _gate_value(client: Any, run: CliRun) -> float:
     """The gate metric as logged on the MLflow parent run (evaluate logs it there too)."""
-    summary = _ok(run)
+    summary = succeeded(run)
     metric = summary["gate"]["metric"]
     return float(client.get_run(summary["mlflow"]["run_id"]).data.metrics[metric])
 
@@ -149,7 +118,7 @@ def _gate_value(client: Any, run: CliRun) -> float:
 
 
 def test_parent_run_is_tagged_and_has_every_config_param(first_run: CliRun, client: Any) -> None:
-    summary = _ok(first_run)
+    summary = succeeded(first_run)
     parent = client.get_run(summary["mlflow"]["run_id"])
     tags = parent.data.tags
     assert tracking.TAG_PARENT not in tags  # a top-level run
@@ -172,7 +141,7 @@ def test_parent_run_is_tagged_and_has_every_config_param(first_run: CliRun, clie
 
 
 def test_one_nested_run_per_tracked_step(first_run: CliRun, client: Any) -> None:
-    summary = _ok(first_run)
+    summary = succeeded(first_run)
     parent_id = summary["mlflow"]["run_id"]
     children = _child_runs(client, parent_id)
     assert set(children) == TRACKED_STEPS
@@ -192,7 +161,7 @@ def test_one_nested_run_per_tracked_step(first_run: CliRun, client: Any) -> None
 
 
 def test_epoch_metric_history_matches_epochs_run(first_run: CliRun, client: Any) -> None:
-    summary = _ok(first_run)
+    summary = succeeded(first_run)
     train_id = summary["mlflow"]["step_run_ids"]["train"]
     epochs_run = int(client.get_run(train_id).data.metrics["epochs_run"])
     history = json.loads((Path(summary["outputs"]["trained_model"]) / "history.json").read_text())
@@ -207,7 +176,7 @@ def test_epoch_metric_history_matches_epochs_run(first_run: CliRun, client: Any)
 
 
 def test_artifacts_dataset_and_test_metrics_are_logged(first_run: CliRun, client: Any) -> None:
-    summary = _ok(first_run)
+    summary = succeeded(first_run)
     ids = summary["mlflow"]["step_run_ids"]
 
     def files(run_id: str, path: str = "") -> set[str]:
@@ -238,7 +207,7 @@ def test_model_is_logged_with_signature_and_registered_as_champion(
         first_run: CliRun, client: Any) -> None:
     import mlflow
 
-    summary = _ok(first_run)
+    summary = succeeded(first_run)
     registration = summary["registration"]
     assert registration["registered"] is True
     assert (registration["name"], registration["version"], registration["alias"]) == (
@@ -266,7 +235,7 @@ def test_champion_predicts_raw_uint8_images_of_odd_sizes(first_run: CliRun, clie
     import keras
     import mlflow
 
-    summary = _ok(first_run)
+    summary = succeeded(first_run)
     mlflow.set_tracking_uri(client.tracking_uri)
     loaded = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     trained = keras.saving.load_model(
@@ -294,7 +263,7 @@ def test_champion_predicts_raw_uint8_images_of_odd_sizes(first_run: CliRun, clie
 
 def test_lower_scoring_second_run_is_challenger_and_champion_stays(
         first_run: CliRun, second_run: PluginRun, client: Any) -> None:
-    first, second = _ok(first_run), _ok(second_run.run)
+    first, second = succeeded(first_run), succeeded(second_run.run)
     assert second["cached_steps"] == ["download-dataset", "preprocess-dataset"]
     assert second["mlflow"]["run_id"] != first["mlflow"]["run_id"]
     first_value = _gate_value(client, first_run)
@@ -332,7 +301,7 @@ def test_lower_scoring_second_run_is_challenger_and_champion_stays(
 def test_unreachable_server_fails_fast_and_registers_nothing(
         first_run: CliRun, closed_port_uri: str, workdir: Path, client: Any,
         iris_zip: Path, mobilenet_weights: Path) -> None:
-    _ok(first_run)  # its cache makes download and preprocess instant: the failure is training's
+    succeeded(first_run)  # warm cache: download and preprocess are instant; train fails first
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs_before = len(client.search_runs([experiment.experiment_id], max_results=1000))
     versions_before = len(client.search_model_versions(f"name = '{MODEL_NAME}'"))
@@ -360,7 +329,7 @@ def test_unreachable_server_fails_fast_and_registers_nothing(
 
 def test_plugin_environment_nests_steps_under_the_given_run(
         second_run: PluginRun, client: Any) -> None:
-    summary = _ok(second_run.run)
+    summary = succeeded(second_run.run)
     given = second_run.given_run_id
     assert summary["mlflow"]["run_id"] == given
     children = _child_runs(client, given)
