@@ -157,6 +157,54 @@ class Checkpoints:
                 path.unlink(missing_ok=True)
 
 
+def end_epoch(checkpoints: Checkpoints, state: dict[str, Any], phase: Phase, model: keras.Model,
+              phase_epoch: int, metrics: dict[str, float], learning_rate: float, seconds: float,
+              *, patience: int = 0, of: int | None = None) -> bool:
+    """Close one epoch: history entry, best weights by val_loss, last weights, checkpoint, log.
+
+    Returns whether the phase is done (``patience`` epochs without improvement, or the last
+    of ``of`` epochs when given). Both head trainers end epochs here, so resume and early
+    stopping see the same state whichever ran.
+    """
+    entry = {
+        "epoch": len(state["history"]) + 1,
+        "phase": phase.name,
+        "phase_epoch": phase_epoch,
+        **{k: float(metrics[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+           if k in metrics},
+        "learning_rate": learning_rate,
+        "seconds": round(seconds, 3),
+    }
+    state["history"].append(entry)
+    state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
+    val_loss = entry.get("val_loss", math.inf)
+    if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+        state["best_val_loss"] = val_loss
+        state["best_epoch"] = entry["epoch"]
+        state["wait"] = 0
+        state["best_weights"] = checkpoints.save_weights(
+            model, f"best-{phase.name}-{entry['epoch']:04d}.weights.h5")
+    else:
+        state["wait"] += 1
+    state["phase_epoch"] = phase_epoch
+    total = of or phase.epochs
+    if patience and state["wait"] >= patience:
+        state["phase_done"] = True
+        logger.info("early stopping in phase %s after epoch %d (best epoch %d, val_loss %.4f)",
+                    phase.name, phase_epoch, state["best_epoch"], state["best_val_loss"])
+    elif of is not None and phase_epoch >= of:
+        state["phase_done"] = True
+    state["last_weights"] = checkpoints.save_weights(model, f"last-{entry['epoch']:04d}.weights.h5")
+    checkpoints.commit(state)
+    logger.info(
+        "epoch %d (%s %d/%d): loss %.4f acc %.3f val_loss %.4f val_acc %.3f lr %.2g (%.1fs)",
+        entry["epoch"], phase.name, phase_epoch, total, entry.get("loss", 0),
+        entry.get("accuracy", 0), entry.get("val_loss", 0), entry.get("val_accuracy", 0),
+        learning_rate, seconds,
+    )
+    return bool(state["phase_done"])
+
+
 class EpochTracker(keras.callbacks.Callback):
     """Per epoch: record history, early-stop on val_loss (keeping the best weights), checkpoint.
 
@@ -177,46 +225,11 @@ class EpochTracker(keras.callbacks.Callback):
         self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = dict(logs or {})
-        state = self.state
         seconds = time.perf_counter() - self._started
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        logs["learning_rate"] = lr
-        entry = {
-            "epoch": len(state["history"]) + 1,
-            "phase": self.phase.name,
-            "phase_epoch": epoch + 1,
-            **{k: float(logs[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy")
-               if k in logs},
-            "learning_rate": lr,
-            "seconds": round(seconds, 3),
-        }
-        state["history"].append(entry)
-        state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
-        val_loss = entry.get("val_loss", math.inf)
-        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
-            state["best_val_loss"] = val_loss
-            state["best_epoch"] = entry["epoch"]
-            state["wait"] = 0
-            state["best_weights"] = self.checkpoints.save_weights(
-                self.model, f"best-{self.phase.name}-{entry['epoch']:04d}.weights.h5")
-        else:
-            state["wait"] += 1
-        state["phase_epoch"] = epoch + 1
-        if self.patience and state["wait"] >= self.patience:
+        if end_epoch(self.checkpoints, self.state, self.phase, self.model, epoch + 1,
+                     dict(logs or {}), lr, seconds, patience=self.patience):
             self.model.stop_training = True
-            state["phase_done"] = True
-            logger.info("early stopping in phase %s after epoch %d (best epoch %d, val_loss %.4f)",
-                        self.phase.name, epoch + 1, state["best_epoch"], state["best_val_loss"])
-        state["last_weights"] = self.checkpoints.save_weights(
-            self.model, f"last-{entry['epoch']:04d}.weights.h5")
-        self.checkpoints.commit(state)
-        logger.info(
-            "epoch %d (%s %d/%d): loss %.4f acc %.3f val_loss %.4f val_acc %.3f lr %.2g (%.1fs)",
-            entry["epoch"], self.phase.name, epoch + 1, self.phase.epochs, entry.get("loss", 0),
-            entry.get("accuracy", 0), entry.get("val_loss", 0), entry.get("val_accuracy", 0),
-            lr, seconds,
-        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,6 +249,8 @@ def extract_features(
     Augmentation uses stateless seeds from (config.seed, view, batch), so features (and the
     head fitted on them) are reproducible.
     """
+    if views and augmenter is None:
+        raise ValueError(f"{views} augmented views of split {split!r} need an augmenter")
     extractor = keras.Model(core.inputs, core.get_layer(models.POOL).output)
     examples = inputs.load_examples(data_dir, split, config.image_size, cache=False)
     images, labels = [], []
@@ -437,21 +452,12 @@ def train_model(
             if state["last_weights"] and mid_phase:
                 trainer.load_weights(checkpoints.directory / state["last_weights"])
             if phase.name == "head" and uses_feature_head(config) and not state["phase_done"]:
+                # one closed-form "epoch": no optimizer steps, hence learning rate 0
                 started = time.perf_counter()
                 logs = fit_head_on_features(core, data_dir, config, augmenter, weights)
                 seconds = time.perf_counter() - started
                 fit_seconds += seconds
-                epoch = len(state["history"]) + 1
-                state["history"].append({
-                    "epoch": epoch, "phase": phase.name, "phase_epoch": 1, **logs,
-                    "learning_rate": 0.0, "seconds": round(seconds, 3),
-                })
-                state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
-                state.update(best_val_loss=logs["val_loss"], best_epoch=epoch, phase_done=True,
-                             phase_epoch=1)
-                state["best_weights"] = state["last_weights"] = checkpoints.save_weights(
-                    trainer, f"best-{phase.name}-{epoch:04d}.weights.h5")
-                checkpoints.commit(state)
+                end_epoch(checkpoints, state, phase, trainer, 1, logs, 0.0, seconds, of=1)
             elif not state["phase_done"] and state["phase_epoch"] < phase.epochs:
                 offset = index * 10_000  # distinct shuffles per phase
                 train_data, steps = inputs.make_train_dataset(
