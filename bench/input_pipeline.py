@@ -4,7 +4,7 @@ Same images (every file of the iris archive), same process, measurements interle
 rounds so that background load hits both sides alike. Baseline: the notebook's
 ``ImageDataGenerator(rescale=1/255, horizontal_flip=True, vertical_flip=True,
 width_shift_range=[-200, 200], rotation_range=360, fill_mode='nearest').flow_from_directory``.
-Ours: ``pipeline.steps.inputs.make_train_dataset`` with the default augmentation (flips,
+Ours: ``pipeline.lib.inputs.make_train_dataset`` with the default augmentation (flips,
 rotation, shift, zoom, contrast) at image_size 256, steady state (decoded images cached; the
 first, cold epoch is reported separately). Also shown: a naive tf.data pipeline mapping the
 stock Keras layers (RandomFlip/Rotation/Translation/Zoom/Contrast) over batches.
@@ -34,7 +34,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.steps import inputs, records  # noqa: E402
+from pipeline.lib import inputs, records  # noqa: E402
 
 DEFAULT_ZIP = ROOT.parent / "shared" / "data" / "iris-image.zip"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}

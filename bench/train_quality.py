@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.steps.dataset import prepare_dataset  # noqa: E402
 from pipeline.steps.evaluate import evaluate_model  # noqa: E402
+from pipeline.steps.preprocess import prepare_dataset  # noqa: E402
 from pipeline.steps.train import train_model  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"

@@ -31,7 +31,7 @@ def evaluate_model(
     from pathlib import Path
 
     from pipeline.config import PipelineConfig
-    from pipeline.steps import tracking
+    from pipeline.lib import tracking
     from pipeline.steps.evaluate import evaluate_model as score_model
 
     params = {k: v for k, v in locals().items() if k in PipelineConfig.field_names()}

@@ -15,7 +15,7 @@ def preprocess_dataset(
     prepared_data: Output[Dataset],
     data_report: Output[Markdown],
 ) -> None:
-    """Turn the raw data set into the records layout of ``pipeline.steps.records``.
+    """Turn the raw data set into the records layout of ``pipeline.lib.records``.
 
     The Markdown copy of the data report is what the KFP UI renders; the metadata carries
     the data parameters, source and digest forward so the (uncached) tracking steps can log
@@ -25,8 +25,8 @@ def preprocess_dataset(
     from pathlib import Path
 
     from pipeline.config import PipelineConfig
-    from pipeline.steps.dataset import prepare_dataset
-    from pipeline.steps.records import REPORT_MD
+    from pipeline.lib.records import REPORT_MD
+    from pipeline.steps.preprocess import prepare_dataset
 
     params = {k: v for k, v in locals().items() if k in PipelineConfig.field_names()}
     config = PipelineConfig.from_mapping(params)

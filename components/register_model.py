@@ -22,7 +22,8 @@ def register_model(
     from pathlib import Path
 
     from pipeline.config import PipelineConfig
-    from pipeline.steps import registry, tracking
+    from pipeline.lib import tracking
+    from pipeline.steps import register as registry
 
     params = {k: v for k, v in locals().items() if k in PipelineConfig.field_names()}
     uri = tracking.resolve_tracking_uri(tracking_uri, Path.cwd())

@@ -48,8 +48,8 @@ def train_model(
     from pathlib import Path
 
     from pipeline.config import PipelineConfig
-    from pipeline.steps import inputs, model_tracking, tracking
-    from pipeline.steps.dataset import load_report
+    from pipeline.lib import inputs, model_logging, tracking
+    from pipeline.steps.preprocess import load_report
     from pipeline.steps.train import train_model as fit_model
 
     params = {k: v for k, v in locals().items() if k in PipelineConfig.field_names()}
@@ -65,12 +65,12 @@ def train_model(
         report = load_report(prepared_data.path)  # its input.sha256 is the archive's actual one
         tracking.log_dataset_input(data["source"], report["input"].get("sha256", ""), report)
         result = fit_model(prepared_data.path, trained_model.path, config,
-                           callbacks=[model_tracking.MlflowEpochLogger()])
+                           callbacks=[model_logging.MlflowEpochLogger()])
         tracking.log_metrics({k: v for k, v in result.items() if k != "history"})
         tracking.log_artifacts(Path(trained_model.path) / "augmentation_preview.png")
         examples = inputs.load_examples(prepared_data.path, "test", config.image_size, cache=False)
         images, _ = next(iter(examples.batch(2)))
-        model_uri = model_tracking.log_model(trained_model.path, input_example=images.numpy())
+        model_uri = model_logging.log_model(trained_model.path, input_example=images.numpy())
         parent = tracking.parent_run_id()
     trained_model.metadata.update(
         framework="keras",

@@ -13,8 +13,8 @@ from imagegen import image_bytes, write_class_folders, zip_folder
 from PIL import Image
 
 from pipeline.config import PipelineConfig
-from pipeline.steps import records
-from pipeline.steps.dataset import load_report, prepare_dataset, split_sizes
+from pipeline.lib import records
+from pipeline.steps.preprocess import load_report, prepare_dataset, split_sizes
 
 SMALL = PipelineConfig(min_image_side=16, min_images_per_class=3)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from train_helpers import prepared_iris, small_config, trained_reference
 
-from pipeline.steps import report
+from pipeline.lib import report
 from pipeline.steps.evaluate import evaluate_model, score
 
 

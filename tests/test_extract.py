@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from imagegen import image_bytes, tar_entries, zip_entries
 
-from pipeline.steps.extract import (
+from pipeline.lib.archive import (
     ArchiveTooLargeError,
     UnsafeArchiveError,
     extract_archive,

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from train_helpers import prepared_iris, small_config
 
-from pipeline.steps import inputs
+from pipeline.lib import inputs
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from mlflow_server import MlflowServer
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
-from pipeline.steps import tracking
+from pipeline.lib import tracking
 
 #: The session's server is shared with other modules: this module's names are its own.
 SUFFIX = uuid.uuid4().hex[:8]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from train_helpers import small_config
 
-from pipeline.steps import models
+from pipeline.lib import models
 
 
 def _odd_images(n: int = 2, h: int = 71, w: int = 53) -> np.ndarray:

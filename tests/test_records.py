@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from pipeline.steps import records
+from pipeline.lib import records
 
 EXAMPLES = [
     records.Example(image=bytes(range(256)) * 200, label=1, sha256="ab" * 32,
@@ -63,6 +63,6 @@ def test_corrupted_record_is_rejected_by_tf_crc_check(tmp_path: Path) -> None:
 def test_preprocess_step_does_not_import_tensorflow() -> None:
     """The download and preprocess steps run without paying TensorFlow's import."""
     code = ("import sys; import components.download_dataset, components.preprocess_dataset, "
-            "pipeline.steps.dataset; sys.exit('tensorflow' in sys.modules)")
+            "pipeline.steps.preprocess; sys.exit('tensorflow' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, f"tensorflow imported: {done.stderr}"

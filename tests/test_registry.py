@@ -13,9 +13,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer, images
 
-from pipeline.steps.model_tracking import log_model
-from pipeline.steps.registry import CHALLENGER, CHAMPION, register_model
-from pipeline.steps.tracking import step_run
+from pipeline.lib.model_logging import log_model
+from pipeline.lib.tracking import step_run
+from pipeline.steps.register import CHALLENGER, CHAMPION, register_model
 
 pytestmark = [pytest.mark.mlflow_server, pytest.mark.usefixtures("clean_mlflow_state")]
 

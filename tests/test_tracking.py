@@ -23,9 +23,9 @@ from mlflow_server import MlflowServer, images
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
-from pipeline.steps import tracking
-from pipeline.steps.model_tracking import MlflowEpochLogger, log_model
-from pipeline.steps.tracking import (
+from pipeline.lib import tracking
+from pipeline.lib.model_logging import MlflowEpochLogger, log_model
+from pipeline.lib.tracking import (
     TrackingServerError,
     check_tracking_server,
     log_artifacts,
@@ -388,8 +388,8 @@ def test_logged_model_predicts_raw_uint8_images_of_odd_size(
 @pytest.mark.mlflow_server
 def test_the_pipelines_own_model_logs_and_predicts(mlflow_server: MlflowServer,
                                                   tmp_path: Path) -> None:
-    """Integration with pipeline.steps.models: the architecture training exports."""
-    from pipeline.steps import models
+    """Integration with pipeline.lib.models: the architecture training exports."""
+    from pipeline.lib import models
 
     model = models.build_model(PipelineConfig(model="seed_cnn", image_size=96, weights="none"),
                                len(CLASSES))

@@ -18,7 +18,7 @@ from train_helpers import (
     trained_reference,
 )
 
-from pipeline.steps import inputs, models
+from pipeline.lib import inputs, models
 from pipeline.steps.train import train_model
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ _PREPARED: dict[str, Path] = {}
 
 def prepared_iris(root: Path) -> Path:
     """The shared archive prepared with the default split (seed 42), built once per session."""
-    from pipeline.steps.dataset import prepare_dataset
+    from pipeline.steps.preprocess import prepare_dataset
 
     if "iris" not in _PREPARED:
         out = root / "iris-prepared"

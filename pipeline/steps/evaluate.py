@@ -21,7 +21,7 @@ from sklearn.metrics import (
 )
 
 from pipeline.config import PipelineConfig
-from pipeline.steps import inputs, models, records, report
+from pipeline.lib import inputs, models, records, report
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import PipelineConfig
-from pipeline.steps import inputs, models, records
+from pipeline.lib import inputs, models, records
 
 logger = logging.getLogger(__name__)
 

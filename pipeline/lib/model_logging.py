@@ -20,7 +20,7 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from pipeline.steps.tracking import EPOCH_KEYS, numeric_metrics, require_active_run
+from pipeline.lib.tracking import EPOCH_KEYS, numeric_metrics, require_active_run
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import PipelineConfig
-from pipeline.steps import records
+from pipeline.lib import records
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import keras
 
 from pipeline.config import PipelineConfig
-from pipeline.steps.inputs import RandomAugment, make_resizer
+from pipeline.lib.inputs import RandomAugment, make_resizer
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.config import PipelineConfig
-from pipeline.steps import records
+from pipeline.lib import records
+from pipeline.lib.archive import find_class_root, is_junk, safe_extract
 from pipeline.steps.download import file_sha256, replace_dir
-from pipeline.steps.extract import find_class_root, is_junk, safe_extract
 
 logger = logging.getLogger(__name__)
 

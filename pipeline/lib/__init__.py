@@ -1,0 +1,1 @@
+"""Libraries the steps share: archives, records, input pipeline, models, reports, MLflow."""
