@@ -4,19 +4,9 @@ from kfp.dsl import Dataset, Output
 
 
 def download_dataset(data_source: str, data_sha256: str, raw_data: Output[Dataset]) -> None:
-    """Fetch ``data_source`` (checked against ``data_sha256`` unless empty) into ``raw_data``.
+    """Fetch ``data_source`` (checked against ``data_sha256`` unless empty) into ``raw_data``."""
+    from pipeline.lib.params import DownloadParams
+    from pipeline.steps import download
 
-    The artifact is a folder holding the fetched archive or class-folder tree; its metadata
-    names the entry (``path``) so the preprocess step need not guess, and carries the source
-    and digest so later steps can log the data set's lineage without re-reading it.
-    """
-    from pathlib import Path
-
-    from pipeline.steps.download import fetch_dataset
-
-    fetched = fetch_dataset(data_source, raw_data.path, data_sha256 or None)
-    raw_data.metadata.update(
-        source=data_source,
-        sha256=data_sha256,
-        path=Path(fetched).relative_to(raw_data.path).as_posix(),
-    )
+    raw_data.metadata.update(download.run_step(DownloadParams.from_mapping(locals()),
+                                               raw_data.path))

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ENV_OVERRIDES, PipelineConfig, env_overrides
-from pipeline.dag import MLFLOW_CONFIG_MAP, MLFLOW_SECRET_KEYS, PIPELINE_NAME
+from pipeline.dag import PIPELINE_NAME
+from pipeline.lib.files import write_json
 from pipeline.runners import (
     DEFAULT_OUTPUT_DIR,
     DEFAULT_PACKAGE,
@@ -21,8 +22,8 @@ from pipeline.runners import (
     failure_summary,
     run_local,
     submit_pipeline,
-    write_json,
 )
+from pipeline.tasks import MLFLOW_CONFIG_MAP, MLFLOW_SECRET_KEYS
 
 logger = logging.getLogger("pipeline")
 
@@ -213,12 +214,12 @@ def _run_local(args: argparse.Namespace, config: PipelineConfig) -> int:
     except StepFailedError as error:
         logger.error("pipeline failed: %s", error)
         if args.summary:
-            write_json(failure_summary(error, config), args.summary)
+            write_json(args.summary, failure_summary(error, config))
         return EXIT_FAILED
     summary = build_summary(result, config, tracking_uri)
     _log_local_result(summary)
     if args.summary:
-        logger.info("summary: %s", write_json(summary, args.summary))
+        logger.info("summary: %s", write_json(args.summary, summary))
     return EXIT_OK
 
 

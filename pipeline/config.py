@@ -12,6 +12,10 @@ from typing import Any
 
 import yaml
 
+from pipeline.lib.params import StepParams
+
+P = typing.TypeVar("P", bound=StepParams)
+
 #: Where the seed notebook downloads ``iris-image.zip`` from (``wget``).
 DEFAULT_DATA_SOURCE = "https://github.com/jeffheaton/data-mirror/releases/download/v1/iris-image.zip"
 #: sha256 of that archive (see ``../shared/data/README.md``).
@@ -107,6 +111,10 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def params_for(self, params_type: type[P]) -> P:
+        """The typed inputs of one step (``pipeline.lib.params``), taken from this config."""
+        return params_type.from_mapping(self.to_dict())
 
     @classmethod
     def from_mapping(

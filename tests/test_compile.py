@@ -12,7 +12,9 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from pipeline.config import PipelineConfig, load_images
-from pipeline.dag import (
+from pipeline.dag import create_pipeline
+from pipeline.runners import compile_pipeline
+from pipeline.tasks import (
     CACHED_STEPS,
     DOWNLOAD_RETRIES,
     GPU_STEP,
@@ -23,9 +25,7 @@ from pipeline.dag import (
     TASK_RESOURCES,
     TRACKING_STEPS,
     build_components,
-    create_pipeline,
 )
-from pipeline.runners import compile_pipeline
 
 SECRET = "mlflow-credentials"
 ROOT_TASKS = {"download-dataset", "preprocess-dataset", "train-model", "evaluate-model"}
@@ -223,8 +223,6 @@ def test_compiling_twice_gives_identical_yaml(tmp_path: Path) -> None:
 
 def test_every_config_field_reaches_some_component() -> None:
     """A config field no component declares would be a pipeline parameter that does nothing."""
-    from pipeline.dag import STEP_FUNCTIONS
-
     declared = {name for func in STEP_FUNCTIONS for name in inspect.signature(func).parameters}
     unused = sorted(set(PipelineConfig.field_names()) - declared)
     assert not unused, f"config fields no component consumes: {unused}"

@@ -14,9 +14,11 @@ from PIL import Image
 
 from pipeline.config import PipelineConfig
 from pipeline.lib import records
+from pipeline.lib.contract import DATA_REPORT_JSON, DATA_REPORT_MD
+from pipeline.lib.params import PreprocessParams
 from pipeline.steps.preprocess import load_report, prepare_dataset, split_sizes
 
-SMALL = PipelineConfig(min_image_side=16, min_images_per_class=3)
+SMALL = PipelineConfig(min_image_side=16, min_images_per_class=3).params_for(PreprocessParams)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,8 @@ def iris_runs(iris_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     base = tmp_path_factory.mktemp("iris")
     runs = {"a": 42, "b": 42, "other": 7}
     for name, seed in runs.items():
-        prepare_dataset(iris_zip, base / name, PipelineConfig(seed=seed),
+        params = PipelineConfig(seed=seed).params_for(PreprocessParams)
+        prepare_dataset(iris_zip, base / name, params,
                         source_info={"url": str(iris_zip.name)})
     return {name: base / name for name in runs}
 
@@ -50,7 +53,7 @@ def test_shared_iris_counts_and_label_conflicts(iris_runs: dict[str, Path]) -> N
     assert sum(report["split_sizes"].values()) == report["files_used"]
     assert report["majority_baseline"]["class"] == "iris-versicolour"
     assert report["source"] == {"url": "iris-image.zip"}
-    assert "| iris-versicolour | 1 |" in (iris_runs["a"] / records.REPORT_MD).read_text()
+    assert "| iris-versicolour | 1 |" in (iris_runs["a"] / DATA_REPORT_MD).read_text()
 
 
 def test_splits_are_disjoint_by_content_and_match_the_report(iris_runs: dict[str, Path]) -> None:
@@ -77,7 +80,7 @@ def test_splits_are_disjoint_by_content_and_match_the_report(iris_runs: dict[str
 
 
 def test_same_seed_gives_an_identical_report_and_split(iris_runs: dict[str, Path]) -> None:
-    for name in (records.REPORT_JSON, records.REPORT_MD):
+    for name in (DATA_REPORT_JSON, DATA_REPORT_MD):
         assert (iris_runs["a"] / name).read_text() == (iris_runs["b"] / name).read_text()
     assert _hashes(iris_runs["a"]) == _hashes(iris_runs["b"])
 
@@ -147,7 +150,7 @@ def test_bad_and_odd_files_are_skipped_converted_or_dropped(tmp_path: Path) -> N
     with Image.open(io.BytesIO(stored["a/alpha.PNG"].image)) as image:
         assert image.size == (48, 48)
     assert stored["b/img-000.jpg"].image == (folder / "b" / "img-000.jpg").read_bytes()
-    assert json.loads((out / records.REPORT_JSON).read_text()) == report
+    assert json.loads((out / DATA_REPORT_JSON).read_text()) == report
 
 
 def _leftovers(parent: Path) -> list[str]:

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from train_helpers import prepared_iris, small_config, trained_reference
+from train_helpers import prepared_iris, small_eval, trained_reference
 
 from pipeline.lib import report
 from pipeline.steps.evaluate import evaluate_model, score
@@ -49,7 +49,7 @@ def test_evaluate_real_model_on_test_split(tmp_path_factory, iris_zip, mobilenet
     model_dir, _ = trained_reference(root)
     data_dir = prepared_iris(root)
     out = root / "eval"
-    metrics = evaluate_model(model_dir, data_dir, out, small_config())
+    metrics = evaluate_model(model_dir, data_dir, out, small_eval())
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     data_report = json.loads((data_dir / "data_report.json").read_text())
@@ -75,7 +75,7 @@ def test_evaluate_real_model_on_test_split(tmp_path_factory, iris_zip, mobilenet
     assert page.count("data:image/png;base64,") == 3 and "iris-virginica" in page
 
     strict = evaluate_model(model_dir, data_dir, root / "strict",
-                            dataclasses.replace(small_config(), gate_metric="macro_f1",
+                            dataclasses.replace(small_eval(), gate_metric="macro_f1",
                                                 gate_threshold=1.0))
     assert strict["gate_value"] == strict["macro_f1"]
     assert strict["gate_passed"] is (strict["macro_f1"] >= 1.0)
@@ -87,4 +87,4 @@ def test_evaluate_refuses_mismatched_classes(tmp_path_factory, iris_zip, mobilen
     model_dir.mkdir()
     (model_dir / "classes.json").write_text(json.dumps(["x", "y", "z"]))
     with pytest.raises(ValueError, match="trained on classes"):
-        evaluate_model(model_dir, prepared_iris(root), root / "out", small_config())
+        evaluate_model(model_dir, prepared_iris(root), root / "out", small_eval())

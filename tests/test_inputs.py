@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
-from train_helpers import prepared_iris, small_config
+from train_helpers import prepared_iris, small_train
 
 from pipeline.lib import inputs
 
@@ -67,7 +67,7 @@ def test_augmentation_keeps_shape_range_and_is_seeded():
 
 
 def test_augmenter_follows_config_and_serializes():
-    config = small_config(augment_flip=False, augment_rotation=0.25, augment_shift=0.0,
+    config = small_train(augment_flip=False, augment_rotation=0.25, augment_shift=0.0,
                           augment_zoom=0.0, augment_contrast=0.0)
     layer = inputs.build_augmenter(config)
     assert (layer.flip, layer.rotation, layer.shift) == (False, 0.25, 0.0)
@@ -97,7 +97,7 @@ def test_missing_split_is_a_clear_error(tmp_path):
 
 
 def test_eval_dataset_is_unaugmented_and_ordered(data_dir):
-    config = small_config()
+    config = small_train()
     first = [b[0].numpy() for b in inputs.make_eval_dataset(data_dir, "val", config)]
     second = [b[0].numpy() for b in inputs.make_eval_dataset(data_dir, "val", config)]
     plain = np.stack([e[0] for e in inputs.load_examples(data_dir, "val", 64).as_numpy_iterator()])
@@ -106,7 +106,7 @@ def test_eval_dataset_is_unaugmented_and_ordered(data_dir):
 
 
 def test_train_stream_is_seeded_and_resumable(data_dir):
-    config = small_config(image_size=32, batch_size=64)
+    config = small_train(image_size=32, batch_size=64)
     augmenter = inputs.build_augmenter(config)
     steps = inputs.steps_for(len(inputs.read_labels(data_dir, "train")), config)
 
@@ -126,14 +126,14 @@ def test_train_stream_is_seeded_and_resumable(data_dir):
 
 
 def test_steps_per_epoch_from_config():
-    assert inputs.steps_for(100, small_config(batch_size=32)) == 4
-    assert inputs.steps_for(100, dataclasses.replace(small_config(), steps_per_epoch=10)) == 10
+    assert inputs.steps_for(100, small_train(batch_size=32)) == 4
+    assert inputs.steps_for(100, dataclasses.replace(small_train(), steps_per_epoch=10)) == 10
     with pytest.raises(ValueError, match="empty"):
-        inputs.steps_for(0, small_config())
+        inputs.steps_for(0, small_train())
 
 
 def test_augmentation_preview_png(data_dir, tmp_path):
-    path = inputs.save_augmentation_preview(data_dir, small_config(), tmp_path / "p.png",
+    path = inputs.save_augmentation_preview(data_dir, small_train(), tmp_path / "p.png",
                                             num_images=2, num_versions=3)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*"))

@@ -10,9 +10,11 @@ from cli_helpers import CliRun, run_local_cli, succeeded
 from kfp import dsl, local
 from kfp.dsl import Artifact, Output
 
-from pipeline import runners
 from pipeline.config import PipelineConfig
-from pipeline.runners import StepFailedError, failed_tasks, task_error
+from pipeline.lib.contract import EXECUTOR_OUTPUT
+from pipeline.runners import StepFailedError
+from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
+from pipeline.runners.local import FILE_OUTPUTS, verify_local_run
 
 CYAN, RED, RESET = "\x1b[96m", "\x1b[91m", "\x1b[0m"
 
@@ -68,8 +70,8 @@ def test_the_last_traceback_and_multi_line_messages_win() -> None:
 def test_innermost_task_is_taken_from_kfps_exception() -> None:
     exc = RuntimeError(f"Pipeline 'p' finished with status FAILURE. Inner task failed: "
                        f"{CYAN}'register-model'{RESET} inside {CYAN}'condition-1'{RESET}.")
-    assert runners._failed_task_from_exception(exc) == "register-model"
-    assert runners._failed_task_from_exception(RuntimeError("something else")) is None
+    assert failed_task_from_exception(exc) == "register-model"
+    assert failed_task_from_exception(RuntimeError("something else")) is None
 
 
 # --- the checks behind "kfp.local said SUCCESS" ---------------------------------------------
@@ -79,6 +81,7 @@ PRODUCERS = {"raw_data": "download-dataset", "prepared_data": "preprocess-datase
              "metrics": "evaluate-model", "classification_metrics": "evaluate-model",
              "report": "evaluate-model", "evaluation": "evaluate-model",
              "gate_passed": "evaluate-model"}
+GATED = "register-model"
 
 
 def _fake_run(root: Path, *, gate: bool, register_ran: bool,
@@ -91,14 +94,14 @@ def _fake_run(root: Path, *, gate: bool, register_ran: bool,
             continue
         base = old_dir if task in cached else run_dir
         (base / task).mkdir(parents=True, exist_ok=True)
-        (base / task / runners.EXECUTOR_OUTPUT).write_text("{}")
+        (base / task / EXECUTOR_OUTPUT).write_text("{}")
         path = base / task / name
-        if name in runners.FILE_OUTPUTS:
+        if name in FILE_OUTPUTS:
             path.write_text("x")
         outputs[name] = dsl.Artifact(uri=str(path))
     if register_ran:
         (run_dir / "register-model").mkdir()
-        (run_dir / "register-model" / runners.EXECUTOR_OUTPUT).write_text(
+        (run_dir / "register-model" / EXECUTOR_OUTPUT).write_text(
             json.dumps({"parameterValues": {"Output": {"registered": True}}}))
     return outputs, run_dir
 
@@ -106,33 +109,33 @@ def _fake_run(root: Path, *, gate: bool, register_ran: bool,
 def test_a_silently_skipped_gated_step_is_a_failure(tmp_path: Path) -> None:
     outputs, run_dir = _fake_run(tmp_path, gate=True, register_ran=False)
     with pytest.raises(StepFailedError, match="did not run although the evaluation gate") as err:
-        runners._verify_local_run(outputs, PRODUCERS, run_dir)
+        verify_local_run(outputs, PRODUCERS, GATED, run_dir)
     assert err.value.step == "register-model"
 
 
 def test_a_gated_step_that_ran_on_a_failed_gate_is_a_failure(tmp_path: Path) -> None:
     outputs, run_dir = _fake_run(tmp_path, gate=False, register_ran=True)
     with pytest.raises(StepFailedError, match="ran although the evaluation gate failed"):
-        runners._verify_local_run(outputs, PRODUCERS, run_dir)
+        verify_local_run(outputs, PRODUCERS, GATED, run_dir)
 
 
 def test_missing_outputs_name_their_step(tmp_path: Path) -> None:
     outputs, run_dir = _fake_run(tmp_path, gate=False, register_ran=False)
     Path(outputs["report"].path).unlink()
     with pytest.raises(StepFailedError, match="output 'report' is missing") as err:
-        runners._verify_local_run(outputs, PRODUCERS, run_dir)
+        verify_local_run(outputs, PRODUCERS, GATED, run_dir)
     assert err.value.step == "evaluate-model"
     outputs, run_dir = _fake_run(tmp_path / "b", gate=False, register_ran=False)
-    (run_dir / "train-model" / runners.EXECUTOR_OUTPUT).unlink()
+    (run_dir / "train-model" / EXECUTOR_OUTPUT).unlink()
     with pytest.raises(StepFailedError, match=r"left no executor_output\.json") as err:
-        runners._verify_local_run(outputs, PRODUCERS, run_dir)
+        verify_local_run(outputs, PRODUCERS, GATED, run_dir)
     assert err.value.step == "train-model"
 
 
 def test_cache_hits_are_outputs_from_an_earlier_run(tmp_path: Path) -> None:
     outputs, run_dir = _fake_run(tmp_path, gate=True, register_ran=True,
                                  cached=("download-dataset", "preprocess-dataset"))
-    cached, registration = runners._verify_local_run(outputs, PRODUCERS, run_dir)
+    cached, registration = verify_local_run(outputs, PRODUCERS, GATED, run_dir)
     assert cached == ["download-dataset", "preprocess-dataset"]
     assert registration == {"registered": True}
 

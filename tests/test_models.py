@@ -7,7 +7,7 @@ import dataclasses
 import keras
 import numpy as np
 import pytest
-from train_helpers import small_config
+from train_helpers import small_train
 
 from pipeline.lib import models
 
@@ -17,7 +17,7 @@ def _odd_images(n: int = 2, h: int = 71, w: int = 53) -> np.ndarray:
 
 
 def test_mobilenet_takes_uint8_of_any_size(mobilenet_weights):
-    model = models.build_model(small_config(weights=str(mobilenet_weights)), 3)
+    model = models.build_model(small_train(weights=str(mobilenet_weights)), 3)
     for shape in [(2, 71, 53), (1, 300, 17), (3, 64, 64)]:
         out = np.asarray(model(_odd_images(*shape), training=False))
         assert out.shape == (shape[0], 3)
@@ -26,7 +26,7 @@ def test_mobilenet_takes_uint8_of_any_size(mobilenet_weights):
 
 
 def test_seed_cnn_matches_notebook_architecture():
-    model = models.build_model(small_config(model="seed_cnn", image_size=96), 3)
+    model = models.build_model(small_train(model="seed_cnn", image_size=96), 3)
     out = np.asarray(model(_odd_images(), training=False))
     assert out.shape == (2, 3)
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
@@ -40,7 +40,7 @@ def test_seed_cnn_matches_notebook_architecture():
 
 @pytest.mark.parametrize(("pooling", "width"), [("avg", 1), ("avg_max", 2)])
 def test_pooling_feeds_average_or_average_and_max_features(mobilenet_weights, pooling, width):
-    model = models.build_model(small_config(weights=str(mobilenet_weights), pooling=pooling), 3)
+    model = models.build_model(small_train(weights=str(mobilenet_weights), pooling=pooling), 3)
     backbone = model.get_layer(models.BACKBONE)
     channels = backbone.output_shape[-1]
     assert model.get_layer(models.POOL).output.shape[-1] == width * channels
@@ -55,9 +55,9 @@ def test_pooling_feeds_average_or_average_and_max_features(mobilenet_weights, po
 
 
 def test_imagenet_weights_file_is_loaded(mobilenet_weights):
-    loaded = models.build_model(small_config(weights=str(mobilenet_weights)), 3)
-    again = models.build_model(small_config(weights=str(mobilenet_weights)), 3)
-    random = models.build_model(small_config(weights="none"), 3)
+    loaded = models.build_model(small_train(weights=str(mobilenet_weights)), 3)
+    again = models.build_model(small_train(weights=str(mobilenet_weights)), 3)
+    random = models.build_model(small_train(weights="none"), 3)
     kernel = loaded.get_layer(models.BACKBONE).get_layer("conv1").get_weights()[0]
     np.testing.assert_array_equal(
         kernel, again.get_layer(models.BACKBONE).get_layer("conv1").get_weights()[0])
@@ -71,11 +71,11 @@ def test_weights_setting_is_resolved_with_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         models.resolve_weights(str(tmp_path / "missing.h5"))
     with pytest.raises(ValueError, match="at least 2 classes"):
-        models.build_model(small_config(weights="none"), 1)
+        models.build_model(small_train(weights="none"), 1)
 
 
 def test_fine_tune_unfreezes_top_convolutions_only(mobilenet_weights):
-    model = models.build_model(small_config(weights=str(mobilenet_weights)), 3)
+    model = models.build_model(small_train(weights=str(mobilenet_weights)), 3)
     count = models.set_fine_tune(model, 4)
     backbone = model.get_layer(models.BACKBONE)
     trainable = [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
@@ -89,7 +89,7 @@ def test_mixed_precision_keeps_float32_output():
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model = models.build_model(small_config(weights="none"), 3)
+        model = models.build_model(small_train(weights="none"), 3)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     assert model.get_layer(models.BACKBONE).compute_dtype == "float16"
@@ -97,7 +97,7 @@ def test_mixed_precision_keeps_float32_output():
 
 
 def test_load_model_uses_safe_mode_and_round_trips(tmp_path):
-    config = dataclasses.replace(small_config(weights="none"))
+    config = dataclasses.replace(small_train(weights="none"))
     model = models.build_model(config, 3)
     model.save(tmp_path / models.MODEL_FILE)
     loaded = models.load_model(tmp_path)

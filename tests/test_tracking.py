@@ -25,6 +25,7 @@ from pipeline import __version__
 from pipeline.config import PipelineConfig
 from pipeline.lib import tracking
 from pipeline.lib.model_logging import MlflowEpochLogger, log_model
+from pipeline.lib.params import TrainParams
 from pipeline.lib.tracking import (
     TrackingServerError,
     check_tracking_server,
@@ -391,8 +392,8 @@ def test_the_pipelines_own_model_logs_and_predicts(mlflow_server: MlflowServer,
     """Integration with pipeline.lib.models: the architecture training exports."""
     from pipeline.lib import models
 
-    model = models.build_model(PipelineConfig(model="seed_cnn", image_size=96, weights="none"),
-                               len(CLASSES))
+    params = PipelineConfig(model="seed_cnn", image_size=96, weights="none")
+    model = models.build_model(params.params_for(TrainParams), len(CLASSES))
     model_dir = save_model_dir(model, tmp_path / "model")
     with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")):
         model_uri = log_model(model_dir, input_example=images(2, 40, 40))

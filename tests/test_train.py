@@ -14,7 +14,7 @@ from train_helpers import (
     REFERENCE_OVERRIDES,
     prepared_iris,
     run_python,
-    small_config,
+    small_train,
     trained_reference,
 )
 
@@ -72,7 +72,7 @@ def test_exported_models_take_uint8_of_odd_sizes(root):
 
 def test_same_seed_gives_same_training(root):
     reference_dir, reference = trained_reference(root)
-    again = train_model(prepared_iris(root), root / "again", small_config(**REFERENCE_OVERRIDES))
+    again = train_model(prepared_iris(root), root / "again", small_train(**REFERENCE_OVERRIDES))
     for a, b in zip(reference["history"], again["history"], strict=True):
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
@@ -87,12 +87,12 @@ def test_resume_after_kill_continues_from_last_finished_epoch(root):
     data_dir = prepared_iris(root)
     model_dir = root / "killed"
     state_file = model_dir / "checkpoints" / "state.json"
-    config = json.dumps(small_config(**REFERENCE_OVERRIDES).to_dict())
+    config = json.dumps(small_train(**REFERENCE_OVERRIDES).to_dict())
     code = (
-        "import json; from pipeline.config import PipelineConfig; "
+        "import json; from pipeline.lib.params import TrainParams; "
         "from pipeline.steps.train import train_model; "
         f"train_model({str(data_dir)!r}, {str(model_dir)!r}, "
-        f"PipelineConfig.from_mapping(json.loads({config!r})))"
+        f"TrainParams.from_mapping(json.loads({config!r})))"
     )
     process = run_python(code, wait=False)
     finished = 0
@@ -117,7 +117,7 @@ def test_resume_after_kill_continues_from_last_finished_epoch(root):
     assert 2 <= len(before) < 5
     assert not (model_dir / "model.keras").exists()
 
-    summary = train_model(data_dir, model_dir, small_config(**REFERENCE_OVERRIDES))
+    summary = train_model(data_dir, model_dir, small_train(**REFERENCE_OVERRIDES))
     assert summary["resumed_from_epoch"] == len(before)
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4, 5]
     assert summary["history"][: len(before)] == before  # finished epochs were not re-run
@@ -135,7 +135,7 @@ def test_resume_after_kill_continues_from_last_finished_epoch(root):
 def test_checkpoints_of_another_run_are_refused(root):
     model_dir, _ = trained_reference(root)
     with pytest.raises(ValueError, match="different training run"):
-        train_model(prepared_iris(root), model_dir, small_config(seed=7, **REFERENCE_OVERRIDES))
+        train_model(prepared_iris(root), model_dir, small_train(seed=7, **REFERENCE_OVERRIDES))
 
 
 def test_head_on_cached_features_is_exported_exactly(root):
@@ -143,7 +143,7 @@ def test_head_on_cached_features_is_exported_exactly(root):
     data_dir = prepared_iris(root)
     model_dir = root / "feature-head"
     summary = train_model(data_dir, model_dir,
-                          small_config(head_feature_views=2, fine_tune_epochs=0, head_c=0.01))
+                          small_train(head_feature_views=2, fine_tune_epochs=0, head_c=0.01))
     assert summary["head_training"] == "features"
     assert [h["phase"] for h in summary["history"]] == ["head"]
     head = summary["history"][0]
@@ -162,12 +162,12 @@ def test_head_on_cached_features_is_exported_exactly(root):
 
 def test_missing_data_set_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a prepared data set"):
-        train_model(tmp_path / "nothing", tmp_path / "model", small_config())
+        train_model(tmp_path / "nothing", tmp_path / "model", small_train())
 
 
 def test_mirrored_strategy_on_two_logical_cpus_with_augmentation_in_model(root):
     data_dir = prepared_iris(root)
-    config = json.dumps(small_config(epochs=1, fine_tune_epochs=0, batch_size=16,
+    config = json.dumps(small_train(epochs=1, fine_tune_epochs=0, batch_size=16,
                                      augment_placement="model").to_dict())
     code = f"""
 import json, logging
@@ -175,10 +175,10 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 logging.basicConfig(level=logging.INFO)
-from pipeline.config import PipelineConfig
+from pipeline.lib.params import TrainParams
 from pipeline.steps.train import train_model
 summary = train_model({str(data_dir)!r}, {str(root / "mirrored")!r},
-                      PipelineConfig.from_mapping(json.loads({config!r})))
+                      TrainParams.from_mapping(json.loads({config!r})))
 print("SUMMARY " + json.dumps({{k: summary[k] for k in
       ("replicas", "strategy", "devices", "augmentation_in", "epochs_run")}}))
 """

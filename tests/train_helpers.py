@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
+from pipeline.lib.params import EvaluateParams, PreprocessParams, TrainParams
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
@@ -28,7 +29,7 @@ def prepared_iris(root: Path) -> Path:
 
     if "iris" not in _PREPARED:
         out = root / "iris-prepared"
-        prepare_dataset(IRIS_ZIP, out, PipelineConfig(data_source=str(IRIS_ZIP)))
+        prepare_dataset(IRIS_ZIP, out, PipelineConfig().params_for(PreprocessParams))
         _PREPARED["iris"] = out
     return _PREPARED["iris"]
 
@@ -47,6 +48,16 @@ def small_config(**overrides: object) -> PipelineConfig:
         head_feature_views=0,  # epoch-by-epoch head (history, resume); feature head: own test
     )
     return dataclasses.replace(base, **overrides)
+
+
+def small_train(**overrides: object) -> TrainParams:
+    """:func:`small_config`'s training params (what the train step and its libraries take)."""
+    return small_config(**overrides).params_for(TrainParams)
+
+
+def small_eval(**overrides: object) -> EvaluateParams:
+    """:func:`small_config`'s evaluation params."""
+    return small_config(**overrides).params_for(EvaluateParams)
 
 
 def run_python(code: str, *, timeout: float = 300, env: dict[str, str] | None = None,
@@ -75,6 +86,6 @@ def trained_reference(root: Path) -> tuple[Path, dict]:
     if "reference" not in _TRAINED:
         data_dir = prepared_iris(root)
         model_dir = root / "reference-model"
-        summary = train_model(data_dir, model_dir, small_config(**REFERENCE_OVERRIDES))
+        summary = train_model(data_dir, model_dir, small_train(**REFERENCE_OVERRIDES))
         _TRAINED["reference"] = (model_dir, summary)
     return _TRAINED["reference"]

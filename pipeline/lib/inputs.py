@@ -25,8 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import PipelineConfig
 from pipeline.lib import records
+from pipeline.lib.params import TrainParams
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class RandomAugment(keras.layers.Layer):
         return config
 
 
-def build_augmenter(config: PipelineConfig) -> RandomAugment:
+def build_augmenter(config: TrainParams) -> RandomAugment:
     """The training-time augmentation the config asks for (``augment_*`` fields)."""
     return RandomAugment(
         flip=config.augment_flip,
@@ -236,7 +236,7 @@ def read_labels(data_dir: str | Path, split: str) -> np.ndarray:
     return np.fromiter((int(v) for v in dataset.as_numpy_iterator()), dtype=np.int64)
 
 
-def steps_for(num_examples: int, config: PipelineConfig) -> int:
+def steps_for(num_examples: int, config: TrainParams) -> int:
     """Batches per epoch: config.steps_per_epoch, or one pass over the split when it is 0."""
     if num_examples <= 0:
         raise ValueError("the training split is empty")
@@ -250,7 +250,7 @@ def epoch_seed(seed: int, epoch: int | tf.Tensor) -> tf.Tensor:
 
 def make_train_dataset(
     data_dir: str | Path,
-    config: PipelineConfig,
+    config: TrainParams,
     *,
     first_epoch: int,
     last_epoch: int,
@@ -295,7 +295,7 @@ def make_train_dataset(
     return dataset, steps
 
 
-def make_eval_dataset(data_dir: str | Path, split: str, config: PipelineConfig) -> tf.data.Dataset:
+def make_eval_dataset(data_dir: str | Path, split: str, config: TrainParams) -> tf.data.Dataset:
     """(uint8 image batch, label batch) of a split in file order, no augmentation."""
     # a known length lets Keras end validation cleanly (no "ran out of data" warning)
     size = len(read_labels(data_dir, split))
@@ -309,7 +309,7 @@ def make_eval_dataset(data_dir: str | Path, split: str, config: PipelineConfig) 
 # ----------------------------------------------------------------------------------------
 def save_augmentation_preview(
     data_dir: str | Path,
-    config: PipelineConfig,
+    config: TrainParams,
     path: str | Path,
     *,
     num_images: int = 4,

@@ -20,6 +20,7 @@ import numpy as np
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from pipeline.lib.contract import CLASSES_FILE, MODEL_FILE
 from pipeline.lib.tracking import EPOCH_KEYS, numeric_metrics, require_active_run
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def log_model(
     """
     require_active_run("log_model")
     model_dir = Path(model_dir)
-    model_file = model_dir / "model.keras"
+    model_file = model_dir / MODEL_FILE
     if not model_file.is_file():
         raise FileNotFoundError(f"cannot log model: {str(model_file)!r} does not exist")
     example = np.asarray(input_example)
@@ -135,7 +136,7 @@ def log_model(
             f"got {example.dtype} {example.shape}"
         )
     classes: list[str] | None = None
-    classes_file = model_dir / "classes.json"
+    classes_file = model_dir / CLASSES_FILE
     if classes_file.is_file():
         classes = [str(c) for c in json.loads(classes_file.read_text())]
 

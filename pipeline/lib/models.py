@@ -13,15 +13,15 @@ from urllib.parse import urlparse
 
 import keras
 
-from pipeline.config import PipelineConfig
+from pipeline.lib.contract import MODEL_FILE
 from pipeline.lib.inputs import RandomAugment, make_resizer
+from pipeline.lib.params import TrainParams
 
 logger = logging.getLogger(__name__)
 
 BACKBONE = "backbone"
 POOL = "pool"
 HEAD = "probabilities"
-MODEL_FILE = "model.keras"
 
 #: Custom objects a saved model may reference; registered, listed here for safe-mode loading.
 CUSTOM_OBJECTS = {"iris>RandomAugment": RandomAugment}
@@ -84,7 +84,7 @@ def build_seed_cnn(image_size: int, num_classes: int) -> keras.Model:
     return keras.Model(inputs, outputs, name="seed_cnn")
 
 
-def build_mobilenet(config: PipelineConfig, num_classes: int) -> keras.Model:
+def build_mobilenet(config: TrainParams, num_classes: int) -> keras.Model:
     """ImageNet MobileNet backbone (frozen; see :func:`set_fine_tune`) + pooling, dropout, softmax.
 
     ``config.pooling`` picks global average pooling or average and max pooling concatenated.
@@ -122,7 +122,7 @@ def build_mobilenet(config: PipelineConfig, num_classes: int) -> keras.Model:
     return keras.Model(inputs, outputs, name="mobilenet_classifier")
 
 
-def build_model(config: PipelineConfig, num_classes: int) -> keras.Model:
+def build_model(config: TrainParams, num_classes: int) -> keras.Model:
     """The model ``config.model`` names, taking raw 0..255 RGB images of any size."""
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
@@ -164,7 +164,6 @@ def load_model(model_dir: str | Path) -> keras.Model:
 __all__ = [
     "BACKBONE",
     "HEAD",
-    "MODEL_FILE",
     "POOL",
     "build_mobilenet",
     "build_model",

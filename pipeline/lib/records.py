@@ -4,7 +4,7 @@ A prepared data set is one self-contained directory, so a later step on another 
 needs nothing else::
 
     <root>/classes.json          ["iris-setosa", "iris-versicolour", "iris-virginica"]
-    <root>/data_report.json      counts, skipped files, duplicates (see dataset.py)
+    <root>/data_report.json      counts, skipped files, duplicates (see steps/preprocess.py)
     <root>/data_report.md        the same for people
     <root>/<split>/<split>-00000-of-00002.tfrecord   split in SPLITS
 
@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import google_crc32c
 
+from pipeline.lib.contract import CLASSES_FILE
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-CLASSES_FILE = "classes.json"
-REPORT_JSON = "data_report.json"
-REPORT_MD = "data_report.md"
 
 #: Feature names and their tf.io dtype names, the schema ``serialize`` writes.
 FEATURE_DTYPES = {"image": "string", "label": "int64", "sha256": "string", "path": "string"}

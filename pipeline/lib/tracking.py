@@ -8,11 +8,9 @@ works the same against a local ``sqlite:///`` store and a remote ``mlflow server
 
 Typical use inside a step (layer 1 stays free of KFP)::
 
-    uri = resolve_tracking_uri(config_uri, workdir)
-    with step_run("train", tracking_uri=uri, experiment_name=config.experiment_name,
-                  pipeline_run_id=run_id, pipeline_name="iris", params=config.to_dict()):
-        train_model(..., callbacks=[MlflowEpochLogger()])
-        model_uri = log_model(model_dir, input_example=images)
+    with tracked_step("train", tracking_params, params.to_dict()):
+        summary = train_model(..., callbacks=[MlflowEpochLogger()])
+        log_metrics(summary)
 """
 
 from __future__ import annotations
@@ -40,10 +38,10 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, Ru
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-logger = logging.getLogger(__name__)
+from pipeline.lib.contract import DATA_REPORT_JSON
+from pipeline.lib.params import TrackingParams
 
-#: Environment variables the KFP backend's MLflow plugin sets on each task's container.
-PLUGIN_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+logger = logging.getLogger(__name__)
 
 # Tags (dotted keys need backticks in MLflow filter strings).
 TAG_PIPELINE_RUN_ID = "kfp.pipeline_run_id"
@@ -485,7 +483,7 @@ def _step_run(
         )
         manage_parent = True
 
-    conflicts = log_params_once(client, parent_id, params or {})
+    log_params_once(client, parent_id, params or {})
     if manage_parent:
         client.update_run(parent_id, status="RUNNING")
 
@@ -504,8 +502,9 @@ def _step_run(
     child_id = client.create_run(
         experiment_id, run_name=step, tags={**resolve_tags(child_tags), **child_tags},
     ).info.run_id
-    if conflicts:  # keep the differing values visible on the step that saw them
-        client.log_batch(child_id, params=[Param(k, v) for k, v in conflicts.items()])
+    # the step's own params on its run too (the UI shows a run's params, not its parent's);
+    # a value differing from the parent's stays visible on the step that saw it
+    log_params_once(client, child_id, params or {})
     logger.info("MLflow run %s (step %r) under parent %s at %s", child_id, step, parent_id,
                 redact_uri(tracking_uri))
 
@@ -532,6 +531,22 @@ def _step_run(
         if manage_parent:
             with contextlib.suppress(Exception):
                 client.set_terminated(parent_id, status)
+
+
+@contextlib.contextmanager
+def tracked_step(
+    step: str, tracking: TrackingParams, params: Mapping[str, Any],
+) -> Iterator[mlflow.ActiveRun]:
+    """:func:`step_run` for a pipeline step: the tracking URI resolved, ``params`` logged.
+
+    The one place the tracked steps (train, evaluate, register) enter MLflow, so their
+    components stay a single call.
+    """
+    uri = resolve_tracking_uri(tracking.tracking_uri, Path.cwd())
+    with step_run(step, tracking_uri=uri, experiment_name=tracking.experiment_name,
+                  pipeline_run_id=tracking.pipeline_run_id,
+                  pipeline_name=tracking.pipeline_name, params=params) as run:
+        yield run
 
 
 def parent_run_id(run_id: str | None = None, client: MlflowClient | None = None) -> str | None:
@@ -653,13 +668,12 @@ def log_dataset_input(
         targets.append(parent)
     for target in targets:
         client.log_inputs(target, datasets=[DatasetInput(entity, tags)])
-    mlflow.log_dict(dict(report), "data_report.json")
+    mlflow.log_dict(dict(report), DATA_REPORT_JSON)
     return full[:32]
 
 
 __all__ = [
     "EPOCH_KEYS",
-    "PLUGIN_ENV",
     "TrackingServerError",
     "check_tracking_server",
     "find_parent_run",
@@ -676,4 +690,5 @@ __all__ = [
     "redact_uri",
     "resolve_tracking_uri",
     "step_run",
+    "tracked_step",
 ]

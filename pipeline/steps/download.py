@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -12,13 +11,17 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import fsspec
 import requests
 from tqdm import tqdm
+
+from pipeline.lib.contract import META_PATH, META_SHA256, META_SOURCE
+from pipeline.lib.files import atomic_file, file_sha256, replace_dir
+from pipeline.lib.params import DownloadParams
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +66,6 @@ def normalize_sha256(sha256: str | None) -> str | None:
     return digest
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in chunks so large archives stay out of memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _source_name(source: str) -> str:
     """A safe file name for the fetched archive: the last path segment of the source."""
     path = urllib.parse.urlparse(source).path if "://" in source else source
@@ -79,21 +73,6 @@ def _source_name(source: str) -> str:
     if name in ("", ".", "..") or name.startswith("."):
         name = "dataset-archive"
     return name
-
-
-@contextlib.contextmanager
-def _atomic_file(final: Path) -> Iterator[IO[bytes]]:
-    """A temporary file next to ``final``, renamed onto it only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w+b") as handle:
-            yield handle
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_digest(actual: str, expected: str | None, what: str) -> None:
@@ -107,7 +86,7 @@ def _check_digest(actual: str, expected: str | None, what: str) -> None:
 def _copy_verified(src: Path, dest: Path, expected: str | None, what: str) -> str:
     """Copy ``src`` to ``dest`` atomically, hashing on the way; a bad digest leaves nothing."""
     digest = hashlib.sha256()
-    with _atomic_file(dest) as out, open(src, "rb") as handle:
+    with atomic_file(dest, "w+b", prefix=".part") as out, open(src, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
             out.write(chunk)
@@ -147,22 +126,6 @@ def _copy_tree(src: Path, dest: Path) -> Path:
         raise
     logger.info("copied %d files from folder %s to %s", count, src, dest)
     return dest
-
-
-def replace_dir(new: Path, dest: Path) -> None:
-    """Move the finished folder ``new`` onto ``dest``, swapping out any old one only at the end."""
-    if not dest.exists():
-        os.replace(new, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.replace(dest, old / dest.name)
-    try:
-        os.replace(new, dest)
-    except BaseException:
-        os.replace(old / dest.name, dest)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _with_retries(url: str, attempt_fn: Callable[[], Any], retries: int, backoff_s: float) -> Any:
@@ -263,7 +226,7 @@ def _fetch_remote(url: str, dest: Path, expected: str | None, cache_dir: Path, *
     attempt = _fsspec_attempt if use_fsspec else _http_attempt
     # Download next to the destination, then verify before the rename makes it visible.
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(dest) as tmp:
+    with atomic_file(dest, "w+b", prefix=".part") as tmp:
         _with_retries(url, lambda: attempt(url, tmp, timeout_s), retries, backoff_s)
         tmp.seek(0)
         digest = hashlib.sha256()
@@ -334,12 +297,22 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
                          timeout_s=timeout_s, use_fsspec=scheme not in ("http", "https"))
 
 
+def run_step(params: DownloadParams, out_dir: str | Path) -> dict[str, str]:
+    """The ``download_dataset`` component's body: fetch, then describe the artifact.
+
+    Returns the artifact metadata: the source and digest (for later steps' lineage, even
+    when they are served from the cache) and the fetched entry's path inside ``out_dir``.
+    """
+    fetched = fetch_dataset(params.data_source, out_dir, params.data_sha256 or None)
+    return {META_SOURCE: params.data_source, META_SHA256: params.data_sha256,
+            META_PATH: Path(fetched).relative_to(out_dir).as_posix()}
+
+
 __all__ = [
     "CACHE_ENV",
     "DownloadError",
     "default_cache_dir",
     "fetch_dataset",
-    "file_sha256",
     "normalize_sha256",
-    "replace_dir",
+    "run_step",
 ]

@@ -6,9 +6,9 @@ is shown beside the majority-class baseline, the score a model that learned noth
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,23 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from pipeline.config import PipelineConfig
-from pipeline.lib import inputs, models, records, report
+from pipeline.lib import inputs, models, records, report, tracking
+from pipeline.lib.contract import (
+    CLASSES_FILE,
+    CONFUSION_PNG,
+    CURVES_PNG,
+    DATA_REPORT_JSON,
+    HISTORY_FILE,
+    METRICS_FILE,
+    MISCLASSIFIED_PNG,
+    REPORT_FILE,
+    TRAINING_SUMMARY_FILE,
+)
+from pipeline.lib.files import read_json, write_json
+from pipeline.lib.params import EvaluateParams, TrackingParams
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-REPORT_FILE = "report.html"
-CONFUSION_PNG = "confusion_matrix.png"
-CURVES_PNG = "training_curves.png"
-MISCLASSIFIED_PNG = "misclassified.png"
 MAX_MISCLASSIFIED_SHOWN = 36
 
 
@@ -47,18 +54,11 @@ def score(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict
     }
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def evaluate_model(
     model_dir: str | Path,
     data_dir: str | Path,
     out_dir: str | Path,
-    config: PipelineConfig,
+    config: EvaluateParams,
 ) -> dict[str, Any]:
     """Score the model in ``model_dir`` on ``data_dir``'s test split; write metrics and report.
 
@@ -68,7 +68,7 @@ def evaluate_model(
     """
     model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
     classes = records.load_classes(data_dir)
-    model_classes = _load_json(model_dir / records.CLASSES_FILE)
+    model_classes = read_json(model_dir / CLASSES_FILE)
     if model_classes is not None and list(model_classes) != classes:
         raise ValueError(
             f"the model in {str(model_dir)!r} was trained on classes {model_classes}, but the "
@@ -130,10 +130,10 @@ def evaluate_model(
         test_examples=len(y_true),
         misclassified=int((y_true != y_pred).sum()),
     )
-    summary = _load_json(model_dir / "training_summary.json") or {}
-    metrics["model"] = summary.get("model", config.model)
+    summary = read_json(model_dir / TRAINING_SUMMARY_FILE) or {}
+    metrics["model"] = summary.get("model", "")
 
-    history = _load_json(model_dir / "history.json") or []
+    history = read_json(model_dir / HISTORY_FILE) or []
     figures = {
         "confusion_matrix": report.plot_confusion_matrix(
             metrics["confusion_matrix"], classes, out_dir / CONFUSION_PNG),
@@ -141,12 +141,10 @@ def evaluate_model(
         "misclassified": report.plot_image_grid(wrong_images, wrong_titles,
                                                 out_dir / MISCLASSIFIED_PNG),
     }
-    data_report = _load_json(data_dir / records.REPORT_JSON)
+    data_report = read_json(data_dir / DATA_REPORT_JSON)
     report.render_html(metrics, data_report, figures, out_dir / REPORT_FILE)
 
-    tmp = out_dir / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out_dir / METRICS_FILE)
+    write_json(out_dir / METRICS_FILE, metrics)
     logger.info(
         "test split (%d images): accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f "
         "(majority baseline %.3f / %.3f / %.3f); gate %s %.3f >= %.3f: %s",
@@ -158,4 +156,35 @@ def evaluate_model(
     return metrics
 
 
-__all__ = ["evaluate_model", "score"]
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What the evaluate component hands to KFP: metrics, the gate verdict, the run id."""
+
+    metrics: dict[str, Any]
+    gate_passed: bool
+    mlflow_run_id: str
+
+    def scalars(self) -> dict[str, float]:
+        """The plain numbers, the majority baseline's prefixed, for a KFP Metrics artifact."""
+        baseline = {f"majority_baseline_{k}": v for k, v in self.metrics["baseline"].items()}
+        return {k: float(v) for k, v in {**self.metrics, **baseline}.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_step(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
+             report_path: str | Path, params: EvaluateParams,
+             tracking_params: TrackingParams) -> Evaluation:
+    """The ``evaluate_model`` component's body: score inside the step's MLflow run.
+
+    Test metrics and the majority baseline also go to the parent run, where pipeline runs
+    are compared; the HTML report is copied to ``report_path`` for the KFP UI.
+    """
+    with tracking.tracked_step("evaluate", tracking_params, params.to_dict()) as run:
+        metrics = evaluate_model(model_dir, data_dir, out_dir, params)
+        tracking.log_metrics(metrics, on_parent=True)
+        tracking.log_artifacts(out_dir)
+    shutil.copyfile(Path(out_dir) / REPORT_FILE, report_path)
+    return Evaluation(metrics, bool(metrics["gate_passed"]), run.info.run_id)
+
+
+__all__ = ["Evaluation", "evaluate_model", "run_step", "score"]

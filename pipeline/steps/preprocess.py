@@ -19,10 +19,20 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from pipeline.config import PipelineConfig
 from pipeline.lib import records
 from pipeline.lib.archive import find_class_root, is_junk, safe_extract
-from pipeline.steps.download import file_sha256, replace_dir
+from pipeline.lib.contract import (
+    CLASSES_FILE,
+    DATA_REPORT_JSON,
+    DATA_REPORT_MD,
+    META_DATA_COUNTS,
+    META_PARAMS,
+    META_PATH,
+    META_SHA256,
+    META_SOURCE,
+)
+from pipeline.lib.files import file_sha256, replace_dir, write_text
+from pipeline.lib.params import PreprocessParams
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +304,7 @@ def _check_out_dir(out_dir: Path) -> None:
     if not out_dir.is_dir():
         raise FileExistsError(f"output {str(out_dir)!r} exists and is not a folder")
     contents = {p.name for p in out_dir.iterdir()}
-    if contents and not contents & {records.CLASSES_FILE, records.REPORT_JSON}:
+    if contents and not contents & {CLASSES_FILE, DATA_REPORT_JSON}:
         raise FileExistsError(
             f"output folder {str(out_dir)!r} is not empty and not a prepared data set; "
             "refusing to replace it"
@@ -332,7 +342,7 @@ def _ratio(numerator: int, denominator: int) -> float:
 
 def build_report(scan: Scan, kept: list[Candidate], conflicts: list[dict[str, Any]],
                  within: list[dict[str, Any]], splits: dict[str, list[Candidate]],
-                 ignored: list[dict[str, str]], config: PipelineConfig,
+                 ignored: list[dict[str, str]], config: PreprocessParams,
                  input_info: dict[str, Any], source_info: Mapping[str, Any] | None
                  ) -> dict[str, Any]:
     """The data report as a JSON-ready dict; deterministic (no times, no temporary paths)."""
@@ -446,7 +456,7 @@ def render_report_md(report: Mapping[str, Any]) -> str:
 
 def load_report(data_dir: str | Path) -> dict[str, Any]:
     """The data report of a prepared data set; ``FileNotFoundError`` when there is none."""
-    path = Path(data_dir) / records.REPORT_JSON
+    path = Path(data_dir) / DATA_REPORT_JSON
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -455,7 +465,7 @@ def load_report(data_dir: str | Path) -> dict[str, Any]:
         ) from exc
 
 
-def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PipelineConfig, *,
+def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PreprocessParams, *,
                     source_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Validate ``raw`` (archive or folder of class folders) and write the split data set.
 
@@ -503,8 +513,8 @@ def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PipelineConfig
         for split, items in splits.items():
             records.write_split(build, split, _examples(items, index), _num_shards(items))
         records.write_classes(build, scan.classes)
-        (build / records.REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-        (build / records.REPORT_MD).write_text(render_report_md(report))
+        write_text(build / DATA_REPORT_JSON, json.dumps(report, indent=2) + "\n")
+        write_text(build / DATA_REPORT_MD, render_report_md(report))
         replace_dir(build, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -518,6 +528,23 @@ def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PipelineConfig
     return report
 
 
+def run_step(raw_dir: str | Path, raw_metadata: Mapping[str, Any], out_dir: str | Path,
+             report_md_path: str | Path, params: PreprocessParams) -> dict[str, Any]:
+    """The ``preprocess_dataset`` component's body: prepare the data, describe the artifact.
+
+    The Markdown report is copied to ``report_md_path`` (what the KFP UI renders). The
+    returned metadata carries the source, digest and preprocess params forward, so the
+    (uncached) tracking steps can log them even when this step was served from the cache.
+    """
+    source = {META_SOURCE: raw_metadata.get(META_SOURCE, ""),
+              META_SHA256: raw_metadata.get(META_SHA256, "")}
+    raw = Path(raw_dir) / raw_metadata.get(META_PATH, "")
+    report = prepare_dataset(raw, out_dir, params, source_info=source)
+    shutil.copyfile(Path(out_dir) / DATA_REPORT_MD, report_md_path)
+    return {**source, META_PARAMS: params.to_dict(),
+            **{key: report[key] for key in META_DATA_COUNTS}}
+
+
 __all__ = [
     "Candidate",
     "assign_splits",
@@ -528,6 +555,7 @@ __all__ = [
     "prepare_dataset",
     "render_report_md",
     "resolve_duplicates",
+    "run_step",
     "scan_images",
     "split_sizes",
 ]

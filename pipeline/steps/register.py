@@ -11,12 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from pipeline.lib import tracking
+from pipeline.lib.contract import META_GATE_PASSED, META_MODEL_URI
+from pipeline.lib.params import RegisterParams, TrackingParams
 
 logger = logging.getLogger(__name__)
 
@@ -247,4 +252,22 @@ def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: 
                        exc)
 
 
-__all__ = ["CHALLENGER", "CHAMPION", "champion_metric", "register_model"]
+def run_step(model_metadata: Mapping[str, Any], metrics_metadata: Mapping[str, Any],
+             params: RegisterParams, tracking_params: TrackingParams) -> dict[str, Any]:
+    """The ``register_model`` component's body: the registry decision in the step's MLflow run.
+
+    The logged model's URI comes from the training artifact's metadata, the gate's verdict
+    and value from the evaluation's Metrics metadata. Returns the decision and the run id.
+    """
+    with tracking.tracked_step("register", tracking_params, params.to_dict()) as run:
+        decision = register_model(
+            model_metadata[META_MODEL_URI],
+            name=params.registered_model_name,
+            metric_name=params.gate_metric,
+            metric_value=float(metrics_metadata[params.gate_metric]),
+            gate_passed=bool(metrics_metadata[META_GATE_PASSED]),
+        )
+    return {**decision, "mlflow_run_id": run.info.run_id}
+
+
+__all__ = ["CHALLENGER", "CHAMPION", "champion_metric", "register_model", "run_step"]

@@ -18,32 +18,42 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import keras
+import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import PipelineConfig
-from pipeline.lib import inputs, models, records
+from pipeline.lib import inputs, model_logging, models, records, tracking
+from pipeline.lib.contract import (
+    CHECKPOINT_DIR,
+    CLASSES_FILE,
+    DATA_REPORT_JSON,
+    HISTORY_FILE,
+    META_MODEL_URI,
+    META_PARAMS,
+    META_PARENT_RUN_ID,
+    META_RUN_ID,
+    META_SHA256,
+    META_SOURCE,
+    META_TRACKING_URI,
+    MODEL_FILE,
+    PREVIEW_FILE,
+    SAVED_MODEL_DIR,
+    TRAINING_SUMMARY_FILE,
+)
+from pipeline.lib.files import read_json
+from pipeline.lib.params import PreprocessParams, TrackingParams, TrainParams
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
-HISTORY_FILE = "history.json"
-SUMMARY_FILE = "training_summary.json"
-PREVIEW_FILE = "augmentation_preview.png"
-SAVED_MODEL_DIR = "saved_model"
 
-#: Config fields that do not change what is trained (resume ignores differences in them).
-NOT_TRAINING_FIELDS = frozenset({
-    "data_source", "data_sha256", "max_archive_bytes", "max_archive_entries", "weights",
-    "gate_metric", "gate_threshold", "registered_model_name", "experiment_name",
-    "mixed_precision", "xla", "augment_placement",
-})
+#: Fields that do not change what is trained (resume ignores differences in them).
+NOT_TRAINING_FIELDS = frozenset({"weights", "mixed_precision", "xla", "augment_placement"})
 
 
 # ----------------------------------------------------------------------------------------
@@ -55,11 +65,24 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def config_fingerprint(config: PipelineConfig, classes: list[str]) -> str:
-    """Digest of everything that defines a training run; checkpoints of another run are refused."""
+def config_fingerprint(config: TrainParams, classes: list[str],
+                       data_identity: Mapping[str, Any]) -> str:
+    """Digest of everything that defines a training run; checkpoints of another run are refused.
+
+    The data's identity (archive digest and per-split content fingerprints from the data
+    report) stands in for the data settings, which the train step does not receive.
+    """
     relevant = {k: v for k, v in config.to_dict().items() if k not in NOT_TRAINING_FIELDS}
-    blob = json.dumps({"config": relevant, "classes": classes}, sort_keys=True)
+    blob = json.dumps({"config": relevant, "classes": classes, "data": data_identity},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def data_identity(data_dir: Path) -> dict[str, Any]:
+    """What identifies the prepared data: the archive's sha256 and each split's fingerprint."""
+    report = read_json(data_dir / DATA_REPORT_JSON) or {}
+    return {"sha256": (report.get("input") or {}).get("sha256", ""),
+            "splits": report.get("split_fingerprints", {})}
 
 
 def class_weights_for(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -85,7 +108,7 @@ def choose_strategy(devices: dict[str, Any]) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def augment_in_model(config: PipelineConfig, devices: dict[str, Any]) -> bool:
+def augment_in_model(config: TrainParams, devices: dict[str, Any]) -> bool:
     """GPU: augment inside the model on the device; CPU: in tf.data, overlapped by prefetch."""
     if config.augment_placement == "auto":
         return devices["accelerated"]
@@ -100,7 +123,7 @@ class Phase:
     fine_tune: bool
 
 
-def plan_phases(config: PipelineConfig) -> list[Phase]:
+def plan_phases(config: TrainParams) -> list[Phase]:
     """MobileNet: train the head, then optionally fine-tune; the notebook's CNN: one phase."""
     if config.model != "mobilenet":
         return [Phase("train", config.epochs, config.learning_rate, fine_tune=False)]
@@ -235,13 +258,13 @@ class EpochTracker(keras.callbacks.Callback):
 # ----------------------------------------------------------------------------------------
 # head on cached backbone features
 # ----------------------------------------------------------------------------------------
-def uses_feature_head(config: PipelineConfig) -> bool:
+def uses_feature_head(config: TrainParams) -> bool:
     """Whether the frozen-backbone head phase trains on cached features (MobileNet only)."""
     return config.model == "mobilenet" and config.head_feature_views > 0
 
 
 def extract_features(
-    core: keras.Model, data_dir: Path, split: str, config: PipelineConfig, *,
+    core: keras.Model, data_dir: Path, split: str, config: TrainParams, *,
     augmenter: inputs.RandomAugment | None = None, views: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pooled backbone features of a split: the images, then ``views`` augmented copies of them.
@@ -269,7 +292,7 @@ def extract_features(
 
 
 def fit_head_on_features(
-    core: keras.Model, data_dir: Path, config: PipelineConfig, augmenter: inputs.RandomAugment,
+    core: keras.Model, data_dir: Path, config: TrainParams, augmenter: inputs.RandomAugment,
     class_weight: dict[int, float] | None,
 ) -> dict[str, float]:
     """Fit the softmax head as L2 logistic regression on cached features; write it into ``core``.
@@ -316,7 +339,7 @@ def fit_head_on_features(
 # ----------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------
-def export_model(trained: keras.Model, config: PipelineConfig, num_classes: int,
+def export_model(trained: keras.Model, config: TrainParams, num_classes: int,
                  model_dir: Path) -> keras.Model:
     """Write ``model.keras`` and ``saved_model/`` from a clean float32 copy of ``trained``.
 
@@ -330,8 +353,8 @@ def export_model(trained: keras.Model, config: PipelineConfig, num_classes: int,
         keras.mixed_precision.set_global_policy(previous)
     clean.set_weights([np.asarray(w) for w in trained.get_weights()])
 
-    keras_path = model_dir / models.MODEL_FILE
-    tmp = model_dir / f".tmp-{models.MODEL_FILE}"
+    keras_path = model_dir / MODEL_FILE
+    tmp = model_dir / f".tmp-{MODEL_FILE}"
     clean.save(tmp)
     os.replace(tmp, keras_path)
 
@@ -357,7 +380,7 @@ def export_model(trained: keras.Model, config: PipelineConfig, num_classes: int,
 # ----------------------------------------------------------------------------------------
 # the step
 # ----------------------------------------------------------------------------------------
-def _compile(model: keras.Model, learning_rate: float, config: PipelineConfig) -> None:
+def _compile(model: keras.Model, learning_rate: float, config: TrainParams) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -366,7 +389,7 @@ def _compile(model: keras.Model, learning_rate: float, config: PipelineConfig) -
     )
 
 
-def _set_phase(core: keras.Model, phase: Phase, config: PipelineConfig) -> None:
+def _set_phase(core: keras.Model, phase: Phase, config: TrainParams) -> None:
     if models.has_backbone(core):
         if phase.fine_tune:
             count = models.set_fine_tune(core, config.fine_tune_layers)
@@ -378,7 +401,7 @@ def _set_phase(core: keras.Model, phase: Phase, config: PipelineConfig) -> None:
 def train_model(
     data_dir: str | Path,
     model_dir: str | Path,
-    config: PipelineConfig,
+    config: TrainParams,
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> dict[str, Any]:
@@ -395,7 +418,8 @@ def train_model(
         raise ValueError(f"the training split under {str(data_dir)!r} is empty")
     records.split_files(data_dir, "val")  # fail early and clearly when val is missing
     model_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(model_dir / CHECKPOINT_DIR, config_fingerprint(config, classes))
+    checkpoints = Checkpoints(model_dir / CHECKPOINT_DIR,
+                              config_fingerprint(config, classes, data_identity(data_dir)))
     state = checkpoints.load()
     resumed_from = None
     if state is None:
@@ -490,7 +514,7 @@ def train_model(
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    write_json_atomic(model_dir / records.CLASSES_FILE, classes)
+    write_json_atomic(model_dir / CLASSES_FILE, classes)
     write_json_atomic(model_dir / HISTORY_FILE, state["history"])
     inputs.save_augmentation_preview(data_dir, config, model_dir / PREVIEW_FILE)
     history = state["history"]
@@ -518,11 +542,50 @@ def train_model(
         "classes": classes,
         "history": history,
     }
-    write_json_atomic(model_dir / SUMMARY_FILE, summary)
+    write_json_atomic(model_dir / TRAINING_SUMMARY_FILE, summary)
     logger.info("trained %s: %d epochs, best epoch %s, %.1fs of training", config.model,
                 summary["epochs_run"], final_best, summary["train_seconds"])
     return summary
 
 
+def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: str | Path,
+             params: TrainParams, tracking_params: TrackingParams) -> dict[str, Any]:
+    """The ``train_model`` component's body: train inside the step's MLflow run.
+
+    Logs the data set (its source, actual sha256 and report) as the run's dataset input and
+    the data settings from the prepared data's metadata beside the training params, so the
+    parent run has every setting even when download and preprocess came from the cache;
+    then trains, logs the per-epoch curves, results, preview and the model. Returns the
+    Model artifact's metadata (MLflow ids for the register step and the summary, results).
+    """
+    data_dir, model_dir = Path(data_dir), Path(model_dir)
+    data_params = PreprocessParams.from_mapping(data_metadata[META_PARAMS])
+    logged = {"data_source": data_metadata[META_SOURCE],
+              "data_sha256": data_metadata[META_SHA256],
+              **data_params.to_dict(), **params.to_dict()}
+    with tracking.tracked_step("train", tracking_params, logged) as run:
+        report = read_json(data_dir / DATA_REPORT_JSON) or {}
+        tracking.log_dataset_input(data_metadata[META_SOURCE],
+                                   (report.get("input") or {}).get("sha256", ""), report)
+        result = train_model(data_dir, model_dir, params,
+                             callbacks=[model_logging.MlflowEpochLogger()])
+        tracking.log_metrics({k: v for k, v in result.items() if k != "history"})
+        tracking.log_artifacts(model_dir / PREVIEW_FILE)
+        examples = inputs.load_examples(data_dir, "test", params.image_size, cache=False)
+        images, _ = next(iter(examples.batch(2)))
+        model_uri = model_logging.log_model(model_dir, input_example=images.numpy())
+        parent = tracking.parent_run_id()
+        uri = mlflow.get_tracking_uri()
+    return {
+        "framework": "keras",
+        META_TRACKING_URI: tracking.redact_uri(uri),
+        META_RUN_ID: run.info.run_id,
+        META_PARENT_RUN_ID: parent or "",
+        META_MODEL_URI: model_uri,
+        **{k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))},
+    }
+
+
 __all__ = ["class_weights_for", "config_fingerprint", "describe_devices", "export_model",
-           "extract_features", "fit_head_on_features", "train_model", "uses_feature_head"]
+           "extract_features", "fit_head_on_features", "run_step", "train_model",
+           "uses_feature_head"]

@@ -1,0 +1,49 @@
+"""The artifact contract: file names inside each step's artifact and its metadata keys.
+
+Writers (steps, components) and readers (later steps, runners, summary, tests) use these
+names, so a rename happens here once instead of in string literals on both sides.
+"""
+
+from __future__ import annotations
+
+# --- raw_data (download_dataset) -----------------------------------------------------------
+#: Metadata: where the data came from and the digest it was checked against.
+META_SOURCE = "source"
+META_SHA256 = "sha256"
+#: Metadata: the fetched archive or folder, relative to the artifact folder.
+META_PATH = "path"
+
+# --- prepared_data (preprocess_dataset) ----------------------------------------------------
+CLASSES_FILE = "classes.json"
+DATA_REPORT_JSON = "data_report.json"
+DATA_REPORT_MD = "data_report.md"
+#: Metadata: the preprocess parameters (so uncached later steps can log them), and counts.
+META_PARAMS = "params"
+META_DATA_COUNTS = ("class_counts", "split_sizes", "files_skipped", "duplicates_dropped")
+
+# --- trained_model (train_model) -----------------------------------------------------------
+MODEL_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+HISTORY_FILE = "history.json"
+TRAINING_SUMMARY_FILE = "training_summary.json"
+PREVIEW_FILE = "augmentation_preview.png"
+CHECKPOINT_DIR = "checkpoints"
+#: Metadata: MLflow identities of the training run and the logged model.
+META_TRACKING_URI = "mlflow_tracking_uri"
+META_RUN_ID = "mlflow_run_id"
+META_PARENT_RUN_ID = "mlflow_parent_run_id"
+META_MODEL_URI = "mlflow_model_uri"
+
+# --- evaluation / metrics / report (evaluate_model) ----------------------------------------
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+CONFUSION_PNG = "confusion_matrix.png"
+CURVES_PNG = "training_curves.png"
+MISCLASSIFIED_PNG = "misclassified.png"
+#: Metrics metadata: the gate's metric name and verdict (also the task's ``Output``).
+META_GATE_METRIC = "gate_metric"
+META_GATE_PASSED = "gate_passed"
+
+# --- kfp.local task folders ----------------------------------------------------------------
+#: A kfp task that finished writes this into its task folder.
+EXECUTOR_OUTPUT = "executor_output.json"

@@ -1,0 +1,189 @@
+"""The local runner: the whole DAG in this environment with kfp.local, verified task by task."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import typing
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kfp.dsl import ClassificationMetrics, Metrics
+
+from pipeline.config import PipelineConfig
+from pipeline.dag import PIPELINE_NAME, PipelineOutputs, create_pipeline, pipeline_arguments
+from pipeline.lib.contract import EXECUTOR_OUTPUT
+from pipeline.runners.kfp_output import (
+    failed_task_from_exception,
+    failed_tasks,
+    recording_stdout,
+    task_error,
+)
+from pipeline.tasks import STEPS, TASK_NAMES
+
+DEFAULT_OUTPUT_DIR = Path("local_outputs")
+#: Pipeline outputs that are folders or files on disk (Metrics artifacts are metadata only).
+FILE_OUTPUTS = tuple(name for name, kind in typing.get_type_hints(PipelineOutputs).items()
+                     if kind not in (bool, Metrics, ClassificationMetrics))
+
+
+class StepFailedError(RuntimeError):
+    """A pipeline step failed; ``step`` is its KFP task name, ``error`` what it raised."""
+
+    def __init__(self, step: str, error: str, run_dir: Path | None = None) -> None:
+        self.step = step
+        self.error = error
+        self.run_dir = run_dir
+        super().__init__(f"step {step!r} failed: {error}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalRunResult:
+    """What one ``--local`` run produced, checked to exist, and where it lives."""
+
+    run_dir: Path
+    output_dir: Path
+    outputs: dict[str, Any]  # pipeline output name -> kfp Artifact or parameter value
+    cached_steps: list[str]  # task names served from kfp.local's cache
+    gate_passed: bool
+    registration: dict[str, Any] | None  # the register step's output, None when gated off
+    elapsed_s: float
+
+
+def _executor_output(task_dir: Path) -> dict[str, Any] | None:
+    path = task_dir / EXECUTOR_OUTPUT
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def output_producers(pipeline_spec: Any) -> dict[str, str]:
+    """Pipeline output name -> task that produces it, from the compiled spec."""
+    outputs = pipeline_spec.root.dag.outputs
+    producers = {name: spec.artifact_selectors[0].producer_subtask
+                 for name, spec in outputs.artifacts.items()}
+    producers.update({name: spec.value_from_parameter.producer_subtask
+                      for name, spec in outputs.parameters.items()})
+    return producers
+
+
+def gated_task(pipeline_spec: Any) -> str:
+    """The one task inside the DAG's condition branch (the register step), from the spec."""
+    inside = [task for component in pipeline_spec.components.values()
+              for task in component.dag.tasks]
+    if len(inside) != 1:
+        raise ValueError(f"expected one task behind the gate, found {inside}")
+    return inside[0]
+
+
+def _run_dirs(output_dir: Path) -> set[Path]:
+    return {p for p in output_dir.glob(f"{PIPELINE_NAME}-*") if p.is_dir()}
+
+
+def verify_local_run(outputs: Mapping[str, Any], producers: Mapping[str, str], gated: str,
+                     run_dir: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """Check that what kfp.local called a success really is one; return cache hits and
+    the register step's output.
+
+    kfp.local (2.17) can report success for a run in which a task did not do its work (a
+    ``dsl.If`` whose condition it cannot resolve is skipped without error), so every
+    pipeline output must exist, every task that ran here must have written its executor
+    output, and the gated register step must have run exactly when the gate passed.
+    """
+    for name, task in producers.items():
+        if name not in outputs:
+            raise StepFailedError(task, f"produced no {name!r} output", run_dir)
+    cached: set[str] = set()
+    for name in FILE_OUTPUTS:
+        task = producers[name]
+        path = Path(outputs[name].path)
+        if not path.exists():
+            raise StepFailedError(task, f"its output {name!r} is missing: {path}", run_dir)
+        if run_dir not in path.parents:
+            cached.add(task)
+    for task in sorted(set(producers.values()) - cached):
+        if _executor_output(run_dir / task) is None:
+            raise StepFailedError(task, f"left no {EXECUTOR_OUTPUT} in {run_dir / task}", run_dir)
+    gate_passed = bool(outputs["gate_passed"])
+    register = _executor_output(run_dir / gated)
+    if gate_passed and register is None:
+        raise StepFailedError(gated, "did not run although the evaluation gate passed "
+                              "(kfp.local skipped the gated branch)", run_dir)
+    if not gate_passed and register is not None:
+        raise StepFailedError(gated, "ran although the evaluation gate failed", run_dir)
+    registration = None
+    if register is not None:
+        registration = register.get("parameterValues", {}).get("Output")
+    return [TASK_NAMES[step] for step in STEPS if TASK_NAMES[step] in cached], registration
+
+
+def run_local(
+    config: PipelineConfig,
+    *,
+    output_dir: str | Path = DEFAULT_OUTPUT_DIR,
+    tracking_uri: str = "",
+    enable_cache: bool = True,
+    images: Mapping[str, str] | None = None,
+) -> LocalRunResult:
+    """Run the whole DAG in this environment with kfp.local's SubprocessRunner.
+
+    Each step runs as its own Python process (as in a pod) with outputs under
+    ``output_dir/<pipeline>-<timestamp>/<task>/``. With ``enable_cache`` kfp.local's cache
+    (``output_dir/.kfp_cache``, keyed by component code, image and inputs) serves the
+    cacheable steps of an identical earlier run. Raises :class:`StepFailedError` naming
+    the failed step and its error, whether or not kfp.local noticed the failure.
+    """
+    from kfp import local
+
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pipeline_func = create_pipeline(images, download_retries=0)
+    producers = output_producers(pipeline_func.pipeline_spec)
+    gated = gated_task(pipeline_func.pipeline_spec)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir),
+               enable_caching=enable_cache)
+    before = _run_dirs(output_dir)
+    started = time.monotonic()
+    with recording_stdout() as recorder, warnings.catch_warnings():
+        # Expected locally: resources and GPUs are cluster settings; our images are not
+        # named "python"; steps run in this environment, not in the image.
+        warnings.filterwarnings("ignore", message=r".*no effect in the current local runner")
+        warnings.filterwarnings("ignore", message=r".*non-Python base image",
+                                category=RuntimeWarning)
+        try:
+            task = pipeline_func(**pipeline_arguments(config, tracking_uri))
+        except RuntimeError as exc:
+            failed = (failed_task_from_exception(exc)
+                      or next(iter(failed_tasks(recorder.lines)), None))
+            if failed is None:
+                raise
+            new = sorted(_run_dirs(output_dir) - before)
+            raise StepFailedError(failed, task_error(recorder.lines, failed),
+                                  new[-1] if new else None) from None
+        silent_failures = failed_tasks(recorder.lines)
+    new = sorted(_run_dirs(output_dir) - before)
+    run_dir = new[-1] if new else None
+    if silent_failures:
+        step = silent_failures[0]
+        raise StepFailedError(step, task_error(recorder.lines, step), run_dir)
+    if run_dir is None:
+        raise StepFailedError(PIPELINE_NAME, f"kfp.local created no run folder in {output_dir}")
+    outputs = dict(task.outputs)
+    cached, registration = verify_local_run(outputs, producers, gated, run_dir)
+    return LocalRunResult(
+        run_dir=run_dir,
+        output_dir=output_dir,
+        outputs=outputs,
+        cached_steps=cached,
+        gate_passed=bool(outputs["gate_passed"]),
+        registration=registration,
+        elapsed_s=time.monotonic() - started,
+    )
+
+
+__all__ = ["DEFAULT_OUTPUT_DIR", "FILE_OUTPUTS", "LocalRunResult", "StepFailedError",
+           "gated_task", "output_producers", "run_local",
+           "verify_local_run"]

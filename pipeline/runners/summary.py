@@ -1,0 +1,87 @@
+"""The ``--summary`` JSON of a local run: metrics, data counts, gate, MLflow ids, paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.dag import PIPELINE_NAME
+from pipeline.lib.contract import DATA_REPORT_JSON, METRICS_FILE
+from pipeline.lib.files import read_json
+from pipeline.runners.local import FILE_OUTPUTS, LocalRunResult, StepFailedError
+
+#: Entries of the data report that the summary repeats (the rest lists files).
+DATA_REPORT_COUNTS = ("files_seen", "files_used", "files_skipped", "duplicates_dropped",
+                      "class_counts", "split_sizes", "split_counts", "skipped_by_reason",
+                      "majority_baseline")
+
+
+def build_summary(result: LocalRunResult, config: PipelineConfig,
+                  tracking_uri: str = "") -> dict[str, Any]:
+    """The ``--summary`` JSON: test metrics, data counts, gate verdict, MLflow ids, paths."""
+    outputs = result.outputs
+    metrics_meta = dict(outputs["metrics"].metadata)
+    evaluation = read_json(Path(outputs["evaluation"].path) / METRICS_FILE) or {}
+    prepared_meta = dict(outputs["prepared_data"].metadata)
+    data_report = read_json(Path(outputs["prepared_data"].path) / DATA_REPORT_JSON) or {}
+    model_meta = dict(outputs["trained_model"].metadata)
+    registration = result.registration or {}
+    gate_metric = metrics_meta.get("gate_metric", config.gate_metric)
+    return {
+        "status": "succeeded",
+        "pipeline": PIPELINE_NAME,
+        "test_metrics": {k: v for k, v in evaluation.items() if not k.startswith("gate_")
+                         and isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "majority_baseline": evaluation.get("baseline"),
+        "per_class": evaluation.get("per_class"),
+        "classes": evaluation.get("classes"),
+        "confusion_matrix": evaluation.get("confusion_matrix"),
+        "data": {
+            "source": prepared_meta.get("source", config.data_source),
+            "sha256": prepared_meta.get("sha256", config.data_sha256),
+            "counts": {k: data_report[k] for k in DATA_REPORT_COUNTS if k in data_report},
+            "report": str(Path(outputs["prepared_data"].path) / DATA_REPORT_JSON),
+        },
+        "gate": {
+            "metric": evaluation.get("gate_metric", gate_metric),
+            "value": evaluation.get("gate_value", metrics_meta.get(gate_metric)),
+            "threshold": evaluation.get("gate_threshold", config.gate_threshold),
+            "passed": result.gate_passed,
+        },
+        "registration": result.registration,
+        "mlflow": {
+            "tracking_uri": model_meta.get("mlflow_tracking_uri", tracking_uri),
+            "experiment_name": config.experiment_name,
+            "run_id": model_meta.get("mlflow_parent_run_id"),  # the pipeline run's parent
+            "step_run_ids": {"train": model_meta.get("mlflow_run_id"),
+                             "evaluate": metrics_meta.get("mlflow_run_id"),
+                             "register": registration.get("mlflow_run_id")},
+            "logged_model_uri": model_meta.get("mlflow_model_uri"),
+            "model_uri": registration.get("model_uri") or model_meta.get("mlflow_model_uri"),
+            "registered_model": registration.get("name"),
+            "registered_version": registration.get("version"),
+            "alias": registration.get("alias"),
+        },
+        "cached_steps": result.cached_steps,
+        "elapsed_s": round(result.elapsed_s, 1),
+        "output_dir": str(result.output_dir),
+        "run_dir": str(result.run_dir),
+        "outputs": {name: outputs[name].path for name in FILE_OUTPUTS},
+        "config": config.to_dict(),
+    }
+
+
+def failure_summary(error: StepFailedError, config: PipelineConfig) -> dict[str, Any]:
+    """The ``--summary`` JSON of a failed run: which step, what error, where its outputs are."""
+    return {
+        "status": "failed",
+        "pipeline": PIPELINE_NAME,
+        "failed_step": error.step,
+        "error": error.error,
+        "run_dir": str(error.run_dir) if error.run_dir else None,
+        "config": config.to_dict(),
+    }
+
+
+__all__ = ["build_summary", "failure_summary"]
