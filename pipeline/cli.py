@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--no-cache", action="store_true",
                        help="run every step, ignoring kfp.local's cache (needed when a local "
                             "data folder changed without a digest: the cache key is the path)")
+    local.add_argument("-v", "--verbose", action="store_true",
+                       help="stream every step's full output (kfp.local's executor dumps, "
+                            "TensorFlow's logs) instead of one line per step")
     local.add_argument("--summary", metavar="FILE", type=Path,
                        help="write a JSON summary: test metrics and majority baseline, data "
                             "counts, gate verdict, MLflow URI / run id / model URI, outputs")
@@ -172,7 +176,8 @@ def resolve_config(config_file: Path | None = None, data: str | None = None,
 def _check_mode_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject options that would be silently ignored in the chosen mode."""
     only = {
-        "local": [("summary", "--summary"), ("no_cache", "--no-cache")],
+        "local": [("summary", "--summary"), ("no_cache", "--no-cache"),
+                  ("verbose", "--verbose")],
         "compile": [("output", "-o/--output")],
         "submit": [("host", "--host"), ("experiment", "--experiment"),
                    ("namespace", "--namespace"), ("run_name", "--run-name"), ("wait", "--wait")],
@@ -192,16 +197,47 @@ def _check_mode_options(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--submit needs --host URL (the KFP API endpoint)")
 
 
-def _log_local_result(summary: Mapping[str, Any]) -> None:
-    metrics = ", ".join(f"{k}={v:.3f}" for k, v in summary["test_metrics"].items())
-    logger.info("test metrics: %s", metrics or "none")
-    logger.info("majority baseline: %s", summary["majority_baseline"] or "n/a")
+def closing_block(summary: Mapping[str, Any]) -> list[str]:
+    """The lines a finished local run ends with: metrics beside the baseline, the gate, what
+    was registered, where to look in MLflow, the run folder and the wall time."""
+    metrics, baseline = summary["test_metrics"], summary["majority_baseline"] or {}
+    names = [n for n in ("accuracy", "balanced_accuracy", "macro_f1") if n in metrics]
+
+    def row(label: str, values: Mapping[str, Any]) -> str:
+        cells = "  ".join(f"{n} {values[n]:.3f}" for n in names if n in values)
+        return f"{label:<22}{cells}"
+
+    lines = [row(f"test ({int(metrics.get('test_examples', 0))} images):", metrics)]
+    if baseline:
+        lines.append(row("majority baseline:", baseline))
     gate = summary["gate"]
-    logger.info("gate %s %s (%s >= %s)", gate["metric"], "PASSED" if gate["passed"] else "FAILED",
-                gate["value"], gate["threshold"])
-    if summary["cached_steps"]:
-        logger.info("served from cache: %s", ", ".join(summary["cached_steps"]))
-    logger.info("outputs: %s", summary["run_dir"])
+    comparison = ">=" if gate["passed"] else "<"
+    lines.append(f"gate: {gate['metric']} {gate['value']:.3f} {comparison} {gate['threshold']:.3f}"
+                 f" -> {'passed' if gate['passed'] else 'failed'}")
+    registration = summary["registration"]
+    if registration and registration.get("registered"):
+        lines.append(f"registered: {registration['name']} version {registration['version']} "
+                     f"@{registration['alias']} ({registration['reason']})")
+    elif registration:
+        lines.append(f"not registered: {registration.get('reason', '')}")
+    else:
+        lines.append("not registered: the gate failed, so the register step did not run")
+    mlflow_info = summary["mlflow"]
+    lines.append(f"MLflow parent run {mlflow_info['run_id']} in experiment "
+                 f"{mlflow_info['experiment_name']!r}; open it with:")
+    lines.append(f"  {ui_command(mlflow_info['tracking_uri'])}")
+    lines.append(f"run folder: {summary['run_dir']} (step logs in logs/)")
+    lines.append(f"total: {summary['elapsed_s']:.1f} s"
+                 + (f" ({', '.join(summary['cached_steps'])} from the cache)"
+                    if summary["cached_steps"] else ""))
+    return lines
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens ``tracking_uri`` in the MLflow UI."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f'mlflow ui --backend-store-uri "{tracking_uri}"'
 
 
 def _run_local(args: argparse.Namespace, config: PipelineConfig) -> int:
@@ -210,14 +246,20 @@ def _run_local(args: argparse.Namespace, config: PipelineConfig) -> int:
     tracking_uri = args.tracking_uri or ""
     try:
         result = run_local(config, output_dir=args.output_dir, tracking_uri=tracking_uri,
-                           enable_cache=not args.no_cache)
+                           enable_cache=not args.no_cache, verbose=args.verbose)
     except StepFailedError as error:
         logger.error("pipeline failed: %s", error)
+        if error.tail and not args.verbose:
+            logger.error("last lines of %s:\n%s", error.step,
+                         "\n".join(f"  {line}" for line in error.tail))
+        if error.log:
+            logger.error("full log: %s", error.log)
         if args.summary:
             write_json(args.summary, failure_summary(error, config))
         return EXIT_FAILED
     summary = build_summary(result, config, tracking_uri)
-    _log_local_result(summary)
+    for line in closing_block(summary):
+        logger.info("%s", line)
     if args.summary:
         logger.info("summary: %s", write_json(args.summary, summary))
     return EXIT_OK
@@ -242,6 +284,18 @@ def _submit(args: argparse.Namespace, config: PipelineConfig) -> int:
     return EXIT_OK if (result.state or "").upper() == "SUCCEEDED" else EXIT_FAILED
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Verbose: every library's INFO with timestamps. Default: this CLI's own lines only,
+    bare, and TensorFlow's C++ start-up noise off in the step processes."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen mode, return the exit code."""
     parser = build_parser()
@@ -250,8 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_mode_options(parser, args)
     except SystemExit as exc:  # --help, or a usage error argparse already reported
         return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     try:
         config = resolve_config(args.config, args.data, args.overrides)
     except ValueError as exc:

@@ -7,12 +7,8 @@ hand-written: kfp offers no API for a task's status or error in a local run.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import re
-import sys
-from collections.abc import Iterable, Iterator
-from typing import Any, TextIO
+from collections.abc import Iterable
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
@@ -21,40 +17,9 @@ _INNER_FAILED = re.compile(r"Inner task failed: (.*)")
 _TRACEBACK = "Traceback (most recent call last):"
 
 
-class OutputRecorder:
-    """A stdout stand-in that passes everything through and keeps the last lines.
-
-    kfp.local streams each step's output to ``sys.stdout`` line by line but keeps nothing,
-    so without this a failed step could only be reported as "failed", not with its error.
-    """
-
-    def __init__(self, stream: TextIO, max_lines: int = 20_000) -> None:
-        self._stream = stream
-        self._partial = ""
-        self.lines: collections.deque[str] = collections.deque(maxlen=max_lines)
-
-    def write(self, text: str) -> int:
-        self._stream.write(text)
-        pieces = (self._partial + text).split("\n")
-        self._partial = pieces.pop()
-        self.lines.extend(_ANSI.sub("", piece) for piece in pieces)
-        return len(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
-        return getattr(self._stream, name)
-
-
-@contextlib.contextmanager
-def recording_stdout() -> Iterator[OutputRecorder]:
-    recorder = OutputRecorder(sys.stdout)
-    sys.stdout = recorder  # type: ignore[assignment]
-    try:
-        yield recorder
-    finally:
-        sys.stdout = recorder._stream
+def strip_ansi(text: str) -> str:
+    """``text`` without the colour codes kfp.local puts around task names."""
+    return _ANSI.sub("", text)
 
 
 def failed_tasks(lines: Iterable[str]) -> list[str]:
@@ -100,5 +65,4 @@ def failed_task_from_exception(exc: BaseException) -> str | None:
     return names[0] if names else None
 
 
-__all__ = ["OutputRecorder", "failed_task_from_exception", "failed_tasks", "recording_stdout",
-           "task_error"]
+__all__ = ["failed_task_from_exception", "failed_tasks", "strip_ansi", "task_error"]

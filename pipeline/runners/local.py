@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 import typing
 import warnings
@@ -16,12 +17,8 @@ from kfp.dsl import ClassificationMetrics, Metrics
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME, PipelineOutputs, create_pipeline, pipeline_arguments
 from pipeline.lib.contract import EXECUTOR_OUTPUT
-from pipeline.runners.kfp_output import (
-    failed_task_from_exception,
-    failed_tasks,
-    recording_stdout,
-    task_error,
-)
+from pipeline.runners.console import StepConsole
+from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
 from pipeline.tasks import STEPS, TASK_NAMES
 
 DEFAULT_OUTPUT_DIR = Path("local_outputs")
@@ -33,10 +30,13 @@ FILE_OUTPUTS = tuple(name for name, kind in typing.get_type_hints(PipelineOutput
 class StepFailedError(RuntimeError):
     """A pipeline step failed; ``step`` is its KFP task name, ``error`` what it raised."""
 
-    def __init__(self, step: str, error: str, run_dir: Path | None = None) -> None:
+    def __init__(self, step: str, error: str, run_dir: Path | None = None, *,
+                 tail: list[str] | None = None, log: Path | None = None) -> None:
         self.step = step
         self.error = error
         self.run_dir = run_dir
+        self.tail = tail or []  # the step's last output lines
+        self.log = log  # its full output
         super().__init__(f"step {step!r} failed: {error}")
 
 
@@ -127,6 +127,7 @@ def run_local(
     tracking_uri: str = "",
     enable_cache: bool = True,
     images: Mapping[str, str] | None = None,
+    verbose: bool = False,
 ) -> LocalRunResult:
     """Run the whole DAG in this environment with kfp.local's SubprocessRunner.
 
@@ -145,36 +146,39 @@ def run_local(
     gated = gated_task(pipeline_func.pipeline_spec)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir),
                enable_caching=enable_cache)
-    before = _run_dirs(output_dir)
     started = time.monotonic()
-    with recording_stdout() as recorder, warnings.catch_warnings():
-        # Expected locally: resources and GPUs are cluster settings; our images are not
-        # named "python"; steps run in this environment, not in the image.
-        warnings.filterwarnings("ignore", message=r".*no effect in the current local runner")
-        warnings.filterwarnings("ignore", message=r".*non-Python base image",
-                                category=RuntimeWarning)
-        try:
-            task = pipeline_func(**pipeline_arguments(config, tracking_uri))
-        except RuntimeError as exc:
-            failed = (failed_task_from_exception(exc)
-                      or next(iter(failed_tasks(recorder.lines)), None))
-            if failed is None:
-                raise
-            new = sorted(_run_dirs(output_dir) - before)
-            raise StepFailedError(failed, task_error(recorder.lines, failed),
-                                  new[-1] if new else None) from None
-        silent_failures = failed_tasks(recorder.lines)
-    new = sorted(_run_dirs(output_dir) - before)
-    run_dir = new[-1] if new else None
-    if silent_failures:
-        step = silent_failures[0]
-        raise StepFailedError(step, task_error(recorder.lines, step), run_dir)
-    if run_dir is None:
-        raise StepFailedError(PIPELINE_NAME, f"kfp.local created no run folder in {output_dir}")
-    outputs = dict(task.outputs)
-    cached, registration = verify_local_run(outputs, producers, gated, run_dir)
+    tasks = [TASK_NAMES[step] for step in STEPS]
+    console = StepConsole(sys.stdout, output_dir, tasks, verbose=verbose,
+                          pipeline_name=PIPELINE_NAME)
+    original, sys.stdout = sys.stdout, console  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings():
+            # Expected locally: resources and GPUs are cluster settings; our images are not
+            # named "python"; steps run in this environment, not in the image.
+            warnings.filterwarnings("ignore", message=r".*no effect in the current local runner")
+            warnings.filterwarnings("ignore", message=r".*non-Python base image",
+                                    category=RuntimeWarning)
+            try:
+                task = pipeline_func(**pipeline_arguments(config, tracking_uri))
+            except RuntimeError as exc:
+                failed = (failed_task_from_exception(exc)
+                          or next(iter(failed_tasks(console.lines)), None))
+                if failed is None:
+                    raise
+                raise _failure(console, failed) from None
+        if silent := failed_tasks(console.lines):
+            raise _failure(console, silent[0])
+        if console.run_dir is None:
+            raise StepFailedError(PIPELINE_NAME,
+                                  f"kfp.local created no run folder in {output_dir}")
+        outputs = dict(task.outputs)
+        cached, registration = verify_local_run(outputs, producers, gated, console.run_dir)
+        console.report_unstarted(skipped=[] if outputs["gate_passed"] else [gated])
+    finally:
+        sys.stdout = original
+        console.close()
     return LocalRunResult(
-        run_dir=run_dir,
+        run_dir=console.run_dir,
         output_dir=output_dir,
         outputs=outputs,
         cached_steps=cached,
@@ -182,6 +186,12 @@ def run_local(
         registration=registration,
         elapsed_s=time.monotonic() - started,
     )
+
+
+def _failure(console: StepConsole, task: str) -> StepFailedError:
+    """The error of a failed task, with its last output lines and its log file."""
+    return StepFailedError(task, task_error(console.lines, task), console.run_dir,
+                           tail=list(console.tails.get(task, [])), log=console.log_path(task))
 
 
 __all__ = ["DEFAULT_OUTPUT_DIR", "FILE_OUTPUTS", "LocalRunResult", "StepFailedError",
