@@ -82,6 +82,8 @@ PRODUCERS = {"raw_data": "download-dataset", "prepared_data": "preprocess-datase
              "report": "evaluate-model", "evaluation": "evaluate-model",
              "gate_passed": "evaluate-model"}
 GATED = "register-model"
+TASKS = ("download-dataset", "preprocess-dataset", "train-model", "evaluate-model",
+         "register-model")
 
 
 def _fake_run(root: Path, *, gate: bool, register_ran: bool,
@@ -281,12 +283,37 @@ def test_local_summary_has_gate_registration_and_mlflow_ids(first_run: CliRun,
 
 
 @pytest.mark.slow
-def test_local_run_streams_training_progress(first_run: CliRun) -> None:
-    succeeded(first_run)
-    output = re.sub(r"\x1b\[[0-9;]*m", "", first_run.stdout)
-    assert "Executing task 'train-model'" in output
-    assert re.search(r"epoch 1 .*loss [0-9.]+", output), "no per-epoch progress in the output"
-    assert re.search(r"epoch 2 .*loss [0-9.]+", output)
+def test_terminal_shows_a_line_per_step_and_a_closing_block(first_run: CliRun) -> None:
+    """Non-TTY output: no executor dumps, no TF noise; at most 25 lines; the closing block."""
+    summary = succeeded(first_run)
+    lines = (first_run.stdout + first_run.stderr).splitlines()
+    assert len(lines) <= 25, "\n".join(lines)
+    text = "\n".join(lines)
+    for index, task in enumerate(TASKS, start=1):
+        assert re.search(rf"^\[{index}/5\] {task} done in [0-9.]+ s", text, re.M), task
+    assert "executor_input" not in text and "oneDNN" not in text
+    metrics = summary["test_metrics"]
+    assert re.search(rf"^test \(59 images\): +accuracy {metrics['accuracy']:.3f} +"
+                     rf"balanced_accuracy {metrics['balanced_accuracy']:.3f}", text, re.M)
+    assert re.search(r"^majority baseline: +accuracy 0\.644 +balanced_accuracy 0\.333", text,
+                     re.M)
+    assert (f"gate: balanced_accuracy {metrics['balanced_accuracy']:.3f} >= 0.000 -> passed"
+            in text)
+    assert "registered: iris-image-classifier version 1 @champion" in text
+    assert f"MLflow parent run {summary['mlflow']['run_id']}" in text
+    assert f'mlflow ui --backend-store-uri "{summary["mlflow"]["tracking_uri"]}"' in text
+    assert f"run folder: {summary['run_dir']}" in text
+    assert re.search(r"^total: [0-9.]+ s", text, re.M)
+
+
+@pytest.mark.slow
+def test_each_steps_full_output_is_in_its_log_file(first_run: CliRun) -> None:
+    logs = Path(succeeded(first_run)["run_dir"]) / "logs"
+    train = (logs / "train-model.log").read_text()
+    assert "Executing task 'train-model'" in train
+    assert re.search(r"epoch 1 .*loss [0-9.]+", train), "no per-epoch progress in the log"
+    assert re.search(r"epoch 2 .*loss [0-9.]+", train)
+    assert "Executing task 'train-model'" not in (logs / "evaluate-model.log").read_text()
 
 
 @pytest.mark.slow
@@ -294,14 +321,14 @@ def test_second_identical_run_reuses_download_and_preprocess(first_run: CliRun,
                                                              second_run: CliRun) -> None:
     first, second = succeeded(first_run), succeeded(second_run)
     assert second["cached_steps"] == ["download-dataset", "preprocess-dataset"]
-    assert "download-dataset cache hit" in second_run.stderr
-    assert "preprocess-dataset cache hit" in second_run.stderr
+    assert "[1/5] download-dataset ... cached" in second_run.stdout
+    assert "[2/5] preprocess-dataset ... cached" in second_run.stdout
     for name in ("raw_data", "prepared_data", "data_report"):  # the first run's artifacts
         assert second["outputs"][name] == first["outputs"][name], name
     run_dir = Path(second["run_dir"])
     assert run_dir != Path(first["run_dir"])
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "evaluate-model", "register-model", "train-model"]
+        "evaluate-model", "logs", "register-model", "train-model"]
     assert second["registration"]["version"] == "2"
     assert second["mlflow"]["run_id"] != first["mlflow"]["run_id"]
 
@@ -326,6 +353,8 @@ def test_failing_later_step_is_named_and_uses_the_cache(second_run: CliRun, work
     assert run.returncode == 1
     assert "step 'preprocess-dataset' failed: ValueError: too few usable images per class" \
         in run.stderr
-    assert "download-dataset cache hit" in run.stderr
+    assert "[1/5] download-dataset ... cached" in run.stdout
+    assert "last lines of preprocess-dataset:" in run.stderr
+    assert re.search(r"full log: .*/logs/preprocess-dataset\.log", run.stderr)
     assert run.summary["failed_step"] == "preprocess-dataset"
     assert not (Path(run.summary["run_dir"]) / "train-model").exists()

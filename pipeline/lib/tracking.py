@@ -33,9 +33,10 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import requests
 from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from pipeline.lib.contract import DATA_REPORT_JSON
@@ -136,10 +137,10 @@ def check_tracking_server(tracking_uri: str, timeout_s: float = 15.0) -> None:
     Called before training starts so that a wrong URI, a stopped server or missing
     credentials cost seconds, not a training run: MLflow's own client retries a dead server
     for minutes (7 retries, exponential backoff). For HTTP servers this makes two requests
-    without retries: ``GET /health`` (is something listening) and a one-row experiment
-    search (does it accept our credentials; 401/403/5xx are errors). MLflow's request code
-    is reused so that the same credentials (``MLFLOW_TRACKING_TOKEN``, username/password,
-    ``MLFLOW_TRACKING_AUTH`` plugins) apply as for real calls. Local ``sqlite:``/``file:``
+    without retries: ``GET /health`` (is something listening and healthy) and a one-row
+    experiment search through ``MlflowClient`` with ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and
+    a bounded ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (does it accept our credentials: the same
+    token, username/password or auth plugin as real calls). Local ``sqlite:``/``file:``
     stores are checked by opening (or creating) the database / directory.
     """
     if timeout_s <= 0:
@@ -155,68 +156,71 @@ def check_tracking_server(tracking_uri: str, timeout_s: float = 15.0) -> None:
 
 
 def _check_http_server(tracking_uri: str, shown: str, timeout_s: float) -> None:
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
-
     deadline = time.monotonic() + timeout_s
-    creds = get_default_host_creds(tracking_uri)
+    password = urllib.parse.urlsplit(tracking_uri).password
 
-    def request(endpoint: str, method: str, **kwargs: Any) -> Any:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TrackingServerError(
-                f"MLflow tracking server {shown} did not answer within {timeout_s:.0f} s"
-            )
-        try:
-            return http_request(
-                creds, endpoint, method, max_retries=0, backoff_factor=0, backoff_jitter=0,
-                retry_codes=(), timeout=remaining, raise_on_status=False, **kwargs,
-            )
-        except MlflowException as exc:
-            detail = _first_line(exc.message)
-            password = urllib.parse.urlsplit(tracking_uri).password
-            if password:  # MLflow's message repeats the URL, userinfo and all
-                detail = detail.replace(f":{password}@", ":***@")
-            raise TrackingServerError(
-                f"cannot reach MLflow tracking server {shown}: {detail}"
-            ) from exc
+    def hide(text: str) -> str:  # messages may repeat the URL, userinfo and all
+        return text.replace(f":{password}@", ":***@") if password else text
 
-    started = time.monotonic()
-    health = request("/health", "GET")
+    try:  # is something listening, and healthy? (/health needs no credentials)
+        health = requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as exc:
+        raise TrackingServerError(
+            f"cannot reach MLflow tracking server {shown}: {hide(_first_line(str(exc)))}"
+        ) from exc
     if health.status_code in (401, 403):
-        _raise_refused(shown, health)
+        _raise_refused(shown, health.status_code, health.text)
     if health.status_code >= 500:
         raise TrackingServerError(
             f"MLflow tracking server {shown} is unhealthy: GET /health answered "
             f"HTTP {health.status_code} {_snippet(health.text)}"
         )
-    # /health may legitimately be missing behind some proxies (404); the search below decides.
-    search = request(
-        "/api/2.0/mlflow/experiments/search", "POST", json={"max_results": 1},
-    )
-    if search.status_code in (401, 403):
-        _raise_refused(shown, search)
-    if search.status_code != 200:
-        raise TrackingServerError(
-            f"MLflow tracking server {shown} refused a request: POST "
-            f"/api/2.0/mlflow/experiments/search answered HTTP {search.status_code} "
-            f"{_snippet(search.text)}"
-        )
-    try:
-        search.json()
-    except ValueError as exc:
-        raise TrackingServerError(
-            f"{shown} does not look like an MLflow tracking server: experiment search "
-            f"returned non-JSON {_snippet(search.text)}"
-        ) from exc
+    # /health may legitimately be missing behind some proxies (404); a real request through
+    # MLflow's own client decides, with its credentials (token, username/password, auth
+    # plugins) and without its minutes of retries.
+    remaining = max(1, math.ceil(deadline - time.monotonic()))
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(remaining)}
+    started = time.monotonic()
+    with _environment(settings):
+        try:
+            MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+        except RestException as exc:
+            status = exc.get_http_status_code()
+            if status in (401, 403):
+                _raise_refused(shown, status, exc.message)
+            raise TrackingServerError(
+                f"MLflow tracking server {shown} refused a request (HTTP {status}): "
+                f"{hide(_first_line(exc.message))}"
+            ) from exc
+        except MlflowException as exc:
+            raise TrackingServerError(
+                f"{shown} does not answer as an MLflow tracking server: "
+                f"{hide(_first_line(exc.message))}"
+            ) from exc
     logger.info("MLflow tracking server %s is reachable (%.2f s)", shown,
                 time.monotonic() - started)
 
 
-def _raise_refused(shown: str, response: Any) -> None:
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (MLflow reads its settings per request)."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _raise_refused(shown: str, status: int, text: str) -> None:
     raise TrackingServerError(
-        f"MLflow tracking server {shown} refused our credentials: HTTP {response.status_code} "
-        f"{_snippet(response.text)} (set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / "
+        f"MLflow tracking server {shown} refused our credentials: HTTP {status} "
+        f"{_snippet(text)} (set MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME / "
         "MLFLOW_TRACKING_PASSWORD)"
     )
 
@@ -429,9 +433,7 @@ def _tracking_uri_scope(uri: str) -> Iterator[None]:
     :func:`resolve_tracking_uri` in the same process (benchmarks, tests, notebooks) would
     silently reuse this step's store instead of its own default.
     """
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous = tracking_utils._tracking_uri
+    previous = mlflow.get_tracking_uri()
     previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
@@ -625,6 +627,7 @@ def _dataset_source_json(source: str) -> tuple[str, str]:
     """(source_type, source_json) for ``source``: local path, http(s), s3/gs/... or other."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
 
     try:
         with warnings.catch_warnings():
@@ -632,7 +635,8 @@ def _dataset_source_json(source: str) -> tuple[str, str]:
             resolved = resolve_dataset_source(source)
     except MlflowException:
         resolved = CodeDatasetSource(tags={"source": source})
-    return resolved._get_source_type(), resolved.to_json()
+    described = MetaDataset(source=resolved, name="source", digest="-").to_dict()
+    return described["source_type"], described["source"]
 
 
 def log_dataset_input(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 #: Version tag holding the gate metric's value, so later runs compare without run lookups.
 METRIC_TAG_PREFIX = "metric."
+#: MLflow 3 logged-model URIs: ``models:/m-<id>`` (registered models are ``models:/<name>/...``).
+_MODEL_ID_URI = re.compile(r"^models:/(m-[0-9a-f]+)(?:/.*)?$")
 
 
 def _metric_tag(metric_name: str) -> str:
@@ -68,13 +71,12 @@ def champion_metric(
 
 def _source_for(client: MlflowClient, model_uri: str) -> tuple[str | None, str | None]:
     """(run_id, model_id) behind ``model_uri``; MLflow 3 ``models:/m-...`` URIs name a model."""
-    from mlflow.store.artifact.utils.models import _parse_model_id_if_present
-
     run_id = model_id = None
     if model_uri.startswith("runs:/"):
         run_id = model_uri[len("runs:/"):].split("/", 1)[0] or None
     else:
-        model_id = _parse_model_id_if_present(model_uri)
+        match = _MODEL_ID_URI.match(model_uri)
+        model_id = match.group(1) if match else None
         if model_id:
             try:
                 run_id = client.get_logged_model(model_id).source_run_id
