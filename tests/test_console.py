@@ -115,7 +115,7 @@ def test_verbose_passes_everything_through(tmp_path) -> None:
 
 def test_progress_is_a_bar_on_a_terminal_and_silent_otherwise(tmp_path) -> None:
     for stream, expect_bar in ((Tty(), True), (io.StringIO(), False)):
-        console, clock, run_dir = _console(tmp_path / str(expect_bar), stream)
+        console, _clock, _run_dir = _console(tmp_path / str(expect_bar), stream)
         console.write(f"Executing task '{TASKS[2]}'\n")
         for done in (1, 2, 3):
             payload = json.dumps({"what": "epochs", "done": done, "total": 10})
