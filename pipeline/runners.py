@@ -27,6 +27,7 @@ from pipeline.dag import (
     create_pipeline,
     pipeline_arguments,
 )
+from pipeline.lib.files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -369,14 +370,7 @@ def failure_summary(error: StepFailedError, config: PipelineConfig) -> dict[str,
 
 def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``data`` as JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     suffix=".tmp", delete=False) as tmp:
-        json.dump(data, tmp, indent=2, default=str)
-        tmp.write("\n")
-    Path(tmp.name).replace(path)
-    return path
+    return atomic_write_json(path, data, default=str)
 
 
 # --- compile and submit -------------------------------------------------------------------

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from pipeline.config import PipelineConfig
 from pipeline.lib import records
+from pipeline.lib.files import atomic_writer
 
 logger = logging.getLogger(__name__)
 
@@ -349,12 +350,12 @@ def save_augmentation_preview(
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        with atomic_writer(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 __all__ = [

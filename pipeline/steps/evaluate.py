@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from sklearn.metrics import (
 
 from pipeline.config import PipelineConfig
 from pipeline.lib import inputs, models, records, report
+from pipeline.lib.files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +144,7 @@ def evaluate_model(
     data_report = _load_json(data_dir / records.REPORT_JSON)
     report.render_html(metrics, data_report, figures, out_dir / REPORT_FILE)
 
-    tmp = out_dir / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out_dir / METRICS_FILE)
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
     logger.info(
         "test split (%d images): accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f "
         "(majority baseline %.3f / %.3f / %.3f); gate %s %.3f >= %.3f: %s",

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from pipeline.config import PipelineConfig
 from pipeline.lib import inputs, models, records
+from pipeline.lib.files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,6 @@ NOT_TRAINING_FIELDS = frozenset({
 # ----------------------------------------------------------------------------------------
 # small helpers
 # ----------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def config_fingerprint(config: PipelineConfig, classes: list[str]) -> str:
     """Digest of everything that defines a training run; checkpoints of another run are refused."""
     relevant = {k: v for k, v in config.to_dict().items() if k not in NOT_TRAINING_FIELDS}
@@ -150,7 +145,7 @@ class Checkpoints:
     def commit(self, state: dict[str, Any]) -> None:
         """Write the state, then drop weight files it no longer references."""
         state = {**state, "fingerprint": self.fingerprint}
-        write_json_atomic(self.state_path, state)
+        atomic_write_json(self.state_path, state)
         keep = {state.get("last_weights"), state.get("best_weights")}
         for path in self.directory.glob("*.weights.h5"):
             if path.name not in keep:
@@ -490,8 +485,8 @@ def train_model(
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    write_json_atomic(model_dir / records.CLASSES_FILE, classes)
-    write_json_atomic(model_dir / HISTORY_FILE, state["history"])
+    atomic_write_json(model_dir / records.CLASSES_FILE, classes)
+    atomic_write_json(model_dir / HISTORY_FILE, state["history"])
     inputs.save_augmentation_preview(data_dir, config, model_dir / PREVIEW_FILE)
     history = state["history"]
     final_best = state["phase_best_epochs"][-1] if state["phase_best_epochs"] else None
@@ -518,7 +513,7 @@ def train_model(
         "classes": classes,
         "history": history,
     }
-    write_json_atomic(model_dir / SUMMARY_FILE, summary)
+    atomic_write_json(model_dir / SUMMARY_FILE, summary)
     logger.info("trained %s: %d epochs, best epoch %s, %.1fs of training", config.model,
                 summary["epochs_run"], final_best, summary["train_seconds"])
     return summary
