@@ -62,6 +62,15 @@ def test_unknown_key_lists_the_valid_keys(capsys: pytest.CaptureFixture) -> None
     ("dropout=1.5", "dropout must be in [0, 1)"),
     ("model=resnet", "model='resnet' is not one of"),
     ("epochs", "--set expects KEY=VALUE, got 'epochs'"),
+    ("learning_rate=nan", "learning_rate must be a finite number, got nan"),
+    ("learning_rate=inf", "learning_rate must be a finite number, got inf"),
+    ("gate_threshold=-inf", "gate_threshold must be a finite number, got -inf"),
+    ("seed=-1", "seed must be in [0, 4294967295], got -1"),
+    ("seed=4294967296", "seed must be in [0, 4294967295], got 4294967296"),
+    ("image_size=100000", "image_size must be in [32, 1024], got 100000"),
+    ("max_entry_compression_ratio=0.5", "max_entry_compression_ratio must be in [1.0,"),
+    ("weights_sha256=abc", "weights_sha256 must be 64 hex digits"),
+    ("weights_sha256=" + "0" * 64, "weights_sha256 checks a weights file or URL"),
 ])
 def test_bad_values_are_clear_errors(item: str, message: str,
                                      capsys: pytest.CaptureFixture) -> None:

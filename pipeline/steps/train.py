@@ -42,6 +42,8 @@ SAVED_MODEL_DIR = "saved_model"
 #: Config fields that do not change what is trained (resume ignores differences in them).
 NOT_TRAINING_FIELDS = frozenset({
     "data_source", "data_sha256", "max_archive_bytes", "max_archive_entries", "weights",
+    "weights_sha256", "max_entry_compression_ratio", "max_archive_compression_ratio",
+    "max_image_bytes", "download_deadline_s", "download_min_bytes_per_s",
     "gate_metric", "gate_threshold", "registered_model_name", "experiment_name",
     "mixed_precision", "xla", "augment_placement",
 })
