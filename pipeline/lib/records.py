@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import google_crc32c
 
+from pipeline.lib.files import atomic_write_json, atomic_writer
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
@@ -127,8 +129,8 @@ def write_split(
     directory = Path(root) / split
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
-    with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(open(p, "wb")) for p in paths]
+    with contextlib.ExitStack() as stack:  # on any error every shard's temporary file goes
+        writers = [stack.enter_context(atomic_writer(p, "wb")) for p in paths]
         for i, example in enumerate(examples):
             writers[i % num_shards].write(frame(serialize(example)))
     return paths
@@ -160,9 +162,7 @@ def read_split(root: str | Path, split: str) -> list[Example]:
 
 
 def write_classes(root: Path, classes: list[str]) -> Path:
-    path = Path(root) / CLASSES_FILE
-    path.write_text(json.dumps(list(classes), indent=2) + "\n")
-    return path
+    return atomic_write_json(Path(root) / CLASSES_FILE, list(classes))
 
 
 def load_classes(root: str | Path) -> list[str]:
