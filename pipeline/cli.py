@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -191,6 +192,34 @@ def _check_mode_options(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--submit needs --host URL (the KFP API endpoint)")
 
 
+def _path_problem(path: Path, folder: bool) -> str | None:
+    """Why ``path`` cannot become the folder (``folder``) or file asked for, else None."""
+    if path.exists() and folder != path.is_dir():
+        return "is a file, not a folder" if folder else "is a folder; give a file path"
+    parent = path if path.exists() else path.parent
+    while not parent.exists():  # the nearest existing ancestor is where creation starts
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {str(parent)!r} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be written: {str(parent)!r} is not writable"
+    return None
+
+
+def _output_problem(args: argparse.Namespace) -> str | None:
+    """Check every output path before any work, so a run cannot fail at its very end."""
+    outputs: list[tuple[str, Path | None, bool]] = [
+        ("--output-dir", args.output_dir if args.local else None, True),
+        ("--summary", args.summary, False),
+        ("-o/--output", args.output, False),
+    ]
+    for flag, path, folder in outputs:
+        problem = _path_problem(path, folder) if path is not None else None
+        if problem:
+            return f"{flag} {str(path)!r} {problem}"
+    return None
+
+
 def _log_local_result(summary: Mapping[str, Any]) -> None:
     metrics = ", ".join(f"{k}={v:.3f}" for k, v in summary["test_metrics"].items())
     logger.info("test metrics: %s", metrics or "none")
@@ -256,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.print_usage(sys.stderr)
         sys.stderr.write(f"{parser.prog}: error: {exc}\n")
+        return EXIT_USAGE
+    problem = _output_problem(args)
+    if problem:
+        sys.stderr.write(f"{parser.prog}: error: {problem}\n")
         return EXIT_USAGE
     if args.local:
         try:

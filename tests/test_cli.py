@@ -129,3 +129,31 @@ def test_root_script_is_the_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "pipeline.py", "--local", "--set", "nope=1"],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown config key(s) 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--local", "--summary", "{folder}"], "--summary '{folder}' is a folder; give a file path"),
+    (["--local", "--output-dir", "{file}"], "--output-dir '{file}' is a file, not a folder"),
+    (["--local", "--summary", "{file}/s.json"],
+     "--summary '{file}/s.json' cannot be created: '{file}' is a file"),
+    (["--compile", "-o", "{folder}"], "-o/--output '{folder}' is a folder; give a file path"),
+])
+def test_unusable_output_paths_exit_2_before_any_work(
+        flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started despite an unusable output path")
+
+    monkeypatch.setattr("pipeline.cli.run_local", no_work)
+    monkeypatch.setattr("pipeline.cli.compile_pipeline", no_work)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("user data")
+    paths = {"folder": str(tmp_path / "folder"), "file": str(tmp_path / "file")}
+    before = sorted(tmp_path.rglob("*"))
+
+    assert main([flag.format(**paths) for flag in flags]) == 2
+
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"pipeline.py: error: {message.format(**paths)}"]
+    assert sorted(tmp_path.rglob("*")) == before
+    assert (tmp_path / "file").read_text() == "user data"
