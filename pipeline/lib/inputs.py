@@ -215,7 +215,7 @@ def decode_image(encoded: tf.Tensor, resizer: keras.layers.Layer) -> tf.Tensor:
 def load_examples(data_dir: str | Path, split: str, image_size: int, *,
                   cache: bool = True) -> tf.data.Dataset:
     """(uint8 image [S, S, 3], int32 label) of one split, decoded in parallel and cached."""
-    files = records.split_files(data_dir, split)
+    files = records.checked_split_files(data_dir, split)
     resizer = make_resizer(image_size)
 
     def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -229,7 +229,7 @@ def load_examples(data_dir: str | Path, split: str, image_size: int, *,
 
 def read_labels(data_dir: str | Path, split: str) -> np.ndarray:
     """Label of every record in a split (no image decoding): class weights, baselines."""
-    files = records.split_files(data_dir, split)
+    files = records.checked_split_files(data_dir, split)
     # same reader settings as load_examples, so labels come in the same order
     dataset = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4)).map(
         lambda s: tf.io.parse_single_example(s, {"label": records.feature_spec()["label"]})["label"]

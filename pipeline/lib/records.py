@@ -145,6 +145,57 @@ def split_files(root: str | Path, split: str) -> list[str]:
     return files
 
 
+class CorruptRecordError(ValueError):
+    """A TFRecord shard fails its framing or checksums; the message names the file."""
+
+
+#: Shards already checked by this process, by (path, size, mtime): each is read once more.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def verify_shard(path: str | Path) -> None:
+    """Check every record's framing and checksums, naming the file when one fails.
+
+    TensorFlow reports such damage as a ``DataLossError`` that names no file, deep inside
+    training; this check runs first, without TensorFlow, one record in memory at a time.
+    """
+    path = Path(path)
+    offset = 0
+    with open(path, "rb") as handle:
+        while header := handle.read(12):
+            problem = ""
+            if len(header) < 12:
+                problem = "truncated record header"
+            elif _masked_crc(header[:8]) != header[8:]:
+                problem = "corrupted record length (checksum mismatch)"
+            else:
+                (length,) = struct.unpack("<Q", header[:8])
+                data, crc = handle.read(length), handle.read(4)
+                if len(data) < length or len(crc) < 4:
+                    problem = "truncated record"
+                elif _masked_crc(data) != crc:
+                    problem = "corrupted record data (checksum mismatch)"
+            if problem:
+                raise CorruptRecordError(
+                    f"corrupted TFRecord file {str(path)!r}: {problem} at byte {offset}; the "
+                    "prepared data set is damaged. If it came from kfp.local's cache, rerun "
+                    "with --no-cache (or remove .kfp_cache under the --output-dir folder)"
+                )
+            offset += 12 + length + 4
+
+
+def checked_split_files(root: str | Path, split: str) -> list[str]:
+    """:func:`split_files`, each shard verified (:func:`verify_shard`) once per process."""
+    files = split_files(root, split)
+    for name in files:
+        stat = Path(name).stat()
+        key = (str(Path(name).resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _VERIFIED:
+            verify_shard(name)
+            _VERIFIED.add(key)
+    return files
+
+
 def read_split(root: str | Path, split: str) -> list[Example]:
     """Every record of a split in memory (small data sets, tests and reports)."""
     import tensorflow as tf
