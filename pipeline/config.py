@@ -188,6 +188,10 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_archive_compression_ratio": (1.0, 1e6),
 }
 
+#: Smallest image_size the notebook's CNN can take: five valid 3x3 convolutions, each
+#: followed by 2x2 pooling, leave nothing of a smaller image.
+SEED_CNN_MIN_IMAGE_SIZE = 94
+
 #: Allowed values of the enumerated fields.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": ("mobilenet", "seed_cnn"),
@@ -219,6 +223,9 @@ def validate(config: PipelineConfig) -> None:
         value = getattr(config, name)
         if not low <= value <= high:
             problems.append(f"{name} must be in [{low!r}, {high!r}], got {value!r}")
+    if config.model == "seed_cnn" and config.image_size < SEED_CNN_MIN_IMAGE_SIZE:
+        problems.append(f"model=seed_cnn needs image_size in [{SEED_CNN_MIN_IMAGE_SIZE}, "
+                        f"{RANGES['image_size'][1]!r}], got {config.image_size!r}")
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             problems.append(f"{name}={getattr(config, name)!r} is not one of {list(allowed)}")
@@ -283,6 +290,7 @@ __all__ = [
     "ENV_OVERRIDES",
     "IMAGES_FILE",
     "RANGES",
+    "SEED_CNN_MIN_IMAGE_SIZE",
     "PipelineConfig",
     "coerce",
     "env_overrides",

@@ -68,13 +68,15 @@ def test_unknown_key_lists_the_valid_keys(capsys: pytest.CaptureFixture) -> None
     ("seed=-1", "seed must be in [0, 4294967295], got -1"),
     ("seed=4294967296", "seed must be in [0, 4294967295], got 4294967296"),
     ("image_size=100000", "image_size must be in [32, 1024], got 100000"),
+    ("model=seed_cnn image_size=93", "model=seed_cnn needs image_size in [94, 1024], got 93"),
     ("max_entry_compression_ratio=0.5", "max_entry_compression_ratio must be in [1.0,"),
     ("weights_sha256=abc", "weights_sha256 must be 64 hex digits"),
     ("weights_sha256=" + "0" * 64, "weights_sha256 checks a weights file or URL"),
 ])
 def test_bad_values_are_clear_errors(item: str, message: str,
                                      capsys: pytest.CaptureFixture) -> None:
-    assert main(["--compile", "--set", item]) == 2
+    sets = [arg for pair in item.split(" ") for arg in ("--set", pair)]
+    assert main(["--compile", *sets]) == 2
     assert message in capsys.readouterr().err
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,3 +278,13 @@ def test_sigterm_during_a_download_removes_the_part_file(server: Server, tmp_pat
         process.kill()
         process.wait()
     assert list(dest.iterdir()) == []
+
+
+def test_a_full_disk_names_the_destination_and_leaves_nothing(
+        tmp_path: Path, full_disk: Callable[[int], None]) -> None:
+    source = tmp_path / "iris-image.zip"
+    source.write_bytes(PAYLOAD)
+    full_disk(1000)
+    with pytest.raises(OSError, match=r"cannot write '.*/d/iris-image\.zip': No space left"):
+        fetch_dataset(str(source), tmp_path / "d", DIGEST)
+    assert list((tmp_path / "d").iterdir()) == []
