@@ -71,7 +71,8 @@ def test_unknown_key_lists_the_valid_keys(capsys: pytest.CaptureFixture) -> None
     ("model=seed_cnn image_size=93", "model=seed_cnn needs image_size in [94, 1024], got 93"),
     ("max_entry_compression_ratio=0.5", "max_entry_compression_ratio must be in [1.0,"),
     ("weights_sha256=abc", "weights_sha256 must be 64 hex digits"),
-    ("weights_sha256=" + "0" * 64, "weights_sha256 checks a weights file or URL"),
+    ("weights=imagenet weights_sha256=" + "0" * 64,
+     "weights_sha256 checks a weights file or URL"),
 ])
 def test_bad_values_are_clear_errors(item: str, message: str,
                                      capsys: pytest.CaptureFixture) -> None:

@@ -135,7 +135,7 @@ class _Transfer:
         self.min_bytes_per_s = min_bytes_per_s
         self.window_s = window_s
         self.deadline = time.monotonic() + deadline_s
-        self.start_attempt()
+        self.restart_window()
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -147,7 +147,7 @@ class _Transfer:
                 + (f" (last error: {last})" if last else "")
             )
 
-    def start_attempt(self) -> None:
+    def restart_window(self) -> None:
         self.window_start = time.monotonic()
         self.window_bytes = 0
 
@@ -162,7 +162,7 @@ class _Transfer:
                 f"transfer stalled: {self.window_bytes} bytes in {elapsed:.1f} s, below "
                 f"download_min_bytes_per_s={self.min_bytes_per_s:g}"
             )
-        self.start_attempt()
+        self.restart_window()
 
 
 def _check_digest(actual: str, expected: str | None, what: str) -> None:
@@ -243,7 +243,7 @@ def _with_retries(url: str, attempt_fn: Callable[[], Any], retries: int, backoff
     last: BaseException | None = None
     for attempt in range(retries + 1):
         transfer.check_deadline(last)
-        transfer.start_attempt()
+        transfer.restart_window()
         try:
             return attempt_fn()
         except _Transient as exc:
