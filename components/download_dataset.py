@@ -3,7 +3,8 @@
 from kfp.dsl import Dataset, Output
 
 
-def download_dataset(data_source: str, data_sha256: str, raw_data: Output[Dataset]) -> None:
+def download_dataset(data_source: str, data_sha256: str, download_deadline_s: float,
+                     download_min_bytes_per_s: float, raw_data: Output[Dataset]) -> None:
     """Fetch ``data_source`` (checked against ``data_sha256`` unless empty) into ``raw_data``."""
     from pipeline.lib.params import DownloadParams
     from pipeline.steps import download

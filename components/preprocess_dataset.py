@@ -12,6 +12,9 @@ def preprocess_dataset(
     min_image_side: int,
     max_archive_bytes: int,
     max_archive_entries: int,
+    max_entry_compression_ratio: float,
+    max_archive_compression_ratio: float,
+    max_image_bytes: int,
     prepared_data: Output[Dataset],
     data_report: Output[Markdown],
 ) -> None:

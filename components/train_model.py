@@ -21,6 +21,7 @@ def train_model(
     model: str,
     alpha: float,
     weights: str,
+    weights_sha256: str,
     dropout: float,
     pooling: str,
     head_feature_views: int,

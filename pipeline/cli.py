@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.config import ENV_OVERRIDES, PipelineConfig, env_overrides
 from pipeline.dag import PIPELINE_NAME
-from pipeline.lib.files import write_json
+from pipeline.lib.files import atomic_write_json
 from pipeline.runners import (
     DEFAULT_OUTPUT_DIR,
     DEFAULT_PACKAGE,
@@ -233,6 +233,34 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _path_problem(path: Path, folder: bool) -> str | None:
+    """Why ``path`` cannot become the folder (``folder``) or file asked for, else None."""
+    if path.exists() and folder != path.is_dir():
+        return "is a file, not a folder" if folder else "is a folder; give a file path"
+    parent = path if path.exists() else path.parent
+    while not parent.exists():  # the nearest existing ancestor is where creation starts
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {str(parent)!r} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be written: {str(parent)!r} is not writable"
+    return None
+
+
+def _output_problem(args: argparse.Namespace) -> str | None:
+    """Check every output path before any work, so a run cannot fail at its very end."""
+    outputs: list[tuple[str, Path | None, bool]] = [
+        ("--output-dir", args.output_dir if args.local else None, True),
+        ("--summary", args.summary, False),
+        ("-o/--output", args.output, False),
+    ]
+    for flag, path, folder in outputs:
+        problem = _path_problem(path, folder) if path is not None else None
+        if problem:
+            return f"{flag} {str(path)!r} {problem}"
+    return None
+
+
 def ui_command(tracking_uri: str) -> str:
     """The command that opens ``tracking_uri`` in the MLflow UI."""
     if tracking_uri.startswith(("http://", "https://")):
@@ -255,13 +283,13 @@ def _run_local(args: argparse.Namespace, config: PipelineConfig) -> int:
         if error.log:
             logger.error("full log: %s", error.log)
         if args.summary:
-            write_json(args.summary, failure_summary(error, config))
+            atomic_write_json(args.summary, failure_summary(error, config), default=str)
         return EXIT_FAILED
     summary = build_summary(result, config, tracking_uri)
     for line in closing_block(summary):
         logger.info("%s", line)
     if args.summary:
-        logger.info("summary: %s", write_json(args.summary, summary))
+        logger.info("summary: %s", atomic_write_json(args.summary, summary, default=str))
     return EXIT_OK
 
 
@@ -310,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.print_usage(sys.stderr)
         sys.stderr.write(f"{parser.prog}: error: {exc}\n")
+        return EXIT_USAGE
+    problem = _output_problem(args)
+    if problem:
+        sys.stderr.write(f"{parser.prog}: error: {problem}\n")
         return EXIT_USAGE
     if args.local:
         try:

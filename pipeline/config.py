@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -12,6 +13,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.lib.archive import (
+    DEFAULT_MAX_ARCHIVE_RATIO,
+    DEFAULT_MAX_ENTRY_RATIO,
+    DEFAULT_MAX_IMAGE_BYTES,
+)
 from pipeline.lib.params import StepParams
 
 P = typing.TypeVar("P", bound=StepParams)
@@ -32,6 +38,8 @@ ENV_OVERRIDES: dict[str, str] = {
 #: Container images the pipeline compiles with; written by ``containers/build.sh``.
 IMAGES_FILE = Path(__file__).resolve().parent.parent / "containers" / "images.json"
 
+HEX_DIGITS = "0123456789abcdef"
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -51,6 +59,14 @@ class PipelineConfig:
     min_image_side: int = 32  # smaller images are skipped as unreadable
     max_archive_bytes: int = 2_000_000_000  # zip-bomb guard: total uncompressed size
     max_archive_entries: int = 100_000  # zip-bomb guard: number of entries
+    # zip-bomb guards on expansion (uncompressed / compressed bytes), checked for entries and
+    # archives above 1 MiB
+    max_entry_compression_ratio: float = DEFAULT_MAX_ENTRY_RATIO  # one zip entry
+    max_archive_compression_ratio: float = DEFAULT_MAX_ARCHIVE_RATIO  # whole zip or tar.*
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # larger files are skipped before being read
+    download_deadline_s: float = 1800.0  # whole download, retries included
+    # a download slower than this over 30 s is a stall and is retried; 0 turns the check off
+    download_min_bytes_per_s: float = 1024.0
 
     # --- input pipeline and augmentation (notebook: ImageDataGenerator) -------------------
     image_size: int = 224  # notebook: 256; MobileNet's ImageNet weights are for 224
@@ -66,6 +82,7 @@ class PipelineConfig:
     model: str = "mobilenet"  # "mobilenet" (transfer learning) or "seed_cnn" (the notebook's)
     alpha: float = 0.25  # MobileNet width multiplier
     weights: str = "imagenet"  # "imagenet" (Keras downloads), a local path or URL, or "none"
+    weights_sha256: str = ""  # sha256 a weights path or URL must match; "" skips the check
     dropout: float = 0.2  # before the softmax head
     # backbone features pooled by "avg" (Keras' usual) or "avg_max" (average and max pooling
     # concatenated; better on test and validation splits, see the README's figures)
@@ -176,6 +193,18 @@ def coerce(key: str, value: Any, target: type) -> Any:
     raise ValueError(f"config key {key!r} expects {target.__name__}, got {value!r}")
 
 
+#: Inclusive [low, high] of the bounded numeric fields, checked before any work starts.
+RANGES: dict[str, tuple[float, float]] = {
+    "seed": (0, 2**32 - 1),  # what NumPy and TensorFlow seeding accept
+    "image_size": (32, 1024),  # MobileNet's smallest input; larger only costs memory
+    "max_entry_compression_ratio": (1.0, 1e6),
+    "max_archive_compression_ratio": (1.0, 1e6),
+}
+
+#: Smallest image_size the notebook's CNN can take: five valid 3x3 convolutions, each
+#: followed by 2x2 pooling, leave nothing of a smaller image.
+SEED_CNN_MIN_IMAGE_SIZE = 94
+
 #: Allowed values of the enumerated fields.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": ("mobilenet", "seed_cnn"),
@@ -197,6 +226,19 @@ def validate(config: PipelineConfig) -> None:
             problems.append(f"{name} must be {target.__name__}, got {value!r}")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
+    # nan passes every "> 0" test below and inf breaks serialization or training later
+    problems += [f"{name} must be a finite number, got {getattr(config, name)!r}"
+                 for name, target in PipelineConfig.field_types().items()
+                 if target is float and not math.isfinite(getattr(config, name))]
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+    for name, (low, high) in RANGES.items():
+        value = getattr(config, name)
+        if not low <= value <= high:
+            problems.append(f"{name} must be in [{low!r}, {high!r}], got {value!r}")
+    if config.model == "seed_cnn" and config.image_size < SEED_CNN_MIN_IMAGE_SIZE:
+        problems.append(f"model=seed_cnn needs image_size in [{SEED_CNN_MIN_IMAGE_SIZE}, "
+                        f"{RANGES['image_size'][1]!r}], got {config.image_size!r}")
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             problems.append(f"{name}={getattr(config, name)!r} is not one of {list(allowed)}")
@@ -205,12 +247,12 @@ def validate(config: PipelineConfig) -> None:
     elif config.val_fraction + config.test_fraction >= 0.9:
         problems.append("val_fraction + test_fraction must leave at least 10% for training")
     positive = ("image_size", "batch_size", "epochs", "min_images_per_class", "min_image_side",
-                "max_archive_bytes", "max_archive_entries", "learning_rate",
-                "fine_tune_learning_rate", "alpha", "head_c")
+                "max_archive_bytes", "max_archive_entries", "max_image_bytes", "learning_rate",
+                "fine_tune_learning_rate", "alpha", "head_c", "download_deadline_s")
     problems += [f"{n} must be > 0, got {getattr(config, n)!r}" for n in positive
                  if getattr(config, n) <= 0]
     non_negative = ("steps_per_epoch", "fine_tune_epochs", "fine_tune_layers",
-                    "head_feature_views",
+                    "head_feature_views", "download_min_bytes_per_s",
                     "early_stopping_patience",
                     "augment_rotation", "augment_shift", "augment_zoom", "augment_contrast")
     problems += [f"{n} must be >= 0, got {getattr(config, n)!r}" for n in non_negative
@@ -219,11 +261,18 @@ def validate(config: PipelineConfig) -> None:
         problems.append(f"dropout must be in [0, 1), got {config.dropout!r}")
     if not config.data_source.strip():
         problems.append("data_source must not be empty")
-    sha = config.data_sha256.strip().lower()
-    if sha not in ("", "none") and not (len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+    for name in ("data_sha256", "weights_sha256"):
+        sha = getattr(config, name).strip().lower()
+        if sha not in ("", "none") and not (len(sha) == 64 and set(sha) <= set(HEX_DIGITS)):
+            problems.append(
+                f"{name} must be 64 hex digits, or '' / 'none' to skip the check; "
+                f"got {getattr(config, name)!r}"
+            )
+    if config.weights_sha256.strip().lower() not in ("", "none") and (
+            config.weights.strip().lower() in ("imagenet", "none", "")):
         problems.append(
-            f"data_sha256 must be 64 hex digits, or '' / 'none' to skip the check; "
-            f"got {config.data_sha256!r}"
+            f"weights_sha256 checks a weights file or URL, but weights={config.weights!r} "
+            "(Keras verifies its own ImageNet downloads); set weights to a path or URL"
         )
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
@@ -253,6 +302,8 @@ __all__ = [
     "DEFAULT_DATA_SOURCE",
     "ENV_OVERRIDES",
     "IMAGES_FILE",
+    "RANGES",
+    "SEED_CNN_MIN_IMAGE_SIZE",
     "PipelineConfig",
     "coerce",
     "env_overrides",

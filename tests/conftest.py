@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from diskfull import full_disk  # noqa: F401 (fixture)
 from mlflow_server import (  # noqa: F401 (fixtures)
     clean_mlflow_state,
     closed_port_uri,

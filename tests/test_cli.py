@@ -62,10 +62,22 @@ def test_unknown_key_lists_the_valid_keys(capsys: pytest.CaptureFixture) -> None
     ("dropout=1.5", "dropout must be in [0, 1)"),
     ("model=resnet", "model='resnet' is not one of"),
     ("epochs", "--set expects KEY=VALUE, got 'epochs'"),
+    ("learning_rate=nan", "learning_rate must be a finite number, got nan"),
+    ("learning_rate=inf", "learning_rate must be a finite number, got inf"),
+    ("gate_threshold=-inf", "gate_threshold must be a finite number, got -inf"),
+    ("seed=-1", "seed must be in [0, 4294967295], got -1"),
+    ("seed=4294967296", "seed must be in [0, 4294967295], got 4294967296"),
+    ("image_size=100000", "image_size must be in [32, 1024], got 100000"),
+    ("model=seed_cnn image_size=93", "model=seed_cnn needs image_size in [94, 1024], got 93"),
+    ("max_entry_compression_ratio=0.5", "max_entry_compression_ratio must be in [1.0,"),
+    ("weights_sha256=abc", "weights_sha256 must be 64 hex digits"),
+    ("weights=imagenet weights_sha256=" + "0" * 64,
+     "weights_sha256 checks a weights file or URL"),
 ])
 def test_bad_values_are_clear_errors(item: str, message: str,
                                      capsys: pytest.CaptureFixture) -> None:
-    assert main(["--compile", "--set", item]) == 2
+    sets = [arg for pair in item.split(" ") for arg in ("--set", pair)]
+    assert main(["--compile", *sets]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -120,3 +132,31 @@ def test_root_script_is_the_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "pipeline.py", "--local", "--set", "nope=1"],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown config key(s) 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--local", "--summary", "{folder}"], "--summary '{folder}' is a folder; give a file path"),
+    (["--local", "--output-dir", "{file}"], "--output-dir '{file}' is a file, not a folder"),
+    (["--local", "--summary", "{file}/s.json"],
+     "--summary '{file}/s.json' cannot be created: '{file}' is a file"),
+    (["--compile", "-o", "{folder}"], "-o/--output '{folder}' is a folder; give a file path"),
+])
+def test_unusable_output_paths_exit_2_before_any_work(
+        flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started despite an unusable output path")
+
+    monkeypatch.setattr("pipeline.cli.run_local", no_work)
+    monkeypatch.setattr("pipeline.cli.compile_pipeline", no_work)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("user data")
+    paths = {"folder": str(tmp_path / "folder"), "file": str(tmp_path / "file")}
+    before = sorted(tmp_path.rglob("*"))
+
+    assert main([flag.format(**paths) for flag in flags]) == 2
+
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"pipeline.py: error: {message.format(**paths)}"]
+    assert sorted(tmp_path.rglob("*")) == before
+    assert (tmp_path / "file").read_text() == "user data"

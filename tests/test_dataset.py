@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from imagegen import image_bytes, write_class_folders, zip_folder
+from imagegen import image_bytes, tar_entries, write_class_folders, zip_folder
 from PIL import Image
 
 from pipeline.config import PipelineConfig
@@ -198,3 +201,64 @@ def test_rerun_replaces_a_prepared_set_but_not_a_foreign_folder(tmp_path: Path) 
     with pytest.raises(FileExistsError, match="not a prepared data set"):
         prepare_dataset(folder, foreign, SMALL)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_names_that_are_not_utf8_are_skipped_and_reported(tmp_path: Path) -> None:
+    """A tar written under Latin-1 used to crash the step with UnicodeEncodeError."""
+    files = {f"{label}/img-{i}.jpg": image_bytes(c * 100 + i)
+             for c, label in enumerate(("a", "b")) for i in range(4)}
+    files["a/caf\udce9.jpg"] = image_bytes(999)
+    files["b\udcff/x.jpg"] = image_bytes(998)
+    archive = tar_entries(tmp_path / "latin1.tar", files)
+
+    report = prepare_dataset(archive, tmp_path / "out", SMALL)
+
+    assert report["files_used"] == 8
+    reasons = {i["path"]: i["reason"] for i in report["ignored"]}
+    assert reasons["a/caf\\xe9.jpg"] == "file name is not valid UTF-8"
+    assert reasons["b\\xff/x.jpg"] == "file name is not valid UTF-8"
+    assert load_report(tmp_path / "out")["ignored"] == report["ignored"]
+
+
+def test_a_folder_with_names_that_are_not_utf8_is_prepared(tmp_path: Path) -> None:
+    root = write_class_folders(tmp_path / "flowers", {"a": 4, "b": 4})
+    (Path(os.fsdecode(bytes(root / "a") + b"/caf\xe9.jpg"))).write_bytes(image_bytes(999))
+    Path(os.fsdecode(bytes(root) + b"/c\xff")).mkdir()
+    Path(os.fsdecode(bytes(root) + b"/c\xff/x.jpg")).write_bytes(image_bytes(998))
+
+    report = prepare_dataset(root, tmp_path / "out", SMALL)
+
+    assert report["classes"] == ["a", "b"]
+    assert {s["path"]: s["reason"] for s in report["skipped"]} == {
+        "a/caf\\xe9.jpg": "file name is not valid UTF-8",
+        "c\\xff": "file name is not valid UTF-8",
+    }
+    assert "caf\\xe9" in (tmp_path / "out" / DATA_REPORT_MD).read_text()
+
+
+def test_files_over_max_image_bytes_are_skipped_unread(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_class_folders(tmp_path / "flowers", {"a": 4, "b": 4})
+    (root / "a" / "huge.bmp").write_bytes(b"BM" + bytes(300_000))
+    read: list[str] = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: read.append(self.name) or real_read_bytes(self))
+
+    report = prepare_dataset(root, tmp_path / "out",
+                             dataclasses.replace(SMALL, max_image_bytes=100_000))
+
+    assert report["skipped"] == [{"path": "a/huge.bmp", "reason": "file too large",
+                                  "detail": "300002 bytes, over max_image_bytes 100000"}]
+    assert "huge.bmp" not in read
+
+
+def test_a_full_disk_names_the_output_and_leaves_nothing(tmp_path: Path,
+                                                        full_disk: Callable[[int], None]) -> None:
+    root = write_class_folders(tmp_path / "flowers", {"a": 4, "b": 4})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    full_disk(2000)
+    with pytest.raises(OSError, match=r"cannot write the prepared data set '.*out': cannot "
+                       r"write '.*\.tfrecord': No space left on device"):
+        prepare_dataset(root, tmp_path / "out", SMALL)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -6,10 +6,14 @@ import contextlib
 import hashlib
 import http.server
 import importlib.util
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import pytest
 
 from pipeline.steps.download import DownloadError, fetch_dataset
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = b"PK-not-really-a-zip-but-bytes-are-bytes" * 1000
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 FAST = {"retries": 4, "backoff_s": 0.01, "timeout_s": 5.0}
@@ -31,7 +36,11 @@ class Server:
     fail_first: int = 0
     stall_first: float = 0.0  # seconds the first request hangs before answering
     status_after: int = 200
+    mode: str = ""  # "trickle": 1 byte per 0.05 s; "silent": never answers; "loop": redirects
+    trickle_s: float = 3.0  # how long a trickle lasts before the server hangs up
     requests: list[str] = field(default_factory=list)
+    bytes_sent: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 @pytest.fixture
@@ -41,6 +50,27 @@ def server() -> Iterator[Server]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state.requests.append(self.path)
+            if state.mode == "silent":
+                state.stop.wait(30)
+                return
+            if state.mode == "loop":
+                self.send_response(302)
+                self.send_header("Location", self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if state.mode == "trickle":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.end_headers()
+                ends = time.monotonic() + state.trickle_s
+                with contextlib.suppress(OSError):
+                    while time.monotonic() < ends and not state.stop.is_set():
+                        self.wfile.write(PAYLOAD[:1])
+                        self.wfile.flush()
+                        state.bytes_sent += 1
+                        time.sleep(0.05)
+                return
             if len(state.requests) == 1 and state.stall_first:
                 time.sleep(state.stall_first)  # then answer with the wrong bytes: a client
                 stale = b"stale" * 10  # that ignored its timeout fails the checksum
@@ -72,6 +102,7 @@ def server() -> Iterator[Server]:
     try:
         yield state
     finally:
+        state.stop.set()
         httpd.shutdown()
         httpd.server_close()
 
@@ -187,3 +218,73 @@ def test_fsspec_source_is_fetched_and_cached(tmp_path: Path) -> None:
 def test_s3_without_the_extra_names_it(tmp_path: Path) -> None:
     with pytest.raises(ImportError, match=r"iris-image-pipeline\[s3\]"):
         fetch_dataset("s3://bucket/iris-image.zip", tmp_path, None, cache_dir=tmp_path / "c")
+
+
+def test_a_trickling_server_fails_at_the_overall_deadline(server: Server, tmp_path: Path) -> None:
+    """1 byte per 0.05 s never trips a read timeout; only the deadline ends the transfer."""
+    server.mode = "trickle"
+    with pytest.raises(DownloadError, match=re.escape(server.url)
+                       + r" within download_deadline_s=1 s"):
+        fetch_dataset(server.url, tmp_path / "d", None, cache_dir=tmp_path / "c", retries=3,
+                      backoff_s=0.01, timeout_s=5.0, deadline_s=1.0, min_bytes_per_s=0)
+    assert len(server.requests) == 1
+    assert list((tmp_path / "d").iterdir()) == []  # no .part file left
+
+
+def test_a_stalled_transfer_is_retried_then_reported(server: Server, tmp_path: Path) -> None:
+    server.mode = "trickle"
+    with pytest.raises(DownloadError, match=r"after 2 attempt\(s\): transfer stalled: \d+ "
+                       r"bytes in [\d.]+ s, below download_min_bytes_per_s=1000"):
+        fetch_dataset(server.url, tmp_path / "d", None, cache_dir=tmp_path / "c", retries=1,
+                      backoff_s=0.01, timeout_s=5.0, min_bytes_per_s=1000, stall_window_s=0.3)
+    assert len(server.requests) == 2
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_a_server_that_never_answers_ends_at_the_deadline(server: Server,
+                                                          tmp_path: Path) -> None:
+    server.mode = "silent"
+    with pytest.raises(DownloadError, match=r"within download_deadline_s=1 s \(last error: "):
+        fetch_dataset(server.url, tmp_path / "d", None, cache_dir=tmp_path / "c", retries=4,
+                      backoff_s=0.01, timeout_s=30.0, deadline_s=1.0)
+    assert len(server.requests) == 1
+
+
+def test_a_redirect_loop_names_the_url(server: Server, tmp_path: Path) -> None:
+    server.mode = "loop"
+    with pytest.raises(DownloadError, match=re.escape(server.url) + ": too many redirects"):
+        fetch_dataset(server.url, tmp_path / "d", None, cache_dir=tmp_path / "c", **FAST)
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_sigterm_during_a_download_removes_the_part_file(server: Server, tmp_path: Path) -> None:
+    server.mode = "trickle"
+    server.trickle_s = 30.0
+    dest = tmp_path / "d"
+    code = (f"from pipeline.steps.download import fetch_dataset; "
+            f"fetch_dataset({server.url!r}, {str(dest)!r}, None, "
+            f"cache_dir={str(tmp_path / 'c')!r}, retries=0, min_bytes_per_s=0)")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT,
+                               env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        for _ in range(400):  # until the transfer is under way (imports take a moment)
+            if server.bytes_sent > 2 and list(dest.glob(".*.part")):
+                break
+            time.sleep(0.05)
+        assert list(dest.glob(".*.part")), "the download never started"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
+    assert list(dest.iterdir()) == []
+
+
+def test_a_full_disk_names_the_destination_and_leaves_nothing(
+        tmp_path: Path, full_disk: Callable[[int], None]) -> None:
+    source = tmp_path / "iris-image.zip"
+    source.write_bytes(PAYLOAD)
+    full_disk(1000)
+    with pytest.raises(OSError, match=r"cannot write '.*/d/iris-image\.zip': No space left"):
+        fetch_dataset(str(source), tmp_path / "d", DIGEST)
+    assert list((tmp_path / "d").iterdir()) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,53 @@ def test_not_an_archive_is_a_clear_error(tmp_path: Path) -> None:
     bogus.write_text("not an archive")
     with pytest.raises(ValueError, match="not a zip or tar"):
         extract_archive(bogus, tmp_path / "out", **LIMITS)
+
+
+def test_a_highly_compressed_entry_is_refused_within_the_size_limit(tmp_path: Path) -> None:
+    """8 MB of zeros in a few KB: far below max_archive_bytes, but no photo expands 1000x."""
+    archive = zip_entries(tmp_path / "bomb.zip", {"cls/a.jpg": image_bytes(1),
+                                                  "cls/zeros.bmp": bytes(8_000_000)})
+    with pytest.raises(ArchiveTooLargeError, match=r"entry 'cls/zeros\.bmp' .* expands \d+x "
+                       r".*over the limit of 200x \(max_entry_compression_ratio\)"):
+        extract_archive(archive, tmp_path / "out", **LIMITS)
+    assert _all_files(tmp_path) == {"bomb.zip"}
+
+
+def test_many_small_compressible_entries_hit_the_archive_ratio(tmp_path: Path) -> None:
+    """Each entry is below the per-entry floor (1 MiB); together they expand ~1000x."""
+    archive = zip_entries(tmp_path / "many.zip",
+                          {f"cls/{i}.bmp": bytes(900_000) for i in range(8)})
+    with pytest.raises(ArchiveTooLargeError, match=r"many\.zip' expands \d+x .*over the limit "
+                       r"of 50x \(max_archive_compression_ratio\)"):
+        extract_archive(archive, tmp_path / "out", **LIMITS)
+    assert _all_files(tmp_path) == {"many.zip"}
+
+
+def test_a_compressed_tar_bomb_is_refused_by_the_archive_ratio(tmp_path: Path) -> None:
+    archive = tar_entries(tmp_path / "bomb.tar.gz", {"cls/zeros.bmp": bytes(8_000_000)},
+                          mode="w:gz")
+    with pytest.raises(ArchiveTooLargeError, match="max_archive_compression_ratio"):
+        extract_archive(archive, tmp_path / "out", **LIMITS)
+    # a looser limit lets the same archive through
+    root = extract_archive(archive, tmp_path / "out", **LIMITS, max_archive_ratio=1e6)
+    assert (root / "cls" / "zeros.bmp").stat().st_size == 8_000_000
+
+
+def test_an_entry_is_cut_at_its_declared_size(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data beyond an entry's declared size stops the copy at that size, not at the budget."""
+    archive = zip_entries(tmp_path / "liar.zip", {"cls/a.jpg": b"x" * 1000})
+    monkeypatch.setattr(zipfile.ZipFile, "open",
+                        lambda self, info: io.BytesIO(b"x" * 3_000_000))  # a lying stream
+    with pytest.raises(ArchiveTooLargeError, match=r"'cls/a\.jpg' .* expands beyond 1000 bytes"):
+        extract_archive(archive, tmp_path / "out", **LIMITS)
+    assert _all_files(tmp_path) == {"liar.zip"}
+
+
+def test_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path: Path) -> None:
+    archive = tar_entries(tmp_path / "latin1.tar", {"cls/ok.jpg": image_bytes(1),
+                                                    "cls/caf\udce9.jpg": image_bytes(2)})
+    extraction = safe_extract(archive, tmp_path / "out", **LIMITS)
+    assert _all_files(extraction.root) == {"cls", "cls/ok.jpg"}
+    assert extraction.skipped == [{"path": "cls/caf\\xe9.jpg",
+                                   "reason": "file name is not valid UTF-8"}]

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import http.server
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -105,3 +111,60 @@ def test_load_model_uses_safe_mode_and_round_trips(tmp_path):
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="no trained model"):
         models.load_model(tmp_path / "nowhere")
+
+
+WEIGHT_BYTES = b"not really hdf5, but bytes to hash" * 100
+
+
+@pytest.fixture
+def weights_url() -> Iterator[tuple[str, list[str]]]:
+    """A weights file served on 127.0.0.1 (no network); also returns the request log."""
+    served: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            served.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(WEIGHT_BYTES)))
+            self.end_headers()
+            self.wfile.write(WEIGHT_BYTES)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/mirror/weights.h5", served
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_weights_url_is_checked_against_weights_sha256(
+        weights_url: tuple[str, list[str]], tmp_path: Path) -> None:
+    url, served = weights_url
+    digest = hashlib.sha256(WEIGHT_BYTES).hexdigest()
+
+    path = models.resolve_weights(url, digest, cache_dir=tmp_path)
+    assert path is not None and Path(path).read_bytes() == WEIGHT_BYTES
+    assert models.resolve_weights(url, digest.upper(), cache_dir=tmp_path) == path
+    assert len(served) == 1  # the verified cached copy is reused
+
+    wrong = "0" * 64
+    with pytest.raises(ValueError, match=re.escape(url) + f" have sha256 {digest}, not "
+                       f"weights_sha256 {wrong}; the download was removed"):
+        models.resolve_weights(url, wrong, cache_dir=tmp_path)
+    assert len(served) == 2  # fetched once more before giving up
+    assert not list((tmp_path / "models").iterdir())
+
+
+def test_a_local_weights_file_is_checked_against_weights_sha256(tmp_path: Path) -> None:
+    local = tmp_path / "w.h5"
+    local.write_bytes(WEIGHT_BYTES)
+    digest = hashlib.sha256(WEIGHT_BYTES).hexdigest()
+    assert models.resolve_weights(str(local), digest) == str(local)
+    with pytest.raises(ValueError, match=r"w\.h5' has sha256 .*, not weights_sha256 f{64}"):
+        models.resolve_weights(local.as_uri(), "f" * 64)
+    assert local.exists()

@@ -115,7 +115,7 @@ def test_pipeline_signature_is_the_config_plus_the_tracking_uri() -> None:
     signature = inspect.signature(pipeline.pipeline_func)
     defaults, types = PipelineConfig(), PipelineConfig.field_types()
     expected = [*types, TRACKING_URI_PARAM]
-    assert list(signature.parameters) == expected
+    assert sorted(signature.parameters) == sorted(expected)
     for name, kind in types.items():
         parameter = signature.parameters[name]
         assert parameter.annotation in (kind, kind.__name__), name

@@ -66,3 +66,26 @@ def test_preprocess_step_does_not_import_tensorflow() -> None:
             "pipeline.steps.preprocess; sys.exit('tensorflow' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, f"tensorflow imported: {done.stderr}"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupted_shard_is_named_with_the_no_cache_hint(tmp_path: Path, damage: str) -> None:
+    """TensorFlow's DataLossError names no file; the reading path names it and the way out."""
+    from pipeline.lib import inputs
+
+    paths = records.write_split(tmp_path, "train", EXAMPLES * 2, num_shards=2)
+    data = bytearray(paths[1].read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[-10:]
+    paths[1].write_bytes(bytes(data))
+
+    for read in (lambda: inputs.read_labels(tmp_path, "train"),
+                 lambda: list(inputs.load_examples(tmp_path, "train", 32, cache=False))):
+        with pytest.raises(records.CorruptRecordError) as caught:
+            read()
+        message = str(caught.value)
+        assert f"corrupted TFRecord file {str(paths[1])!r}" in message
+        assert "--no-cache" in message
+    records.verify_shard(paths[0])  # the intact shard passes

@@ -20,12 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from pipeline.lib.files import WriteError
+
 logger = logging.getLogger(__name__)
+
+#: Default limits on untrusted input (the config's defaults too). Photos barely compress
+#: (about 1x), while a deflate bomb reaches about 1000x.
+DEFAULT_MAX_ENTRY_RATIO = 200.0
+DEFAULT_MAX_ARCHIVE_RATIO = 50.0
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 #: Operating-system litter that never belongs to a data set (compared case-insensitively).
 JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "__macosx"})
 
 _COPY_CHUNK = 1 << 20
+#: Entries (and archives) expanding to less than this are never refused for their compression
+#: ratio: a small, very compressible file (a text file of spaces) does no harm.
+RATIO_MIN_BYTES = 1 << 20
+#: Why an entry whose name is not valid UTF-8 (a tar written on another system) is skipped:
+#: the name could not be stored in the data report or the TFRecords.
+SKIP_NOT_UTF8 = "file name is not valid UTF-8"
 #: What broken archive data raises while being read (all turned into one clear ValueError).
 _CORRUPT = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
             gzip.BadGzipFile)
@@ -58,6 +72,7 @@ class Member:
     kind: str  # "file", "dir", "symlink", "hardlink" or "other"
     size: int  # uncompressed bytes (for links: the bytes of the member they point to)
     link: str = ""  # link target as stored, for links
+    compressed: int = 0  # compressed bytes of a zip entry (tar members are not compressed alone)
 
 
 @dataclass
@@ -69,6 +84,23 @@ class Extraction:
     files_written: int = 0
     bytes_written: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+
+
+def is_utf8(name: str) -> bool:
+    """False for names decoded with surrogate escapes (bytes that are not UTF-8)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_name(name: str) -> str:
+    """``name`` safe to write anywhere: undecodable bytes shown as ``\\xNN`` escapes."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def is_junk(parts: tuple[str, ...] | list[str]) -> bool:
@@ -133,7 +165,8 @@ def _scan_zip(archive: zipfile.ZipFile) -> list[tuple[Member, zipfile.ZipInfo]]:
             else:
                 link = archive.read(info).decode("utf-8", "replace")
         parts, _ = _normalize(info.filename)
-        members.append((Member(info.filename, parts, kind, info.file_size, link), info))
+        members.append((Member(info.filename, parts, kind, info.file_size, link,
+                               info.compress_size), info))
     return members
 
 
@@ -204,18 +237,57 @@ def _open_archive(archive: Path) -> Iterator[tuple[str, zipfile.ZipFile | tarfil
             raise ValueError(f"corrupt tar archive {str(archive)!r}: {exc}") from exc
 
 
-def _copy_limited(src: IO[bytes], dest: Path, budget: int, archive: Path) -> int:
-    """Copy at most ``budget`` bytes; more means the headers lied about sizes (a bomb)."""
+def _copy_limited(src: IO[bytes], dest: Path, limit: int, what: str) -> int:
+    """Copy ``src`` to ``dest`` but never more than ``limit`` bytes.
+
+    The limit is the entry's declared size (within what is left of the total budget): more
+    means the headers lied (a bomb), and the copy stops before writing the chunk that would
+    pass it. A failed write (a full disk) names the file being written.
+    """
     written = 0
     with open(dest, "xb") as out:
         while chunk := src.read(_COPY_CHUNK):
             written += len(chunk)
-            if written > budget:
+            if written > limit:
                 raise ArchiveTooLargeError(
-                    f"{str(archive)!r} expands beyond its declared sizes and the limit; refused"
+                    f"{what} expands beyond {limit} bytes (its declared size or what is left of "
+                    "max_archive_bytes); refusing a possible zip bomb"
                 )
-            out.write(chunk)
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                raise WriteError(exc.errno, f"cannot write {str(dest)!r} ({what}): "
+                                 f"{exc.strerror or exc}") from exc
     return written
+
+
+def _check_ratios(archive: Path, members: list[Member], max_entry_ratio: float,
+                  max_archive_ratio: float) -> None:
+    """Refuse archives that expand far beyond their size before anything is written.
+
+    Photos barely compress, so a high ratio means a bomb: per zip entry (uncompressed over
+    compressed bytes) and for the whole archive (total uncompressed over the file's size,
+    which covers compressed tars too). Below :data:`RATIO_MIN_BYTES` nothing is refused.
+    """
+    for member in members:
+        if member.kind != "file" or member.size <= RATIO_MIN_BYTES or not member.compressed:
+            continue
+        ratio = member.size / member.compressed
+        if ratio > max_entry_ratio:
+            raise ArchiveTooLargeError(
+                f"entry {member.name!r} of {str(archive)!r} expands {ratio:.0f}x "
+                f"({member.compressed} -> {member.size} bytes), over the limit of "
+                f"{max_entry_ratio:g}x (max_entry_compression_ratio); refusing a possible "
+                "zip bomb"
+            )
+    total = sum(m.size for m in members)
+    on_disk = max(archive.stat().st_size, 1)
+    if total > RATIO_MIN_BYTES and total / on_disk > max_archive_ratio:
+        raise ArchiveTooLargeError(
+            f"{str(archive)!r} expands {total / on_disk:.0f}x ({on_disk} -> {total} bytes), over "
+            f"the limit of {max_archive_ratio:g}x (max_archive_compression_ratio); refusing a "
+            "possible zip bomb"
+        )
 
 
 def find_class_root(directory: Path) -> Path:
@@ -237,14 +309,19 @@ def find_class_root(directory: Path) -> Path:
 
 
 def safe_extract(archive: str | Path, target: str | Path, *, max_bytes: int,
-                 max_entries: int) -> Extraction:
+                 max_entries: int,
+                 max_entry_ratio: float = DEFAULT_MAX_ENTRY_RATIO,
+                 max_archive_ratio: float = DEFAULT_MAX_ARCHIVE_RATIO,
+                 ) -> Extraction:
     """Extract ``archive`` into ``target`` (new or empty) after checking every entry first.
 
     Nothing is written unless the whole archive passes: entries escaping the target
     (``../``, absolute paths, links pointing out) are refused together in one error that
-    names them, as are archives over ``max_entries`` entries or ``max_bytes`` uncompressed.
-    Links inside the archive are written as plain copies (no link is ever created), OS junk
-    and hidden files are skipped. Files land in a temporary sibling folder first, renamed
+    names them, as are archives over ``max_entries`` entries or ``max_bytes`` uncompressed,
+    and those expanding more than ``max_entry_ratio`` per zip entry or ``max_archive_ratio``
+    overall; no entry is written past its declared size. Links inside the archive are
+    written as plain copies (no link is ever created); OS junk, hidden files and names that
+    are not UTF-8 are skipped. Files land in a temporary sibling folder first, renamed
     into place at the end, so a failure leaves nothing behind.
     """
     archive, target = Path(archive), Path(target)
@@ -267,6 +344,7 @@ def safe_extract(archive: str | Path, target: str | Path, *, max_bytes: int,
                 f"{str(archive)!r} expands to {total} bytes, over the limit of {max_bytes} "
                 "(max_archive_bytes); refusing to extract a possible zip bomb"
             )
+        _check_ratios(archive, members, max_entry_ratio, max_archive_ratio)
         problems = _problems(members)
         if problems:
             raise UnsafeArchiveError(archive, problems)
@@ -279,14 +357,13 @@ def safe_extract(archive: str | Path, target: str | Path, *, max_bytes: int,
             for member, info in scanned:
                 if not member.parts or member.kind == "dir":
                     continue
-                if is_junk(member.parts):
-                    result.skipped.append({"path": member.name, "reason": "OS junk or hidden"})
-                    continue
-                if member.kind == "other":
-                    result.skipped.append({"path": member.name, "reason": "not a regular file"})
-                    continue
-                if member.parts in seen:
-                    result.skipped.append({"path": member.name, "reason": "repeated entry name"})
+                reason = ("OS junk or hidden" if is_junk(member.parts) else
+                          SKIP_NOT_UTF8 if not is_utf8(member.name) else
+                          "not a regular file" if member.kind == "other" else
+                          "repeated entry name" if member.parts in seen else "")
+                if reason:
+                    result.skipped.append({"path": printable_name(member.name),
+                                           "reason": reason})
                     continue
                 seen.add(member.parts)
                 dest = staging.joinpath(*member.parts)
@@ -298,13 +375,14 @@ def safe_extract(archive: str | Path, target: str | Path, *, max_bytes: int,
                 if dest.exists():
                     raise ValueError(f"archive entry {member.name!r} clashes with another "
                                      f"entry of {str(archive)!r}")
-                budget = max_bytes - result.bytes_written
+                limit = min(member.size, max_bytes - result.bytes_written)
+                what = f"entry {member.name!r} of {str(archive)!r}"
                 if kind == "zip":
                     if member.kind == "symlink":  # zip links hold their target as data
                         result.skipped.append({"path": member.name, "reason": "link in zip"})
                         continue
                     with handle.open(info) as src:  # type: ignore[arg-type]
-                        written = _copy_limited(src, dest, budget, archive)
+                        written = _copy_limited(src, dest, limit, what)
                 else:
                     try:
                         src = handle.extractfile(info)  # type: ignore[arg-type]
@@ -315,7 +393,7 @@ def safe_extract(archive: str | Path, target: str | Path, *, max_bytes: int,
                                                "reason": "link to a missing member"})
                         continue
                     with src:
-                        written = _copy_limited(src, dest, budget, archive)
+                        written = _copy_limited(src, dest, limit, what)
                 result.files_written += 1
                 result.bytes_written += written
             if target.exists():
@@ -333,22 +411,28 @@ def safe_extract(archive: str | Path, target: str | Path, *, max_bytes: int,
     return result
 
 
-def extract_archive(archive: Path, target: Path, *, max_bytes: int, max_entries: int) -> Path:
+def extract_archive(archive: Path, target: Path, *, max_bytes: int, max_entries: int,
+                    **ratios: float) -> Path:
     """Safely extract ``archive`` into ``target``; return the folder holding the class folders.
 
-    See :func:`safe_extract` for the checks; this is its short form for callers that only
-    need the data's location.
+    See :func:`safe_extract` for the checks (``ratios``: its ratio limits); this is its short
+    form for callers that only need the data's location.
     """
-    return safe_extract(archive, target, max_bytes=max_bytes, max_entries=max_entries).root
+    return safe_extract(archive, target, max_bytes=max_bytes, max_entries=max_entries,
+                        **ratios).root
 
 
 __all__ = [
     "JUNK_NAMES",
+    "RATIO_MIN_BYTES",
+    "SKIP_NOT_UTF8",
     "ArchiveTooLargeError",
     "Extraction",
     "UnsafeArchiveError",
     "extract_archive",
     "find_class_root",
     "is_junk",
+    "is_utf8",
+    "printable_name",
     "safe_extract",
 ]

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.lib import records
+from pipeline.lib.files import atomic_writer
 from pipeline.lib.params import TrainParams
 
 logger = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ def decode_image(encoded: tf.Tensor, resizer: keras.layers.Layer) -> tf.Tensor:
 def load_examples(data_dir: str | Path, split: str, image_size: int, *,
                   cache: bool = True) -> tf.data.Dataset:
     """(uint8 image [S, S, 3], int32 label) of one split, decoded in parallel and cached."""
-    files = records.split_files(data_dir, split)
+    files = records.checked_split_files(data_dir, split)
     resizer = make_resizer(image_size)
 
     def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -228,7 +229,7 @@ def load_examples(data_dir: str | Path, split: str, image_size: int, *,
 
 def read_labels(data_dir: str | Path, split: str) -> np.ndarray:
     """Label of every record in a split (no image decoding): class weights, baselines."""
-    files = records.split_files(data_dir, split)
+    files = records.checked_split_files(data_dir, split)
     # same reader settings as load_examples, so labels come in the same order
     dataset = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4)).map(
         lambda s: tf.io.parse_single_example(s, {"label": records.feature_spec()["label"]})["label"]
@@ -349,12 +350,12 @@ def save_augmentation_preview(
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        with atomic_writer(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 __all__ = [

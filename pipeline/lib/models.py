@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import keras
 
 from pipeline.lib.contract import MODEL_FILE
+from pipeline.lib.files import file_sha256, normalize_sha256
 from pipeline.lib.inputs import RandomAugment, make_resizer
 from pipeline.lib.params import TrainParams
 
@@ -27,12 +28,17 @@ HEAD = "probabilities"
 CUSTOM_OBJECTS = {"iris>RandomAugment": RandomAugment}
 
 
-def resolve_weights(weights: str) -> str | None:
+def resolve_weights(weights: str, sha256: str = "", *,
+                    cache_dir: str | Path | None = None) -> str | None:
     """Map config.weights to what ``keras.applications`` accepts: "imagenet", a file, or None.
 
-    A URL is downloaded once into Keras' cache (air-gapped clusters point at a local mirror);
-    a local path must exist, so a typo fails here with the path instead of deep in Keras.
+    A URL is downloaded once into Keras' cache (``cache_dir``, default ``$KERAS_HOME``;
+    air-gapped clusters point at a local mirror); a local path must exist, so a typo fails
+    here with the path instead of deep in Keras. With ``sha256`` (config.weights_sha256) the
+    file must match it: a mismatching download is removed (a stale cached copy of the same
+    name is fetched again once first), a mismatching local file is refused.
     """
+    expected = normalize_sha256(sha256)
     value = weights.strip()
     if value.lower() in {"none", ""}:
         return None
@@ -41,7 +47,17 @@ def resolve_weights(weights: str) -> str | None:
     scheme = urlparse(value).scheme
     if scheme in {"http", "https"}:
         name = os.path.basename(urlparse(value).path) or "mobilenet_weights.h5"
-        return keras.utils.get_file(fname=name, origin=value, cache_subdir="models")
+        fetched = Path(keras.utils.get_file(fname=name, origin=value, cache_subdir="models",
+                                            cache_dir=cache_dir))
+        if expected is not None and file_sha256(fetched) != expected:
+            fetched = Path(keras.utils.get_file(fname=name, origin=value, cache_subdir="models",
+                                                cache_dir=cache_dir, force_download=True))
+            actual = file_sha256(fetched)
+            if actual != expected:
+                fetched.unlink(missing_ok=True)
+                raise ValueError(f"MobileNet weights from {value} have sha256 {actual}, not "
+                                 f"weights_sha256 {expected}; the download was removed")
+        return str(fetched)
     if scheme == "file":
         value = urlparse(value).path
     path = Path(value).expanduser()
@@ -50,6 +66,9 @@ def resolve_weights(weights: str) -> str | None:
             f"MobileNet weights file not found: {str(path)!r} (config.weights: use 'imagenet', "
             "a local .h5 path, an http(s) URL, or 'none')"
         )
+    if expected is not None and (actual := file_sha256(path)) != expected:
+        raise ValueError(f"MobileNet weights file {str(path)!r} has sha256 {actual}, not "
+                         f"weights_sha256 {expected}")
     return str(path)
 
 
@@ -95,7 +114,7 @@ def build_mobilenet(config: TrainParams, num_classes: int) -> keras.Model:
     size = config.image_size
     if size < 32:
         raise ValueError(f"MobileNet needs image_size >= 32, got {size}")
-    weights = resolve_weights(config.weights)
+    weights = resolve_weights(config.weights, config.weights_sha256)
     backbone = keras.applications.MobileNet(
         input_shape=(size, size, 3), alpha=config.alpha, include_top=False, weights=weights,
         pooling=None,

@@ -41,6 +41,8 @@ class StepParams:
 class DownloadParams(StepParams):
     data_source: str
     data_sha256: str
+    download_deadline_s: float
+    download_min_bytes_per_s: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -52,6 +54,9 @@ class PreprocessParams(StepParams):
     min_image_side: int
     max_archive_bytes: int
     max_archive_entries: int
+    max_entry_compression_ratio: float
+    max_archive_compression_ratio: float
+    max_image_bytes: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,6 +73,7 @@ class TrainParams(StepParams):
     model: str
     alpha: float
     weights: str
+    weights_sha256: str
     dropout: float
     pooling: str
     epochs: int

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import google_crc32c
 
 from pipeline.lib.contract import CLASSES_FILE
+from pipeline.lib.files import atomic_write_json, atomic_writer
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -126,8 +127,8 @@ def write_split(
     directory = Path(root) / split
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
-    with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(open(p, "wb")) for p in paths]
+    with contextlib.ExitStack() as stack:  # on any error every shard's temporary file goes
+        writers = [stack.enter_context(atomic_writer(p, "wb")) for p in paths]
         for i, example in enumerate(examples):
             writers[i % num_shards].write(frame(serialize(example)))
     return paths
@@ -139,6 +140,57 @@ def split_files(root: str | Path, split: str) -> list[str]:
     files = sorted(str(p) for p in directory.glob("*.tfrecord"))
     if not files:
         raise FileNotFoundError(f"no TFRecord shards for split {split!r} under {str(directory)!r}")
+    return files
+
+
+class CorruptRecordError(ValueError):
+    """A TFRecord shard fails its framing or checksums; the message names the file."""
+
+
+#: Shards already checked by this process, by (path, size, mtime): each is read once more.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def verify_shard(path: str | Path) -> None:
+    """Check every record's framing and checksums, naming the file when one fails.
+
+    TensorFlow reports such damage as a ``DataLossError`` that names no file, deep inside
+    training; this check runs first, without TensorFlow, one record in memory at a time.
+    """
+    path = Path(path)
+    offset = 0
+    with open(path, "rb") as handle:
+        while header := handle.read(12):
+            problem = ""
+            if len(header) < 12:
+                problem = "truncated record header"
+            elif _masked_crc(header[:8]) != header[8:]:
+                problem = "corrupted record length (checksum mismatch)"
+            else:
+                (length,) = struct.unpack("<Q", header[:8])
+                data, crc = handle.read(length), handle.read(4)
+                if len(data) < length or len(crc) < 4:
+                    problem = "truncated record"
+                elif _masked_crc(data) != crc:
+                    problem = "corrupted record data (checksum mismatch)"
+            if problem:
+                raise CorruptRecordError(
+                    f"corrupted TFRecord file {str(path)!r}: {problem} at byte {offset}; the "
+                    "prepared data set is damaged. If it came from kfp.local's cache, rerun "
+                    "with --no-cache (or remove .kfp_cache under the --output-dir folder)"
+                )
+            offset += 12 + length + 4
+
+
+def checked_split_files(root: str | Path, split: str) -> list[str]:
+    """:func:`split_files`, each shard verified (:func:`verify_shard`) once per process."""
+    files = split_files(root, split)
+    for name in files:
+        stat = Path(name).stat()
+        key = (str(Path(name).resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _VERIFIED:
+            verify_shard(name)
+            _VERIFIED.add(key)
     return files
 
 
@@ -159,9 +211,7 @@ def read_split(root: str | Path, split: str) -> list[Example]:
 
 
 def write_classes(root: Path, classes: list[str]) -> Path:
-    path = Path(root) / CLASSES_FILE
-    path.write_text(json.dumps(list(classes), indent=2) + "\n")
-    return path
+    return atomic_write_json(Path(root) / CLASSES_FILE, list(classes))
 
 
 def load_classes(root: str | Path) -> list[str]:

@@ -6,7 +6,6 @@ import base64
 import html
 import itertools
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,17 +16,19 @@ matplotlib.use("Agg")  # headless: pipeline pods and CI have no display
 import matplotlib.pyplot as plt
 import numpy as np
 
+from pipeline.lib.files import atomic_write_text, atomic_writer
+
 logger = logging.getLogger(__name__)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     """Write atomically (temp file, then rename) so a crash leaves no half-written PNG."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        with atomic_writer(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=90, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str],
@@ -166,11 +167,7 @@ Gate: {html.escape(metrics["gate_metric"])} = {_fmt(metrics["gate_value"])} &ge;
 {_img_tag(figures.get("misclassified"), "misclassified test images")}
 </body></html>
 """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, page)
 
 
 __all__ = ["plot_confusion_matrix", "plot_image_grid", "plot_training_curves", "render_html"]

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 import fsspec
 import requests
+import urllib3
 from tqdm import tqdm
 
 from pipeline.lib.contract import META_PATH, META_SHA256, META_SOURCE
-from pipeline.lib.files import atomic_file, file_sha256, replace_dir
+from pipeline.lib.files import atomic_writer, file_sha256, normalize_sha256, replace_dir
 from pipeline.lib.params import DownloadParams
 
 logger = logging.getLogger(__name__)
+
+#: Defaults of a direct call (the pipeline passes its config's download_* values).
+DEFAULT_DEADLINE_S = 1800.0
+DEFAULT_MIN_BYTES_PER_S = 1024.0
 
 #: Responses larger than this get a tqdm progress bar; smaller ones a log line.
 PROGRESS_MIN_BYTES = 20 * 1024 * 1024
@@ -31,11 +39,13 @@ PROGRESS_MIN_BYTES = 20 * 1024 * 1024
 MAX_BACKOFF_S = 60.0
 #: The extra to install for each object-store scheme fsspec needs a plug-in for.
 FSSPEC_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+#: Window of the minimum-throughput check: a transfer that receives fewer than
+#: ``min_bytes_per_s`` times this many seconds' worth of bytes in one window has stalled.
+STALL_WINDOW_S = 30.0
 #: ``IRIS_CACHE_DIR`` overrides the default cache location (else ``$XDG_CACHE_HOME`` or ~/.cache).
 CACHE_ENV = "IRIS_CACHE_DIR"
 
 _CHUNK = 1 << 20
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class DownloadError(OSError):
@@ -54,18 +64,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "iris-image-pipeline"
 
 
-def normalize_sha256(sha256: str | None) -> str | None:
-    """The lower-case hex digest to check, or None for None/""/"none" (no check)."""
-    if sha256 is None or sha256.strip().lower() in ("", "none"):
-        return None
-    digest = sha256.strip().lower()
-    if not _SHA256_RE.match(digest):
-        raise ValueError(
-            f"sha256 must be 64 hex digits (or 'none' to skip the check), got {sha256!r}"
-        )
-    return digest
-
-
 def _source_name(source: str) -> str:
     """A safe file name for the fetched archive: the last path segment of the source."""
     path = urllib.parse.urlparse(source).path if "://" in source else source
@@ -73,6 +71,80 @@ def _source_name(source: str) -> str:
     if name in ("", ".", "..") or name.startswith("."):
         name = "dataset-archive"
     return name
+
+
+def _atomic_file(final: Path) -> contextlib.AbstractContextManager[IO[bytes]]:
+    """A ``.part`` file next to ``final``, renamed onto it only if the block succeeds."""
+    return atomic_writer(final, "w+b", suffix=".part")
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While fetching, turn SIGTERM into ``SystemExit(143)`` so partial files are removed.
+
+    SIGTERM's default action ends the process on the spot, skipping every ``finally`` and
+    leaving the ``.part`` file behind (a pod being stopped, ``kill``). A handler someone else
+    installed is left alone, as are threads other than the main one (which cannot install
+    handlers).
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class _Transfer:
+    """The deadline and stall watch of one fetch, shared by all its attempts.
+
+    ``received`` is called after every chunk: past the overall deadline the fetch fails
+    (``DownloadError``, no retry); fewer than ``min_bytes_per_s`` over a window of
+    ``window_s`` is a stall, retried like any transient failure.
+    """
+
+    def __init__(self, url: str, deadline_s: float, min_bytes_per_s: float,
+                 window_s: float) -> None:
+        self.url = url
+        self.deadline_s = deadline_s
+        self.min_bytes_per_s = min_bytes_per_s
+        self.window_s = window_s
+        self.deadline = time.monotonic() + deadline_s
+        self.restart_window()
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def check_deadline(self, last: object = None) -> None:
+        if self.remaining() <= 0:
+            raise DownloadError(
+                f"could not fetch {self.url} within download_deadline_s={self.deadline_s:g} s"
+                + (f" (last error: {last})" if last else "")
+            )
+
+    def restart_window(self) -> None:
+        self.window_start = time.monotonic()
+        self.window_bytes = 0
+
+    def received(self, n: int) -> None:
+        self.check_deadline()
+        self.window_bytes += n
+        elapsed = time.monotonic() - self.window_start
+        if self.min_bytes_per_s <= 0 or elapsed < self.window_s:
+            return
+        if self.window_bytes < self.min_bytes_per_s * elapsed:
+            raise _Transient(
+                f"transfer stalled: {self.window_bytes} bytes in {elapsed:.1f} s, below "
+                f"download_min_bytes_per_s={self.min_bytes_per_s:g}"
+            )
+        self.restart_window()
 
 
 def _check_digest(actual: str, expected: str | None, what: str) -> None:
@@ -86,7 +158,7 @@ def _check_digest(actual: str, expected: str | None, what: str) -> None:
 def _copy_verified(src: Path, dest: Path, expected: str | None, what: str) -> str:
     """Copy ``src`` to ``dest`` atomically, hashing on the way; a bad digest leaves nothing."""
     digest = hashlib.sha256()
-    with atomic_file(dest, "w+b", prefix=".part") as out, open(src, "rb") as handle:
+    with _atomic_file(dest) as out, open(src, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
             out.write(chunk)
@@ -128,29 +200,40 @@ def _copy_tree(src: Path, dest: Path) -> Path:
     return dest
 
 
-def _with_retries(url: str, attempt_fn: Callable[[], Any], retries: int, backoff_s: float) -> Any:
-    """Run ``attempt_fn`` up to ``retries + 1`` times, waiting backoff_s * 2**i in between."""
+def _with_retries(url: str, attempt_fn: Callable[[], Any], retries: int, backoff_s: float,
+                  transfer: _Transfer) -> Any:
+    """Run ``attempt_fn`` up to ``retries + 1`` times, waiting backoff_s * 2**i in between.
+
+    No attempt starts, and no wait runs, past the transfer's overall deadline.
+    """
     last: BaseException | None = None
     for attempt in range(retries + 1):
+        transfer.check_deadline(last)
+        transfer.restart_window()
         try:
             return attempt_fn()
         except _Transient as exc:
             last = exc.__cause__ or exc
             if attempt == retries:
                 break
-            wait = min(backoff_s * 2**attempt, MAX_BACKOFF_S)
+            wait = min(backoff_s * 2**attempt, MAX_BACKOFF_S, max(transfer.remaining(), 0.0))
             logger.warning("fetching %s failed (%s); retry %d/%d in %.2fs", url, last,
                            attempt + 1, retries, wait)
             time.sleep(wait)
     raise DownloadError(f"could not fetch {url} after {retries + 1} attempt(s): {last}")
 
 
-def _http_attempt(url: str, tmp: IO[bytes], timeout_s: float) -> None:
-    """One GET into ``tmp`` (truncated first); transient failures raise ``_Transient``."""
+def _http_attempt(url: str, tmp: IO[bytes], timeout_s: float, transfer: _Transfer) -> None:
+    """One GET into ``tmp`` (truncated first); transient failures raise ``_Transient``.
+
+    Chunks are read as they arrive (``read1``), not in fixed 1 MiB blocks, so a server
+    trickling bytes is seen by the deadline and stall checks instead of blocking a read.
+    """
     tmp.seek(0)
     tmp.truncate()
+    timeout = max(min(timeout_s, transfer.remaining()), 0.001)
     try:
-        with requests.get(url, stream=True, timeout=timeout_s,
+        with requests.get(url, stream=True, timeout=timeout,
                           headers={"User-Agent": "iris-image-pipeline"}) as response:
             status = response.status_code
             if status >= 500 or status in (408, 429):
@@ -161,26 +244,31 @@ def _http_attempt(url: str, tmp: IO[bytes], timeout_s: float) -> None:
             received = 0
             with tqdm(total=total or None, unit="B", unit_scale=True, desc=_source_name(url),
                       disable=total < PROGRESS_MIN_BYTES or None) as bar:
-                for chunk in response.iter_content(_CHUNK):
+                while chunk := response.raw.read1(_CHUNK, decode_content=True):
                     tmp.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+                    transfer.received(len(chunk))
             if total and received != total:
                 raise _Transient(f"short read: {received} of {total} bytes")
             logger.info("downloaded %s (%d bytes)", url, received)
+    except requests.TooManyRedirects as exc:
+        raise DownloadError(f"could not fetch {url}: too many redirects ({exc})") from exc
     except (requests.ConnectionError, requests.Timeout,
-            requests.exceptions.ChunkedEncodingError) as exc:
+            requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError) as exc:
         raise _Transient(str(exc)) from exc
 
 
-def _fsspec_attempt(url: str, tmp: IO[bytes], timeout_s: float) -> None:
+def _fsspec_attempt(url: str, tmp: IO[bytes], timeout_s: float, transfer: _Transfer) -> None:
     """One copy of an object-store (or other fsspec) URL into ``tmp``."""
     tmp.seek(0)
     tmp.truncate()
     del timeout_s  # each plug-in (s3fs, gcsfs) applies its own timeouts and retries
     try:
         with fsspec.open(url, "rb") as src:
-            shutil.copyfileobj(src, tmp, _CHUNK)
+            while chunk := src.read(_CHUNK):
+                tmp.write(chunk)
+                transfer.received(len(chunk))
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"data source not found: {url}") from exc
     except PermissionError as exc:
@@ -206,7 +294,8 @@ def _check_fsspec(url: str) -> None:
 
 
 def _fetch_remote(url: str, dest: Path, expected: str | None, cache_dir: Path, *,
-                  retries: int, backoff_s: float, timeout_s: float, use_fsspec: bool) -> Path:
+                  retries: int, backoff_s: float, timeout_s: float, use_fsspec: bool,
+                  transfer: _Transfer) -> Path:
     """Fetch via the cache: a cached copy with the expected digest means no request at all."""
     if expected is not None:
         cached = cache_dir / expected / dest.name
@@ -226,8 +315,9 @@ def _fetch_remote(url: str, dest: Path, expected: str | None, cache_dir: Path, *
     attempt = _fsspec_attempt if use_fsspec else _http_attempt
     # Download next to the destination, then verify before the rename makes it visible.
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(dest, "w+b", prefix=".part") as tmp:
-        _with_retries(url, lambda: attempt(url, tmp, timeout_s), retries, backoff_s)
+    with _atomic_file(dest) as tmp:
+        _with_retries(url, lambda: attempt(url, tmp, timeout_s, transfer), retries, backoff_s,
+                      transfer)
         tmp.seek(0)
         digest = hashlib.sha256()
         while chunk := tmp.read(_CHUNK):
@@ -250,16 +340,22 @@ def _store_in_cache(src: Path, cached: Path) -> None:
 
 def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, *,
                   cache_dir: str | Path | None = None, retries: int = 4, backoff_s: float = 1.0,
-                  timeout_s: float = 60.0) -> Path:
+                  timeout_s: float = 60.0,
+                  deadline_s: float = DEFAULT_DEADLINE_S,
+                  min_bytes_per_s: float = DEFAULT_MIN_BYTES_PER_S,
+                  stall_window_s: float = STALL_WINDOW_S) -> Path:
     """Bring the raw data set into ``dest_dir`` and return its path there.
 
     ``source`` is an http(s) URL (retried with exponential backoff on connection errors,
-    timeouts and 5xx, each attempt bounded by ``timeout_s``), an ``s3://``/``gs://`` (any
-    fsspec) URL, a ``file://`` URL, a local archive, or a local folder of class folders
-    (copied, without following links). When ``sha256`` is given (not None/""/"none") the
-    archive must match it or nothing is kept; remote archives are cached under their digest
-    in ``cache_dir`` so fetching the same source and digest again makes no request. Every
-    write goes to a temporary file first and is renamed into place.
+    timeouts, stalls and 5xx, each attempt bounded by ``timeout_s``, the whole fetch by
+    ``deadline_s``; fewer than ``min_bytes_per_s`` over ``stall_window_s`` is a stall, 0
+    turns that check off), an ``s3://``/``gs://`` (any fsspec) URL, a ``file://`` URL, a
+    local archive, or a local folder of class folders (copied, without following links).
+    When ``sha256`` is given (not None/""/"none") the archive must match it or nothing is
+    kept; remote archives are cached under their digest in ``cache_dir`` so fetching the
+    same source and digest again makes no request. Every write goes to a temporary file
+    first and is renamed into place; the temporary file is removed on any failure, SIGTERM
+    included.
     """
     if not isinstance(source, str) or not source.strip():
         raise ValueError("data source must be a non-empty URL or path")
@@ -267,34 +363,42 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
     expected = normalize_sha256(sha256)
     if retries < 0 or backoff_s < 0 or timeout_s <= 0:
         raise ValueError("retries and backoff_s must be >= 0 and timeout_s > 0")
+    if deadline_s <= 0 or min_bytes_per_s < 0 or stall_window_s <= 0:
+        raise ValueError("deadline_s and stall_window_s must be > 0 and min_bytes_per_s >= 0")
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     scheme = urllib.parse.urlparse(source).scheme.lower() if "://" in source else ""
 
-    if scheme in ("", "file"):
-        local = Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path)
-                     if scheme == "file" else source).expanduser()
-        if local.is_dir():
-            if expected is not None:
-                raise ValueError(
-                    f"data source {source!r} is a folder, which has no sha256 to check; "
-                    "pass sha256='none' (IRIS_DATA_SHA256=none) for folder sources"
-                )
-            return _copy_tree(local, dest_dir / local.name)
-        if not local.is_file():
-            raise FileNotFoundError(f"data source not found: {source!r} (no such file or folder)")
-        dest = dest_dir / _source_name(str(local))
-        if dest.resolve() == local.resolve():
-            _check_digest(file_sha256(local), expected, str(local))
-            return dest
-        _copy_verified(local, dest, expected, str(local))
-        logger.info("copied %s to %s", local, dest)
-        return dest
+    with _sigterm_raises():
+        if scheme in ("", "file"):
+            return _fetch_local(source, scheme, dest_dir, expected)
+        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        transfer = _Transfer(source, deadline_s, min_bytes_per_s, stall_window_s)
+        return _fetch_remote(source, dest_dir / _source_name(source), expected, cache,
+                             retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
+                             use_fsspec=scheme not in ("http", "https"), transfer=transfer)
 
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    dest = dest_dir / _source_name(source)
-    return _fetch_remote(source, dest, expected, cache, retries=retries, backoff_s=backoff_s,
-                         timeout_s=timeout_s, use_fsspec=scheme not in ("http", "https"))
+
+def _fetch_local(source: str, scheme: str, dest_dir: Path, expected: str | None) -> Path:
+    """Copy a local archive or folder (``file://`` URL or path) into ``dest_dir``."""
+    local = Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path)
+                 if scheme == "file" else source).expanduser()
+    if local.is_dir():
+        if expected is not None:
+            raise ValueError(
+                f"data source {source!r} is a folder, which has no sha256 to check; "
+                "pass sha256='none' (IRIS_DATA_SHA256=none) for folder sources"
+            )
+        return _copy_tree(local, dest_dir / local.name)
+    if not local.is_file():
+        raise FileNotFoundError(f"data source not found: {source!r} (no such file or folder)")
+    dest = dest_dir / _source_name(str(local))
+    if dest.resolve() == local.resolve():
+        _check_digest(file_sha256(local), expected, str(local))
+        return dest
+    _copy_verified(local, dest, expected, str(local))
+    logger.info("copied %s to %s", local, dest)
+    return dest
 
 
 def run_step(params: DownloadParams, out_dir: str | Path) -> dict[str, str]:
@@ -303,16 +407,18 @@ def run_step(params: DownloadParams, out_dir: str | Path) -> dict[str, str]:
     Returns the artifact metadata: the source and digest (for later steps' lineage, even
     when they are served from the cache) and the fetched entry's path inside ``out_dir``.
     """
-    fetched = fetch_dataset(params.data_source, out_dir, params.data_sha256 or None)
+    fetched = fetch_dataset(params.data_source, out_dir, params.data_sha256 or None,
+                            deadline_s=params.download_deadline_s,
+                            min_bytes_per_s=params.download_min_bytes_per_s)
     return {META_SOURCE: params.data_source, META_SHA256: params.data_sha256,
             META_PATH: Path(fetched).relative_to(out_dir).as_posix()}
 
 
 __all__ = [
     "CACHE_ENV",
+    "STALL_WINDOW_S",
     "DownloadError",
     "default_cache_dir",
     "fetch_dataset",
-    "normalize_sha256",
     "run_step",
 ]

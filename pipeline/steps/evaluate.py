@@ -32,7 +32,7 @@ from pipeline.lib.contract import (
     REPORT_FILE,
     TRAINING_SUMMARY_FILE,
 )
-from pipeline.lib.files import read_json, write_json
+from pipeline.lib.files import atomic_write_json, read_json
 from pipeline.lib.params import EvaluateParams, TrackingParams
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def evaluate_model(
     data_report = read_json(data_dir / DATA_REPORT_JSON)
     report.render_html(metrics, data_report, figures, out_dir / REPORT_FILE)
 
-    write_json(out_dir / METRICS_FILE, metrics)
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
     logger.info(
         "test split (%d images): accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f "
         "(majority baseline %.3f / %.3f / %.3f); gate %s %.3f >= %.3f: %s",

@@ -20,7 +20,15 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.lib import records
-from pipeline.lib.archive import find_class_root, is_junk, safe_extract
+from pipeline.lib.archive import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    SKIP_NOT_UTF8,
+    find_class_root,
+    is_junk,
+    is_utf8,
+    printable_name,
+    safe_extract,
+)
 from pipeline.lib.contract import (
     CLASSES_FILE,
     DATA_REPORT_JSON,
@@ -31,7 +39,13 @@ from pipeline.lib.contract import (
     META_SHA256,
     META_SOURCE,
 )
-from pipeline.lib.files import file_sha256, replace_dir, write_text
+from pipeline.lib.files import (
+    WriteError,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    replace_dir,
+)
 from pipeline.lib.params import PreprocessParams
 
 logger = logging.getLogger(__name__)
@@ -54,6 +68,7 @@ SKIP_NOT_IMAGE = "not an image"
 SKIP_CORRUPT = "corrupt or truncated"
 SKIP_TOO_SMALL = "too small"
 SKIP_TOO_LARGE = "too many pixels"
+SKIP_TOO_BIG_FILE = "file too large"
 SKIP_MODE = "unsupported colour mode"
 
 
@@ -85,7 +100,7 @@ class Scan:
 
 
 def _skip(path: str, reason: str, detail: str = "") -> dict[str, str]:
-    return {"path": path, "reason": reason, "detail": detail or reason}
+    return {"path": printable_name(path), "reason": reason, "detail": detail or reason}
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -102,17 +117,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def inspect_image(path: Path, rel: str, label: str, min_side: int,
-                  converted_dir: Path) -> Candidate | dict[str, str]:
+def inspect_image(path: Path, rel: str, label: str, min_side: int, converted_dir: Path,
+                  max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Candidate | dict[str, str]:
     """Decode one file fully (once) and return a :class:`Candidate` or a skip record.
 
     A file must carry an image extension *and* decode, in full, as JPEG/PNG/BMP/GIF:
-    Pillow's lazy open alone would accept truncated files that break training later.
+    Pillow's lazy open alone would accept truncated files that break training later. Files
+    over ``max_bytes`` are skipped unread, so no file's size decides the step's memory.
     """
     extension = path.suffix.lower()
     if extension not in IMAGE_EXTENSIONS:
         return _skip(rel, SKIP_EXTENSION, f"extension {extension or '(none)'!r} is not one of "
                      f"{sorted(IMAGE_EXTENSIONS)}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        return _skip(rel, SKIP_TOO_BIG_FILE, f"{size} bytes, over max_image_bytes {max_bytes}")
     data = path.read_bytes()
     if not data:
         return _skip(rel, SKIP_EMPTY)
@@ -153,13 +172,13 @@ def _walk_files(folder: Path, root: Path, ignored: list[dict[str, str]]) -> Iter
         here = Path(dirpath)
         for name in sorted(dirnames):
             if is_junk((name,)):
-                ignored.append({"path": (here / name).relative_to(root).as_posix(),
+                ignored.append({"path": printable_name((here / name).relative_to(root).as_posix()),
                                 "reason": "OS junk or hidden folder"})
                 dirnames.remove(name)
         dirnames.sort()
         for name in sorted(filenames):
             if is_junk((name,)):
-                ignored.append({"path": (here / name).relative_to(root).as_posix(),
+                ignored.append({"path": printable_name((here / name).relative_to(root).as_posix()),
                                 "reason": "OS junk or hidden file"})
                 continue
             yield here / name
@@ -170,13 +189,20 @@ def _walk_files(folder: Path, root: Path, ignored: list[dict[str, str]]) -> Iter
 
 
 def list_classes(root: Path) -> list[str]:
-    """Class names: the sorted names of the real (not linked, not hidden) folders in ``root``."""
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and not p.is_symlink() and not is_junk((p.name,)))
+    """Class names: the sorted names of the real (not linked, not hidden) folders in ``root``.
+
+    A folder whose name is not UTF-8 is no class: its name could not be stored as a label.
+    """
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink()
+                  and not is_junk((p.name,)) and is_utf8(p.name))
 
 
-def scan_images(root: Path, min_side: int, converted_dir: Path) -> Scan:
-    """Find the class folders under ``root`` and decode every file in them once."""
+def scan_images(root: Path, min_side: int, converted_dir: Path,
+                max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Scan:
+    """Find the class folders under ``root`` and decode every file in them once.
+
+    Files over ``max_bytes`` and names that are not UTF-8 are skipped with their reason.
+    """
     converted_dir.mkdir(parents=True, exist_ok=True)
     entries = sorted(root.iterdir(), key=lambda p: p.name)
     classes = list_classes(root)
@@ -186,7 +212,8 @@ def scan_images(root: Path, min_side: int, converted_dir: Path) -> Scan:
             scan.ignored.append({"path": entry.name, "reason": "OS junk or hidden"})
         elif entry.name not in classes:
             scan.seen += 1
-            reason = SKIP_LINK if entry.is_symlink() else SKIP_NOT_IN_CLASS
+            reason = (SKIP_LINK if entry.is_symlink() else
+                      SKIP_NOT_UTF8 if not is_utf8(entry.name) else SKIP_NOT_IN_CLASS)
             scan.skipped.append(_skip(entry.name, reason))
 
     truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
@@ -200,7 +227,10 @@ def scan_images(root: Path, min_side: int, converted_dir: Path) -> Scan:
                     scan.skipped.append(_skip(rel, SKIP_LINK if path.is_symlink() else
                                               SKIP_NOT_IMAGE, "not a regular file"))
                     continue
-                result = inspect_image(path, rel, label, min_side, converted_dir)
+                if not is_utf8(rel):
+                    scan.skipped.append(_skip(rel, SKIP_NOT_UTF8))
+                    continue
+                result = inspect_image(path, rel, label, min_side, converted_dir, max_bytes)
                 if isinstance(result, Candidate):
                     scan.candidates.append(result)
                     if result.converted is not None:
@@ -488,8 +518,11 @@ def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PreprocessPara
             root = find_class_root(raw)
             input_info: dict[str, Any] = {"kind": "folder", "name": raw.name}
         else:
-            extraction = safe_extract(raw, work / "extracted", max_bytes=config.max_archive_bytes,
-                                      max_entries=config.max_archive_entries)
+            extraction = safe_extract(
+                raw, work / "extracted", max_bytes=config.max_archive_bytes,
+                max_entries=config.max_archive_entries,
+                max_entry_ratio=config.max_entry_compression_ratio,
+                max_archive_ratio=config.max_archive_compression_ratio)
             root = extraction.root
             ignored += [{"path": s["path"], "reason": s["reason"]} for s in extraction.skipped]
             input_info = {"kind": "archive", "name": raw.name, "sha256": file_sha256(raw),
@@ -498,7 +531,8 @@ def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PreprocessPara
         if len(classes) < 2:  # fail before decoding anything
             _check_counts(classes, [], Scan(classes, 0, [], [], [], []), root,
                           config.min_images_per_class)
-        scan = scan_images(root, config.min_image_side, work / "converted")
+        scan = scan_images(root, config.min_image_side, work / "converted",
+                           config.max_image_bytes)
         ignored += scan.ignored
         kept, conflicts, within = resolve_duplicates(scan.candidates)
         _check_counts(scan.classes, kept, scan, root, config.min_images_per_class)
@@ -508,13 +542,16 @@ def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PreprocessPara
                               input_info, source_info)
 
         build = work / "build"
-        build.mkdir()
         index = {label: i for i, label in enumerate(scan.classes)}
-        for split, items in splits.items():
-            records.write_split(build, split, _examples(items, index), _num_shards(items))
-        records.write_classes(build, scan.classes)
-        write_text(build / DATA_REPORT_JSON, json.dumps(report, indent=2) + "\n")
-        write_text(build / DATA_REPORT_MD, render_report_md(report))
+        try:
+            for split, items in splits.items():
+                records.write_split(build, split, _examples(items, index), _num_shards(items))
+            records.write_classes(build, scan.classes)
+            atomic_write_json(build / DATA_REPORT_JSON, report)
+            atomic_write_text(build / DATA_REPORT_MD, render_report_md(report))
+        except WriteError as exc:  # e.g. a full disk: say where the data set was going
+            raise WriteError(exc.errno, f"cannot write the prepared data set "
+                             f"{str(out_dir)!r}: {exc.strerror}") from exc
         replace_dir(build, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -45,7 +45,7 @@ from pipeline.lib.contract import (
     SAVED_MODEL_DIR,
     TRAINING_SUMMARY_FILE,
 )
-from pipeline.lib.files import read_json
+from pipeline.lib.files import atomic_write_json, read_json
 from pipeline.lib.params import PreprocessParams, TrackingParams, TrainParams
 
 logger = logging.getLogger(__name__)
@@ -53,18 +53,13 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 
 #: Fields that do not change what is trained (resume ignores differences in them).
-NOT_TRAINING_FIELDS = frozenset({"weights", "mixed_precision", "xla", "augment_placement"})
+NOT_TRAINING_FIELDS = frozenset({"weights", "weights_sha256", "mixed_precision", "xla",
+                                 "augment_placement"})
 
 
 # ----------------------------------------------------------------------------------------
 # small helpers
 # ----------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def config_fingerprint(config: TrainParams, classes: list[str],
                        data_identity: Mapping[str, Any]) -> str:
     """Digest of everything that defines a training run; checkpoints of another run are refused.
@@ -173,7 +168,7 @@ class Checkpoints:
     def commit(self, state: dict[str, Any]) -> None:
         """Write the state, then drop weight files it no longer references."""
         state = {**state, "fingerprint": self.fingerprint}
-        write_json_atomic(self.state_path, state)
+        atomic_write_json(self.state_path, state)
         keep = {state.get("last_weights"), state.get("best_weights")}
         for path in self.directory.glob("*.weights.h5"):
             if path.name not in keep:
@@ -514,8 +509,8 @@ def train_model(
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    write_json_atomic(model_dir / CLASSES_FILE, classes)
-    write_json_atomic(model_dir / HISTORY_FILE, state["history"])
+    atomic_write_json(model_dir / CLASSES_FILE, classes)
+    atomic_write_json(model_dir / HISTORY_FILE, state["history"])
     inputs.save_augmentation_preview(data_dir, config, model_dir / PREVIEW_FILE)
     history = state["history"]
     final_best = state["phase_best_epochs"][-1] if state["phase_best_epochs"] else None
@@ -542,7 +537,7 @@ def train_model(
         "classes": classes,
         "history": history,
     }
-    write_json_atomic(model_dir / TRAINING_SUMMARY_FILE, summary)
+    atomic_write_json(model_dir / TRAINING_SUMMARY_FILE, summary)
     logger.info("trained %s: %d epochs, best epoch %s, %.1fs of training", config.model,
                 summary["epochs_run"], final_best, summary["train_seconds"])
     return summary
