@@ -236,7 +236,7 @@ def test_parent_and_nested_step_runs_with_params_and_tags(mlflow_server: MlflowS
         assert child.data.tags["kfp.step"] == step
         assert child.info.status == "FINISHED"
         assert child.data.metrics == {f"{step}_done": 1.0}
-        assert child.data.params == {}, "config params live on the parent only"
+        assert child.data.params == parent.data.params, "a step run shows its params"
 
 
 @pytest.mark.mlflow_server
