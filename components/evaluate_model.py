@@ -15,6 +15,7 @@ def evaluate_model(
     model: str,
     gate_metric: str,
     gate_threshold: float,
+    gate_on: str,
     metrics: Output[Metrics],
     classification_metrics: Output[ClassificationMetrics],
     report: Output[HTML],
@@ -24,14 +25,17 @@ def evaluate_model(
 
     The verdict is the task's only parameter output (``Output``): kfp.local resolves a
     ``dsl.If`` on that name but silently treats a named output as False (see pipeline/dag.py).
-    Test metrics and the majority baseline also go to the MLflow parent run, where pipeline
-    runs are compared.
+    Test metrics, their 95% intervals (``<metric>_ci_low`` / ``_ci_high``) and the majority
+    baseline also go to the MLflow parent run, where pipeline runs are compared. The Metrics
+    metadata names the data, the split and the MLflow copy of the per-image predictions, which
+    the register step keeps with the model version for later paired comparisons.
     """
     import shutil
     from pathlib import Path
 
     from pipeline.config import PipelineConfig
     from pipeline.lib import tracking
+    from pipeline.steps.evaluate import PREDICTIONS_FILE
     from pipeline.steps.evaluate import evaluate_model as score_model
 
     params = {k: v for k, v in locals().items() if k in PipelineConfig.field_names()}
@@ -53,5 +57,7 @@ def evaluate_model(
     metrics.metadata.update(
         gate_metric=str(result["gate_metric"]), gate_passed=bool(result["gate_passed"]),
         mlflow_run_id=run.info.run_id,
+        data_sha256=str(result["data_sha256"]), split_digest=str(result["split_digest"]),
+        predictions_uri=f"runs:/{run.info.run_id}/{PREDICTIONS_FILE}",
     )
     return bool(result["gate_passed"])

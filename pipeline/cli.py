@@ -63,7 +63,8 @@ examples:
   python pipeline.py --local --data ../shared/data/iris-image.zip --summary summary.json
   python pipeline.py --local --set epochs=2 --set image_size=96 --set weights=none
   python pipeline.py --compile -o pipeline.yaml --mlflow-secret mlflow-credentials
-  python pipeline.py --submit --host http://localhost:8080 --experiment iris --wait"""
+  python pipeline.py --submit --host http://localhost:8080 --experiment iris --wait
+  python pipeline.py --restore-champion 3     # undo a promotion: v3 is champion again"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--submit", action="store_true",
                        help="compile, upload (new pipeline or version) and start a run on the "
                             "KFP API at --host")
+    modes.add_argument("--restore-champion", metavar="VERSION",
+                       help="put the registry's champion alias back on VERSION of "
+                            "registered_model_name (at --tracking-uri; default: the local "
+                            "mlflow.db) and record the move in the alias history")
 
     conf = parser.add_argument_group("configuration (all modes)")
     conf.add_argument("--config", metavar="FILE.yaml", type=Path,
@@ -191,13 +196,27 @@ def _check_mode_options(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--submit needs --host URL (the KFP API endpoint)")
 
 
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """``name=value`` pairs, intervals beside their metric: ``accuracy=0.644 [0.525, 0.763]``."""
+    ends = ("_ci_low", "_ci_high")
+    parts = []
+    for key, value in metrics.items():
+        if key.endswith(ends):
+            continue
+        low, high = (metrics.get(f"{key}{end}") for end in ends)
+        interval = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+        parts.append(f"{key}={value:.3f}{interval}")
+    return ", ".join(parts)
+
+
 def _log_local_result(summary: Mapping[str, Any]) -> None:
-    metrics = ", ".join(f"{k}={v:.3f}" for k, v in summary["test_metrics"].items())
-    logger.info("test metrics: %s", metrics or "none")
+    logger.info("test metrics [95%% CI]: %s", format_metrics(summary["test_metrics"]) or "none")
     logger.info("majority baseline: %s", summary["majority_baseline"] or "n/a")
     gate = summary["gate"]
     logger.info("gate %s %s (%s >= %s)", gate["metric"], "PASSED" if gate["passed"] else "FAILED",
                 gate["value"], gate["threshold"])
+    if summary["registration"]:
+        logger.info("registry: %s", summary["registration"].get("reason"))
     if summary["cached_steps"]:
         logger.info("served from cache: %s", ", ".join(summary["cached_steps"]))
     logger.info("outputs: %s", summary["run_dir"])
@@ -241,6 +260,24 @@ def _submit(args: argparse.Namespace, config: PipelineConfig) -> int:
     return EXIT_OK if (result.state or "").upper() == "SUCCEEDED" else EXIT_FAILED
 
 
+def _restore_champion(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.lib.tracking import resolve_tracking_uri
+    from pipeline.steps.register import restore_champion
+
+    uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
+    try:
+        moved = restore_champion(config.registered_model_name, args.restore_champion,
+                                 client=MlflowClient(uri))
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return EXIT_FAILED
+    logger.info("%s@champion: v%s -> v%s (%s)", moved["name"], moved["previous_version"],
+                moved["version"], uri)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen mode, return the exit code."""
     parser = build_parser()
@@ -257,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         sys.stderr.write(f"{parser.prog}: error: {exc}\n")
         return EXIT_USAGE
+    if args.restore_champion:
+        return _restore_champion(args, config)
     if args.local:
         try:
             return _run_local(args, config)
@@ -282,4 +321,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _submit(args, config)
 
 
-__all__ = ["build_parser", "main", "parse_overrides", "resolve_config"]
+__all__ = ["build_parser", "format_metrics", "main", "parse_overrides", "resolve_config"]

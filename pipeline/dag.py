@@ -210,7 +210,8 @@ def create_pipeline(
         # cannot resolve a condition on a *named* output and silently skips the branch.
         with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
             add_task("register_model", values, trained_model=trained,
-                     metrics=evaluate.outputs["metrics"])
+                     metrics=evaluate.outputs["metrics"],
+                     evaluation=evaluate.outputs["evaluation"])
         return PipelineOutputs(
             raw_data=download.outputs["raw_data"],
             prepared_data=prepared,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main, parse_overrides, resolve_config
+from pipeline.cli import format_metrics, main, parse_overrides, resolve_config
 from pipeline.config import ENV_OVERRIDES, PipelineConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def test_help_documents_modes_options_keys_and_environment(capsys: pytest.Captur
     text = capsys.readouterr().out
     for flag in ("--local", "--compile", "--submit", "--output-dir", "--summary", "--data",
                  "--set", "--config", "--host", "--experiment", "--namespace", "--wait",
-                 "--tracking-uri", "--mlflow-secret", "-o"):
+                 "--tracking-uri", "--mlflow-secret", "-o", "--restore-champion"):
         assert flag in text, flag
     for key in PipelineConfig.field_names():
         assert key in text, key
@@ -35,7 +35,8 @@ def test_help_documents_modes_options_keys_and_environment(capsys: pytest.Captur
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    ([], "one of the arguments --local --compile --submit is required"),
+    ([], "one of the arguments --local --compile --submit --restore-champion is required"),
+    (["--local", "--restore-champion", "1"], "not allowed with argument"),
     (["--local", "--compile"], "not allowed with argument"),
     (["--compile", "--summary", "s.json"], "--summary only applies to --local"),
     (["--local", "-o", "x.yaml"], "-o/--output only applies to --compile"),
@@ -50,6 +51,12 @@ def test_usage_errors_exit_2_with_a_message(argv: list[str], message: str,
     assert message in capsys.readouterr().err
 
 
+def test_closing_block_shows_each_interval_beside_its_metric() -> None:
+    shown = format_metrics({"accuracy": 0.644, "accuracy_ci_low": 0.525,
+                            "accuracy_ci_high": 0.763, "test_examples": 59})
+    assert shown == "accuracy=0.644 [0.525, 0.763], test_examples=59.000"
+
+
 def test_unknown_key_lists_the_valid_keys(capsys: pytest.CaptureFixture) -> None:
     assert main(["--compile", "--set", "epoch=3"]) == 2
     err = capsys.readouterr().err
@@ -61,6 +68,8 @@ def test_unknown_key_lists_the_valid_keys(capsys: pytest.CaptureFixture) -> None
     ("epochs=three", "config key 'epochs' expects int, got 'three'"),
     ("dropout=1.5", "dropout must be in [0, 1)"),
     ("model=resnet", "model='resnet' is not one of"),
+    ("gate_on=lower", "gate_on='lower' is not one of ['point', 'ci_low']"),
+    ("promotion_margin=-0.1", "promotion_margin must be in [0, 1)"),
     ("epochs", "--set expects KEY=VALUE, got 'epochs'"),
 ])
 def test_bad_values_are_clear_errors(item: str, message: str,

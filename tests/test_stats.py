@@ -157,7 +157,7 @@ def test_align_refuses_predictions_on_other_images(other: stats.Predictions,
 def test_reading_a_file_that_is_not_predictions_names_it(tmp_path) -> None:
     bad = tmp_path / "metrics.json"
     bad.write_text("{}\n")
-    with pytest.raises(ValueError, match="metrics.json.*not a predictions file"):
+    with pytest.raises(ValueError, match=r"metrics\.json.*not a predictions file"):
         stats.Predictions.read_csv(bad)
     with pytest.raises(ValueError, match="cannot read predictions"):
         stats.Predictions.read_csv(tmp_path / "missing.csv")
