@@ -197,7 +197,7 @@ def _check_mode_options(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
-    """``name=value`` pairs, intervals beside their metric: ``accuracy=0.644 [0.525, 0.763]``."""
+    """``name=value`` pairs, intervals beside their metric: ``accuracy=0.644 [0.529, 0.762]``."""
     ends = ("_ci_low", "_ci_high")
     parts = []
     for key, value in metrics.items():

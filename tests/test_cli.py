@@ -52,9 +52,9 @@ def test_usage_errors_exit_2_with_a_message(argv: list[str], message: str,
 
 
 def test_closing_block_shows_each_interval_beside_its_metric() -> None:
-    shown = format_metrics({"accuracy": 0.644, "accuracy_ci_low": 0.525,
-                            "accuracy_ci_high": 0.763, "test_examples": 59})
-    assert shown == "accuracy=0.644 [0.525, 0.763], test_examples=59.000"
+    shown = format_metrics({"accuracy": 0.644, "accuracy_ci_low": 0.529,
+                            "accuracy_ci_high": 0.762, "test_examples": 59})
+    assert shown == "accuracy=0.644 [0.529, 0.762], test_examples=59.000"
 
 
 def test_unknown_key_lists_the_valid_keys(capsys: pytest.CaptureFixture) -> None:

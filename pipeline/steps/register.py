@@ -12,9 +12,10 @@ pipeline summary alike.
 
 The champion's per-image predictions are not recomputed: each version carries a tag pointing
 at its evaluate run's ``predictions.csv`` artifact, which that run logged anyway. Keeping
-them costs one small file per version (a line per test image: ~100 bytes) and, at
-registration, one artifact download instead of loading and running the champion model. If
-that run's artifacts are deleted, the comparison falls back to point estimates, saying why.
+them costs one small file per version (a line per test image: its 64-digit id, two class
+names and the probabilities) and, at registration, one artifact download instead of loading
+and running the champion model. If that run's artifacts are deleted, the comparison falls
+back to point estimates, saying why.
 
 Every alias move is recorded as a registered-model tag ``alias_history.NNNN`` (time, alias,
 from and to version, why), and :func:`restore_champion` (``python pipeline.py
