@@ -366,8 +366,7 @@ def restore_champion(name: str, version: str | int, *, client: MlflowClient | No
     previous = _alias_version(client, name, CHAMPION)
     client.set_registered_model_alias(name, CHAMPION, version)
     _record_alias_move(client, name, CHAMPION, version, previous, reason)
-    logger.info("%s: champion alias moved from v%s back to v%s (%s)", name, previous, version,
-                reason)
+    logger.info("%s: champion alias moved from v%s to v%s (%s)", name, previous, version, reason)
     return {"name": name, "alias": CHAMPION, "version": version, "previous_version": previous,
             "model_uri": f"models:/{name}/{version}"}
 
