@@ -18,8 +18,9 @@ from train_helpers import (
     trained_reference,
 )
 
+from pipeline.config import PipelineConfig
 from pipeline.lib import inputs, models
-from pipeline.steps.train import train_model
+from pipeline.steps.train import config_fingerprint, train_model
 
 pytestmark = pytest.mark.slow
 
@@ -176,7 +177,8 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 logging.basicConfig(level=logging.INFO)
 from pipeline.config import PipelineConfig
-from pipeline.steps.train import train_model
+from pipeline.config import PipelineConfig
+from pipeline.steps.train import config_fingerprint, train_model
 summary = train_model({str(data_dir)!r}, {str(root / "mirrored")!r},
                       PipelineConfig.from_mapping(json.loads({config!r})))
 print("SUMMARY " + json.dumps({{k: summary[k] for k in
@@ -191,3 +193,11 @@ print("SUMMARY " + json.dumps({{k: summary[k] for k in
     assert summary["epochs_run"] == 1
     assert "training mobilenet on /device:CPU:0, /device:CPU:1" in result.stderr
     assert (root / "mirrored" / "saved_model" / "saved_model.pb").is_file()
+
+
+def test_gate_and_registry_settings_do_not_block_resuming_but_the_split_does() -> None:
+    classes = ["a", "b"]
+    base = config_fingerprint(PipelineConfig(), classes)
+    assert config_fingerprint(PipelineConfig(gate_on="ci_low", promotion_margin=0.05),
+                              classes) == base
+    assert config_fingerprint(PipelineConfig(split_seed=7), classes) != base

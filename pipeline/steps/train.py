@@ -41,7 +41,8 @@ SAVED_MODEL_DIR = "saved_model"
 #: Config fields that do not change what is trained (resume ignores differences in them).
 NOT_TRAINING_FIELDS = frozenset({
     "data_source", "data_sha256", "max_archive_bytes", "max_archive_entries", "weights",
-    "gate_metric", "gate_threshold", "registered_model_name", "experiment_name",
+    "gate_metric", "gate_threshold", "gate_on", "promotion_margin", "registered_model_name",
+    "experiment_name",
     "mixed_precision", "xla", "augment_placement",
 })
 
