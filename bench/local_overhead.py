@@ -68,13 +68,13 @@ def run_in_process(config: PipelineConfig, workdir: Path, tracking_uri: str) -> 
     model = artifact(dsl.Model, "train-model", "trained_model")
     call(train_model, prepared_data=prepared, trained_model=model)
     metrics = artifact(dsl.Metrics, "evaluate-model", "metrics")
+    evaluation = artifact(dsl.Artifact, "evaluate-model", "evaluation")
     gate = call(evaluate_model, trained_model=model, prepared_data=prepared, metrics=metrics,
                 classification_metrics=artifact(dsl.ClassificationMetrics, "evaluate-model",
                                                 "classification_metrics"),
-                report=artifact(dsl.HTML, "evaluate-model", "report"),
-                evaluation=artifact(dsl.Artifact, "evaluate-model", "evaluation"))
+                report=artifact(dsl.HTML, "evaluate-model", "report"), evaluation=evaluation)
     if gate:
-        call(register_model, trained_model=model, metrics=metrics)
+        call(register_model, trained_model=model, metrics=metrics, evaluation=evaluation)
     return bool(gate)
 
 

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for seed in range(1, args.seeds + 1):
             work = Path(tmp) / f"seed{seed}"
-            config = PipelineConfig(data_source=str(args.zip), weights=args.weights, seed=seed)
+            config = PipelineConfig(data_source=str(args.zip), weights=args.weights, seed=seed,
+                                    split_seed=seed)
             data_dir = work / "data"
             prepare_dataset(args.zip, data_dir, config)
             row = {"seed": seed, **run_one(config, data_dir, work, "default")}

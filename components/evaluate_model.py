@@ -14,6 +14,7 @@ def evaluate_model(
     batch_size: int,
     gate_metric: str,
     gate_threshold: float,
+    gate_on: str,
     metrics: Output[Metrics],
     classification_metrics: Output[ClassificationMetrics],
     report: Output[HTML],
@@ -24,7 +25,6 @@ def evaluate_model(
     The verdict is the task's only parameter output (``Output``): kfp.local resolves a
     ``dsl.If`` on that name but silently treats a named output as False (see pipeline/dag.py).
     """
-    from pipeline.lib.contract import META_GATE_METRIC, META_GATE_PASSED, META_RUN_ID
     from pipeline.lib.params import EvaluateParams, TrackingParams
     from pipeline.steps import evaluate
 
@@ -34,8 +34,7 @@ def evaluate_model(
                                TrackingParams.from_mapping(values))
     for name, value in result.scalars().items():
         metrics.log_metric(name, value)
-    metrics.metadata.update({META_GATE_METRIC: gate_metric, META_GATE_PASSED: result.gate_passed,
-                             META_RUN_ID: result.mlflow_run_id})
+    metrics.metadata.update(result.metadata())
     classification_metrics.log_confusion_matrix(result.metrics["classes"],
                                                 result.metrics["confusion_matrix"])
     return result.gate_passed

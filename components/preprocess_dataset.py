@@ -5,7 +5,7 @@ from kfp.dsl import Dataset, Input, Markdown, Output
 
 def preprocess_dataset(
     raw_data: Input[Dataset],
-    seed: int,
+    split_seed: int,
     val_fraction: float,
     test_fraction: float,
     min_images_per_class: int,

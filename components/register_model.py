@@ -1,26 +1,28 @@
 """Component ``register_model``: the registry step, run only when the evaluation gate passed."""
 
-from kfp.dsl import Input, Metrics, Model
+from kfp.dsl import Artifact, Input, Metrics, Model
 
 
 def register_model(
     trained_model: Input[Model],
     metrics: Input[Metrics],
+    evaluation: Input[Artifact],
     tracking_uri: str,
     pipeline_run_id: str,
     pipeline_name: str,
     experiment_name: str,
     registered_model_name: str,
     gate_metric: str,
+    promotion_margin: float,
 ) -> dict:
     """Register the trained model in MLflow: alias ``champion`` if it beats the current one.
 
-    The returned decision (version, alias, both metric values, run id) is the task's output.
+    The returned decision (version, alias, the comparison, run id) is the task's output.
     """
     from pipeline.lib.params import RegisterParams, TrackingParams
     from pipeline.steps import register
 
     values = locals()
-    return register.run_step(trained_model.metadata, metrics.metadata,
+    return register.run_step(trained_model.metadata, metrics.metadata, evaluation.path,
                              RegisterParams.from_mapping(values),
                              TrackingParams.from_mapping(values))

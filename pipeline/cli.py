@@ -65,7 +65,8 @@ examples:
   python pipeline.py --local --data ../shared/data/iris-image.zip --summary summary.json
   python pipeline.py --local --set epochs=2 --set image_size=96 --set weights=none
   python pipeline.py --compile -o pipeline.yaml --mlflow-secret mlflow-credentials
-  python pipeline.py --submit --host http://localhost:8080 --experiment iris --wait"""
+  python pipeline.py --submit --host http://localhost:8080 --experiment iris --wait
+  python pipeline.py --restore-champion 3     # undo a promotion: v3 is champion again"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--submit", action="store_true",
                        help="compile, upload (new pipeline or version) and start a run on the "
                             "KFP API at --host")
+    modes.add_argument("--restore-champion", metavar="VERSION",
+                       help="put the registry's champion alias back on VERSION of "
+                            "registered_model_name (at --tracking-uri; default: the local "
+                            "mlflow.db) and record the move in the alias history")
 
     conf = parser.add_argument_group("configuration (all modes)")
     conf.add_argument("--config", metavar="FILE.yaml", type=Path,
@@ -203,13 +208,18 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
     metrics, baseline = summary["test_metrics"], summary["majority_baseline"] or {}
     names = [n for n in ("accuracy", "balanced_accuracy", "macro_f1") if n in metrics]
 
-    def row(label: str, values: Mapping[str, Any]) -> str:
-        cells = "  ".join(f"{n} {values[n]:.3f}" for n in names if n in values)
-        return f"{label:<22}{cells}"
+    def row(label: str, values: Mapping[str, Any], intervals: bool = False) -> str:
+        cells = []
+        for name in (n for n in names if n in values):
+            low, high = values.get(f"{name}_ci_low"), values.get(f"{name}_ci_high")
+            ci = f" [{low:.3f}, {high:.3f}]" if intervals and None not in (low, high) else ""
+            cells.append(f"{name} {values[name]:.3f}{ci}")
+        return f"{label:<22}{'  '.join(cells)}"
 
-    lines = [row(f"test ({int(metrics.get('test_examples', 0))} images):", metrics)]
+    lines = [row(f"test ({int(metrics.get('test_examples', 0))} images):", metrics, True)]
     if baseline:
         lines.append(row("majority baseline:", baseline))
+    lines.append(f"{'':<22}[95% interval: {summary.get('interval_method') or 'bootstrap'}]")
     gate = summary["gate"]
     comparison = ">=" if gate["passed"] else "<"
     lines.append(f"gate: {gate['metric']} {gate['value']:.3f} {comparison} {gate['threshold']:.3f}"
@@ -324,6 +334,24 @@ def _configure_logging(verbose: bool) -> None:
     logger.setLevel(logging.INFO)
 
 
+def _restore_champion(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.lib.tracking import resolve_tracking_uri
+    from pipeline.steps.register import restore_champion
+
+    uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
+    try:
+        moved = restore_champion(config.registered_model_name, args.restore_champion,
+                                 client=MlflowClient(uri))
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return EXIT_FAILED
+    logger.info("%s@champion: v%s -> v%s (%s)", moved["name"], moved["previous_version"],
+                moved["version"], uri)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen mode, return the exit code."""
     parser = build_parser()
@@ -343,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         sys.stderr.write(f"{parser.prog}: error: {problem}\n")
         return EXIT_USAGE
+    if args.restore_champion:
+        return _restore_champion(args, config)
     if args.local:
         try:
             return _run_local(args, config)
@@ -368,4 +398,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _submit(args, config)
 
 
-__all__ = ["build_parser", "main", "parse_overrides", "resolve_config"]
+__all__ = ["build_parser", "closing_block", "main", "parse_overrides", "resolve_config",
+           "ui_command"]

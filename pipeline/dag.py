@@ -48,6 +48,7 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
     def iris_image_pipeline(
         # data
         data_source: str = D.data_source, data_sha256: str = D.data_sha256, seed: int = D.seed,
+        split_seed: int = D.split_seed,
         val_fraction: float = D.val_fraction, test_fraction: float = D.test_fraction,
         min_images_per_class: int = D.min_images_per_class,
         min_image_side: int = D.min_image_side, max_archive_bytes: int = D.max_archive_bytes,
@@ -78,6 +79,7 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
         xla: bool = D.xla, deterministic: bool = D.deterministic,
         # evaluation, registry, tracking
         gate_metric: str = D.gate_metric, gate_threshold: float = D.gate_threshold,
+        gate_on: str = D.gate_on, promotion_margin: float = D.promotion_margin,
         registered_model_name: str = D.registered_model_name,
         experiment_name: str = D.experiment_name, tracking_uri: str = "",
     ) -> PipelineOutputs:
@@ -92,7 +94,7 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
         # cannot resolve a condition on a *named* output and silently skips the branch.
         with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
             task("register_model", params, trained_model=trained,
-                 metrics=evaluate.outputs["metrics"])
+                 metrics=evaluate.outputs["metrics"], evaluation=evaluate.outputs["evaluation"])
         return PipelineOutputs(
             raw_data=download.outputs["raw_data"], prepared_data=prepared,
             data_report=prepare.outputs["data_report"], trained_model=trained,

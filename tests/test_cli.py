@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main, parse_overrides, resolve_config
+from pipeline.cli import closing_block, main, parse_overrides, resolve_config
 from pipeline.config import ENV_OVERRIDES, PipelineConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def test_help_documents_modes_options_keys_and_environment(capsys: pytest.Captur
     text = capsys.readouterr().out
     for flag in ("--local", "--compile", "--submit", "--output-dir", "--summary", "--data",
                  "--set", "--config", "--host", "--experiment", "--namespace", "--wait",
-                 "--tracking-uri", "--mlflow-secret", "-o"):
+                 "--tracking-uri", "--mlflow-secret", "-o", "--restore-champion"):
         assert flag in text, flag
     for key in PipelineConfig.field_names():
         assert key in text, key
@@ -35,7 +35,8 @@ def test_help_documents_modes_options_keys_and_environment(capsys: pytest.Captur
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    ([], "one of the arguments --local --compile --submit is required"),
+    ([], "one of the arguments --local --compile --submit --restore-champion is required"),
+    (["--local", "--restore-champion", "1"], "not allowed with argument"),
     (["--local", "--compile"], "not allowed with argument"),
     (["--compile", "--summary", "s.json"], "--summary only applies to --local"),
     (["--local", "-o", "x.yaml"], "-o/--output only applies to --compile"),
@@ -50,6 +51,36 @@ def test_usage_errors_exit_2_with_a_message(argv: list[str], message: str,
     assert message in capsys.readouterr().err
 
 
+def _summary(passed: bool, registration: dict | None) -> dict:
+    return {
+        "test_metrics": {"accuracy": 0.6441, "accuracy_ci_low": 0.529, "accuracy_ci_high": 0.762,
+                         "balanced_accuracy": 0.44888, "test_examples": 59.0},
+        "majority_baseline": {"accuracy": 0.6440677966101694, "balanced_accuracy": 1 / 3},
+        "interval_method": "stratified bootstrap",
+        "gate": {"metric": "balanced_accuracy", "value": 0.44888, "threshold": 0.5,
+                 "passed": passed},
+        "registration": registration,
+        "mlflow": {"run_id": "abc123", "experiment_name": "iris",
+                   "tracking_uri": "sqlite:////w/mlflow.db"},
+        "run_dir": "/w/local_outputs/run-1", "elapsed_s": 96.44, "cached_steps": [],
+    }
+
+
+def test_closing_block_rounds_shows_intervals_and_the_right_comparison() -> None:
+    lines = closing_block(_summary(False, None))
+    assert lines[0] == ("test (59 images):     accuracy 0.644 [0.529, 0.762]  "
+                        "balanced_accuracy 0.449")
+    assert lines[1] == "majority baseline:    accuracy 0.644  balanced_accuracy 0.333"
+    assert "gate: balanced_accuracy 0.449 < 0.500 -> failed" in lines
+    assert "not registered: the gate failed, so the register step did not run" in lines
+    assert '  mlflow ui --backend-store-uri "sqlite:////w/mlflow.db"' in lines
+    assert lines[-1] == "total: 96.4 s"
+    registered = {"registered": True, "name": "iris", "version": "2", "alias": "challenger",
+                  "reason": "within noise"}
+    assert ("registered: iris version 2 @challenger (within noise)"
+            in closing_block(_summary(True, registered)))
+
+
 def test_unknown_key_lists_the_valid_keys(capsys: pytest.CaptureFixture) -> None:
     assert main(["--compile", "--set", "epoch=3"]) == 2
     err = capsys.readouterr().err
@@ -61,6 +92,8 @@ def test_unknown_key_lists_the_valid_keys(capsys: pytest.CaptureFixture) -> None
     ("epochs=three", "config key 'epochs' expects int, got 'three'"),
     ("dropout=1.5", "dropout must be in [0, 1)"),
     ("model=resnet", "model='resnet' is not one of"),
+    ("gate_on=lower", "gate_on='lower' is not one of ['point', 'ci_low']"),
+    ("promotion_margin=-0.1", "promotion_margin must be in [0, 1)"),
     ("epochs", "--set expects KEY=VALUE, got 'epochs'"),
     ("learning_rate=nan", "learning_rate must be a finite number, got nan"),
     ("learning_rate=inf", "learning_rate must be a finite number, got inf"),

@@ -26,11 +26,11 @@ SMALL = PipelineConfig(min_image_side=16, min_images_per_class=3).params_for(Pre
 
 @pytest.fixture(scope="module")
 def iris_runs(iris_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The shared archive prepared three times: seed 42 twice, seed 7 once."""
+    """The shared archive prepared four times: split seed 42 twice, 7 once, 42 with seed 7."""
     base = tmp_path_factory.mktemp("iris")
-    runs = {"a": 42, "b": 42, "other": 7}
-    for name, seed in runs.items():
-        params = PipelineConfig(seed=seed).params_for(PreprocessParams)
+    runs = {"a": (42, 42), "b": (42, 42), "other": (7, 42), "train_seed": (42, 7)}
+    for name, (split_seed, seed) in runs.items():
+        params = PipelineConfig(split_seed=split_seed, seed=seed).params_for(PreprocessParams)
         prepare_dataset(iris_zip, base / name, params,
                         source_info={"url": str(iris_zip.name)})
     return {name: base / name for name in runs}
@@ -88,7 +88,12 @@ def test_same_seed_gives_an_identical_report_and_split(iris_runs: dict[str, Path
     assert _hashes(iris_runs["a"]) == _hashes(iris_runs["b"])
 
 
-def test_another_seed_gives_another_split(iris_runs: dict[str, Path]) -> None:
+def test_the_training_seed_leaves_the_split_alone(iris_runs: dict[str, Path]) -> None:
+    """Runs with other training seeds are scored on the same test images (paired rule)."""
+    assert _hashes(iris_runs["a"]) == _hashes(iris_runs["train_seed"])
+
+
+def test_another_split_seed_gives_another_split(iris_runs: dict[str, Path]) -> None:
     a, other = load_report(iris_runs["a"]), load_report(iris_runs["other"])
     assert a["class_counts"] == other["class_counts"]
     assert a["split_counts"] == other["split_counts"]  # same stratified sizes...

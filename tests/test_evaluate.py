@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from train_helpers import prepared_iris, small_eval, trained_reference
 
-from pipeline.lib import report
-from pipeline.steps.evaluate import evaluate_model, score
+from pipeline.lib import inputs, report, stats
+from pipeline.steps.evaluate import evaluate_model, gate_verdict, score, split_digest
 
 
 def test_score_counts_every_class():
@@ -25,12 +25,31 @@ def test_score_counts_every_class():
     assert majority["macro_f1"] == pytest.approx((0 + 2 * 0.5 * 1 / 1.5 + 0) / 3)
 
 
+@pytest.mark.parametrize(("gate_on", "threshold", "compared", "passed"), [
+    ("point", 0.60, "balanced_accuracy", True),
+    ("ci_low", 0.60, "balanced_accuracy_ci_low", False),
+    ("ci_low", 0.45, "balanced_accuracy_ci_low", True),  # at the boundary: >= passes
+    ("ci_low", 0.4501, "balanced_accuracy_ci_low", False),
+])
+def test_gate_on_point_or_the_intervals_lower_end(gate_on, threshold, compared, passed):
+    metrics = {"balanced_accuracy": 0.62, "balanced_accuracy_ci_low": 0.45,
+               "balanced_accuracy_ci_high": 0.78}
+    key, value, ok = gate_verdict(metrics, "balanced_accuracy", gate_on, threshold)
+    assert (key, value, ok) == (compared, metrics[compared], passed)
+    with pytest.raises(ValueError, match="gate_on must be"):
+        gate_verdict(metrics, "balanced_accuracy", "upper", threshold)
+
+
 def test_report_html_is_self_contained(tmp_path):
     classes = ["a", "b"]
     figure = report.plot_confusion_matrix([[3, 1], [0, 4]], classes, tmp_path / "cm.png")
     metrics = {
         "classes": classes, "accuracy": 0.875, "balanced_accuracy": 0.875, "macro_f1": 0.87,
-        "per_class": {c: {"precision": 1.0, "recall": 0.75, "f1": 0.86, "support": 4}
+        "accuracy_ci_low": 0.625, "accuracy_ci_high": 1.0, "balanced_accuracy_ci_low": 0.6,
+        "balanced_accuracy_ci_high": 1.0, "macro_f1_ci_low": 0.55, "macro_f1_ci_high": 1.0,
+        "interval_method": "95% percentile interval, test bootstrap",
+        "per_class": {c: {"precision": 1.0, "recall": 0.75, "recall_ci_low": 0.25,
+                          "recall_ci_high": 1.0, "f1": 0.86, "support": 4}
                       for c in classes},
         "baseline": {"class": "b", "accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.33},
         "gate_metric": "balanced_accuracy", "gate_value": 0.875, "gate_threshold": 0.5,
@@ -41,6 +60,22 @@ def test_report_html_is_self_contained(tmp_path):
     page = path.read_text()
     assert "data:image/png;base64," in page and "PASSED" in page
     assert not re.search(r'src="(?!data:)', page)  # nothing loaded from elsewhere
+    # interval beside point estimate and baseline, per-class recall interval, the method
+    assert re.search(r"<td>accuracy</td><td>0\.875</td><td>0\.625 &ndash; 1\.000</td>"
+                     r"<td>0\.500</td>", page)
+    assert "<td>0.750</td><td>0.250 &ndash; 1.000</td>" in page
+    assert "test bootstrap" in page
+
+
+def test_split_digest_names_the_images_of_every_split(tmp_path_factory, iris_zip):
+    data_dir = prepared_iris(tmp_path_factory.mktemp("digest"))
+    classes = json.loads((data_dir / "classes.json").read_text())
+    digest = split_digest(data_dir, classes)
+    assert len(digest) == 64 and digest == split_digest(data_dir, classes)
+    assert digest != split_digest(data_dir, classes[::-1]), "labels are part of it"
+    ids, labels = inputs.read_index(data_dir, "test")
+    assert len(set(ids)) == len(ids) and labels.tolist() == inputs.read_labels(
+        data_dir, "test").tolist()
 
 
 @pytest.mark.slow
@@ -58,6 +93,18 @@ def test_evaluate_real_model_on_test_split(tmp_path_factory, iris_zip, mobilenet
     for key in ("accuracy", "balanced_accuracy", "macro_f1"):
         assert 0 <= metrics[key] <= 1
         assert 0 <= metrics["baseline"][key] <= 1
+        low, high = (metrics[k] for k in stats.ci_keys(key))
+        assert 0 <= low <= metrics[key] <= high <= 1 and high - low > 0.02, key
+    for values in metrics["per_class"].values():
+        assert values["recall_ci_low"] <= values["recall"] <= values["recall_ci_high"]
+    predictions = stats.Predictions.read_csv(out / "predictions.csv")
+    ids, labels = inputs.read_index(data_dir, "test")
+    assert list(predictions.image_ids) == ids and predictions.labels.tolist() == labels.tolist()
+    assert predictions.probabilities.shape == (n_test, 3)
+    assert score(predictions.labels, predictions.predicted, 3)["accuracy"] == metrics["accuracy"]
+    assert metrics["split_digest"] == split_digest(data_dir, metrics["classes"])
+    assert metrics["data_sha256"] == data_report["input"]["sha256"]
+    assert metrics["gate_on"] == "point"
     assert metrics["baseline"]["class"] == "iris-versicolour"
     assert metrics["baseline"]["balanced_accuracy"] == pytest.approx(1 / 3)
     cm = np.array(metrics["confusion_matrix"])
@@ -79,6 +126,12 @@ def test_evaluate_real_model_on_test_split(tmp_path_factory, iris_zip, mobilenet
                                                 gate_threshold=1.0))
     assert strict["gate_value"] == strict["macro_f1"]
     assert strict["gate_passed"] is (strict["macro_f1"] >= 1.0)
+    # gate on the interval's lower end, threshold right at it: passes; a hair above: fails
+    at_low = dataclasses.replace(small_eval(), gate_on="ci_low",
+                                 gate_threshold=metrics["balanced_accuracy_ci_low"])
+    lower = evaluate_model(model_dir, data_dir, root / "ci_low", at_low)
+    assert lower["gate_value"] == metrics["balanced_accuracy_ci_low"] and lower["gate_passed"]
+    assert "lower end of its 95% interval" in (root / "ci_low" / "report.html").read_text()
 
 
 def test_evaluate_refuses_mismatched_classes(tmp_path_factory, iris_zip, mobilenet_weights):

@@ -229,7 +229,8 @@ def test_local_run_writes_every_artifact(first_run: CliRun) -> None:
     assert (model / "saved_model" / "saved_model.pb").is_file()
     assert len(json.loads((model / "history.json").read_text())) == 2  # epochs=2
     evaluation = out["evaluation"]
-    for name in ("metrics.json", "confusion_matrix.png", "training_curves.png", "report.html"):
+    for name in ("metrics.json", "confusion_matrix.png", "training_curves.png", "report.html",
+                 "predictions.csv"):
         assert (evaluation / name).is_file(), name
     assert "<html" in out["report"].read_text().lower()
     run_dir = Path(summary["run_dir"])
@@ -244,6 +245,7 @@ def test_local_run_metrics_and_data_counts(first_run: CliRun) -> None:
     metrics = summary["test_metrics"]
     for name in ("accuracy", "balanced_accuracy", "macro_f1"):
         assert 0.0 <= metrics[name] <= 1.0, name
+        assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"], name
     assert metrics["test_examples"] == 59
     assert sum(map(sum, summary["confusion_matrix"])) == 59
     baseline = summary["majority_baseline"]

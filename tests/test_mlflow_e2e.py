@@ -187,7 +187,7 @@ def test_artifacts_dataset_and_test_metrics_are_logged(first_run: CliRun, client
 
     assert {"data_report.json", "augmentation_preview.png"} <= files(ids["train"])
     assert {"training_curves.png", "confusion_matrix.png", "report.html",
-            "metrics.json"} <= files(ids["evaluate"])
+            "metrics.json", "predictions.csv"} <= files(ids["evaluate"])
     report = client.download_artifacts(ids["evaluate"], "report.html")
     assert "<html" in Path(report).read_text().lower()
 
@@ -197,6 +197,8 @@ def test_artifacts_dataset_and_test_metrics_are_logged(first_run: CliRun, client
     assert dataset_input.dataset.digest
 
     parent = client.get_run(summary["mlflow"]["run_id"]).data.metrics
+    assert {"balanced_accuracy_ci_low", "balanced_accuracy_ci_high"} <= set(summary[
+        "test_metrics"])
     for name, value in summary["test_metrics"].items():
         assert parent[name] == pytest.approx(value), name
     assert any(name.startswith("majority_baseline") or name.startswith("baseline")
@@ -274,6 +276,9 @@ def test_lower_scoring_second_run_is_challenger_and_champion_stays(
 
     registration = second["registration"]
     assert (registration["version"], registration["alias"]) == ("2", "challenger")
+    # same data and split: compared image by image, the difference's interval not above 0
+    assert registration["comparison"]["method"] == "paired_bootstrap"
+    assert registration["comparison"]["difference_ci_low"] <= 0
     assert registration["metric_value"] == pytest.approx(second_value)
     assert registration["champion_value"] == pytest.approx(first_value)
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "1"

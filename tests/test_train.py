@@ -3,6 +3,7 @@ the MirroredStrategy path on two logical CPUs with augmentation inside the model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -19,7 +20,7 @@ from train_helpers import (
 )
 
 from pipeline.lib import inputs, models
-from pipeline.steps.train import train_model
+from pipeline.steps.train import config_fingerprint, train_model
 
 pytestmark = pytest.mark.slow
 
@@ -176,7 +177,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 logging.basicConfig(level=logging.INFO)
 from pipeline.lib.params import TrainParams
-from pipeline.steps.train import train_model
+from pipeline.steps.train import config_fingerprint, train_model
 summary = train_model({str(data_dir)!r}, {str(root / "mirrored")!r},
                       TrainParams.from_mapping(json.loads({config!r})))
 print("SUMMARY " + json.dumps({{k: summary[k] for k in
@@ -191,3 +192,16 @@ print("SUMMARY " + json.dumps({{k: summary[k] for k in
     assert summary["epochs_run"] == 1
     assert "training mobilenet on /device:CPU:0, /device:CPU:1" in result.stderr
     assert (root / "mirrored" / "saved_model" / "saved_model.pb").is_file()
+
+
+def test_settings_outside_training_do_not_block_resuming_but_the_data_does() -> None:
+    """The fingerprint keys on what is trained and on which data (split digests), nothing else."""
+    classes = ["a", "b"]
+    data = {"sha256": "f" * 64, "splits": {"train": "1", "val": "2", "test": "3"}}
+    params = small_train()
+    base = config_fingerprint(params, classes, data)
+    assert config_fingerprint(dataclasses.replace(params, xla=True, weights="none"), classes,
+                              data) == base
+    assert config_fingerprint(dataclasses.replace(params, epochs=9), classes, data) != base
+    other_split = {**data, "splits": {**data["splits"], "test": "4"}}
+    assert config_fingerprint(params, classes, other_split) != base

@@ -40,9 +40,15 @@ REPORT_FILE = "report.html"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
 MISCLASSIFIED_PNG = "misclassified.png"
+#: Per test image: content sha256, true and predicted class, probabilities (paired comparisons).
+PREDICTIONS_FILE = "predictions.csv"
 #: Metrics metadata: the gate's metric name and verdict (also the task's ``Output``).
 META_GATE_METRIC = "gate_metric"
 META_GATE_PASSED = "gate_passed"
+#: Metrics metadata: what the predictions were made on, and their MLflow copy.
+META_DATA_SHA256 = "data_sha256"
+META_SPLIT_DIGEST = "split_digest"
+META_PREDICTIONS_URI = "predictions_uri"
 
 # --- kfp.local task folders ----------------------------------------------------------------
 #: A kfp task that finished writes this into its task folder.

@@ -229,12 +229,26 @@ def load_examples(data_dir: str | Path, split: str, image_size: int, *,
 
 def read_labels(data_dir: str | Path, split: str) -> np.ndarray:
     """Label of every record in a split (no image decoding): class weights, baselines."""
+    return read_index(data_dir, split)[1]
+
+
+def read_index(data_dir: str | Path, split: str) -> tuple[list[str], np.ndarray]:
+    """(content sha256, label) of every record in a split, in :func:`load_examples`' order.
+
+    The sha256 is a stable image id across runs and models (evaluation's per-image
+    predictions are keyed by it); no image is decoded.
+    """
     files = records.checked_split_files(data_dir, split)
-    # same reader settings as load_examples, so labels come in the same order
+    spec = records.feature_spec()
+    # same reader settings as load_examples, so records come in the same order
     dataset = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4)).map(
-        lambda s: tf.io.parse_single_example(s, {"label": records.feature_spec()["label"]})["label"]
+        lambda s: tf.io.parse_single_example(s, {k: spec[k] for k in ("sha256", "label")})
     )
-    return np.fromiter((int(v) for v in dataset.as_numpy_iterator()), dtype=np.int64)
+    ids, labels = [], []
+    for row in dataset.as_numpy_iterator():
+        ids.append(row["sha256"].decode())
+        labels.append(int(row["label"]))
+    return ids, np.array(labels, dtype=np.int64)
 
 
 def steps_for(num_examples: int, config: TrainParams) -> int:
@@ -366,6 +380,7 @@ __all__ = [
     "make_eval_dataset",
     "make_resizer",
     "make_train_dataset",
+    "read_index",
     "read_labels",
     "save_augmentation_preview",
     "steps_for",

@@ -47,7 +47,7 @@ class DownloadParams(StepParams):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PreprocessParams(StepParams):
-    seed: int
+    split_seed: int
     val_fraction: float
     test_fraction: float
     min_images_per_class: int
@@ -97,12 +97,14 @@ class EvaluateParams(StepParams):
     batch_size: int
     gate_metric: str
     gate_threshold: float
+    gate_on: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RegisterParams(StepParams):
     registered_model_name: str
     gate_metric: str
+    promotion_margin: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

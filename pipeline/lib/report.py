@@ -98,6 +98,14 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _interval(values: Mapping[str, Any], name: str) -> str:
+    """``low – high`` of ``name``'s interval in ``values``, or "n/a" when it has none."""
+    low, high = values.get(f"{name}_ci_low"), values.get(f"{name}_ci_high")
+    if low is None or high is None:
+        return "n/a"
+    return f"{_fmt(float(low))} &ndash; {_fmt(float(high))}"
+
+
 def render_html(
     metrics: Mapping[str, Any],
     data_report: Mapping[str, Any] | None,
@@ -108,15 +116,19 @@ def render_html(
     classes = metrics["classes"]
     baseline = metrics["baseline"]
     gate = "PASSED" if metrics["gate_passed"] else "FAILED"
+    gated = (" (lower end of its 95% interval)" if metrics.get("gate_on") == "ci_low"
+             else "")
     rows = "".join(
         f"<tr><td>{html.escape(c)}</td>"
-        + "".join(f"<td>{_fmt(metrics['per_class'][c][k])}</td>"
-                  for k in ("precision", "recall", "f1", "support"))
+        + "".join(f"<td>{_fmt(metrics['per_class'][c][k])}</td>" for k in ("precision", "recall"))
+        + f"<td>{_interval(metrics['per_class'][c], 'recall')}</td>"
+        + "".join(f"<td>{_fmt(metrics['per_class'][c][k])}</td>" for k in ("f1", "support"))
         + "</tr>"
         for c in classes
     )
     summary_rows = "".join(
-        f"<tr><td>{name}</td><td>{_fmt(metrics[name])}</td><td>{_fmt(baseline[name])}</td></tr>"
+        f"<tr><td>{name}</td><td>{_fmt(metrics[name])}</td><td>{_interval(metrics, name)}</td>"
+        f"<td>{_fmt(baseline[name])}</td></tr>"
         for name in ("accuracy", "balanced_accuracy", "macro_f1")
     )
     data_html = "<p><em>no data report found</em></p>"
@@ -151,15 +163,18 @@ img {{ max-width: 100%; }}
 <h1>Iris classifier: evaluation on the held-out test split</h1>
 <p>Model <b>{html.escape(str(metrics.get("model", "?")))}</b>,
 {metrics["test_examples"]} test images.
-Gate: {html.escape(metrics["gate_metric"])} = {_fmt(metrics["gate_value"])} &ge;
+Gate: {html.escape(metrics["gate_metric"])}{gated} = {_fmt(metrics["gate_value"])} &ge;
 {_fmt(metrics["gate_threshold"])}?
 <b class="{"pass" if metrics["gate_passed"] else "fail"}">{gate}</b></p>
 <h2>Summary (model vs majority-class baseline)</h2>
-<table><tr><th>metric</th><th>model</th>
+<table><tr><th>metric</th><th>model</th><th>95% interval</th>
 <th>baseline ({html.escape(str(baseline["class"]))})</th></tr>
 {summary_rows}</table>
+<p>Interval: {html.escape(str(metrics.get("interval_method", "n/a")))}. A difference
+between two runs smaller than these intervals' width is not evidence that one is better.</p>
 <h2>Per class</h2>
-<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
+<table><tr><th>class</th><th>precision</th><th>recall</th><th>recall 95% interval</th>
+<th>F1</th><th>support</th></tr>{rows}</table>
 <h2>Confusion matrix</h2>{_img_tag(figures.get("confusion_matrix"), "confusion matrix")}
 <h2>Training curves</h2>{_img_tag(figures.get("training_curves"), "training curves")}
 <h2>Data</h2>{data_html}

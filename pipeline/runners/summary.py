@@ -34,6 +34,7 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
         "test_metrics": {k: v for k, v in evaluation.items() if not k.startswith("gate_")
                          and isinstance(v, (int, float)) and not isinstance(v, bool)},
         "majority_baseline": evaluation.get("baseline"),
+        "interval_method": evaluation.get("interval_method"),
         "per_class": evaluation.get("per_class"),
         "classes": evaluation.get("classes"),
         "confusion_matrix": evaluation.get("confusion_matrix"),

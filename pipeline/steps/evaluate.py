@@ -1,34 +1,42 @@
 """Evaluation step: honest metrics on the held-out test split, a gate verdict and a report.
 
 Only the test split is scored (the notebook scored its own training images). Every metric
-is shown beside the majority-class baseline, the score a model that learned nothing gets.
+is shown beside the majority-class baseline, the score a model that learned nothing gets,
+and with a 95% bootstrap interval (``pipeline.lib.stats``): on ~60 test images a point
+estimate alone moves by more than most differences between runs. The per-image predictions
+(keyed by image content sha256) are kept so the registry can compare two models on the same
+images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-)
+from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline.lib import inputs, models, records, report, tracking
+from pipeline.lib import inputs, models, records, report, stats, tracking
 from pipeline.lib.contract import (
     CLASSES_FILE,
     CONFUSION_PNG,
     CURVES_PNG,
     DATA_REPORT_JSON,
     HISTORY_FILE,
+    META_DATA_SHA256,
+    META_GATE_METRIC,
+    META_GATE_PASSED,
+    META_PREDICTIONS_URI,
+    META_RUN_ID,
+    META_SPLIT_DIGEST,
     METRICS_FILE,
     MISCLASSIFIED_PNG,
+    PREDICTIONS_FILE,
     REPORT_FILE,
     TRAINING_SUMMARY_FILE,
 )
@@ -41,17 +49,39 @@ MAX_MISCLASSIFIED_SHOWN = 36
 
 
 def score(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Accuracy, balanced accuracy and macro F1 over all ``num_classes`` (absent ones count 0)."""
-    every = list(range(num_classes))
-    present = np.unique(labels)
-    recalls = [float(np.mean(predictions[labels == c] == c)) for c in present]
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        # sklearn's balanced accuracy warns on classes absent from y_true; same definition
-        "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,
-        "macro_f1": float(f1_score(labels, predictions, labels=every, average="macro",
-                                   zero_division=0)),
-    }
+    """Accuracy, balanced accuracy and macro F1 over all ``num_classes`` (absent ones count 0).
+
+    The same arithmetic as the bootstrap's (``stats.confusion_metrics``), so a point estimate
+    always lies on the scale of its interval.
+    """
+    scored = stats.confusion_metrics(stats.confusion(labels, predictions, num_classes))
+    return {name: float(scored[name]) for name in stats.METRICS}
+
+
+def gate_verdict(metrics: Mapping[str, Any], metric: str, gate_on: str,
+                 threshold: float) -> tuple[str, float, bool]:
+    """(what was compared, its value, passed?): ``metric`` or its interval's lower end.
+
+    ``gate_on="ci_low"`` passes only a model whose 95% interval lies at or above
+    ``threshold``, so a lucky draw of test images cannot carry a weak model through.
+    """
+    if gate_on not in ("point", "ci_low"):
+        raise ValueError(f"gate_on must be 'point' or 'ci_low', got {gate_on!r}")
+    key = metric if gate_on == "point" else stats.ci_keys(metric)[0]
+    value = float(metrics[key])
+    return key, value, bool(value >= threshold)
+
+
+def split_digest(data_dir: str | Path, classes: list[str]) -> str:
+    """sha256 over every record's (split, image sha256, class): which images went where.
+
+    Two models with the same digest were trained, validated and tested on the same images
+    with the same labels, so the registry may compare them image by image.
+    """
+    lines = sorted(f"{split}\t{image_id}\t{classes[label]}"
+                   for split in records.SPLITS
+                   for image_id, label in zip(*inputs.read_index(data_dir, split), strict=True))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def evaluate_model(
@@ -62,9 +92,12 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Score the model in ``model_dir`` on ``data_dir``'s test split; write metrics and report.
 
-    Writes ``metrics.json``, ``confusion_matrix.png``, ``training_curves.png``,
+    Writes ``metrics.json``, ``predictions.csv`` (per test image: content sha256, true and
+    predicted class, probabilities), ``confusion_matrix.png``, ``training_curves.png``,
     ``misclassified.png`` and a self-contained ``report.html`` into ``out_dir``. Returns the
-    metrics, including ``gate_passed`` (config.gate_metric >= config.gate_threshold).
+    metrics with ``<metric>_ci_low`` / ``<metric>_ci_high`` beside each point estimate, and
+    ``gate_passed``: config.gate_metric (its point estimate, or the interval's lower end when
+    ``config.gate_on == "ci_low"``) >= config.gate_threshold.
     """
     model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
     classes = records.load_classes(data_dir)
@@ -101,17 +134,32 @@ def evaluate_model(
     y_true = np.concatenate(labels_all)
     y_pred = np.concatenate(preds_all)
     every = list(range(len(classes)))
+    image_ids, indexed_labels = inputs.read_index(data_dir, "test")
+    if not np.array_equal(indexed_labels, y_true):
+        raise RuntimeError(f"the test records under {str(data_dir)!r} were read in two "
+                           "different orders; per-image predictions would be mislabelled")
+    predictions = stats.Predictions(tuple(image_ids), y_true, y_pred,
+                                    np.concatenate(probs_all), tuple(classes))
 
-    metrics: dict[str, Any] = score(y_true, y_pred, len(classes))
+    metrics: dict[str, Any] = {}
+    intervals = stats.bootstrap_intervals(y_true, y_pred, len(classes))
+    for name, point in score(y_true, y_pred, len(classes)).items():
+        low, high = stats.ci_keys(name)
+        metrics.update({name: point, low: intervals[name][0], high: intervals[name][1]})
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=every, zero_division=0)
+    recall_ci = [interval or (None, None) for interval in intervals["recall"]]
     metrics["per_class"] = {
-        c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-            "support": int(support[i])}
+        c: {"precision": float(precision[i]), "recall": float(recall[i]),
+            "recall_ci_low": recall_ci[i][0], "recall_ci_high": recall_ci[i][1],
+            "f1": float(f1[i]), "support": int(support[i])}
         for i, c in enumerate(classes)
     }
-    metrics["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=every).tolist()
+    metrics["confusion_matrix"] = stats.confusion(y_true, y_pred, len(classes)).tolist()
     metrics["classes"] = classes
+    metrics["interval_method"] = (
+        f"{stats.CONFIDENCE:.0%} percentile interval, rescaled stratified bootstrap over test "
+        f"images, {stats.RESAMPLES} resamples, seed {stats.SEED}")
 
     # majority class of the training split, predicted for every test image
     train_labels = inputs.read_labels(data_dir, "train")
@@ -121,14 +169,19 @@ def evaluate_model(
     metrics["baseline"] = {"strategy": "majority class of the training split",
                            "class": classes[majority], **baseline}
 
-    value = float(metrics[config.gate_metric])
+    gated, value, passed = gate_verdict(metrics, config.gate_metric, config.gate_on,
+                                        config.gate_threshold)
+    data_report = read_json(data_dir / DATA_REPORT_JSON)
     metrics.update(
         gate_metric=config.gate_metric,
+        gate_on=config.gate_on,
         gate_threshold=float(config.gate_threshold),
         gate_value=value,
-        gate_passed=bool(value >= config.gate_threshold),
+        gate_passed=passed,
         test_examples=len(y_true),
         misclassified=int((y_true != y_pred).sum()),
+        data_sha256=((data_report or {}).get("input") or {}).get("sha256") or "",
+        split_digest=split_digest(data_dir, classes),
     )
     summary = read_json(model_dir / TRAINING_SUMMARY_FILE) or {}
     metrics["model"] = summary.get("model", "")
@@ -141,17 +194,19 @@ def evaluate_model(
         "misclassified": report.plot_image_grid(wrong_images, wrong_titles,
                                                 out_dir / MISCLASSIFIED_PNG),
     }
-    data_report = read_json(data_dir / DATA_REPORT_JSON)
     report.render_html(metrics, data_report, figures, out_dir / REPORT_FILE)
 
+    predictions.write_csv(out_dir / PREDICTIONS_FILE)
     atomic_write_json(out_dir / METRICS_FILE, metrics)
     logger.info(
         "test split (%d images): accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f "
-        "(majority baseline %.3f / %.3f / %.3f); gate %s %.3f >= %.3f: %s",
+        "(majority baseline %.3f / %.3f / %.3f); 95%% CI %s; gate %s %.3f >= %.3f: %s",
         metrics["test_examples"], metrics["accuracy"], metrics["balanced_accuracy"],
         metrics["macro_f1"], baseline["accuracy"], baseline["balanced_accuracy"],
-        baseline["macro_f1"], config.gate_metric, value, config.gate_threshold,
-        "passed" if metrics["gate_passed"] else "failed",
+        baseline["macro_f1"],
+        " / ".join("[{:.3f}, {:.3f}]".format(*(metrics[k] for k in stats.ci_keys(name)))
+                   for name in stats.METRICS),
+        gated, value, config.gate_threshold, "passed" if metrics["gate_passed"] else "failed",
     )
     return metrics
 
@@ -163,6 +218,18 @@ class Evaluation:
     metrics: dict[str, Any]
     gate_passed: bool
     mlflow_run_id: str
+
+    def metadata(self) -> dict[str, Any]:
+        """The Metrics artifact's metadata: the gate, and what the register step compares
+        (data and split digests, the MLflow copy of the per-image predictions)."""
+        return {
+            META_GATE_METRIC: self.metrics["gate_metric"],
+            META_GATE_PASSED: self.gate_passed,
+            META_RUN_ID: self.mlflow_run_id,
+            META_DATA_SHA256: self.metrics["data_sha256"],
+            META_SPLIT_DIGEST: self.metrics["split_digest"],
+            META_PREDICTIONS_URI: f"runs:/{self.mlflow_run_id}/{PREDICTIONS_FILE}",
+        }
 
     def scalars(self) -> dict[str, float]:
         """The plain numbers, the majority baseline's prefixed, for a KFP Metrics artifact."""
@@ -187,4 +254,4 @@ def run_step(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     return Evaluation(metrics, bool(metrics["gate_passed"]), run.info.run_id)
 
 
-__all__ = ["Evaluation", "evaluate_model", "run_step", "score"]
+__all__ = ["Evaluation", "evaluate_model", "gate_verdict", "run_step", "score", "split_digest"]

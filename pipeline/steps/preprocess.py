@@ -393,7 +393,7 @@ def build_report(scan: Scan, kept: list[Candidate], conflicts: list[dict[str, An
         "input": input_info,
         "source": dict(source_info) if source_info else None,
         "settings": {
-            "seed": config.seed,
+            "split_seed": config.split_seed,
             "val_fraction": config.val_fraction,
             "test_fraction": config.test_fraction,
             "min_image_side": config.min_image_side,
@@ -443,7 +443,7 @@ def render_report_md(report: Mapping[str, Any]) -> str:
         lines.append("- source: " + ", ".join(f"{k} `{v}`" for k, v in report["source"].items()))
     settings = report["settings"]
     lines += [
-        f"- seed {settings['seed']}, val {settings['val_fraction']}, "
+        f"- split seed {settings['split_seed']}, val {settings['val_fraction']}, "
         f"test {settings['test_fraction']}, min side {settings['min_image_side']} px",
         f"- files seen: **{report['files_seen']}**, used: **{report['files_used']}**, "
         f"skipped: **{report['files_skipped']}**, duplicates dropped: "
@@ -537,7 +537,7 @@ def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PreprocessPara
         kept, conflicts, within = resolve_duplicates(scan.candidates)
         _check_counts(scan.classes, kept, scan, root, config.min_images_per_class)
         splits = assign_splits(kept, scan.classes, config.val_fraction, config.test_fraction,
-                               config.seed)
+                               config.split_seed)
         report = build_report(scan, kept, conflicts, within, splits, ignored, config,
                               input_info, source_info)
 
