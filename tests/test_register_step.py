@@ -21,12 +21,20 @@ with mlflow.start_run():
     uri = mlflow.pyfunc.log_model(name="m", python_model=Echo()).model_uri
 assert "tensorflow" not in sys.modules
 
+import numpy as np
 from pipeline.lib.params import RegisterParams, TrackingParams
+from pipeline.lib.stats import Predictions
 from pipeline.steps import register
 
+labels = np.array([0, 1, 1, 0])
+Predictions(("a", "b", "c", "d"), labels, labels, np.eye(2)[labels],
+            ("x", "y")).write_csv("predictions.csv")
+metrics = {{"balanced_accuracy": 0.7, "gate_passed": True, "data_sha256": "d" * 64,
+           "split_digest": "s" * 64, "predictions_uri": "runs:/none/predictions.csv"}}
 decision = register.run_step(
-    {{"mlflow_model_uri": uri}}, {{"balanced_accuracy": 0.7, "gate_passed": True}},
-    RegisterParams(registered_model_name="iris", gate_metric="balanced_accuracy"),
+    {{"mlflow_model_uri": uri}}, metrics, ".",
+    RegisterParams(registered_model_name="iris", gate_metric="balanced_accuracy",
+                   promotion_margin=0.0),
     TrackingParams(tracking_uri={uri!r}, experiment_name="e", pipeline_run_id="run-1",
                    pipeline_name="iris-image-pipeline"))
 print(json.dumps({{"decision": decision["decision"],
