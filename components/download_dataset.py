@@ -12,11 +12,12 @@ def download_dataset(data_source: str, data_sha256: str, raw_data: Output[Datase
     """
     from pathlib import Path
 
+    from pipeline.lib.credentials import redact_uri
     from pipeline.steps.download import fetch_dataset
 
     fetched = fetch_dataset(data_source, raw_data.path, data_sha256 or None)
     raw_data.metadata.update(
-        source=data_source,
+        source=redact_uri(data_source),  # reports and MLflow records never hold a password
         sha256=data_sha256,
         path=Path(fetched).relative_to(raw_data.path).as_posix(),
     )

@@ -13,7 +13,14 @@ from components.evaluate_model import evaluate_model
 from components.preprocess_dataset import preprocess_dataset
 from components.register_model import register_model
 from components.train_model import train_model
-from pipeline.config import PipelineConfig, load_images
+from pipeline.config import MLFLOW_CONFIG_MAP, PipelineConfig, load_images
+from pipeline.lib.credentials import (
+    DATA_PASSWORD_ENV,
+    DATA_SECRET_KEYS,
+    DATA_USERNAME_ENV,
+    has_credentials,
+    redact_uri,
+)
 
 PIPELINE_NAME = "iris-image-pipeline"
 
@@ -53,8 +60,6 @@ RETRY_BACKOFF = "30s"
 RETRY_BACKOFF_FACTOR = 2.0
 RETRY_BACKOFF_MAX = "600s"
 
-#: Optional ConfigMap (manifests/) whose MLFLOW_TRACKING_URI reaches the tracking steps.
-MLFLOW_CONFIG_MAP = "iris-pipeline-mlflow"
 MLFLOW_CONFIG_MAP_KEYS = ("MLFLOW_TRACKING_URI",)
 #: Keys of the Secret (e.g. ``mlflow-credentials``) mapped to same-named environment variables.
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -131,7 +136,8 @@ def pipeline_parameters() -> list[inspect.Parameter]:
 
 
 def _configure_task(task: dsl.PipelineTask, step: str, *, download_retries: int,
-                    mlflow_secret: str | None, mlflow_config_map: str | None) -> None:
+                    mlflow_secret: str | None, mlflow_config_map: str | None,
+                    data_secret: str | None) -> None:
     resources = TASK_RESOURCES[step]
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
     task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
@@ -144,6 +150,10 @@ def _configure_task(task: dsl.PipelineTask, step: str, *, download_retries: int,
     if step == "download_dataset" and download_retries > 0:
         task.set_retry(num_retries=download_retries, backoff_duration=RETRY_BACKOFF,
                        backoff_factor=RETRY_BACKOFF_FACTOR, backoff_max_duration=RETRY_BACKOFF_MAX)
+    if step == "download_dataset" and data_secret:
+        # optional: a Secret holds basic auth or object-store keys, rarely both.
+        kubernetes.use_secret_as_env(task, data_secret, {key: key for key in DATA_SECRET_KEYS},
+                                     optional=True)
     if step in TRACKING_STEPS:
         if mlflow_config_map:
             kubernetes.use_config_map_as_env(
@@ -161,6 +171,7 @@ def create_pipeline(
     download_retries: int = DOWNLOAD_RETRIES,
     mlflow_secret: str | None = None,
     mlflow_config_map: str | None = MLFLOW_CONFIG_MAP,
+    data_secret: str | None = None,
 ) -> Any:
     """The iris pipeline as a KFP graph component, ready to compile or run with kfp.local.
 
@@ -169,7 +180,9 @@ def create_pipeline(
     local runner passes ``download_retries=0``: there a failed download is a bad path or
     digest, which re-running only delays (network retries happen inside the step).
     ``mlflow_secret`` names a Kubernetes Secret with MLFLOW_TRACKING_USERNAME/PASSWORD; only
-    its name is compiled in, never a value.
+    its name is compiled in, never a value; likewise ``data_secret`` (keys
+    ``DATA_SECRET_KEYS``) for the download step, so a data source needing credentials never
+    carries them in its URL.
     """
     if download_retries < 0:
         raise ValueError(f"download_retries must be >= 0, got {download_retries}")
@@ -177,7 +190,7 @@ def create_pipeline(
     params = pipeline_parameters()
     names = [p.name for p in params]
     configure = dict(download_retries=download_retries, mlflow_secret=mlflow_secret,
-                     mlflow_config_map=mlflow_config_map)
+                     mlflow_config_map=mlflow_config_map, data_secret=data_secret)
 
     def add_task(step: str, values: Mapping[str, Any], **artifacts: Any) -> dsl.PipelineTask:
         component = components[step]
@@ -233,13 +246,35 @@ def create_pipeline(
     )
 
 
+def refuse_credentials(config: PipelineConfig, tracking_uri: str = "") -> None:
+    """``ValueError`` when the data source or tracking URI carries ``user:password@``.
+
+    Parameter values are written down wherever the pipeline goes (the compiled YAML's
+    defaults, KFP's run records, kfp.local's executor input dumps and cache), so credentials
+    reach the steps through the environment instead, filled from a Secret on a cluster.
+    """
+    carriers = (("data_source", config.data_source, (DATA_USERNAME_ENV, DATA_PASSWORD_ENV),
+                 "--data-secret"),
+                (TRACKING_URI_PARAM, tracking_uri, MLFLOW_SECRET_KEYS, "--mlflow-secret"))
+    for name, uri, env, flag in carriers:
+        if has_credentials(uri):
+            raise ValueError(
+                f"{name} {redact_uri(uri)} carries credentials, which would be recorded with "
+                "the pipeline's parameters: remove them from the URL and use a Kubernetes "
+                f"Secret with keys {' / '.join(env)}, named with {flag} (with --local, export "
+                "them instead)")
+
+
 def pipeline_arguments(config: PipelineConfig, tracking_uri: str = "") -> dict[str, Any]:
-    """The run's parameter values: every config field plus ``tracking_uri``."""
+    """The run's parameter values: every config field plus ``tracking_uri``; never credentials
+    (:func:`refuse_credentials`)."""
+    refuse_credentials(config, tracking_uri)
     return {**config.to_dict(), TRACKING_URI_PARAM: tracking_uri}
 
 
 __all__ = [
     "CACHED_STEPS",
+    "DATA_SECRET_KEYS",
     "DOWNLOAD_RETRIES",
     "GPU_STEP",
     "MLFLOW_CONFIG_MAP",
@@ -254,4 +289,5 @@ __all__ = [
     "create_pipeline",
     "pipeline_arguments",
     "pipeline_parameters",
+    "refuse_credentials",
 ]
