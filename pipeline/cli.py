@@ -333,8 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.tracking_uri:
         logger.warning(
             "no --tracking-uri: on the cluster the steps use MLFLOW_TRACKING_URI from the "
-            "ConfigMap %r or the KFP MLflow plugin; without either, each pod would log to "
-            "its own throw-away sqlite file", args.mlflow_config_map or "(none)")
+            "ConfigMap %r or the KFP MLflow plugin; without either, the first tracking step "
+            "fails (a sqlite file in the pod would be lost)", args.mlflow_config_map or "(none)")
     if args.compile:
         try:
             path = compile_pipeline(args.output or DEFAULT_PACKAGE, config=config,
