@@ -174,7 +174,7 @@ def replace_dir(new: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def http_auth(source: str) -> tuple[str, tuple[str, str] | None]:
+def _http_auth(source: str) -> tuple[str, tuple[str, str] | None]:
     """(URL without userinfo, basic auth) for an http(s) source.
 
     Credentials come from the URL if it has them (library use; the CLI moves them out
@@ -288,7 +288,7 @@ def _fetch_remote(url: str, dest: Path, expected: str | None, cache_dir: Path, *
     if use_fsspec:
         shown, attempt_fn = redact_uri(url), _fsspec_attempt
     else:
-        url, auth = http_auth(url)
+        url, auth = _http_auth(url)
         shown, attempt_fn = url, functools.partial(_http_attempt, auth=auth)
 
     if expected is not None:
@@ -385,7 +385,6 @@ __all__ = [
     "default_cache_dir",
     "fetch_dataset",
     "file_sha256",
-    "http_auth",
     "normalize_sha256",
     "replace_dir",
 ]
