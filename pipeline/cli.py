@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -10,8 +11,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ENV_OVERRIDES, PipelineConfig, env_overrides
-from pipeline.dag import PIPELINE_NAME
+from pipeline.config import ENV_OVERRIDES, PipelineConfig, env_overrides, placeholder_images
+from pipeline.dag import PIPELINE_NAME, refuse_credentials
+from pipeline.lib.credentials import (
+    DATA_PASSWORD_ENV,
+    DATA_SECRET_KEYS,
+    DATA_USERNAME_ENV,
+    MLFLOW_CONFIG_MAP,
+    MLFLOW_PASSWORD_ENV,
+    MLFLOW_USERNAME_ENV,
+    move_credentials_to_env,
+)
 from pipeline.lib.files import atomic_write_json
 from pipeline.runners import (
     DEFAULT_OUTPUT_DIR,
@@ -24,7 +34,7 @@ from pipeline.runners import (
     run_local,
     submit_pipeline,
 )
-from pipeline.tasks import MLFLOW_CONFIG_MAP, MLFLOW_SECRET_KEYS
+from pipeline.tasks import MLFLOW_SECRET_KEYS
 
 logger = logging.getLogger("pipeline")
 
@@ -52,6 +62,11 @@ Precedence, lowest to highest: defaults < --config FILE < environment < --data <
 environment variables:
 {env}
   MLFLOW_TRACKING_URI        read by the MLflow layer when --tracking-uri is not given
+  {DATA_USERNAME_ENV:<26} HTTP basic auth of an http(s) data source (--local; on a
+  {DATA_PASSWORD_ENV:<26} cluster the keys of --data-secret); user:password in a --data
+                             URL is moved here, never into a pipeline parameter
+  {MLFLOW_USERNAME_ENV:<26} the same for the tracking server (--local; on a cluster
+  {MLFLOW_PASSWORD_ENV:<26} --mlflow-secret); user:password in --tracking-uri moves here
 
 outputs of --local (under --output-dir, default ./{DEFAULT_OUTPUT_DIR}):
   {PIPELINE_NAME}-<timestamp>/<task>/...   each task's artifacts (model, metrics, report...)
@@ -129,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Kubernetes Secret whose keys " + " and ".join(MLFLOW_SECRET_KEYS)
                               + " become the tracking steps' environment (e.g. "
                                 "mlflow-credentials); only the name is compiled in")
+    cluster.add_argument("--data-secret", metavar="NAME",
+                         help="Kubernetes Secret whose keys (any of " + ", ".join(DATA_SECRET_KEYS)
+                              + ") become the download step's environment: basic auth for an "
+                                "http(s) data source, keys for s3://; only the name is compiled "
+                                "in (credentials in a --data URL are refused)")
+    cluster.add_argument("--allow-placeholder-images", action="store_true",
+                         help="use containers/images.json even while it holds the repository's "
+                              "placeholder image names (default: --compile warns, --submit "
+                              "refuses; run containers/build.sh to build and push real ones)")
     cluster.add_argument("--mlflow-config-map", metavar="NAME", default=MLFLOW_CONFIG_MAP,
                          help="optional ConfigMap whose MLFLOW_TRACKING_URI key reaches the "
                               f"tracking steps (default: {MLFLOW_CONFIG_MAP}; '' for none)")
@@ -198,8 +222,41 @@ def _check_mode_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.local and args.mlflow_secret:
         parser.error("--mlflow-secret only applies to --compile and --submit (locally, "
                      "export MLFLOW_TRACKING_USERNAME/PASSWORD instead)")
+    if args.local and args.data_secret:
+        parser.error(f"--data-secret only applies to --compile and --submit (locally, export "
+                     f"{DATA_USERNAME_ENV}/{DATA_PASSWORD_ENV} or the object store's keys)")
+    if args.local and args.allow_placeholder_images:
+        parser.error("--allow-placeholder-images only applies to --compile and --submit")
     if args.submit and not args.host:
         parser.error("--submit needs --host URL (the KFP API endpoint)")
+
+
+def _credentials_to_env(args: argparse.Namespace, config: PipelineConfig) -> PipelineConfig:
+    """Move ``user:password@`` of the data source and ``--tracking-uri`` into ``os.environ``.
+
+    kfp.local's step processes inherit this process's environment, so the download step
+    and MLflow still authenticate, while no parameter (hence no dump, cache entry, report or
+    MLflow record) carries the credentials. Updates ``args.tracking_uri`` in place.
+    """
+    if args.tracking_uri:
+        args.tracking_uri = move_credentials_to_env(args.tracking_uri, MLFLOW_USERNAME_ENV,
+                                                    MLFLOW_PASSWORD_ENV, os.environ)
+    source = move_credentials_to_env(config.data_source, DATA_USERNAME_ENV, DATA_PASSWORD_ENV,
+                                     os.environ)
+    return dataclasses.replace(config, data_source=source)
+
+
+def _check_images(args: argparse.Namespace) -> None:
+    """Refuse ``--submit`` with placeholder image names (``ValueError``); warn on ``--compile``."""
+    if args.allow_placeholder_images or not placeholder_images():
+        return
+    problem = ("containers/images.json still names the repository's placeholder images "
+               "(localhost:5000/...), which no cluster can pull: run containers/build.sh "
+               "REGISTRY to build and push the images (it rewrites images.json), or pass "
+               "--allow-placeholder-images if they do exist")
+    if args.submit:
+        raise ValueError(problem)
+    logger.warning("%s", problem)
 
 
 def closing_block(summary: Mapping[str, Any]) -> list[str]:
@@ -219,7 +276,7 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
     lines = [row(f"test ({int(metrics.get('test_examples', 0))} images):", metrics, True)]
     if baseline:
         lines.append(row("majority baseline:", baseline))
-    lines.append(f"{'':<22}[95% interval: {summary.get('interval_method') or 'bootstrap'}]")
+    lines.append(f"{'':<22}(intervals: {summary.get('interval_method') or 'bootstrap'})")
     gate = summary["gate"]
     comparison = ">=" if gate["passed"] else "<"
     lines.append(f"gate: {gate['metric']} {gate['value']:.3f} {comparison} {gate['threshold']:.3f}"
@@ -309,7 +366,7 @@ def _submit(args: argparse.Namespace, config: PipelineConfig) -> int:
             config, host=args.host, tracking_uri=args.tracking_uri or "",
             experiment=args.experiment, namespace=args.namespace, run_name=args.run_name,
             wait=args.wait, timeout_s=args.timeout, mlflow_secret=args.mlflow_secret,
-            mlflow_config_map=args.mlflow_config_map or None,
+            mlflow_config_map=args.mlflow_config_map or None, data_secret=args.data_secret,
         )
     except Exception as exc:  # the CLI boundary: report any client or server error
         logger.error("submitting to %s failed: %s: %s", args.host, type(exc).__name__, exc)
@@ -363,6 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         config = resolve_config(args.config, args.data, args.overrides)
+        if args.local:
+            config = _credentials_to_env(args, config)
+        refuse_credentials(config, args.tracking_uri or "")
+        if not args.local:
+            _check_images(args)
     except ValueError as exc:
         parser.print_usage(sys.stderr)
         sys.stderr.write(f"{parser.prog}: error: {exc}\n")
@@ -382,14 +444,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.tracking_uri:
         logger.warning(
             "no --tracking-uri: on the cluster the steps use MLFLOW_TRACKING_URI from the "
-            "ConfigMap %r or the KFP MLflow plugin; without either, each pod would log to "
-            "its own throw-away sqlite file", args.mlflow_config_map or "(none)")
+            "ConfigMap %r or the KFP MLflow plugin; without either, the first tracking step "
+            "fails (a sqlite file in the pod would be lost)", args.mlflow_config_map or "(none)")
     if args.compile:
         try:
             path = compile_pipeline(args.output or DEFAULT_PACKAGE, config=config,
                                     tracking_uri=args.tracking_uri or "",
                                     mlflow_secret=args.mlflow_secret,
-                                    mlflow_config_map=args.mlflow_config_map or None)
+                                    mlflow_config_map=args.mlflow_config_map or None,
+                                    data_secret=args.data_secret)
         except ValueError as exc:
             sys.stderr.write(f"{parser.prog}: error: {exc}\n")
             return EXIT_USAGE

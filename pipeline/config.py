@@ -298,12 +298,28 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {field: environ[var] for var, field in ENV_OVERRIDES.items() if environ.get(var)}
 
 
-def load_images(path: Path = IMAGES_FILE) -> dict[str, str]:
-    """The CPU and GPU image names the build script wrote (keys ``cpu`` and ``gpu``)."""
+def _read_images_file(path: Path) -> dict[str, Any]:
     try:
         images = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read image names from {str(path)!r}: {exc}") from exc
+    if not isinstance(images, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object of image names")
+    return images
+
+
+def placeholder_images(path: Path = IMAGES_FILE) -> bool:
+    """Whether ``path`` still holds the repository's placeholder names (``"placeholder": true``).
+
+    The committed file names images that exist in no registry, so a cluster could not pull
+    them; ``containers/build.sh`` rewrites the file with the pushed names and no marker.
+    """
+    return _read_images_file(path).get("placeholder") is True
+
+
+def load_images(path: Path = IMAGES_FILE) -> dict[str, str]:
+    """The CPU and GPU image names the build script wrote (keys ``cpu`` and ``gpu``)."""
+    images = _read_images_file(path)
     missing = {"cpu", "gpu"} - set(images)
     if missing:
         raise ValueError(f"{str(path)!r} lacks image name(s) for {sorted(missing)}")
@@ -322,5 +338,6 @@ __all__ = [
     "coerce",
     "env_overrides",
     "load_images",
+    "placeholder_images",
     "validate",
 ]

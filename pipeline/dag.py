@@ -12,7 +12,14 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Markdown, Metrics, Model
 
 from pipeline.config import PipelineConfig
-from pipeline.tasks import DOWNLOAD_RETRIES, MLFLOW_CONFIG_MAP, TRACKING_URI_PARAM, TaskFactory
+from pipeline.lib.credentials import (
+    DATA_PASSWORD_ENV,
+    DATA_USERNAME_ENV,
+    MLFLOW_CONFIG_MAP,
+    has_credentials,
+    redact_uri,
+)
+from pipeline.tasks import DOWNLOAD_RETRIES, MLFLOW_SECRET_KEYS, TRACKING_URI_PARAM, TaskFactory
 
 PIPELINE_NAME = "iris-image-pipeline"
 DESCRIPTION = ("Download, validate and split the iris image set, train a classifier, evaluate it "
@@ -36,13 +43,16 @@ class PipelineOutputs(NamedTuple):
 
 def create_pipeline(images: Mapping[str, str] | None = None, *,
                     download_retries: int = DOWNLOAD_RETRIES, mlflow_secret: str | None = None,
-                    mlflow_config_map: str | None = MLFLOW_CONFIG_MAP) -> Any:
+                    mlflow_config_map: str | None = MLFLOW_CONFIG_MAP,
+                    data_secret: str | None = None) -> Any:
     """The pipeline as a KFP graph component, ready to compile or run with kfp.local.
 
     Each task receives the parameters its component declares, matched by name (TaskFactory).
+    Secrets (``mlflow_secret``, ``data_secret``) are compiled in by name, never by value.
     """
     task = TaskFactory(PIPELINE_NAME, images, download_retries=download_retries,
-                       mlflow_secret=mlflow_secret, mlflow_config_map=mlflow_config_map)
+                       mlflow_secret=mlflow_secret, mlflow_config_map=mlflow_config_map,
+                       data_secret=data_secret)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def iris_image_pipeline(
@@ -107,10 +117,31 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
     return iris_image_pipeline
 
 
+def refuse_credentials(config: PipelineConfig, tracking_uri: str = "") -> None:
+    """``ValueError`` when the data source or tracking URI carries ``user:password@``.
+
+    Parameter values are written down wherever the pipeline goes (the compiled YAML's
+    defaults, KFP's run records, kfp.local's executor input dumps and cache), so credentials
+    reach the steps through the environment instead, filled from a Secret on a cluster.
+    """
+    carriers = (("data_source", config.data_source, (DATA_USERNAME_ENV, DATA_PASSWORD_ENV),
+                 "--data-secret"),
+                (TRACKING_URI_PARAM, tracking_uri, MLFLOW_SECRET_KEYS, "--mlflow-secret"))
+    for name, uri, env, flag in carriers:
+        if has_credentials(uri):
+            raise ValueError(
+                f"{name} {redact_uri(uri)} carries credentials, which would be recorded with "
+                "the pipeline's parameters: remove them from the URL and use a Kubernetes "
+                f"Secret with keys {' / '.join(env)}, named with {flag} (with --local, export "
+                "them instead)")
+
+
 def pipeline_arguments(config: PipelineConfig, tracking_uri: str = "") -> dict[str, Any]:
-    """The run's parameter values: every config field plus ``tracking_uri``."""
+    """The run's parameter values: every config field plus ``tracking_uri``; never credentials
+    (:func:`refuse_credentials`)."""
+    refuse_credentials(config, tracking_uri)
     return {**config.to_dict(), TRACKING_URI_PARAM: tracking_uri}
 
 
 __all__ = ["DESCRIPTION", "PIPELINE_NAME", "PipelineOutputs", "create_pipeline",
-           "pipeline_arguments"]
+           "pipeline_arguments", "refuse_credentials"]

@@ -16,6 +16,7 @@ from components.preprocess_dataset import preprocess_dataset
 from components.register_model import register_model
 from components.train_model import train_model
 from pipeline.config import load_images
+from pipeline.lib.credentials import DATA_SECRET_KEYS, MLFLOW_CONFIG_MAP
 
 #: Component bodies in DAG order; each becomes a component at pipeline-construction time.
 STEP_FUNCTIONS: tuple[Callable[..., Any], ...] = (
@@ -53,8 +54,6 @@ RETRY_BACKOFF = "30s"
 RETRY_BACKOFF_FACTOR = 2.0
 RETRY_BACKOFF_MAX = "600s"
 
-#: Optional ConfigMap (manifests/) whose MLFLOW_TRACKING_URI reaches the tracking steps.
-MLFLOW_CONFIG_MAP = "iris-pipeline-mlflow"
 MLFLOW_CONFIG_MAP_KEYS = ("MLFLOW_TRACKING_URI",)
 #: Keys of the Secret (e.g. ``mlflow-credentials``) mapped to same-named environment variables.
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -100,7 +99,8 @@ def build_components(images: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 def configure_task(task: dsl.PipelineTask, step: str, *, download_retries: int,
-                    mlflow_secret: str | None, mlflow_config_map: str | None) -> None:
+                   mlflow_secret: str | None, mlflow_config_map: str | None,
+                   data_secret: str | None = None) -> None:
     resources = TASK_RESOURCES[step]
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
     task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
@@ -113,6 +113,10 @@ def configure_task(task: dsl.PipelineTask, step: str, *, download_retries: int,
     if step == "download_dataset" and download_retries > 0:
         task.set_retry(num_retries=download_retries, backoff_duration=RETRY_BACKOFF,
                        backoff_factor=RETRY_BACKOFF_FACTOR, backoff_max_duration=RETRY_BACKOFF_MAX)
+    if step == "download_dataset" and data_secret:
+        # optional: a Secret holds basic auth or object-store keys, rarely both.
+        kubernetes.use_secret_as_env(task, data_secret, {key: key for key in DATA_SECRET_KEYS},
+                                     optional=True)
     if step in TRACKING_STEPS:
         if mlflow_config_map:
             kubernetes.use_config_map_as_env(
@@ -136,13 +140,14 @@ class TaskFactory:
 
     def __init__(self, pipeline_name: str, images: Mapping[str, str] | None = None, *,
                  download_retries: int = DOWNLOAD_RETRIES, mlflow_secret: str | None = None,
-                 mlflow_config_map: str | None = MLFLOW_CONFIG_MAP) -> None:
+                 mlflow_config_map: str | None = MLFLOW_CONFIG_MAP,
+                 data_secret: str | None = None) -> None:
         if download_retries < 0:
             raise ValueError(f"download_retries must be >= 0, got {download_retries}")
         self.pipeline_name = pipeline_name
         self.components = build_components(images)
         self.settings = dict(download_retries=download_retries, mlflow_secret=mlflow_secret,
-                             mlflow_config_map=mlflow_config_map)
+                             mlflow_config_map=mlflow_config_map, data_secret=data_secret)
 
     def __call__(self, step: str, params: Mapping[str, Any], **artifacts: Any) -> dsl.PipelineTask:
         component = self.components[step]

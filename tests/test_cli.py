@@ -26,7 +26,9 @@ def test_help_documents_modes_options_keys_and_environment(capsys: pytest.Captur
     text = capsys.readouterr().out
     for flag in ("--local", "--compile", "--submit", "--output-dir", "--summary", "--data",
                  "--set", "--config", "--host", "--experiment", "--namespace", "--wait",
-                 "--tracking-uri", "--mlflow-secret", "-o", "--restore-champion"):
+                 "--tracking-uri", "--mlflow-secret", "--data-secret",
+                 "--allow-placeholder-images", "IRIS_DATA_USERNAME", "IRIS_DATA_PASSWORD", "-o",
+                 "--restore-champion", "--verbose"):
         assert flag in text, flag
     for key in PipelineConfig.field_names():
         assert key in text, key

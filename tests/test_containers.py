@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import IMAGES_FILE, load_images
+from pipeline.config import IMAGES_FILE, load_images, placeholder_images
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTAINERS = ROOT / "containers"
@@ -277,8 +277,10 @@ def test_build_sh_builds_pushes_and_writes_digest_pinned_names(fake_docker: dict
         "registry.example.com/team/iris-image-pipeline-cpu:1.2.3",
         "registry.example.com/team/iris-image-pipeline-gpu:1.2.3",
     ]
+    assert placeholder_images(IMAGES_FILE)  # the seed: the repository's placeholder names
     images = load_images(fake_docker["images"])  # the pipeline's own reader accepts the file
     assert set(images) == {"cpu", "gpu"}
+    assert not placeholder_images(fake_docker["images"])  # real names: no refusal on --submit
     for variant, name in images.items():
         repo = f"registry.example.com/team/iris-image-pipeline-{variant}"
         assert name == f"{repo}:1.2.3@sha256:{hashlib.sha256(repo.encode()).hexdigest()}"

@@ -241,7 +241,7 @@ def test_secret_templates_validate(version: str) -> None:
     docs = secret_templates()
     assert {d["metadata"]["name"] for d in docs} == {
         "mlflow-postgres", "mlflow-s3-credentials", "mlflow-auth", "mlflow-credentials",
-        "iris-model-s3"}
+        "iris-model-s3", "iris-data-credentials"}
     for doc in docs:
         validate_doc(doc, version)
 
@@ -699,7 +699,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env = {**os.environ, **FAKE_CREDENTIALS}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "pipeline.py"), "--compile", "-o", str(out),
-         "--mlflow-secret", "mlflow-credentials"],
+         "--mlflow-secret", "mlflow-credentials", "--data-secret", "iris-data-credentials"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = out.read_text()
@@ -708,10 +708,8 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def compile_in_process(path: Path, **kwargs: Any) -> Path:
-    try:
-        from pipeline.dag import compile_pipeline
-    except ImportError:
-        from pipeline.runners import compile_pipeline
+    from pipeline.runners import compile_pipeline
+
     return Path(compile_pipeline(path, **kwargs))
 
 
@@ -762,7 +760,9 @@ def test_compiled_pipeline_reads_the_secret_and_configmap_the_manifests_define(
             config_users.add(executor)
             for mapping in item["keyToEnv"]:
                 assert mapping["configMapKey"] in config_maps[item["configMapName"]]["data"]
-    assert {"exec-train-model", "exec-evaluate-model", "exec-register-model"} <= secret_users
-    assert secret_users == config_users
+    assert {"exec-train-model", "exec-evaluate-model", "exec-register-model"} == config_users
+    assert secret_users == config_users | {"exec-download-dataset"}
     assert {i["secretName"] for e in executors.values() for i in e.get("secretAsEnv", [])} == {
-        "mlflow-credentials"}
+        "mlflow-credentials", "iris-data-credentials"}
+    (data_secret,) = executors["exec-download-dataset"]["secretAsEnv"]
+    assert data_secret["secretName"] == "iris-data-credentials"

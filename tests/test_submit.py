@@ -26,6 +26,9 @@ from pipeline.config import ENV_OVERRIDES, PipelineConfig
 from pipeline.runners import compile_pipeline
 
 API = "/apis/v2beta1"
+#: The repository's images.json holds placeholder names, which --submit refuses by default;
+#: a stand-in server pulls no image.
+SUBMIT = ("--submit", "--allow-placeholder-images")
 
 
 class FakeKfp:
@@ -151,7 +154,7 @@ def test_submit_uploads_the_compiled_spec_and_runs_with_the_parameters(
     monkeypatch.setenv("IRIS_MODEL_WEIGHTS", "/models/mobilenet.h5")
     monkeypatch.setenv("IRIS_DATA_SOURCE", "https://overridden.example/iris.zip")
     host, fake = kfp_server
-    argv = ["--submit", "--host", host, "--experiment", "iris-ci", "--run-name", "ci run",
+    argv = [*SUBMIT, "--host", host, "--experiment", "iris-ci", "--run-name", "ci run",
             "--data", "gs://bucket/iris.zip", "--set", "epochs=3", "--set", "xla=true",
             "--tracking-uri", "http://mlflow.mlflow:5000"]
     assert main(argv) == 0
@@ -183,8 +186,8 @@ def test_submit_uploads_the_compiled_spec_and_runs_with_the_parameters(
 def test_existing_pipeline_gets_a_content_addressed_version_once(
         kfp_server: tuple[str, FakeKfp], compiled_spec: bytes) -> None:
     host, fake = kfp_server
-    assert main(["--submit", "--host", host]) == 0
-    assert main(["--submit", "--host", host]) == 0
+    assert main([*SUBMIT, "--host", host]) == 0
+    assert main([*SUBMIT, "--host", host]) == 0
     assert not fake.of("POST", f"{API}/pipelines/upload")
     (version_upload,) = fake.of("POST", f"{API}/pipelines/upload_version")  # reused the 2nd time
     assert version_upload["query"]["pipelineid"] == ["pipe-0"]
@@ -204,13 +207,13 @@ def test_existing_pipeline_gets_a_content_addressed_version_once(
 ], indirect=["kfp_server"])
 def test_wait_exits_with_the_runs_outcome(kfp_server: tuple[str, FakeKfp], code: int) -> None:
     host, fake = kfp_server
-    assert main(["--submit", "--host", host, "--wait", "--timeout", "60"]) == code
+    assert main([*SUBMIT, "--host", host, "--wait", "--timeout", "60"]) == code
     assert fake.of("GET", f"{API}/runs/run-1")
 
 
 def test_compile_flags_reach_the_uploaded_spec(kfp_server: tuple[str, FakeKfp]) -> None:
     host, fake = kfp_server
-    assert main(["--submit", "--host", host, "--mlflow-secret", "mlflow-credentials"]) == 0
+    assert main([*SUBMIT, "--host", host, "--mlflow-secret", "mlflow-credentials"]) == 0
     (upload,) = fake.of("POST", f"{API}/pipelines/upload")
     platform = list(yaml.safe_load_all(upload["file"]))[1]
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -220,6 +223,6 @@ def test_compile_flags_reach_the_uploaded_spec(kfp_server: tuple[str, FakeKfp]) 
 def test_unreachable_server_is_a_clear_failure(tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("ERROR"):
-        code = main(["--submit", "--host", "http://127.0.0.1:9", "--namespace", "team"])
+        code = main([*SUBMIT, "--host", "http://127.0.0.1:9", "--namespace", "team"])
     assert code == 1
     assert "submitting to http://127.0.0.1:9 failed" in caplog.text

@@ -40,6 +40,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from pipeline.lib.contract import DATA_REPORT_JSON
+from pipeline.lib.credentials import MLFLOW_CONFIG_MAP, redact_uri
 from pipeline.lib.params import TrackingParams
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ TAG_PACKAGE_VERSION = "iris.package_version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the key the MLflow UI shows as "Git commit"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+
+#: Set by KFP in every executor container (downward API), never by kfp.local.
+KFP_POD_ENV = ("KFP_POD_NAME", "KFP_POD_UID")
 
 #: Where local (sqlite) tracking keeps its database and artifacts, relative to the workdir.
 LOCAL_DB_NAME = "mlflow.db"
@@ -71,9 +75,23 @@ class TrackingServerError(RuntimeError):
     """The tracking store is unreachable or refuses us; raised before any work starts."""
 
 
+class TrackingUriMissingError(RuntimeError):
+    """A step in a KFP pod was given no tracking URI (no parameter, ConfigMap or plugin)."""
+
+
 # ----------------------------------------------------------------------------------------
 # Tracking URI and the fail-fast check
 # ----------------------------------------------------------------------------------------
+def in_kfp_pod() -> bool:
+    """Whether this process runs in a Kubeflow Pipelines pod (not kfp.local, not a notebook).
+
+    KFP's compiler gives every executor container ``KFP_POD_NAME`` and ``KFP_POD_UID`` (its
+    launcher refuses to start without them); ``KUBERNETES_SERVICE_HOST`` alone would also
+    match a notebook server, where the local sqlite default is what the user wants.
+    """
+    return any(os.environ.get(var, "").strip() for var in KFP_POD_ENV)
+
+
 def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
     """The tracking URI a step uses: ``uri``, else ``$MLFLOW_TRACKING_URI``, else local sqlite.
 
@@ -81,12 +99,21 @@ def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
     process (KFP's local runner starts one per step, each in its own folder) writes to the
     same database, and ``mlflow ui --backend-store-uri`` opens it from anywhere. Experiments
     this module creates in a local store put their artifacts in ``<workdir>/mlartifacts``.
+    Inside a KFP pod there is no such default (:class:`TrackingUriMissingError`): a sqlite
+    file there vanishes with the pod, runs and registered model with it, while the run
+    reports success.
     """
     if uri and uri.strip():
         return uri.strip()
     from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if from_env:
         return from_env
+    if in_kfp_pod():
+        raise TrackingUriMissingError(
+            "no MLflow tracking URI in this Kubeflow Pipelines pod: a local sqlite store would "
+            "be lost with the pod. Create the ConfigMap "
+            f"{MLFLOW_CONFIG_MAP!r} with key MLFLOW_TRACKING_URI in the run's namespace "
+            "(manifests/kubeflow-namespace), or compile/submit with --tracking-uri URI")
     db = Path(workdir).expanduser().resolve() / LOCAL_DB_NAME
     return f"sqlite:///{db}"
 
@@ -118,17 +145,6 @@ def _local_store_path(tracking_uri: str) -> Path | None:
     if parsed.scheme == "" and tracking_uri:
         return Path(tracking_uri).resolve()
     return None
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without a password, so that error messages and logs can name it safely."""
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.password is None:
-        return uri
-    netloc = f"{parsed.username}:***@{parsed.hostname}"
-    if parsed.port:
-        netloc += f":{parsed.port}"
-    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
 
 
 def check_tracking_server(tracking_uri: str, timeout_s: float = 15.0) -> None:
@@ -679,10 +695,12 @@ def log_dataset_input(
 __all__ = [
     "EPOCH_KEYS",
     "TrackingServerError",
+    "TrackingUriMissingError",
     "check_tracking_server",
     "find_parent_run",
     "get_or_create_experiment",
     "git_commit",
+    "in_kfp_pod",
     "local_artifact_root",
     "log_artifacts",
     "log_dataset_input",

@@ -44,17 +44,21 @@ def compile_pipeline(
     images: Mapping[str, str] | None = None,
     mlflow_secret: str | None = None,
     mlflow_config_map: str | None = MLFLOW_CONFIG_MAP,
+    data_secret: str | None = None,
 ) -> Path:
-    """Write the pipeline's IR YAML; ``config`` values become the parameters' defaults."""
+    """Write the pipeline's IR YAML; ``config`` values become the parameters' defaults.
+
+    A data source or tracking URI with credentials is a ``ValueError`` (use the Secrets).
+    """
     from kfp import compiler
 
     package_path = Path(package_path)
     if package_path.suffix not in (".yaml", ".yml"):
         raise ValueError(f"pipeline package must end in .yaml or .yml, got {str(package_path)!r}")
     package_path.parent.mkdir(parents=True, exist_ok=True)
-    pipeline_func = create_pipeline(images, mlflow_secret=mlflow_secret,
-                                    mlflow_config_map=mlflow_config_map)
     arguments = pipeline_arguments(config or PipelineConfig(), tracking_uri)
+    pipeline_func = create_pipeline(images, mlflow_secret=mlflow_secret,
+                                    mlflow_config_map=mlflow_config_map, data_secret=data_secret)
     with atomic_path(package_path) as tmp:
         compiler.Compiler().compile(pipeline_func, str(tmp), pipeline_parameters=arguments)
     return package_path
@@ -85,6 +89,7 @@ def submit_pipeline(
     images: Mapping[str, str] | None = None,
     mlflow_secret: str | None = None,
     mlflow_config_map: str | None = MLFLOW_CONFIG_MAP,
+    data_secret: str | None = None,
     client: Any = None,
 ) -> SubmitResult:
     """Compile, upload (a new pipeline or a new version) and start a run with ``kfp.Client``.
@@ -93,6 +98,7 @@ def submit_pipeline(
     parameters, so one pipeline version serves every configuration. ``experiment``
     defaults to the config's experiment name (the MLflow one), so both UIs group alike.
     """
+    arguments = pipeline_arguments(config, tracking_uri)
     if client is None:
         import kfp
 
@@ -102,7 +108,8 @@ def submit_pipeline(
     with tempfile.TemporaryDirectory(prefix="iris-submit-") as tmpdir:
         package = compile_pipeline(Path(tmpdir) / "pipeline.yaml", images=images,
                                    mlflow_secret=mlflow_secret,
-                                   mlflow_config_map=mlflow_config_map)
+                                   mlflow_config_map=mlflow_config_map,
+                                   data_secret=data_secret)
         version_name = _version_name(package)
         pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
         if pipeline_id is None:
@@ -132,7 +139,7 @@ def submit_pipeline(
     run = client.run_pipeline(
         experiment_id=experiment_obj.experiment_id,
         job_name=run_name or f"{PIPELINE_NAME} {stamp}",
-        params=pipeline_arguments(config, tracking_uri),
+        params=arguments,
         pipeline_id=pipeline_id,
         version_id=version_id,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -24,6 +25,13 @@ import urllib3
 from tqdm import tqdm
 
 from pipeline.lib.contract import META_PATH, META_SHA256, META_SOURCE
+from pipeline.lib.credentials import (
+    DATA_PASSWORD_ENV,
+    DATA_USERNAME_ENV,
+    HTTP_SCHEMES,
+    redact_uri,
+    split_credentials,
+)
 from pipeline.lib.files import atomic_writer, file_sha256, normalize_sha256, replace_dir
 from pipeline.lib.params import DownloadParams
 
@@ -200,6 +208,22 @@ def _copy_tree(src: Path, dest: Path) -> Path:
     return dest
 
 
+def _http_auth(source: str) -> tuple[str, tuple[str, str] | None]:
+    """(URL without userinfo, basic auth) for an http(s) source.
+
+    Credentials come from the URL if it has them (library use; the CLI moves them out
+    before they become a parameter), else from ``IRIS_DATA_USERNAME``/``IRIS_DATA_PASSWORD``
+    (exported locally, from the ``--data-secret`` Secret on a cluster).
+    """
+    url, user, password = split_credentials(source)
+    if user is None:
+        user = os.environ.get(DATA_USERNAME_ENV) or None
+        password = os.environ.get(DATA_PASSWORD_ENV) or None
+    if user is None and password is None:
+        return url, None
+    return url, (user or "", password or "")
+
+
 def _with_retries(url: str, attempt_fn: Callable[[], Any], retries: int, backoff_s: float,
                   transfer: _Transfer) -> Any:
     """Run ``attempt_fn`` up to ``retries + 1`` times, waiting backoff_s * 2**i in between.
@@ -223,21 +247,30 @@ def _with_retries(url: str, attempt_fn: Callable[[], Any], retries: int, backoff
     raise DownloadError(f"could not fetch {url} after {retries + 1} attempt(s): {last}")
 
 
-def _http_attempt(url: str, tmp: IO[bytes], timeout_s: float, transfer: _Transfer) -> None:
+def _http_attempt(url: str, tmp: IO[bytes], timeout_s: float, transfer: _Transfer,
+                  auth: tuple[str, str] | None = None) -> None:
     """One GET into ``tmp`` (truncated first); transient failures raise ``_Transient``.
 
     Chunks are read as they arrive (``read1``), not in fixed 1 MiB blocks, so a server
     trickling bytes is seen by the deadline and stall checks instead of blocking a read.
+    ``requests`` drops ``auth`` on a redirect to another host, so credentials stay with the
+    server they are for.
     """
     tmp.seek(0)
     tmp.truncate()
     timeout = max(min(timeout_s, transfer.remaining()), 0.001)
     try:
-        with requests.get(url, stream=True, timeout=timeout,
+        with requests.get(url, stream=True, timeout=timeout, auth=auth,
                           headers={"User-Agent": "iris-image-pipeline"}) as response:
             status = response.status_code
             if status >= 500 or status in (408, 429):
                 raise _Transient(f"HTTP {status} {response.reason}")
+            if status in (401, 403):
+                given = "were refused" if auth else "are needed"
+                raise DownloadError(
+                    f"could not fetch {url}: HTTP {status} {response.reason}: credentials "
+                    f"{given} (set {DATA_USERNAME_ENV}/{DATA_PASSWORD_ENV}; on a cluster, "
+                    "the Secret named by --data-secret)")
             if status >= 400:
                 raise DownloadError(f"could not fetch {url}: HTTP {status} {response.reason}")
             total = int(response.headers.get("Content-Length") or 0)
@@ -270,9 +303,9 @@ def _fsspec_attempt(url: str, tmp: IO[bytes], timeout_s: float, transfer: _Trans
                 tmp.write(chunk)
                 transfer.received(len(chunk))
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"data source not found: {url}") from exc
+        raise FileNotFoundError(f"data source not found: {redact_uri(url)}") from exc
     except PermissionError as exc:
-        raise DownloadError(f"could not fetch {url}: access denied ({exc})") from exc
+        raise DownloadError(f"could not fetch {redact_uri(url)}: access denied ({exc})") from exc
     except (OSError, TimeoutError) as exc:
         raise _Transient(str(exc)) from exc
 
@@ -290,13 +323,23 @@ def _check_fsspec(url: str) -> None:
             f"reading {scheme}:// URLs needs an extra package: {hint} ({exc})"
         ) from exc
     except ValueError as exc:
-        raise ValueError(f"unsupported data source scheme {scheme!r} in {url!r}") from exc
+        raise ValueError(
+            f"unsupported data source scheme {scheme!r} in {redact_uri(url)!r}") from exc
 
 
 def _fetch_remote(url: str, dest: Path, expected: str | None, cache_dir: Path, *,
                   retries: int, backoff_s: float, timeout_s: float, use_fsspec: bool,
                   transfer: _Transfer) -> Path:
-    """Fetch via the cache: a cached copy with the expected digest means no request at all."""
+    """Fetch via the cache: a cached copy with the expected digest means no request at all.
+
+    Logs and errors name the URL without its credentials.
+    """
+    if use_fsspec:
+        shown, attempt_fn = redact_uri(url), _fsspec_attempt
+    else:
+        url, auth = _http_auth(url)
+        shown, attempt_fn = url, functools.partial(_http_attempt, auth=auth)
+
     if expected is not None:
         cached = cache_dir / expected / dest.name
         for candidate in [cached, *sorted((cache_dir / expected).glob("*"))]:
@@ -307,23 +350,22 @@ def _fetch_remote(url: str, dest: Path, expected: str | None, cache_dir: Path, *
                     logger.warning("cache entry %s is corrupt; fetching again", candidate)
                     candidate.unlink(missing_ok=True)
                     continue
-                logger.info("cache hit for %s: %s", url, candidate)
+                logger.info("cache hit for %s: %s", shown, candidate)
                 return dest
 
     if use_fsspec:
         _check_fsspec(url)
-    attempt = _fsspec_attempt if use_fsspec else _http_attempt
     # Download next to the destination, then verify before the rename makes it visible.
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_file(dest) as tmp:
-        _with_retries(url, lambda: attempt(url, tmp, timeout_s, transfer), retries, backoff_s,
-                      transfer)
+        _with_retries(shown, lambda: attempt_fn(url, tmp, timeout_s, transfer), retries,
+                      backoff_s, transfer)
         tmp.seek(0)
         digest = hashlib.sha256()
         while chunk := tmp.read(_CHUNK):
             digest.update(chunk)
         actual = digest.hexdigest()
-        _check_digest(actual, expected, url)
+        _check_digest(actual, expected, shown)
     _store_in_cache(dest, cache_dir / actual / dest.name)
     return dest
 
@@ -373,10 +415,10 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
         if scheme in ("", "file"):
             return _fetch_local(source, scheme, dest_dir, expected)
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        transfer = _Transfer(source, deadline_s, min_bytes_per_s, stall_window_s)
+        transfer = _Transfer(redact_uri(source), deadline_s, min_bytes_per_s, stall_window_s)
         return _fetch_remote(source, dest_dir / _source_name(source), expected, cache,
                              retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
-                             use_fsspec=scheme not in ("http", "https"), transfer=transfer)
+                             use_fsspec=scheme not in HTTP_SCHEMES, transfer=transfer)
 
 
 def _fetch_local(source: str, scheme: str, dest_dir: Path, expected: str | None) -> Path:
@@ -410,7 +452,8 @@ def run_step(params: DownloadParams, out_dir: str | Path) -> dict[str, str]:
     fetched = fetch_dataset(params.data_source, out_dir, params.data_sha256 or None,
                             deadline_s=params.download_deadline_s,
                             min_bytes_per_s=params.download_min_bytes_per_s)
-    return {META_SOURCE: params.data_source, META_SHA256: params.data_sha256,
+    # reports and MLflow records never hold a password
+    return {META_SOURCE: redact_uri(params.data_source), META_SHA256: params.data_sha256,
             META_PATH: Path(fetched).relative_to(out_dir).as_posix()}
 
 
