@@ -116,7 +116,8 @@ def test_download_component_uses_url_credentials_but_records_and_logs_none(
     with file_server(archive, "reader", password) as server, caplog.at_level(logging.DEBUG):
         host = server.url.removeprefix("http://")
         download_dataset(data_source=f"http://reader:{password}@{host}/iris.zip",
-                         data_sha256="", raw_data=raw)
+                         data_sha256="", download_deadline_s=60.0,
+                         download_min_bytes_per_s=0.0, raw_data=raw)
     assert server.authorized == [("GET", "/iris.zip")]
     assert raw.metadata["source"] == f"http://reader:***@{host}/iris.zip"
     assert (tmp_path / "raw" / "iris.zip").read_bytes() == PAYLOAD
@@ -198,9 +199,11 @@ def test_no_tracking_uri_in_a_kfp_pod_is_an_error_naming_the_config_map(
     assert resolve_tracking_uri(None, tmp_path).startswith("sqlite:///")
     monkeypatch.setenv("KFP_POD_NAME", "iris-image-pipeline-abc-123")
     with pytest.raises(TrackingUriMissingError) as err:
-        register_model(trained_model=None, metrics=None, tracking_uri="", pipeline_run_id="r",
-                       pipeline_name="p", experiment_name="e", registered_model_name="m",
-                       gate_metric="accuracy")
+        register_model(trained_model=dsl.Model(uri=str(tmp_path / "m")),
+                       metrics=dsl.Metrics(uri=str(tmp_path / "x")),
+                       evaluation=dsl.Artifact(uri=str(tmp_path / "e")), tracking_uri="",
+                       pipeline_run_id="r", pipeline_name="p", experiment_name="e",
+                       registered_model_name="m", gate_metric="accuracy", promotion_margin=0.0)
     assert MLFLOW_CONFIG_MAP in str(err.value) and "--tracking-uri" in str(err.value)
     assert not (tmp_path / "mlflow.db").exists()
     assert resolve_tracking_uri("http://mlflow:5000", tmp_path) == "http://mlflow:5000"

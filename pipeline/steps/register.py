@@ -464,13 +464,13 @@ def run_step(model_metadata: Mapping[str, Any], metrics_metadata: Mapping[str, A
     evaluation's Metrics metadata; the predictions themselves from its folder. Returns the
     decision and the run id.
     """
-    evidence = Evidence(
-        predictions=Path(evaluation_dir) / PREDICTIONS_FILE,
-        predictions_uri=str(metrics_metadata[META_PREDICTIONS_URI]),
-        data_sha256=str(metrics_metadata[META_DATA_SHA256]),
-        split_digest=str(metrics_metadata[META_SPLIT_DIGEST]),
-    )
     with tracking.tracked_step("register", tracking_params, params.to_dict()) as run:
+        evidence = Evidence(
+            predictions=Path(evaluation_dir) / PREDICTIONS_FILE,
+            predictions_uri=str(metrics_metadata[META_PREDICTIONS_URI]),
+            data_sha256=str(metrics_metadata[META_DATA_SHA256]),
+            split_digest=str(metrics_metadata[META_SPLIT_DIGEST]),
+        )
         decision = register_model(
             model_metadata[META_MODEL_URI],
             name=params.registered_model_name,
