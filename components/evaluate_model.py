@@ -41,7 +41,11 @@ def evaluate_model(
                            pipeline_run_id=pipeline_run_id, pipeline_name=pipeline_name,
                            params=params) as run:
         result = score_model(trained_model.path, prepared_data.path, evaluation.path, config)
-        tracking.log_metrics(result, on_parent=True)
+        # linked to the trained model and its data set: the logged model's page shows them
+        digest = trained_model.metadata.get("mlflow_dataset_digest")
+        tracking.log_metrics(result, on_parent=True,
+                             model_id=trained_model.metadata.get("mlflow_model_id"),
+                             dataset=(tracking.DATASET_NAME, digest) if digest else None)
         tracking.log_artifacts(evaluation.path)
     scalars = {**result, **{f"majority_baseline_{k}": v for k, v in result["baseline"].items()}}
     for name, value in scalars.items():

@@ -48,7 +48,7 @@ def train_model(
     from pathlib import Path
 
     from pipeline.config import PipelineConfig
-    from pipeline.lib import inputs, model_logging, tracking
+    from pipeline.lib import model_logging, records, tracking
     from pipeline.steps.preprocess import load_report
     from pipeline.steps.train import train_model as fit_model
 
@@ -63,20 +63,24 @@ def train_model(
                            pipeline_run_id=pipeline_run_id, pipeline_name=pipeline_name,
                            params=params) as run:
         report = load_report(prepared_data.path)  # its input.sha256 is the archive's actual one
-        tracking.log_dataset_input(data["source"], report["input"].get("sha256", ""), report)
+        digest = tracking.log_dataset_input(data["source"], report["input"].get("sha256", ""),
+                                            report)
         result = fit_model(prepared_data.path, trained_model.path, config,
                            callbacks=[model_logging.MlflowEpochLogger()])
         tracking.log_metrics({k: v for k, v in result.items() if k != "history"})
         tracking.log_artifacts(Path(trained_model.path) / "augmentation_preview.png")
-        examples = inputs.load_examples(prepared_data.path, "test", config.image_size, cache=False)
-        images, _ = next(iter(examples.batch(2)))
-        model_uri = model_logging.log_model(trained_model.path, input_example=images.numpy())
+        logged = model_logging.log_model(
+            trained_model.path, image_size=config.image_size,
+            example_image=records.read_split(prepared_data.path, "test")[0].image,
+            name=f"iris-{config.model}-{config.image_size}px-seed{config.seed}")
         parent = tracking.parent_run_id()
     trained_model.metadata.update(
         framework="keras",
         mlflow_tracking_uri=tracking.redact_uri(uri),
         mlflow_run_id=run.info.run_id,
         mlflow_parent_run_id=parent or "",
-        mlflow_model_uri=model_uri,
+        mlflow_model_uri=logged.model_uri,
+        mlflow_model_id=logged.model_id,
+        mlflow_dataset_digest=digest,
         **{k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))},
     )
