@@ -12,7 +12,7 @@ Typical use inside a step (layer 1 stays free of KFP)::
     with step_run("train", tracking_uri=uri, experiment_name=config.experiment_name,
                   pipeline_run_id=run_id, pipeline_name="iris", params=config.to_dict()):
         train_model(..., callbacks=[MlflowEpochLogger()])
-        model_uri = log_model(model_dir, input_example=images)
+        info = log_model(model_dir, image_size=224, example_image=jpeg_bytes, name="iris-...")
 """
 
 from __future__ import annotations
