@@ -24,7 +24,7 @@ import requests
 from cli_helpers import PROJECT_ROOT, CliRun, clean_env, run_local_cli, succeeded
 from mlflow_server import serve_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_mlflow_state")]
 
 MODEL_NAME = "iris-parity"
 #: Seconds per request; a cold TensorFlow graph is traced at load, not here.
@@ -143,6 +143,7 @@ def test_logged_model_is_named_and_holds_the_evaluate_metrics(run: CliRun) -> No
         assert linked[name].dataset_digest == summary["data"]["sha256"][:32]
     version = client.get_model_version(MODEL_NAME, summary["registration"]["version"])
     assert model_id in (version.model_id, version.source.removeprefix("models:/"))
+    mlflow.set_tracking_uri(summary["mlflow"]["tracking_uri"])
     info = mlflow.models.get_model_info(summary["mlflow"]["logged_model_uri"])
     assert info.metadata["keras_version"] == keras.__version__
     assert info.saved_input_example_info is not None
