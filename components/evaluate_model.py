@@ -29,8 +29,8 @@ def evaluate_model(
     from pipeline.steps import evaluate
 
     values = locals()
-    result = evaluate.run_step(trained_model.path, prepared_data.path, evaluation.path,
-                               report.path, EvaluateParams.from_mapping(values),
+    result = evaluate.run_step(trained_model.path, trained_model.metadata, prepared_data.path,
+                               evaluation.path, report.path, EvaluateParams.from_mapping(values),
                                TrackingParams.from_mapping(values))
     for name, value in result.scalars().items():
         metrics.log_metric(name, value)

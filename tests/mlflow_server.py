@@ -41,10 +41,7 @@ class MlflowServer:
     pid: int
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError as exc:
-            return f"(no server log: {exc})"
+        return _tail(self.log_path, lines)
 
 
 def free_port() -> int:
@@ -66,6 +63,31 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=15)
+
+
+def _wait_healthy(process: subprocess.Popen[bytes], url: str, log_path: Path, what: str,
+                  timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll ``url`` until it answers 200; the log's tail explains an exit or a timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} during start-up:\n"
+                               f"{_tail(log_path)}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not healthy after {timeout:.0f} s:\n{_tail(log_path)}")
+        time.sleep(0.25)
+
+
+def _tail(log_path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
 
 
 @contextlib.contextmanager
@@ -97,25 +119,37 @@ def run_mlflow_server(root: Path) -> Iterator[MlflowServer]:
         )
     server = MlflowServer(f"http://127.0.0.1:{port}", backend, artifacts, log_path, process.pid)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with {process.returncode} during start-up:\n"
-                    f"{server.log_tail()}"
-                )
-            try:
-                if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow server not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n"
-                    f"{server.log_tail()}"
-                )
-            time.sleep(0.25)
+        _wait_healthy(process, f"{server.url}/health", log_path, "mlflow server")
         yield server
+    finally:
+        _stop(process)
+
+
+@contextlib.contextmanager
+def serve_model(model_uri: str, tracking_uri: str, root: Path,
+                timeout: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """``mlflow models serve --env-manager local`` of ``model_uri`` on 127.0.0.1; its base URL.
+
+    The scoring server is what users and the KServe predictor run. MLflow starts uvicorn by
+    name, so this interpreter's ``bin`` goes first on ``PATH``. The process group is
+    stopped on exit, also when start-up fails.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = root / f"model-server-{port}.log"
+    env = {k: v for k, v in os.environ.items() if k not in MLFLOW_ENV}
+    env.update(MLFLOW_TRACKING_URI=tracking_uri,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                                   env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(process, f"{url}/ping", log_path, f"mlflow models serve {model_uri}",
+                      timeout)
+        yield url
     finally:
         _stop(process)
 

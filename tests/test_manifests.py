@@ -507,6 +507,26 @@ def test_kserve_build_fills_storage_uri_and_predictor_image() -> None:
     assert container["command"][container["command"].index("--model-uri") + 1] == "/mnt/models"
 
 
+def test_kserve_predictor_runs_the_serve_command_the_parity_test_runs() -> None:
+    """The predictor's command is a valid ``mlflow models serve`` (parsed by MLflow's own CLI)
+    of the mounted model in this environment (``--env-manager local``, as in
+    tests/test_serving_parity.py), and its probes and port are the server's."""
+    from mlflow.models.cli import commands
+
+    isvc = find(build("kserve"), "InferenceService", "iris-image-classifier")[0]
+    container = isvc["spec"]["predictor"]["containers"][0]
+    argv = container["command"] + container.get("args", [])
+    assert argv[:3] == ["mlflow", "models", "serve"]
+    params = commands.commands["serve"].make_context("serve", argv[3:]).params
+    assert params["model_uri"] == "/mnt/models"
+    assert params["env_manager"] == "local"
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert ports == {params["port"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/ping", "port": params["port"]}, probe
+    assert params["host"] == "0.0.0.0"  # reachable through the Service, not only in the pod
+
+
 def test_kserve_s3_secret_points_at_the_mlflow_artifact_store() -> None:
     secret = next(d for d in secret_templates() if d["metadata"]["name"] == "iris-model-s3")
     endpoint = urlparse(server_config()["MLFLOW_S3_ENDPOINT_URL"])

@@ -222,9 +222,15 @@ def test_model_is_logged_with_signature_and_registered_as_champion(
     assert logged.source_run_id == version.run_id
     mlflow.set_tracking_uri(client.tracking_uri)
     info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}/1")
-    assert info.signature is not None
-    assert info.signature.inputs.inputs[0].shape == (-1, -1, -1, 3)
+    assert info.signature.outputs.input_names() == ["label", *summary["classes"]]
     assert info.metadata["classes"] == summary["classes"]
+    assert logged.name == "iris-mobilenet-96px-seed42"
+    # the evaluate step's test metrics are linked to the logged model, with the data set
+    linked = {m.key: m for m in logged.metrics}
+    for name, value in summary["test_metrics"].items():
+        assert linked[name].value == pytest.approx(value), name
+        assert linked[name].run_id == summary["mlflow"]["step_run_ids"]["evaluate"]
+        assert linked[name].dataset_name == "iris-image" and linked[name].dataset_digest
     decision = client.get_run(summary["mlflow"]["step_run_ids"]["register"]).data.tags
     assert decision["registry.decision"] == "champion"
     assert decision["registry.version"] == "1"
@@ -233,31 +239,31 @@ def test_model_is_logged_with_signature_and_registered_as_champion(
 # --- 2: the champion through pyfunc on raw uint8 images -------------------------------------
 
 
-def test_champion_predicts_raw_uint8_images_of_odd_sizes(first_run: CliRun, client: Any) -> None:
+def test_champion_labels_raw_uint8_images_of_odd_sizes(first_run: CliRun, client: Any) -> None:
     import keras
     import mlflow
 
+    from pipeline.lib import images
+
     summary = succeeded(first_run)
+    classes = summary["classes"]
     mlflow.set_tracking_uri(client.tracking_uri)
     loaded = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     trained = keras.saving.load_model(
         Path(summary["outputs"]["trained_model"]) / "model.keras", compile=False)
-    size = summary["config"]["image_size"]
+    resizer = images.make_resizer(summary["config"]["image_size"])
     rng = np.random.default_rng(0)
     for shape in ((3, 37, 53, 3), (1, 301, 97, 3)):
         raw = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        predicted = np.asarray(loaded.predict(raw))
-        assert predicted.shape == (shape[0], 3), shape
-        assert np.all(predicted >= 0)
-        assert np.allclose(predicted.sum(axis=1), 1.0, atol=1e-4), shape
-        # the registered champion is the model this run trained (it resizes to image_size
-        # itself; a fixed-size model would be logged behind a Resizing layer)
-        if trained.input_shape[1] is None:
-            expected = trained.predict(raw, verbose=0)
-        else:
-            resized = keras.ops.convert_to_numpy(keras.layers.Resizing(size, size)(raw))
-            expected = trained.predict(resized, verbose=0)
-        assert np.allclose(predicted, expected, atol=1e-3), shape
+        predicted = loaded.predict(raw)
+        assert list(predicted.columns) == ["label", *classes]
+        probabilities = predicted[classes].to_numpy()
+        assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4), shape
+        # the registered champion is the model this run trained, fed as training fed it
+        fitted = np.stack([images.fit_image(image, resizer).numpy() for image in raw])
+        expected = trained.predict(fitted, verbose=0)
+        assert np.allclose(probabilities, expected, atol=1e-4), shape
+        assert list(predicted["label"]) == [classes[k] for k in expected.argmax(axis=1)]
 
 
 # --- 3: a lower-scoring second run becomes challenger ---------------------------------------

@@ -14,6 +14,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+import tensorflow as tf
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer, images
@@ -56,7 +57,9 @@ def model_uris(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFac
         (model_dir / "classes.json").write_text(json.dumps(CLASSES))
         with step_run("train", tracking_uri=mlflow_server.url, experiment_name="registry-tests",
                       pipeline_run_id=f"kfp-{uuid.uuid4()}", pipeline_name="iris-test"):
-            uris[f"m{seed}"] = log_model(model_dir, input_example=images(2, 16, 16))
+            example = tf.io.encode_png(images(1, 16, 16)[0]).numpy()
+            uris[f"m{seed}"] = log_model(model_dir, image_size=12, example_image=example,
+                                         name=f"m{seed}").model_uri
         uris[f"keras{seed}"] = str(model_dir / "model.keras")
     return uris
 
@@ -122,11 +125,11 @@ def test_champion_alias_loads_and_predicts_on_raw_images(
 
     mlflow.set_tracking_uri(mlflow_server.url)
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
-    odd = images(2, 41, 29, seed=7)
-    predicted = np.asarray(loaded.predict(odd))
-    assert predicted.shape == (2, len(CLASSES))
-    expected = keras.saving.load_model(model_uris["keras2"]).predict(odd, verbose=0)
-    assert np.allclose(predicted, expected, atol=1e-4), "champion must be the m2 model"
+    same_size = images(2, 12, 12, seed=7)  # at the model's size: no resizing before Keras
+    predicted = loaded.predict(same_size)
+    assert list(predicted.columns) == ["label", *CLASSES]
+    expected = keras.saving.load_model(model_uris["keras2"]).predict(same_size, verbose=0)
+    assert np.allclose(predicted[CLASSES], expected, atol=1e-4), "champion must be the m2 model"
     assert loaded.metadata.metadata["classes"] == CLASSES
 
 

@@ -18,11 +18,13 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+import tensorflow as tf
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer, images
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
+from pipeline.lib import images as image_lib
 from pipeline.lib import tracking
 from pipeline.lib.model_logging import MlflowEpochLogger, log_model
 from pipeline.lib.params import TrainParams
@@ -355,35 +357,44 @@ def test_helpers_need_an_active_run() -> None:
 # ---------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------
+def example_jpeg() -> bytes:
+    return tf.io.encode_jpeg(images(1, 40, 30)[0]).numpy()
+
+
+def fitted(raw: np.ndarray, size: int) -> np.ndarray:
+    """``raw`` as the served model (and the data pipeline) hands it to Keras."""
+    resizer = image_lib.make_resizer(size)
+    return np.stack([image_lib.fit_image(image, resizer).numpy() for image in raw])
+
+
 @pytest.mark.mlflow_server
-@pytest.mark.parametrize("fixed_size, dtype", [(None, "uint8"), (24, "uint8"), (None, "float32")],
+@pytest.mark.parametrize("fixed_size, dtype", [(None, "uint8"), (16, "uint8"), (None, "float32")],
                          ids=["any-size-model", "fixed-size-model", "float-input-model"])
-def test_logged_model_predicts_raw_uint8_images_of_odd_size(
+def test_logged_model_labels_raw_uint8_images_of_odd_size(
         mlflow_server: MlflowServer, tmp_path: Path, fixed_size: int | None, dtype: str) -> None:
     model = tiny_model(fixed_size, dtype)
     model_dir = save_model_dir(model, tmp_path / "model")
     with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")) as run:
-        model_uri = log_model(model_dir, input_example=images(4, 24, 24))
-    assert model_uri.startswith("models:/")
+        info = log_model(model_dir, image_size=16, example_image=example_jpeg(), name="tiny")
+    assert info.model_uri.startswith("models:/")
 
     mlflow.set_tracking_uri(mlflow_server.url)  # step_run restored the previous (unset) URI
-    loaded = mlflow.pyfunc.load_model(model_uri)
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
     assert loaded.metadata.metadata["classes"] == CLASSES
-    assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1, 3)
+    assert loaded.metadata.get_output_schema().input_names() == ["label", *CLASSES]
     assert loaded.metadata.saved_input_example_info is not None
     odd = images(3, 37, 53, seed=1)
-    predicted = np.asarray(loaded.predict(odd))
-    assert predicted.shape == (3, len(CLASSES))
-    assert np.allclose(predicted.sum(axis=1), 1.0, atol=1e-5)
-    if fixed_size is None:
-        expected = model.predict(odd, verbose=0)
-    else:
-        resized = keras.ops.convert_to_numpy(keras.layers.Resizing(fixed_size, fixed_size)(odd))
-        expected = model.predict(resized.astype("uint8"), verbose=0)
-    assert np.allclose(predicted, expected, atol=1e-3)
+    predicted = loaded.predict(odd)
+    assert predicted.shape == (3, 1 + len(CLASSES))
+    probabilities = predicted[CLASSES].to_numpy()
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    expected = model.predict(fitted(odd, 16).astype(dtype), verbose=0)
+    assert np.allclose(probabilities, expected, atol=1e-5)
+    assert list(predicted["label"]) == [CLASSES[k] for k in expected.argmax(axis=1)]
 
-    logged = MlflowClient(mlflow_server.url).get_logged_model(model_uri.split("/")[-1])
+    logged = MlflowClient(mlflow_server.url).get_logged_model(info.model_id)
     assert logged.source_run_id == run.info.run_id
+    assert logged.name == "tiny"
 
 
 @pytest.mark.mlflow_server
@@ -396,11 +407,11 @@ def test_the_pipelines_own_model_logs_and_predicts(mlflow_server: MlflowServer,
     model = models.build_model(params.params_for(TrainParams), len(CLASSES))
     model_dir = save_model_dir(model, tmp_path / "model")
     with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")):
-        model_uri = log_model(model_dir, input_example=images(2, 40, 40))
+        info = log_model(model_dir, image_size=96, example_image=example_jpeg(), name="cnn")
     mlflow.set_tracking_uri(mlflow_server.url)
     odd = images(2, 45, 61, seed=3)
-    predicted = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(odd))
-    assert np.allclose(predicted, model.predict(odd, verbose=0), atol=1e-4)
+    predicted = mlflow.pyfunc.load_model(info.model_uri).predict(odd)[CLASSES].to_numpy()
+    assert np.allclose(predicted, model.predict(fitted(odd, 96), verbose=0), atol=1e-5)
 
 
 @pytest.mark.mlflow_server
@@ -408,11 +419,40 @@ def test_log_model_rejects_bad_input(mlflow_server: MlflowServer, tmp_path: Path
     model_dir = save_model_dir(tiny_model(), tmp_path / "model")
     with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")):
         with pytest.raises(FileNotFoundError, match=r"model\.keras"):
-            log_model(tmp_path / "nowhere", input_example=images(1, 8, 8))
-        with pytest.raises(ValueError, match="uint8"):
-            log_model(model_dir, input_example=images(1, 8, 8).astype("float32"))
+            log_model(tmp_path / "nowhere", image_size=16, example_image=example_jpeg(),
+                      name="x")
+        (model_dir / "classes.json").unlink()
+        with pytest.raises(FileNotFoundError, match=r"classes\.json"):
+            log_model(model_dir, image_size=16, example_image=example_jpeg(), name="x")
+        save_model_dir(tiny_model(), model_dir)
+        with pytest.raises(ValueError, match="JPEG or PNG"):
+            log_model(model_dir, image_size=16, example_image=b"", name="x")
     with pytest.raises(RuntimeError, match="step_run"):
-        log_model(model_dir, input_example=images(1, 8, 8))
+        log_model(model_dir, image_size=16, example_image=example_jpeg(), name="x")
+
+
+@pytest.mark.mlflow_server
+def test_metrics_link_to_the_logged_model_and_its_dataset(mlflow_server: MlflowServer,
+                                                         tmp_path: Path) -> None:
+    """What the logged model's page shows: the evaluate metrics, each with its data set."""
+    model_dir = save_model_dir(tiny_model(), tmp_path / "model")
+    client = MlflowClient(mlflow_server.url)
+    kfp_id = f"kfp-{uuid.uuid4()}"
+    with step_run("train", **run_kwargs(mlflow_server.url, kfp_id)):
+        digest = log_dataset_input("/data/iris-image.zip", SHA, {"counts": {"train": 3}})
+        info = log_model(model_dir, image_size=16, example_image=example_jpeg(), name="tiny")
+    with step_run("evaluate", **run_kwargs(mlflow_server.url, kfp_id)) as run:
+        log_metrics({"accuracy": 0.75, "balanced_accuracy": 0.5}, on_parent=True,
+                    model_id=info.model_id, dataset=(tracking.DATASET_NAME, digest))
+    model = client.get_logged_model(info.model_id)
+    linked = {m.key: m for m in model.metrics}
+    assert {k: m.value for k, m in linked.items()} == {"accuracy": 0.75, "balanced_accuracy": 0.5}
+    for metric in linked.values():
+        assert (metric.dataset_name, metric.dataset_digest) == ("iris-image", SHA[:32])
+        assert metric.run_id == run.info.run_id  # the parent's copies are not linked
+    evaluate = client.get_run(run.info.run_id)
+    assert [m.model_id for m in evaluate.inputs.model_inputs] == [info.model_id]
+    assert evaluate.data.metrics["accuracy"] == 0.75
 
 
 # ---------------------------------------------------------------------------------------

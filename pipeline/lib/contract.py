@@ -33,6 +33,9 @@ META_TRACKING_URI = "mlflow_tracking_uri"
 META_RUN_ID = "mlflow_run_id"
 META_PARENT_RUN_ID = "mlflow_parent_run_id"
 META_MODEL_URI = "mlflow_model_uri"
+META_MODEL_ID = "mlflow_model_id"
+#: Metadata: the digest of the data set input the model was trained on (links its metrics).
+META_DATASET_DIGEST = "mlflow_dataset_digest"
 
 # --- evaluation / metrics / report (evaluate_model) ----------------------------------------
 METRICS_FILE = "metrics.json"

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from pipeline.lib import records
 from pipeline.lib.files import atomic_writer
+from pipeline.lib.images import decode_image, make_resizer
 from pipeline.lib.params import TrainParams
 
 logger = logging.getLogger(__name__)
@@ -189,29 +190,6 @@ def build_augmenter(config: TrainParams) -> RandomAugment:
 # ----------------------------------------------------------------------------------------
 # tf.data
 # ----------------------------------------------------------------------------------------
-def make_resizer(image_size: int) -> keras.layers.Resizing:
-    """The one resize used by the data pipeline and inside the exported model (no drift)."""
-    return keras.layers.Resizing(
-        image_size, image_size, interpolation="bilinear", crop_to_aspect_ratio=True,
-        antialias=True, name="resize",
-    )
-
-
-def decode_image(encoded: tf.Tensor, resizer: keras.layers.Layer) -> tf.Tensor:
-    """Decode JPEG/PNG bytes to RGB and resize to the model's size, as uint8 (cache-friendly)."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    size = resizer.height
-    same = tf.logical_and(tf.shape(image)[0] == size, tf.shape(image)[1] == size)
-    resized = tf.cond(
-        same,
-        lambda: tf.cast(image, tf.float32),
-        lambda: resizer(tf.cast(image, tf.float32)),
-    )
-    resized = tf.ensure_shape(resized, [size, size, 3])
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-
 def load_examples(data_dir: str | Path, split: str, image_size: int, *,
                   cache: bool = True) -> tf.data.Dataset:
     """(uint8 image [S, S, 3], int32 label) of one split, decoded in parallel and cached."""

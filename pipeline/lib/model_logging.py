@@ -6,9 +6,12 @@ TensorFlow, which costs seconds per step process.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,9 +20,12 @@ from typing import Any
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.entities import Metric
+from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 
+from pipeline.lib import serving
 from pipeline.lib.contract import CLASSES_FILE, MODEL_FILE
 from pipeline.lib.tracking import EPOCH_KEYS, numeric_metrics, require_active_run
 
@@ -79,29 +85,13 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 # ----------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------
-def _raw_image_model(model: keras.Model) -> keras.Model:
-    """``model`` if it takes uint8 images of any size, else a wrapper that resizes first.
-
-    The logged model must accept raw HxWx3 uint8 images of any size; a model built for a
-    fixed input size gets a ``Resizing`` layer in front (plain Keras layers, so the
-    ``.keras`` file loads without custom code).
-    """
-    shape = tuple(model.input_shape)
-    if len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"model input must be a batch of HxWx3 images, got shape {shape}")
-    if shape[1] is None and shape[2] is None:
-        return model
-    height, width = shape[1], shape[2]
-    if height is None or width is None:
-        raise ValueError(f"model input has only one fixed side: {shape}")
-    inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    resized = keras.layers.Resizing(height, width, name="resize_to_model")(inputs)
-    outputs = model(resized)
-    logger.info("model expects %dx%d inputs: logging it behind a Resizing layer", height, width)
-    return keras.Model(inputs, outputs, name=f"{model.name}_any_size")
+#: Project files the logged model carries in its ``code/`` folder: the pyfunc class and the
+#: decoder it shares with training, with their package ``__init__`` files.
+SERVING_CODE = ("__init__.py", "lib/__init__.py", "lib/images.py", "lib/serving.py")
 
 
 def _pip_requirements() -> list[str]:
+    import cloudpickle
     import tensorflow as tf
 
     return [
@@ -109,68 +99,77 @@ def _pip_requirements() -> list[str]:
         f"tensorflow=={tf.__version__}",
         f"keras=={keras.__version__}",
         f"numpy=={np.__version__}",
+        f"pandas=={pd.__version__}",
+        f"cloudpickle=={cloudpickle.__version__}",
     ]
 
 
-def log_model(
-    model_dir: str | Path, *, name: str = "model", input_example: np.ndarray,
-) -> str:
-    """Log ``model_dir/model.keras`` with MLflow 3's ``mlflow.keras.log_model``; returns its URI.
+def _stage_code(root: Path) -> Path:
+    """Copy :data:`SERVING_CODE` into ``root/pipeline`` (the package layout the class needs)."""
+    package = Path(serving.__file__).resolve().parent.parent
+    for relative in SERVING_CODE:
+        target = root / "pipeline" / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(package / relative, target)
+    return root / "pipeline"
 
-    The logged model takes a batch of raw uint8 images of any size (``(n, h, w, 3)``) and
-    returns class probabilities in the order of ``model_dir/classes.json``, which is stored
-    in the model's metadata (``metadata["classes"]``) so a registry user can name them.
-    The signature is built by hand with free height and width: inferring it from the
-    example would pin the example's size and reject other images.
-    Pip requirements are pinned explicitly (inference would load TensorFlow in a subprocess).
+
+def log_model(
+    model_dir: str | Path, *, image_size: int, example_image: bytes, name: str,
+) -> ModelInfo:
+    """Log ``model_dir/model.keras`` as an :class:`~pipeline.lib.serving.ImageClassifier`.
+
+    The MLflow 3 logged model ``name`` takes base64 JPEG/PNG strings or uint8 pixels and
+    returns a ``label`` column plus one probability column per class of
+    ``model_dir/classes.json`` (the signature's outputs; the names are also in
+    ``metadata["classes"]``). It has no input schema: MLflow would enforce one type, and the
+    model takes both encoded images and pixel arrays, checking them itself. ``image_size`` is
+    the size training resized to; ``example_image`` (an encoded JPEG/PNG) is the input
+    example, and MLflow scores it once while logging. The code travels with the model, so it
+    loads without this project installed; pip requirements are pinned explicitly (inferring
+    them would load TensorFlow in a subprocess).
     """
+    import tensorflow as tf
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
     require_active_run("log_model")
     model_dir = Path(model_dir)
     model_file = model_dir / MODEL_FILE
-    if not model_file.is_file():
-        raise FileNotFoundError(f"cannot log model: {str(model_file)!r} does not exist")
-    example = np.asarray(input_example)
-    if example.dtype != np.uint8 or example.ndim != 4 or example.shape[-1] != 3 or not len(example):
-        raise ValueError(
-            "input_example must be a non-empty uint8 array of shape (n, height, width, 3), "
-            f"got {example.dtype} {example.shape}"
-        )
-    classes: list[str] | None = None
     classes_file = model_dir / CLASSES_FILE
-    if classes_file.is_file():
-        classes = [str(c) for c in json.loads(classes_file.read_text())]
-
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    # compile=False: inference needs no optimizer state (nor custom losses)
-    model = _raw_image_model(keras.saving.load_model(model_file, compile=False))
-    example = example[:2]  # the example is stored as JSON: keep it small
-    probabilities = np.asarray(model.predict(example, verbose=0))
-    if probabilities.ndim != 2 or (classes and probabilities.shape[1] != len(classes)):
-        raise ValueError(
-            f"model output shape {probabilities.shape} does not match {len(classes or [])} "
-            f"classes in {str(classes_file)!r}"
+    for path in (model_file, classes_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot log model: {str(path)!r} does not exist")
+    if not isinstance(example_image, bytes) or not example_image:
+        raise ValueError("example_image must be the non-empty bytes of a JPEG or PNG file")
+    classes = [str(c) for c in json.loads(classes_file.read_text())]
+    signature = ModelSignature(outputs=Schema(
+        [ColSpec("string", serving.LABEL_COLUMN)] + [ColSpec("float", c) for c in classes]))
+    metadata: dict[str, Any] = {
+        "classes": classes,
+        "image_size": int(image_size),
+        "input": f"base64 JPEG/PNG strings (inputs list or column {serving.IMAGE_COLUMN!r}), "
+                 "or uint8 pixels (height, width, 3) of any size",
+        "output": f"{serving.LABEL_COLUMN!r} and one probability column per class",
+        "keras_version": keras.__version__,
+        "tensorflow_version": tf.__version__,
+    }
+    example = pd.DataFrame({serving.IMAGE_COLUMN: [base64.b64encode(example_image).decode()]})
+    with tempfile.TemporaryDirectory(prefix="iris-model-") as tmp:
+        config = serving.write_config(Path(tmp) / "serving.json", classes, image_size)
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=serving.ImageClassifier(),
+            artifacts={serving.MODEL_ARTIFACT: str(model_file),
+                       serving.CONFIG_ARTIFACT: str(config)},
+            code_paths=[str(_stage_code(Path(tmp) / "code"))],
+            signature=signature,
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+            metadata=metadata,
         )
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, probabilities.shape[1]),
-                                   name="probabilities")]),
-    )
-    metadata: dict[str, Any] = {"input": "uint8 images (n, height, width, 3), any size",
-                                "output": "class probabilities"}
-    if classes:
-        metadata["classes"] = classes
-    info = mlflow.tensorflow.log_model(
-        model,
-        name=name,
-        signature=signature,
-        input_example=example,
-        pip_requirements=_pip_requirements(),
-        metadata=metadata,
-    )
-    logger.info("logged model %s (%s)", info.model_uri, model_file)
-    return info.model_uri
+    logger.info("logged model %s (%s, %s)", name, info.model_uri, model_file)
+    return info
 
 
-__all__ = ["MlflowEpochLogger", "log_model"]
+__all__ = ["SERVING_CODE", "MlflowEpochLogger", "log_model"]

@@ -35,7 +35,15 @@ import mlflow
 import numpy as np
 import requests
 from mlflow.entities import Dataset as DatasetEntity
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import (
+    DatasetInput,
+    InputTag,
+    LoggedModelInput,
+    Metric,
+    Param,
+    RunStatus,
+    RunTag,
+)
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
@@ -61,6 +69,9 @@ KFP_POD_ENV = ("KFP_POD_NAME", "KFP_POD_UID")
 #: Where local (sqlite) tracking keeps its database and artifacts, relative to the workdir.
 LOCAL_DB_NAME = "mlflow.db"
 LOCAL_ARTIFACTS_DIR = "mlartifacts"
+
+#: Name of the data set's MLflow dataset input (its digest tells versions apart).
+DATASET_NAME = "iris-image"
 
 #: Keras log keys that :class:`MlflowEpochLogger` always logs when present.
 EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -604,24 +615,34 @@ def numeric_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, fl
 
 def log_metrics(
     values: Mapping[str, Any], *, step: int | None = None, on_parent: bool = False,
+    model_id: str | None = None, dataset: tuple[str, str] | None = None,
     client: MlflowClient | None = None,
 ) -> dict[str, float]:
     """Log the numeric entries of ``values`` on the active run (and its parent); returns them.
 
     ``on_parent=True`` also logs them on the pipeline's parent run, where the MLflow UI
-    compares pipeline runs side by side (test metrics, majority baseline).
+    compares pipeline runs side by side (test metrics, majority baseline). ``model_id`` (an
+    MLflow 3 logged model) and ``dataset`` (name, digest) link the active run's metrics to
+    that model and data set: the logged model's page then lists them with the data they were
+    measured on, and the model is recorded as an input of the run. The parent's copies stay
+    unlinked, so the model holds each metric once.
     """
     run_id = require_active_run("log_metrics")
     client = client or MlflowClient()
     metrics = numeric_metrics(values)
     timestamp = int(time.time() * 1000)
-    entities = [Metric(k, v, timestamp, step or 0) for k, v in metrics.items()]
-    targets = [run_id]
+    name, digest = dataset or (None, None)
+    linked = [Metric(k, v, timestamp, step or 0, model_id=model_id, dataset_name=name,
+                     dataset_digest=digest) for k, v in metrics.items()]
+    plain = [Metric(k, v, timestamp, step or 0) for k, v in metrics.items()]
+    targets = [(run_id, linked)]
     if on_parent:
         parent = parent_run_id(run_id, client)
         if parent:
-            targets.append(parent)
-    for target in targets:
+            targets.append((parent, plain))
+    if model_id:
+        client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+    for target, entities in targets:
         for start in range(0, len(entities), 1000):
             client.log_batch(target, metrics=entities[start:start + 1000])
     return metrics
@@ -656,7 +677,7 @@ def _dataset_source_json(source: str) -> tuple[str, str]:
 
 
 def log_dataset_input(
-    source: str, sha256: str, report: Mapping[str, Any], *, name: str = "iris-image",
+    source: str, sha256: str, report: Mapping[str, Any], *, name: str = DATASET_NAME,
     context: str = "training", client: MlflowClient | None = None,
 ) -> str:
     """Record the data set as an MLflow dataset input (active run and parent) + its report.
@@ -693,6 +714,7 @@ def log_dataset_input(
 
 
 __all__ = [
+    "DATASET_NAME",
     "EPOCH_KEYS",
     "TrackingServerError",
     "TrackingUriMissingError",

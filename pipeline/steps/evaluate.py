@@ -29,8 +29,10 @@ from pipeline.lib.contract import (
     DATA_REPORT_JSON,
     HISTORY_FILE,
     META_DATA_SHA256,
+    META_DATASET_DIGEST,
     META_GATE_METRIC,
     META_GATE_PASSED,
+    META_MODEL_ID,
     META_PREDICTIONS_URI,
     META_RUN_ID,
     META_SPLIT_DIGEST,
@@ -238,17 +240,21 @@ class Evaluation:
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_step(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-             report_path: str | Path, params: EvaluateParams,
+def run_step(model_dir: str | Path, model_metadata: Mapping[str, Any], data_dir: str | Path,
+             out_dir: str | Path, report_path: str | Path, params: EvaluateParams,
              tracking_params: TrackingParams) -> Evaluation:
     """The ``evaluate_model`` component's body: score inside the step's MLflow run.
 
     Test metrics and the majority baseline also go to the parent run, where pipeline runs
-    are compared; the HTML report is copied to ``report_path`` for the KFP UI.
+    are compared, and are linked to the logged model and its data set (the model's page in
+    MLflow lists them); the HTML report is copied to ``report_path`` for the KFP UI.
     """
+    digest = model_metadata.get(META_DATASET_DIGEST)
     with tracking.tracked_step("evaluate", tracking_params, params.to_dict()) as run:
         metrics = evaluate_model(model_dir, data_dir, out_dir, params)
-        tracking.log_metrics(metrics, on_parent=True)
+        tracking.log_metrics(metrics, on_parent=True,
+                             model_id=model_metadata.get(META_MODEL_ID),
+                             dataset=(tracking.DATASET_NAME, digest) if digest else None)
         tracking.log_artifacts(out_dir)
     shutil.copyfile(Path(out_dir) / REPORT_FILE, report_path)
     return Evaluation(metrics, bool(metrics["gate_passed"]), run.info.run_id)

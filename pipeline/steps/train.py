@@ -33,6 +33,8 @@ from pipeline.lib.contract import (
     CLASSES_FILE,
     DATA_REPORT_JSON,
     HISTORY_FILE,
+    META_DATASET_DIGEST,
+    META_MODEL_ID,
     META_MODEL_URI,
     META_PARAMS,
     META_PARENT_RUN_ID,
@@ -560,15 +562,17 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
               **data_params.to_dict(), **params.to_dict()}
     with tracking.tracked_step("train", tracking_params, logged) as run:
         report = read_json(data_dir / DATA_REPORT_JSON) or {}
-        tracking.log_dataset_input(data_metadata[META_SOURCE],
-                                   (report.get("input") or {}).get("sha256", ""), report)
+        digest = tracking.log_dataset_input(data_metadata[META_SOURCE],
+                                            (report.get("input") or {}).get("sha256", ""),
+                                            report)
         result = train_model(data_dir, model_dir, params,
                              callbacks=[model_logging.MlflowEpochLogger()])
         tracking.log_metrics({k: v for k, v in result.items() if k != "history"})
         tracking.log_artifacts(model_dir / PREVIEW_FILE)
-        examples = inputs.load_examples(data_dir, "test", params.image_size, cache=False)
-        images, _ = next(iter(examples.batch(2)))
-        model_uri = model_logging.log_model(model_dir, input_example=images.numpy())
+        logged_model = model_logging.log_model(
+            model_dir, image_size=params.image_size,
+            example_image=records.read_split(data_dir, "test")[0].image,
+            name=f"iris-{params.model}-{params.image_size}px-seed{params.seed}")
         parent = tracking.parent_run_id()
         uri = mlflow.get_tracking_uri()
     return {
@@ -576,7 +580,9 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
         META_TRACKING_URI: tracking.redact_uri(uri),
         META_RUN_ID: run.info.run_id,
         META_PARENT_RUN_ID: parent or "",
-        META_MODEL_URI: model_uri,
+        META_MODEL_URI: logged_model.model_uri,
+        META_MODEL_ID: logged_model.model_id,
+        META_DATASET_DIGEST: digest,
         **{k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))},
     }
 
