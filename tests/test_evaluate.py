@@ -11,7 +11,7 @@ import pytest
 from train_helpers import prepared_iris, small_eval, trained_reference
 
 from pipeline.lib import report
-from pipeline.steps.evaluate import evaluate_model, score
+from pipeline.steps.evaluate import evaluate_model, passes_gate, score
 
 
 def test_score_counts_every_class():
@@ -23,6 +23,19 @@ def test_score_counts_every_class():
     majority = score(labels, np.ones_like(labels), 3)
     assert majority["balanced_accuracy"] == pytest.approx(1 / 3)
     assert majority["macro_f1"] == pytest.approx((0 + 2 * 0.5 * 1 / 1.5 + 0) / 3)
+
+
+@pytest.mark.parametrize("value, threshold, passed", [
+    (0.5, 0.5, True),  # a tie passes: the README's ">="
+    (0.0, 0.0, True),
+    (1.0, 1.0, True),
+    (0.75, 0.5, True),
+    (0.4999, 0.5, False),
+    (0.0, 0.01, False),
+])
+def test_gate_passes_at_or_above_the_threshold(value: float, threshold: float,
+                                               passed: bool) -> None:
+    assert passes_gate(value, threshold) is passed
 
 
 def test_report_html_is_self_contained(tmp_path):

@@ -54,6 +54,15 @@ def score(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict
     }
 
 
+def passes_gate(value: float, threshold: float) -> bool:
+    """The quality gate's verdict: ``value`` at or above ``threshold`` passes.
+
+    A tie passes, as the README and ``PipelineConfig.gate_threshold`` say (``>=``), so a threshold
+    set to a known score admits a model that reaches it.
+    """
+    return bool(value >= threshold)
+
+
 def evaluate_model(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -126,7 +135,7 @@ def evaluate_model(
         gate_metric=config.gate_metric,
         gate_threshold=float(config.gate_threshold),
         gate_value=value,
-        gate_passed=bool(value >= config.gate_threshold),
+        gate_passed=passes_gate(value, config.gate_threshold),
         test_examples=len(y_true),
         misclassified=int((y_true != y_pred).sum()),
     )
@@ -187,4 +196,4 @@ def run_step(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
     return Evaluation(metrics, bool(metrics["gate_passed"]), run.info.run_id)
 
 
-__all__ = ["Evaluation", "evaluate_model", "run_step", "score"]
+__all__ = ["Evaluation", "evaluate_model", "passes_gate", "run_step", "score"]
