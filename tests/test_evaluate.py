@@ -8,10 +8,11 @@ import re
 
 import numpy as np
 import pytest
-from train_helpers import prepared_iris, small_eval, trained_reference
+from train_helpers import prepared_iris, small_eval, small_train, trained_reference
 
 from pipeline.lib import report
 from pipeline.steps.evaluate import evaluate_model, passes_gate, score
+from pipeline.steps.train import train_model
 
 
 def test_score_counts_every_class():
@@ -92,6 +93,27 @@ def test_evaluate_real_model_on_test_split(tmp_path_factory, iris_zip, mobilenet
                                                 gate_threshold=1.0))
     assert strict["gate_value"] == strict["macro_f1"]
     assert strict["gate_passed"] is (strict["macro_f1"] >= 1.0)
+
+
+#: A realistic but quick config: the default cached-feature head, on smaller images.
+QUALITY_OVERRIDES: dict[str, object] = {"image_size": 128, "head_feature_views": 4,
+                                        "fine_tune_epochs": 0}
+#: How far above the majority baseline's balanced accuracy (1/3) the model must score.
+QUALITY_MARGIN = 0.1
+
+
+@pytest.mark.slow
+def test_trained_model_clearly_beats_the_majority_baseline(tmp_path_factory, iris_zip,
+                                                           mobilenet_weights):
+    """The README's central claim, on the shared data's held-out test split."""
+    root = tmp_path_factory.mktemp("quality")
+    data_dir = prepared_iris(root)
+    train_model(data_dir, root / "model", small_train(**QUALITY_OVERRIDES))
+    metrics = evaluate_model(root / "model", data_dir, root / "eval",
+                             small_eval(**QUALITY_OVERRIDES))
+    baseline = metrics["baseline"]["balanced_accuracy"]
+    assert baseline == pytest.approx(1 / 3)
+    assert metrics["balanced_accuracy"] >= baseline + QUALITY_MARGIN, metrics["confusion_matrix"]
 
 
 def test_evaluate_refuses_mismatched_classes(tmp_path_factory, iris_zip, mobilenet_weights):
