@@ -36,6 +36,33 @@ def iris_runs(iris_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {name: base / name for name in runs}
 
 
+#: Per class (train, val, test) of 66 / 253 / 70 images at 15 % / 15 %, worked out by hand:
+#: 9.9 -> 10, 37.95 -> 38, and 10.5 rounds half up to 11.
+IRIS_SPLIT_COUNTS = {"iris-setosa": {"train": 46, "val": 10, "test": 10},
+                     "iris-versicolour": {"train": 177, "val": 38, "test": 38},
+                     "iris-virginica": {"train": 48, "val": 11, "test": 11}}
+
+
+@pytest.mark.parametrize("n, val_fraction, test_fraction, expected", [
+    (66, 0.15, 0.15, (46, 10, 10)),  # 9.9 rounds up
+    (100, 0.1, 0.2, (70, 10, 20)),  # exact shares
+    (66, 0.1, 0.2, (46, 7, 13)),  # 6.6 up, 13.2 down
+    (10, 0.25, 0.25, (4, 3, 3)),  # 2.5 rounds half up, not to even
+    (7, 0.15, 0.15, (5, 1, 1)),  # 1.05 down
+    (3, 0.15, 0.15, (1, 1, 1)),  # 0.45 rounds to 0, raised to 1: every split non-empty
+    (10, 0.0, 0.0, (8, 1, 1)),  # from 3 images on, val and test get one even at 0 %
+    (2, 0.15, 0.15, (2, 0, 0)),  # below 3 images: no minimum, everything trains
+    (1, 0.15, 0.15, (1, 0, 0)),
+    (0, 0.15, 0.15, (0, 0, 0)),
+    (4, 0.4, 0.4, (1, 1, 2)),  # 1.6 -> 2 + 2 leaves no training image: val gives one back
+    (5, 0.5, 0.5, (1, 2, 2)),  # 3 + 3 > 4: val, then test, give one back
+])
+def test_split_sizes_match_hand_computed_shares(n: int, val_fraction: float,
+                                                test_fraction: float,
+                                                expected: tuple[int, int, int]) -> None:
+    assert split_sizes(n, val_fraction, test_fraction) == expected
+
+
 def _hashes(root: Path) -> dict[str, list[str]]:
     return {split: [e.sha256 for e in records.read_split(root, split)] for split in records.SPLITS}
 
@@ -78,8 +105,7 @@ def test_splits_are_disjoint_by_content_and_match_the_report(iris_runs: dict[str
         for index, label in enumerate(report["classes"]):
             count = sum(e.label == index for e in examples)
             assert count == report["split_counts"][split][label]
-            expected = split_sizes(report["class_counts"][label], 0.15, 0.15)
-            assert count == expected[records.SPLITS.index(split)]
+            assert count == IRIS_SPLIT_COUNTS[label][split]
 
 
 def test_same_seed_gives_an_identical_report_and_split(iris_runs: dict[str, Path]) -> None:

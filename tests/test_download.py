@@ -125,6 +125,23 @@ def test_retries_after_two_503s_then_second_call_hits_the_cache(server: Server,
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["iris-image.zip"]
 
 
+def test_a_corrupt_cache_entry_is_fetched_again_and_replaced(server: Server,
+                                                             tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    fetch_dataset(server.url, tmp_path / "a", DIGEST, cache_dir=cache, **FAST)
+    entry = cache / DIGEST / "iris-image.zip"
+    assert entry.read_bytes() == PAYLOAD and len(server.requests) == 1
+    entry.write_bytes(PAYLOAD[:-1] + b"!")  # a flipped byte, e.g. a disk error
+
+    again = fetch_dataset(server.url, tmp_path / "b", DIGEST, cache_dir=cache, **FAST)
+
+    assert again.read_bytes() == PAYLOAD
+    assert len(server.requests) == 2, "the corrupt entry must not be served"
+    assert entry.read_bytes() == PAYLOAD, "the corrupt entry must be replaced"
+    fetch_dataset(server.url, tmp_path / "c", DIGEST, cache_dir=cache, **FAST)
+    assert len(server.requests) == 2  # the repaired entry serves the next fetch
+
+
 def test_a_stalled_response_times_out_and_is_retried(server: Server, tmp_path: Path) -> None:
     server.stall_first = 1.0
     out = fetch_dataset(server.url, tmp_path / "d", DIGEST, cache_dir=tmp_path / "c",

@@ -8,10 +8,17 @@ import re
 
 import numpy as np
 import pytest
-from train_helpers import prepared_iris, small_eval, trained_reference
+from train_helpers import prepared_iris, small_eval, small_train, trained_reference
 
 from pipeline.lib import inputs, report, stats
-from pipeline.steps.evaluate import evaluate_model, gate_verdict, score, split_digest
+from pipeline.steps.evaluate import (
+    evaluate_model,
+    gate_verdict,
+    passes_gate,
+    score,
+    split_digest,
+)
+from pipeline.steps.train import train_model
 
 
 def test_score_counts_every_class():
@@ -38,6 +45,19 @@ def test_gate_on_point_or_the_intervals_lower_end(gate_on, threshold, compared, 
     assert (key, value, ok) == (compared, metrics[compared], passed)
     with pytest.raises(ValueError, match="gate_on must be"):
         gate_verdict(metrics, "balanced_accuracy", "upper", threshold)
+
+
+@pytest.mark.parametrize("value, threshold, passed", [
+    (0.5, 0.5, True),  # a tie passes: the README's ">="
+    (0.0, 0.0, True),
+    (1.0, 1.0, True),
+    (0.75, 0.5, True),
+    (0.4999, 0.5, False),
+    (0.0, 0.01, False),
+])
+def test_gate_passes_at_or_above_the_threshold(value: float, threshold: float,
+                                               passed: bool) -> None:
+    assert passes_gate(value, threshold) is passed
 
 
 def test_report_html_is_self_contained(tmp_path):
@@ -132,6 +152,27 @@ def test_evaluate_real_model_on_test_split(tmp_path_factory, iris_zip, mobilenet
     lower = evaluate_model(model_dir, data_dir, root / "ci_low", at_low)
     assert lower["gate_value"] == metrics["balanced_accuracy_ci_low"] and lower["gate_passed"]
     assert "lower end of its 95% interval" in (root / "ci_low" / "report.html").read_text()
+
+
+#: A realistic but quick config: the default cached-feature head, on smaller images.
+QUALITY_OVERRIDES: dict[str, object] = {"image_size": 128, "head_feature_views": 4,
+                                        "fine_tune_epochs": 0}
+#: How far above the majority baseline's balanced accuracy (1/3) the model must score.
+QUALITY_MARGIN = 0.1
+
+
+@pytest.mark.slow
+def test_trained_model_clearly_beats_the_majority_baseline(tmp_path_factory, iris_zip,
+                                                           mobilenet_weights):
+    """The README's central claim, on the shared data's held-out test split."""
+    root = tmp_path_factory.mktemp("quality")
+    data_dir = prepared_iris(root)
+    train_model(data_dir, root / "model", small_train(**QUALITY_OVERRIDES))
+    metrics = evaluate_model(root / "model", data_dir, root / "eval",
+                             small_eval(**QUALITY_OVERRIDES))
+    baseline = metrics["baseline"]["balanced_accuracy"]
+    assert baseline == pytest.approx(1 / 3)
+    assert metrics["balanced_accuracy"] >= baseline + QUALITY_MARGIN, metrics["confusion_matrix"]
 
 
 def test_evaluate_refuses_mismatched_classes(tmp_path_factory, iris_zip, mobilenet_weights):

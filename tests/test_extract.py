@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -84,6 +85,31 @@ def test_zip_bomb_over_the_size_limit_is_refused_before_writing(tmp_path: Path) 
         extract_archive(archive, target, max_bytes=1_000_000, max_entries=1000)
     assert not target.exists()
     assert _all_files(tmp_path) == {"bomb.zip"}
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_entries_larger_than_declared_are_stopped_at_the_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Sizes are checked again while copying, in case a reader yields more than the header says.
+
+    CPython's zipfile and tarfile stop at the declared size, so such a reader is simulated:
+    each entry yields 600 bytes, under the 1000-byte limit alone but not together.
+    """
+    declared = {"cls/a.jpg": b"x" * 100, "cls/b.jpg": b"y" * 100}
+    if kind == "zip":
+        archive = zip_entries(tmp_path / "lying.zip", declared)
+        monkeypatch.setattr(zipfile.ZipFile, "open",
+                            lambda self, *args, **kwargs: io.BytesIO(bytes(600)))
+    else:
+        archive = tar_entries(tmp_path / "lying.tar", declared)
+        monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                            lambda self, member: io.BytesIO(bytes(600)))
+    target = tmp_path / "out"
+
+    with pytest.raises(ArchiveTooLargeError, match="expands beyond its declared sizes"):
+        safe_extract(archive, target, max_bytes=1_000, max_entries=10)
+    assert not target.exists()
+    assert _all_files(tmp_path) == {archive.name}, "no partial extraction may be left"
 
 
 def test_too_many_entries_is_refused(tmp_path: Path) -> None:

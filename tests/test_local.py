@@ -360,3 +360,41 @@ def test_failing_later_step_is_named_and_uses_the_cache(second_run: CliRun, work
     assert re.search(r"full log: .*/logs/preprocess-dataset\.log", run.stderr)
     assert run.summary["failed_step"] == "preprocess-dataset"
     assert not (Path(run.summary["run_dir"]) / "train-model").exists()
+
+
+@pytest.fixture(scope="module")
+def failed_gate_run(first_run: CliRun, workdir: Path, iris_zip: Path,
+                    mobilenet_weights: Path) -> CliRun:
+    """After ``first_run`` (whose download and preprocess kfp.local has cached), a tiny model
+    run with ``--no-cache`` against a gate it cannot pass, under its own registered name."""
+    return run_local_cli(workdir, "--no-cache", "--data", str(iris_zip),
+                         "--set", "epochs=1", "--set", "image_size=64",
+                         "--set", "head_feature_views=1", "--set", f"weights={mobilenet_weights}",
+                         "--set", "gate_threshold=1.0",
+                         "--set", "registered_model_name=iris-gate-failed")
+
+
+@pytest.mark.slow
+def test_a_failed_gate_succeeds_without_registering(failed_gate_run: CliRun) -> None:
+    summary = succeeded(failed_gate_run)
+    value = summary["test_metrics"]["balanced_accuracy"]
+    assert value < 1.0
+    assert summary["gate"] == {"metric": "balanced_accuracy", "threshold": 1.0,
+                               "passed": False, "value": value}
+    assert summary["registration"] is None
+    assert not (Path(summary["run_dir"]) / "register-model").exists()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    assert client.search_model_versions("name = 'iris-gate-failed'") == []
+    assert client.search_registered_models("name = 'iris-gate-failed'") == []
+
+
+@pytest.mark.slow
+def test_no_cache_runs_every_step_again(failed_gate_run: CliRun) -> None:
+    summary = succeeded(failed_gate_run)
+    assert summary["cached_steps"] == []
+    assert "cache hit" not in failed_gate_run.stderr
+    assert sorted(p.name for p in Path(summary["run_dir"]).iterdir()) == [
+        "download-dataset", "evaluate-model", "preprocess-dataset", "train-model"]

@@ -29,6 +29,7 @@ from pipeline.steps.register import (
     CHAMPION,
     Evidence,
     alias_history,
+    champion_metric,
     register_model,
     restore_champion,
 )
@@ -199,6 +200,60 @@ def test_failure_mid_registration_leaves_no_half_registered_version(
     versions = client.search_model_versions(f"name = '{name}'")
     assert [v.version for v in versions] == ["1"], "the failed version must be deleted"
     assert aliases(client, name) == {CHAMPION: "1"}
+
+
+class FailingAfterAliasClient(MlflowClient):
+    """A client that fails once the alias has moved: logging the decision is the next call."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        super().__init__(tracking_uri)
+        self.moved: list[tuple[str, str]] = []
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        super().set_registered_model_alias(name, alias, version)
+        self.moved.append((alias, version))
+
+    def log_batch(self, *args: object, **kwargs: object) -> None:
+        raise MlflowException("injected failure after the alias moved")
+
+
+@pytest.mark.parametrize("value, alias", [(0.9, CHAMPION), (0.5, CHALLENGER)])
+def test_failure_after_the_alias_moved_restores_it_and_deletes_the_version(
+        mlflow_server: MlflowServer, model_uris: dict[str, str], value: float,
+        alias: str) -> None:
+    name = f"iris-{uuid.uuid4().hex[:8]}"
+    client = MlflowClient(mlflow_server.url)
+    register_in_step(mlflow_server, model_uris["m1"], name, 0.8)
+    register_in_step(mlflow_server, model_uris["m2"], name, 0.7)
+    assert aliases(client, name) == {CHAMPION: "1", CHALLENGER: "2"}
+
+    failing = FailingAfterAliasClient(mlflow_server.url)
+    with pytest.raises(MlflowException, match="after the alias moved"):
+        register_in_step(mlflow_server, model_uris["m3"], name, value, client=failing)
+    assert failing.moved[0] == (alias, "3"), "the failure must come after the alias moved"
+    assert aliases(client, name) == {CHAMPION: "1", CHALLENGER: "2"}, (
+        f"the {alias} alias must point at its previous version again")
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(v.version for v in versions) == ["1", "2"], "version 3 must be deleted"
+
+
+def test_a_champion_without_a_recorded_metric_stays_champion(
+        mlflow_server: MlflowServer, model_uris: dict[str, str]) -> None:
+    """A version registered by hand, with neither a metric tag nor a run metric, is kept."""
+    name = f"iris-{uuid.uuid4().hex[:8]}"
+    client = MlflowClient(mlflow_server.url)
+    client.create_registered_model(name)
+    logged = client.get_logged_model(model_uris["m2"].split("/")[-1])
+    manual = client.create_model_version(name, source=model_uris["m2"],
+                                         model_id=logged.model_id)
+    client.set_registered_model_alias(name, CHAMPION, manual.version)
+    assert champion_metric(client, name, "balanced_accuracy") == (manual.version, None)
+
+    decision, _ = register_in_step(mlflow_server, model_uris["m3"], name, 0.99)
+    assert decision["registered"] and decision["alias"] == CHALLENGER
+    assert decision["champion_value"] is None
+    assert "no recorded balanced_accuracy" in decision["reason"]
+    assert aliases(client, name) == {CHAMPION: manual.version, CHALLENGER: decision["version"]}
 
 
 @pytest.mark.parametrize("kwargs, message", [

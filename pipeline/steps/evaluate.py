@@ -71,7 +71,7 @@ def gate_verdict(metrics: Mapping[str, Any], metric: str, gate_on: str,
         raise ValueError(f"gate_on must be 'point' or 'ci_low', got {gate_on!r}")
     key = metric if gate_on == "point" else stats.ci_keys(metric)[0]
     value = float(metrics[key])
-    return key, value, bool(value >= threshold)
+    return key, value, passes_gate(value, threshold)
 
 
 def split_digest(data_dir: str | Path, classes: list[str]) -> str:
@@ -84,6 +84,15 @@ def split_digest(data_dir: str | Path, classes: list[str]) -> str:
                    for split in records.SPLITS
                    for image_id, label in zip(*inputs.read_index(data_dir, split), strict=True))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def passes_gate(value: float, threshold: float) -> bool:
+    """The quality gate's verdict: ``value`` at or above ``threshold`` passes.
+
+    A tie passes, as the README and the config's ``gate_threshold`` say (``>=``), so a
+    threshold set to a known score admits a model that reaches it.
+    """
+    return bool(value >= threshold)
 
 
 def evaluate_model(
@@ -260,4 +269,5 @@ def run_step(model_dir: str | Path, model_metadata: Mapping[str, Any], data_dir:
     return Evaluation(metrics, bool(metrics["gate_passed"]), run.info.run_id)
 
 
-__all__ = ["Evaluation", "evaluate_model", "gate_verdict", "run_step", "score", "split_digest"]
+__all__ = ["Evaluation", "evaluate_model", "gate_verdict", "passes_gate", "run_step", "score",
+           "split_digest"]
