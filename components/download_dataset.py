@@ -11,8 +11,9 @@ def download_dataset(data_source: str, data_sha256: str, download_deadline_s: fl
     slower than ``download_min_bytes_per_s``.
 
     The artifact is a folder holding the fetched archive or class-folder tree; its metadata
-    names the entry (``path``) so the preprocess step need not guess, and carries the source
-    and digest so later steps can log the data set's lineage without re-reading it.
+    names the entry (``path``) so the preprocess step need not guess, and carries the source,
+    digest and download settings (``params``) so later steps can log the data set's lineage
+    and every config field without re-reading it.
     """
     from pathlib import Path
 
@@ -25,4 +26,6 @@ def download_dataset(data_source: str, data_sha256: str, download_deadline_s: fl
         source=data_source,
         sha256=data_sha256,
         path=Path(fetched).relative_to(raw_data.path).as_posix(),
+        params={"download_deadline_s": download_deadline_s,
+                "download_min_bytes_per_s": download_min_bytes_per_s},
     )

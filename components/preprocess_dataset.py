@@ -21,8 +21,8 @@ def preprocess_dataset(
     """Turn the raw data set into the records layout of ``pipeline.lib.records``.
 
     The Markdown copy of the data report is what the KFP UI renders; the metadata carries
-    the data parameters, source and digest forward so the (uncached) tracking steps can log
-    them even when this step was served from the cache.
+    the data parameters (this step's and the download's), source and digest forward so the
+    (uncached) tracking steps can log them even when this step was served from the cache.
     """
     import shutil
     from pathlib import Path
@@ -40,7 +40,7 @@ def preprocess_dataset(
     shutil.copyfile(Path(prepared_data.path) / REPORT_MD, data_report.path)
     prepared_data.metadata.update(
         **source,
-        params=params,
+        params={**raw_data.metadata.get("params", {}), **params},
         class_counts=report["class_counts"],
         split_sizes=report["split_sizes"],
         files_skipped=report["files_skipped"],
