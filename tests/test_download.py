@@ -280,7 +280,7 @@ def test_sigterm_during_a_download_removes_the_part_file(server: Server, tmp_pat
     dest = tmp_path / "d"
     code = (f"from pipeline.steps.download import fetch_dataset; "
             f"fetch_dataset({server.url!r}, {str(dest)!r}, None, "
-            f"cache_dir={str(tmp_path / 'c')!r}, retries=0, min_bytes_per_s=0)")
+            f"cache_dir={str(tmp_path / 'c')!r}, retries=0)")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT,
                                env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,9 +84,10 @@ def test_a_corrupted_shard_is_named_with_the_no_cache_hint(tmp_path: Path, damag
 
     for read in (lambda: inputs.read_labels(tmp_path, "train"),
                  lambda: list(inputs.load_examples(tmp_path, "train", 32, cache=False))):
-        with pytest.raises(records.CorruptRecordError) as caught:
+        # TensorFlow's own error here is a DataLossError that names no file
+        with pytest.raises(Exception, match=re.escape(f"corrupted TFRecord file "
+                                                      f"{str(paths[1])!r}: ")
+                           + ".* rerun with --no-cache") as caught:
             read()
-        message = str(caught.value)
-        assert f"corrupted TFRecord file {str(paths[1])!r}" in message
-        assert "--no-cache" in message
+        assert isinstance(caught.value, records.CorruptRecordError)
     records.verify_shard(paths[0])  # the intact shard passes

@@ -24,7 +24,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.lib.contract import META_PATH, META_SHA256, META_SOURCE
+from pipeline.lib.contract import META_PARAMS, META_PATH, META_SHA256, META_SOURCE
 from pipeline.lib.credentials import (
     DATA_PASSWORD_ENV,
     DATA_USERNAME_ENV,
@@ -447,14 +447,16 @@ def run_step(params: DownloadParams, out_dir: str | Path) -> dict[str, str]:
     """The ``download_dataset`` component's body: fetch, then describe the artifact.
 
     Returns the artifact metadata: the source and digest (for later steps' lineage, even
-    when they are served from the cache) and the fetched entry's path inside ``out_dir``.
+    when they are served from the cache), the step's params (the source without any
+    credentials) and the fetched entry's path inside ``out_dir``.
     """
     fetched = fetch_dataset(params.data_source, out_dir, params.data_sha256 or None,
                             deadline_s=params.download_deadline_s,
                             min_bytes_per_s=params.download_min_bytes_per_s)
     # reports and MLflow records never hold a password
-    return {META_SOURCE: redact_uri(params.data_source), META_SHA256: params.data_sha256,
-            META_PATH: Path(fetched).relative_to(out_dir).as_posix()}
+    recorded = {**params.to_dict(), "data_source": redact_uri(params.data_source)}
+    return {META_SOURCE: recorded["data_source"], META_SHA256: params.data_sha256,
+            META_PATH: Path(fetched).relative_to(out_dir).as_posix(), META_PARAMS: recorded}
 
 
 __all__ = [

@@ -578,7 +578,8 @@ def run_step(raw_dir: str | Path, raw_metadata: Mapping[str, Any], out_dir: str 
     raw = Path(raw_dir) / raw_metadata.get(META_PATH, "")
     report = prepare_dataset(raw, out_dir, params, source_info=source)
     shutil.copyfile(Path(out_dir) / DATA_REPORT_MD, report_md_path)
-    return {**source, META_PARAMS: params.to_dict(),
+    upstream = dict(raw_metadata.get(META_PARAMS, {}))  # the download step's params
+    return {**source, META_PARAMS: {**upstream, **params.to_dict()},
             **{key: report[key] for key in META_DATA_COUNTS}}
 
 

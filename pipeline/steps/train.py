@@ -48,7 +48,7 @@ from pipeline.lib.contract import (
     TRAINING_SUMMARY_FILE,
 )
 from pipeline.lib.files import atomic_write_json, read_json
-from pipeline.lib.params import PreprocessParams, TrackingParams, TrainParams
+from pipeline.lib.params import DownloadParams, PreprocessParams, TrackingParams, TrainParams
 
 logger = logging.getLogger(__name__)
 
@@ -556,10 +556,10 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
     Model artifact's metadata (MLflow ids for the register step and the summary, results).
     """
     data_dir, model_dir = Path(data_dir), Path(model_dir)
-    data_params = PreprocessParams.from_mapping(data_metadata[META_PARAMS])
-    logged = {"data_source": data_metadata[META_SOURCE],
-              "data_sha256": data_metadata[META_SHA256],
-              **data_params.to_dict(), **params.to_dict()}
+    upstream = {**data_metadata[META_PARAMS], "data_source": data_metadata[META_SOURCE],
+                "data_sha256": data_metadata[META_SHA256]}
+    logged = {**DownloadParams.from_mapping(upstream).to_dict(),
+              **PreprocessParams.from_mapping(upstream).to_dict(), **params.to_dict()}
     with tracking.tracked_step("train", tracking_params, logged) as run:
         report = read_json(data_dir / DATA_REPORT_JSON) or {}
         digest = tracking.log_dataset_input(data_metadata[META_SOURCE],
