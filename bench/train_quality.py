@@ -48,7 +48,9 @@ def run_one(config: PipelineConfig, data_dir: Path, work: Path, name: str) -> di
         "macro_f1": round(metrics["macro_f1"], 4),
         "accuracy": round(metrics["accuracy"], 4),
         "train_wall_seconds": round(seconds, 1),
-        "epochs": summary["epochs_run"],
+        "epochs": summary["bookkeeping"]["epochs_run"],
+        "best_epoch": summary["bookkeeping"]["best_epoch"],
+        "best_val_accuracy": round(summary["metrics"]["best_val_accuracy"], 4),
     }
 
 

@@ -42,10 +42,16 @@ def train_model(
 
     ``model`` is the config field (architecture name), hence the artifact's other name. The
     data parameters arrive in ``prepared_data``'s metadata, so the MLflow parent run gets
-    every config field even when download and preprocess were served from the cache. The
-    artifact's metadata carries the MLflow ids on to the register step and the summary.
+    every config field even when download and preprocess were served from the cache; the
+    train run gets them too, its per-epoch curves, the training metrics, and how the run went
+    (best epoch, devices, strategy, class weights, ...) as ``train.*`` tags. The artifact's
+    metadata carries the MLflow ids on to the register step and the summary.
     """
+    import json
     from pathlib import Path
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
 
     from pipeline.config import PipelineConfig
     from pipeline.lib import inputs, model_logging, tracking
@@ -62,11 +68,14 @@ def train_model(
     with tracking.step_run("train", tracking_uri=uri, experiment_name=experiment_name,
                            pipeline_run_id=pipeline_run_id, pipeline_name=pipeline_name,
                            params=params) as run:
+        tracking.log_params_once(MlflowClient(), run.info.run_id, params)
         report = load_report(prepared_data.path)  # its input.sha256 is the archive's actual one
         tracking.log_dataset_input(data["source"], report["input"].get("sha256", ""), report)
         result = fit_model(prepared_data.path, trained_model.path, config,
                            callbacks=[model_logging.MlflowEpochLogger()])
-        tracking.log_metrics({k: v for k, v in result.items() if k != "history"})
+        tracking.log_metrics(result["metrics"])
+        mlflow.set_tags({f"train.{k}": v if isinstance(v, str) else json.dumps(v)
+                         for k, v in result["bookkeeping"].items()})
         tracking.log_artifacts(Path(trained_model.path) / "augmentation_preview.png")
         examples = inputs.load_examples(prepared_data.path, "test", config.image_size, cache=False)
         images, _ = next(iter(examples.batch(2)))
@@ -78,5 +87,7 @@ def train_model(
         mlflow_run_id=run.info.run_id,
         mlflow_parent_run_id=parent or "",
         mlflow_model_uri=model_uri,
-        **{k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))},
+        model=result["model"],
+        **{k: v for k, v in {**result["metrics"], **result["bookkeeping"]}.items()
+           if isinstance(v, (str, int, float, bool))},
     )
