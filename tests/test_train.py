@@ -1,5 +1,7 @@
 """Real (small) trainings: outputs and export, same-seed determinism, resume after a kill,
-the MirroredStrategy path on two logical CPUs with augmentation inside the model."""
+the MirroredStrategy path on two logical CPUs with augmentation inside the model, and the
+default head path (Keras epochs on cached features): early stopping, best-weights restore,
+class weights, MLflow curves and exact resume."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from mlflow.tracking import MlflowClient
 from train_helpers import (
     REFERENCE_OVERRIDES,
     kill_training_after,
@@ -19,6 +22,7 @@ from train_helpers import (
 )
 
 from pipeline.lib import inputs, models
+from pipeline.lib.model_logging import MlflowEpochLogger
 from pipeline.steps.train import train_model
 
 pytestmark = pytest.mark.slow
@@ -126,9 +130,15 @@ FEATURE_OVERRIDES: dict[str, object] = {
 
 
 @pytest.fixture(scope="module")
-def feature_run(root) -> tuple[Path, dict]:
+def feature_run(root) -> tuple[Path, dict, MlflowClient, str]:
+    """The feature-head run, its epochs logged to a local MLflow store as the component does."""
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.create_experiment("train-tests", artifact_location=str(root / "mlruns"))
+    run_id = client.create_run(experiment).info.run_id
     model_dir = root / "feature-head"
-    return model_dir, train_model(prepared_iris(root), model_dir, small_config(**FEATURE_OVERRIDES))
+    summary = train_model(prepared_iris(root), model_dir, small_config(**FEATURE_OVERRIDES),
+                          callbacks=[MlflowEpochLogger(run_id=run_id, client=client)])
+    return model_dir, summary, client, run_id
 
 
 def _val_set(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +155,7 @@ def _cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def test_feature_head_trains_epochs_and_stops_early(feature_run):
-    _, summary = feature_run
+    _, summary, *_ = feature_run
     history, book = summary["history"], summary["bookkeeping"]
     assert book["head_training"] == "features"
     assert book["head_feature_rows"] == 3 * book["train_examples"]  # images + 2 views
@@ -162,9 +172,18 @@ def test_feature_head_trains_epochs_and_stops_early(feature_run):
     assert summary["metrics"]["best_val_loss"] == history[best - 1]["val_loss"]
 
 
+def test_feature_head_epochs_are_mlflow_curves_with_1_based_steps(feature_run):
+    _, summary, client, run_id = feature_run
+    history = summary["history"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        points = sorted(client.get_metric_history(run_id, key), key=lambda p: p.step)
+        assert [p.step for p in points] == [h["epoch"] for h in history], key
+        assert [p.value for p in points] == pytest.approx([h[key] for h in history]), key
+
+
 def test_feature_head_exports_the_best_epoch_not_the_last(root, feature_run):
     """The exported model scores the best epoch's validation loss (standardization folded in)."""
-    model_dir, summary = feature_run
+    model_dir, summary, *_ = feature_run
     best = summary["history"][summary["bookkeeping"]["best_epoch"] - 1]
     last = summary["history"][-1]
     assert last["val_loss"] > 1.1 * best["val_loss"]  # restoring makes a visible difference
@@ -179,7 +198,7 @@ def test_feature_head_exports_the_best_epoch_not_the_last(root, feature_run):
 
 
 def test_class_weights_are_inverse_frequency_and_change_training(root, feature_run):
-    _, weighted = feature_run
+    _, weighted, *_ = feature_run
     data_dir = prepared_iris(root)
     labels = inputs.read_labels(data_dir, "train")
     counts = {c: int((labels == i).sum()) for i, c in enumerate(weighted["classes"])}
@@ -198,7 +217,7 @@ def test_class_weights_are_inverse_frequency_and_change_training(root, feature_r
 def test_feature_head_resumes_after_kill_exactly(root, feature_run):
     """Killed after epoch 3, it continues with the same batches, optimizer state and early
     stopping counters, so it ends exactly as the uninterrupted run."""
-    _, reference = feature_run
+    _, reference, *_ = feature_run
     model_dir = root / "feature-killed"
     before = kill_training_after(root, model_dir, FEATURE_OVERRIDES, epoch=3)
     assert [h["epoch"] for h in before] == [1, 2, 3]
@@ -214,7 +233,7 @@ def test_feature_head_resumes_after_kill_exactly(root, feature_run):
 
 def test_finished_run_killed_before_export_exports_trained_weights(root, feature_run):
     """A run killed after its last epoch but before the export exports the trained model."""
-    model_dir, summary = feature_run
+    model_dir, summary, *_ = feature_run
     images, _ = _val_set(prepared_iris(root))
     expected = models.load_model(model_dir).predict(images, verbose=0)
     (model_dir / "model.keras").unlink()

@@ -305,8 +305,10 @@ class FeatureHead:
     each are computed once, then the head trains for real epochs (Adam, early stopping on
     val_loss) in a fraction of a second each. The L2 penalty on the kernel is the one of
     logistic regression with inverse strength ``head_c`` (sum of losses + |W|^2 / (2 C)),
-    written per example as Keras averages the loss. :meth:`fold_into` writes the
-    standardization into the full model's Dense layer, so the export is the plain model.
+    written per example as Keras averages the loss; the logged loss and val_loss include it.
+    No dropout: the penalty regularizes, and a resumed run repeats the uninterrupted one
+    exactly. :meth:`fold_into` writes the standardization into the full model's Dense layer,
+    so the export is the plain model.
     """
 
     model: keras.Model
