@@ -5,8 +5,9 @@ default config (MobileNet) with ``train_model``, score the test split with
 ``evaluate_model``; then the same for the notebook's CNN (``model=seed_cnn``, the notebook's
 image size 256) for comparison. Reports per-seed and mean balanced accuracy, macro F1 and
 wall-clock training seconds. Target on 2 CPU cores: mean balanced accuracy >= 0.65 with
-<= 120 s of training per seed. The default head is fitted on cached backbone features of
-augmented views (config ``head_feature_views``, ``head_c``).
+<= 120 s of training per seed. The default head trains for Keras epochs on cached backbone
+features of augmented views (config ``head_feature_views``, ``head_c``); each row also gives
+the epochs run, the best epoch and its validation accuracy.
 
 Run: ``python bench/train_quality.py [--seeds 5] [--skip-seed-cnn]``; one JSON line last.
 """
@@ -48,7 +49,9 @@ def run_one(config: PipelineConfig, data_dir: Path, work: Path, name: str) -> di
         "macro_f1": round(metrics["macro_f1"], 4),
         "accuracy": round(metrics["accuracy"], 4),
         "train_wall_seconds": round(seconds, 1),
-        "epochs": summary["epochs_run"],
+        "epochs": summary["bookkeeping"]["epochs_run"],
+        "best_epoch": summary["bookkeeping"]["best_epoch"],
+        "best_val_accuracy": round(summary["metrics"]["best_val_accuracy"], 4),
     }
 
 

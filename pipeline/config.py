@@ -99,11 +99,11 @@ class PipelineConfig:
     fine_tune_learning_rate: float = 1e-5  # learning rate while fine-tuning
     fine_tune_layers: int = 0  # conv layers unfrozen from the top of the backbone; 0 = all
     early_stopping_patience: int = 5  # epochs without val-loss improvement before stopping
-    # frozen-backbone head: logistic regression on cached features of the training images plus
-    # this many augmented views each (bench/train_quality.py: seconds, not minutes, and better
-    # held-out scores than end-to-end head epochs); 0 trains the head end to end with Adam
+    # frozen-backbone head: trained with Keras epochs on cached features of the training images
+    # plus this many augmented views each (bench/train_quality.py: seconds, not minutes, and
+    # better held-out scores than end-to-end head epochs); 0 trains it on images end to end
     head_feature_views: int = 8
-    head_c: float = 0.003  # inverse L2 strength of that head; C sweep on the val split, 5 seeds
+    head_c: float = 0.003  # inverse L2 strength of that head (as in logistic regression)
     class_weights: bool = True  # weight the loss by inverse class frequency
     mixed_precision: bool = True  # mixed_float16 when a GPU is present (ignored on CPU)
     xla: bool = False  # jit_compile the train step

@@ -163,13 +163,13 @@ def test_one_nested_run_per_tracked_step(first_run: CliRun, client: Any) -> None
 def test_epoch_metric_history_matches_epochs_run(first_run: CliRun, client: Any) -> None:
     summary = succeeded(first_run)
     train_id = summary["mlflow"]["step_run_ids"]["train"]
-    epochs_run = int(client.get_run(train_id).data.metrics["epochs_run"])
+    epochs_run = int(client.get_run(train_id).data.tags["train.epochs_run"])
     history = json.loads((Path(summary["outputs"]["trained_model"]) / "history.json").read_text())
     assert epochs_run == len(history)
     assert 1 <= epochs_run <= 6  # epochs=6 (early stopping may end sooner)
     for key in EPOCH_METRICS:
         points = client.get_metric_history(train_id, key)
-        assert sorted(p.step for p in points) == list(range(epochs_run)), key
+        assert sorted(p.step for p in points) == list(range(1, epochs_run + 1)), key
     losses = [p.value for p in sorted(client.get_metric_history(train_id, "loss"),
                                       key=lambda p: p.step)]
     assert losses == pytest.approx([entry["loss"] for entry in history], rel=1e-5)
@@ -361,7 +361,7 @@ def test_plugin_environment_nests_steps_under_the_given_run(
     assert not set(PipelineConfig.field_names()) - set(given_run.data.params)
     assert given_run.data.params["epochs"] == "1"
     train_id = children["train"].info.run_id
-    epochs_run = int(client.get_run(train_id).data.metrics["epochs_run"])
+    epochs_run = int(client.get_run(train_id).data.tags["train.epochs_run"])
     assert epochs_run == 1
     assert len(client.get_metric_history(train_id, "loss")) == epochs_run
     assert client.get_model_version_by_alias(MODEL_NAME, "challenger").run_id == train_id

@@ -288,7 +288,7 @@ def test_epoch_logger_history_matches_epochs_run(mlflow_server: MlflowServer) ->
     client = MlflowClient(mlflow_server.url)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
         points = client.get_metric_history(run.info.run_id, key)
-        assert [p.step for p in sorted(points, key=lambda p: p.step)] == [0, 1, 2, 3, 4], key
+        assert [p.step for p in sorted(points, key=lambda p: p.step)] == [1, 2, 3, 4, 5], key
     losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda p: p.step)
     assert [p.value for p in losses[:3]] == pytest.approx(history.history["loss"])
     rates = sorted(client.get_metric_history(run.info.run_id, "learning_rate"),

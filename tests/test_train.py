@@ -1,18 +1,21 @@
 """Real (small) trainings: outputs and export, same-seed determinism, resume after a kill,
-the MirroredStrategy path on two logical CPUs with augmentation inside the model."""
+the MirroredStrategy path on two logical CPUs with augmentation inside the model, and the
+default head path (Keras epochs on cached features): early stopping, best-weights restore,
+class weights, MLflow curves and exact resume."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from mlflow.tracking import MlflowClient
 from train_helpers import (
     REFERENCE_OVERRIDES,
+    kill_training_after,
     prepared_iris,
     run_python,
     small_train,
@@ -20,6 +23,7 @@ from train_helpers import (
 )
 
 from pipeline.lib import inputs, models
+from pipeline.lib.model_logging import MlflowEpochLogger
 from pipeline.steps.train import config_fingerprint, train_model
 
 pytestmark = pytest.mark.slow
@@ -42,7 +46,9 @@ def test_training_writes_every_output(root):
                  "training_summary.json", "saved_model/saved_model.pb", "checkpoints/state.json"):
         assert (model_dir / name).exists(), name
     history = json.loads((model_dir / "history.json").read_text())
-    assert len(history) == summary["epochs_run"] == 5
+    assert len(history) == summary["bookkeeping"]["epochs_run"] == 5
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert [h["phase_epoch"] for h in history] == [1, 2, 3, 4, 1]
     assert [h["phase"] for h in history] == ["head"] * 4 + ["fine_tune"]
     for entry in history:
         assert set(entry) >= HISTORY_KEYS
@@ -50,8 +56,12 @@ def test_training_writes_every_output(root):
         assert entry["loss"] > 0
     assert history[-1]["learning_rate"] == pytest.approx(1e-4)
     assert history[0]["learning_rate"] == pytest.approx(1e-3)
-    assert summary["devices"] and summary["train_seconds"] > 0
-    assert 1 <= summary["best_epoch"] <= 5
+    assert summary["bookkeeping"]["devices"] and summary["metrics"]["train_seconds"] > 0
+    # one phase of fine-tuning: its only epoch is the best; the head's best is its lowest
+    head = [h for h in history if h["phase"] == "head"]
+    assert summary["bookkeeping"]["phase_best_epochs"] == [
+        min(head, key=lambda h: h["val_loss"])["epoch"], 5]
+    assert summary["metrics"]["best_val_loss"] == history[-1]["val_loss"]
     assert json.loads((model_dir / "classes.json").read_text()) == summary["classes"]
     assert not list(model_dir.glob(".tmp*"))
 
@@ -87,39 +97,11 @@ def test_resume_after_kill_continues_from_last_finished_epoch(root):
     _, reference = trained_reference(root)
     data_dir = prepared_iris(root)
     model_dir = root / "killed"
-    state_file = model_dir / "checkpoints" / "state.json"
-    config = json.dumps(small_train(**REFERENCE_OVERRIDES).to_dict())
-    code = (
-        "import json; from pipeline.lib.params import TrainParams; "
-        "from pipeline.steps.train import train_model; "
-        f"train_model({str(data_dir)!r}, {str(model_dir)!r}, "
-        f"TrainParams.from_mapping(json.loads({config!r})))"
-    )
-    process = run_python(code, wait=False)
-    finished = 0
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if state_file.is_file():
-                try:
-                    finished = len(json.loads(state_file.read_text())["history"])
-                except ValueError:
-                    finished = 0
-                if finished >= 2:
-                    process.send_signal(signal.SIGKILL)
-                    break
-            time.sleep(0.05)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
-    before = json.loads(state_file.read_text())["history"]
-    assert 2 <= len(before) < 5
-    assert not (model_dir / "model.keras").exists()
+    before = kill_training_after(root, model_dir, REFERENCE_OVERRIDES, epoch=2)
+    assert len(before) == 2
 
     summary = train_model(data_dir, model_dir, small_train(**REFERENCE_OVERRIDES))
-    assert summary["resumed_from_epoch"] == len(before)
+    assert summary["bookkeeping"]["resumed_from_epoch"] == len(before)
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4, 5]
     assert summary["history"][: len(before)] == before  # finished epochs were not re-run
     # it continued from the checkpoint instead of starting over: its first new epoch is
@@ -139,26 +121,127 @@ def test_checkpoints_of_another_run_are_refused(root):
         train_model(prepared_iris(root), model_dir, small_train(seed=7, **REFERENCE_OVERRIDES))
 
 
-def test_head_on_cached_features_is_exported_exactly(root):
-    """The logistic head (standardization folded into Dense) scores the same in the export."""
-    data_dir = prepared_iris(root)
+# --- the default head path: Keras epochs on cached backbone features ------------------------
+#: Feature head that overfits within a few epochs (high learning rate, almost no L2), so early
+#: stopping fires and the last epoch is clearly worse than the best one.
+FEATURE_OVERRIDES: dict[str, object] = {
+    "head_feature_views": 2, "fine_tune_epochs": 0, "epochs": 60, "learning_rate": 0.02,
+    "head_c": 10_000.0, "early_stopping_patience": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def feature_run(root) -> tuple[Path, dict, MlflowClient, str]:
+    """The feature-head run, its epochs logged to a local MLflow store as the component does."""
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.create_experiment("train-tests", artifact_location=str(root / "mlruns"))
+    run_id = client.create_run(experiment).info.run_id
     model_dir = root / "feature-head"
-    summary = train_model(data_dir, model_dir,
-                          small_train(head_feature_views=2, fine_tune_epochs=0, head_c=0.01))
-    assert summary["head_training"] == "features"
-    assert [h["phase"] for h in summary["history"]] == ["head"]
-    head = summary["history"][0]
-    assert set(head) >= HISTORY_KEYS and head["loss"] > 0
+    summary = train_model(prepared_iris(root), model_dir, small_train(**FEATURE_OVERRIDES),
+                          callbacks=[MlflowEpochLogger(run_id=run_id, client=client)])
+    return model_dir, summary, client, run_id
+
+
+def _val_set(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for image, label in inputs.load_examples(data_dir, "val", 64, cache=False):
         images.append(image.numpy())
         labels.append(int(label))
-    probabilities = np.asarray(models.load_model(model_dir).predict(np.stack(images), verbose=0))
-    labels = np.array(labels)
-    assert np.mean(probabilities.argmax(axis=1) == labels) == pytest.approx(head["val_accuracy"])
-    val_loss = -np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1)))
-    assert val_loss == pytest.approx(head["val_loss"], rel=1e-3)
-    assert (model_dir / "saved_model" / "saved_model.pb").is_file()
+    return np.stack(images), np.array(labels)
+
+
+def _cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels],
+                                         1e-7, 1))))
+
+
+def test_feature_head_trains_epochs_and_stops_early(feature_run):
+    _, summary, *_ = feature_run
+    history, book = summary["history"], summary["bookkeeping"]
+    assert book["head_training"] == "features"
+    assert book["head_feature_rows"] == 3 * book["train_examples"]  # images + 2 views
+    assert {h["phase"] for h in history} == {"head"}
+    for entry in history:
+        assert set(entry) >= HISTORY_KEYS
+        assert entry["learning_rate"] == pytest.approx(0.02)
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    # stopped by early stopping: exactly `patience` epochs after the best, none of them better
+    assert 5 <= len(history) < 60
+    best = book["best_epoch"]
+    assert best == min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert history[-1]["epoch"] - best == 3
+    assert summary["metrics"]["best_val_loss"] == history[best - 1]["val_loss"]
+
+
+def test_feature_head_epochs_are_mlflow_curves_with_1_based_steps(feature_run):
+    _, summary, client, run_id = feature_run
+    history = summary["history"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        points = sorted(client.get_metric_history(run_id, key), key=lambda p: p.step)
+        assert [p.step for p in points] == [h["epoch"] for h in history], key
+        assert [p.value for p in points] == pytest.approx([h[key] for h in history]), key
+
+
+def test_feature_head_exports_the_best_epoch_not_the_last(root, feature_run):
+    """The exported model scores the best epoch's validation loss (standardization folded in)."""
+    model_dir, summary, *_ = feature_run
+    best = summary["history"][summary["bookkeeping"]["best_epoch"] - 1]
+    last = summary["history"][-1]
+    assert last["val_loss"] > 1.1 * best["val_loss"]  # restoring makes a visible difference
+    images, labels = _val_set(prepared_iris(root))
+    probabilities = np.asarray(models.load_model(model_dir).predict(images, verbose=0))
+    # val_loss includes the (here negligible) L2 penalty
+    assert _cross_entropy(probabilities, labels) == pytest.approx(best["val_loss"], rel=2e-3)
+    assert np.mean(probabilities.argmax(axis=1) == labels) == pytest.approx(best["val_accuracy"])
+    saved = tf.saved_model.load(str(model_dir / "saved_model")).signatures["serving_default"]
+    served = saved(images=tf.constant(images.astype(np.uint8)))["probabilities"].numpy()
+    np.testing.assert_allclose(served, probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_class_weights_are_inverse_frequency_and_change_training(root, feature_run):
+    _, weighted, *_ = feature_run
+    data_dir = prepared_iris(root)
+    labels = inputs.read_labels(data_dir, "train")
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(weighted["classes"])}
+    assert len(set(counts.values())) > 1  # the iris split is imbalanced
+    expected = {c: len(labels) / (3 * n) for c, n in counts.items()}
+    assert weighted["bookkeeping"]["class_weights"] == pytest.approx(expected)
+    unweighted = train_model(data_dir, root / "unweighted",
+                             small_train(**{**FEATURE_OVERRIDES, "epochs": 1},
+                                          class_weights=False))
+    assert unweighted["bookkeeping"]["class_weights"] == {}
+    # same data, seed and batches: only the loss weighting differs
+    assert unweighted["history"][0]["loss"] != pytest.approx(weighted["history"][0]["loss"],
+                                                             rel=1e-3)
+
+
+def test_feature_head_resumes_after_kill_exactly(root, feature_run):
+    """Killed after epoch 3, it continues with the same batches, optimizer state and early
+    stopping counters, so it ends exactly as the uninterrupted run."""
+    _, reference, *_ = feature_run
+    model_dir = root / "feature-killed"
+    before = kill_training_after(root, model_dir, FEATURE_OVERRIDES, epoch=3)
+    assert [h["epoch"] for h in before] == [1, 2, 3]
+    summary = train_model(prepared_iris(root), model_dir, small_train(**FEATURE_OVERRIDES))
+    assert summary["bookkeeping"]["resumed_from_epoch"] == 3
+    assert summary["history"][:3] == before
+    assert len(summary["history"]) == len(reference["history"])
+    for a, b in zip(summary["history"], reference["history"], strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
+    assert summary["bookkeeping"]["best_epoch"] == reference["bookkeeping"]["best_epoch"]
+
+
+def test_finished_run_killed_before_export_exports_trained_weights(root, feature_run):
+    """A run killed after its last epoch but before the export exports the trained model."""
+    model_dir, summary, *_ = feature_run
+    images, _ = _val_set(prepared_iris(root))
+    expected = models.load_model(model_dir).predict(images, verbose=0)
+    (model_dir / "model.keras").unlink()
+    again = train_model(prepared_iris(root), model_dir, small_train(**FEATURE_OVERRIDES))
+    assert again["history"] == summary["history"]
+    np.testing.assert_allclose(models.load_model(model_dir).predict(images, verbose=0),
+                               expected, rtol=1e-5, atol=1e-6)
 
 
 def test_missing_data_set_is_a_clear_error(tmp_path):
@@ -177,10 +260,10 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 logging.basicConfig(level=logging.INFO)
 from pipeline.lib.params import TrainParams
-from pipeline.steps.train import config_fingerprint, train_model
+from pipeline.steps.train import train_model
 summary = train_model({str(data_dir)!r}, {str(root / "mirrored")!r},
                       TrainParams.from_mapping(json.loads({config!r})))
-print("SUMMARY " + json.dumps({{k: summary[k] for k in
+print("SUMMARY " + json.dumps({{k: summary["bookkeeping"][k] for k in
       ("replicas", "strategy", "devices", "augmentation_in", "epochs_run")}}))
 """
     result = run_python(code, timeout=300)

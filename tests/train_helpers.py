@@ -7,7 +7,9 @@ archive; it is built once per test session and shared by the test modules.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +73,37 @@ def run_python(code: str, *, timeout: float = 300, env: dict[str, str] | None = 
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(command, cwd=PROJECT_ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout, check=False)
+
+
+def kill_training_after(root: Path, model_dir: Path, overrides: dict[str, object], *,
+                        epoch: int) -> list[dict]:
+    """Train in a fresh process that is SIGKILLed right after epoch ``epoch`` is checkpointed.
+
+    The kill comes from a callback that runs after the step's own checkpoint callback, so it
+    lands at a known epoch; returns the checkpointed history (what a restart resumes from).
+    """
+    data_dir = prepared_iris(root)
+    state_file = model_dir / "checkpoints" / "state.json"
+    config = json.dumps(small_train(**overrides).to_dict())
+    code = f"""
+import json, os, signal
+import keras
+from pipeline.lib.params import TrainParams
+from pipeline.steps.train import train_model
+
+class Kill(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        with open({str(state_file)!r}) as f:
+            if len(json.load(f)["history"]) >= {epoch}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+train_model({str(data_dir)!r}, {str(model_dir)!r},
+            TrainParams.from_mapping(json.loads({config!r})), callbacks=[Kill()])
+"""
+    result = run_python(code, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert not (model_dir / "model.keras").exists()
+    return json.loads(state_file.read_text())["history"]
 
 
 _TRAINED: dict[str, tuple[Path, dict]] = {}

@@ -249,15 +249,33 @@ def make_train_dataset(
     last_epoch: int,
     augmenter: RandomAugment | None,
 ) -> tuple[tf.data.Dataset, int]:
-    """Batches for epochs ``first_epoch`` .. ``last_epoch - 1`` and the steps per epoch.
+    """Image batches of the training split for epochs ``first_epoch`` .. ``last_epoch - 1``.
 
-    Each epoch is shuffled with a seed derived from (config.seed, epoch) and augmented with
-    stateless seeds derived from (config.seed, epoch, batch), so the stream of batches does
-    not depend on whether training was interrupted and resumed. ``augmenter`` None leaves
-    augmentation to the model (GPU path); images are float32 in [0, 255] either way.
+    See :func:`epoch_batches`; ``augmenter`` None leaves augmentation to the model (GPU
+    path); images are float32 in [0, 255] either way. Returns the batches and steps per epoch.
     """
     examples = load_examples(data_dir, "train", config.image_size)
     num_examples = len(read_labels(data_dir, "train"))
+    return epoch_batches(examples, num_examples, config, first_epoch=first_epoch,
+                         last_epoch=last_epoch, augmenter=augmenter)
+
+
+def epoch_batches(
+    examples: tf.data.Dataset,
+    num_examples: int,
+    config: TrainParams,
+    *,
+    first_epoch: int,
+    last_epoch: int,
+    augmenter: RandomAugment | None,
+) -> tuple[tf.data.Dataset, int]:
+    """Batches of ``examples`` (input, label) for epochs ``first_epoch`` .. ``last_epoch - 1``.
+
+    Each epoch is shuffled with a seed derived from (config.seed, epoch) and augmented with
+    stateless seeds derived from (config.seed, epoch, batch), so the stream of batches does
+    not depend on whether training was interrupted and resumed. Inputs are cast to float32.
+    Used for images and for cached backbone features alike.
+    """
     steps = steps_for(num_examples, config)
     seed = config.seed
 
@@ -354,6 +372,7 @@ __all__ = [
     "RandomAugment",
     "build_augmenter",
     "decode_image",
+    "epoch_batches",
     "load_examples",
     "make_eval_dataset",
     "make_resizer",

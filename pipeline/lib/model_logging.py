@@ -39,15 +39,16 @@ class MlflowEpochLogger(keras.callbacks.Callback):
     """Logs loss/accuracy (train and validation) and the learning rate after every epoch.
 
     Explicit instead of ``mlflow.keras.autolog`` (untested on TF 2.21). One ``log_batch``
-    per epoch with ``step`` = epoch; if ``fit`` runs again (fine-tuning) and restarts its
-    epoch count at 0, steps continue after the last one so histories never overlap.
+    per epoch with ``step`` = the 1-based epoch number, as in the logs and ``history.json``;
+    if ``fit`` runs again (fine-tuning) and restarts its epoch count, steps continue after
+    the last one so histories never overlap.
     """
 
     def __init__(self, run_id: str | None = None, client: MlflowClient | None = None) -> None:
         super().__init__()
         self._run_id = run_id
         self._client = client
-        self._last_step = -1
+        self._last_step = 0
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         if self._run_id is None:
@@ -56,7 +57,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
             self._client = MlflowClient()
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-        step = epoch if epoch > self._last_step else self._last_step + 1
+        step = max(epoch + 1, self._last_step + 1)
         self._last_step = step
         values = numeric_metrics(dict(logs or {}))
         learning_rate = self._learning_rate()

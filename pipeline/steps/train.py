@@ -132,8 +132,38 @@ def plan_phases(config: TrainParams) -> list[Phase]:
 
 
 # ----------------------------------------------------------------------------------------
-# checkpoints, early stopping, history
+# training state, checkpoints, early stopping
 # ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainState:
+    """Everything a restart needs; written to ``checkpoints/state.json`` after every epoch.
+
+    Early stopping's counters and each phase's best epoch are not stored: they follow from
+    ``history`` (see :meth:`phase_history`, :meth:`best_entry`).
+    """
+
+    phase_index: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    stopped: bool = False  # early stopping ended the current phase
+    last_weights: str | None = None  # after the last finished epoch (with optimizer state)
+    best_weights: str | None = None  # after the current phase's best epoch
+    train_seconds: float = 0.0  # epochs plus feature extraction, over all (resumed) runs
+    complete: bool = False
+
+    def phase_history(self, phase: Phase) -> list[dict[str, Any]]:
+        return [h for h in self.history if h["phase"] == phase.name]
+
+    def best_entry(self, phase: Phase) -> dict[str, Any] | None:
+        """The phase's epoch with the lowest val_loss (the first of equals, as Keras picks)."""
+        entries = self.phase_history(phase)
+        return min(entries, key=lambda h: h.get("val_loss", math.inf)) if entries else None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 class Checkpoints:
     """``checkpoints/state.json`` plus weight files; state is written last, so it is consistent."""
 
@@ -146,19 +176,21 @@ class Checkpoints:
     def state_path(self) -> Path:
         return self.directory / STATE_FILE
 
-    def load(self) -> dict[str, Any] | None:
+    def load(self) -> TrainState | None:
         if not self.state_path.is_file():
             return None
         try:
-            state = json.loads(self.state_path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"corrupt checkpoint state {str(self.state_path)!r}: {exc}") from exc
-        if state.get("fingerprint") != self.fingerprint:
+            data = json.loads(self.state_path.read_text())
+            if data.get("fingerprint") != self.fingerprint:
+                raise LookupError
+            return TrainState.from_json(data)
+        except LookupError:
             raise ValueError(
                 f"{str(self.directory)!r} holds checkpoints of a different training run (other "
                 "config or classes); use a fresh model_dir or delete that folder to start over"
-            )
-        return state
+            ) from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"corrupt checkpoint state {str(self.state_path)!r}: {exc}") from exc
 
     def save_weights(self, model: keras.Model, name: str) -> str:
         path = self.directory / name
@@ -167,97 +199,93 @@ class Checkpoints:
         os.replace(tmp, path)
         return name
 
-    def commit(self, state: dict[str, Any]) -> None:
+    def restore(self, model: keras.Model, name: str) -> None:
+        model.load_weights(self.directory / name)
+
+    def commit(self, state: TrainState) -> None:
         """Write the state, then drop weight files it no longer references."""
-        state = {**state, "fingerprint": self.fingerprint}
-        atomic_write_json(self.state_path, state)
-        keep = {state.get("last_weights"), state.get("best_weights")}
+        atomic_write_json(self.state_path,
+                          {**dataclasses.asdict(state), "fingerprint": self.fingerprint})
+        keep = {state.last_weights, state.best_weights}
         for path in self.directory.glob("*.weights.h5"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
 
 
-def end_epoch(checkpoints: Checkpoints, state: dict[str, Any], phase: Phase, model: keras.Model,
-              phase_epoch: int, metrics: dict[str, float], learning_rate: float, seconds: float,
-              *, patience: int = 0, of: int | None = None) -> bool:
-    """Close one epoch: history entry, best weights by val_loss, last weights, checkpoint, log.
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' early stopping on val_loss, its counters replayed from a resumed phase's history.
 
-    Returns whether the phase is done (``patience`` epochs without improvement, or the last
-    of ``of`` epochs when given). Both head trainers end epochs here, so resume and early
-    stopping see the same state whichever ran.
-    """
-    entry = {
-        "epoch": len(state["history"]) + 1,
-        "phase": phase.name,
-        "phase_epoch": phase_epoch,
-        **{k: float(metrics[k]) for k in ("loss", "accuracy", "val_loss", "val_accuracy")
-           if k in metrics},
-        "learning_rate": learning_rate,
-        "seconds": round(seconds, 3),
-    }
-    state["history"].append(entry)
-    state["train_seconds"] = state.get("train_seconds", 0.0) + seconds
-    val_loss = entry.get("val_loss", math.inf)
-    if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
-        state["best_val_loss"] = val_loss
-        state["best_epoch"] = entry["epoch"]
-        state["wait"] = 0
-        state["best_weights"] = checkpoints.save_weights(
-            model, f"best-{phase.name}-{entry['epoch']:04d}.weights.h5")
-    else:
-        state["wait"] += 1
-    state["phase_epoch"] = phase_epoch
-    total = of or phase.epochs
-    if patience and state["wait"] >= patience:
-        state["phase_done"] = True
-        logger.info("early stopping in phase %s after epoch %d (best epoch %d, val_loss %.4f)",
-                    phase.name, phase_epoch, state["best_epoch"], state["best_val_loss"])
-    elif of is not None and phase_epoch >= of:
-        state["phase_done"] = True
-    state["last_weights"] = checkpoints.save_weights(model, f"last-{entry['epoch']:04d}.weights.h5")
-    checkpoints.commit(state)
-    logger.info(
-        "epoch %d (%s %d/%d): loss %.4f acc %.3f val_loss %.4f val_acc %.3f lr %.2g (%.1fs)",
-        entry["epoch"], phase.name, phase_epoch, total, entry.get("loss", 0),
-        entry.get("accuracy", 0), entry.get("val_loss", 0), entry.get("val_accuracy", 0),
-        learning_rate, seconds,
-    )
-    return bool(state["phase_done"])
-
-
-class EpochTracker(keras.callbacks.Callback):
-    """Per epoch: record history, early-stop on val_loss (keeping the best weights), checkpoint.
-
-    Replaces ``keras.callbacks.EarlyStopping`` because its state (best loss, patience counter,
-    best weights) would be lost on a restart; here all of it is in the checkpoint.
+    Best weights are restored by the step from the checkpoint instead of Keras' in-memory
+    copy, which a restart would lose.
     """
 
-    def __init__(self, checkpoints: Checkpoints, state: dict[str, Any], phase: Phase,
-                 patience: int) -> None:
+    def __init__(self, patience: int, finished: Sequence[dict[str, Any]]) -> None:
+        super().__init__(monitor="val_loss", patience=patience)
+        self.finished = list(finished)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        for epoch, entry in enumerate(self.finished):
+            super().on_epoch_end(epoch, entry)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch: history entry, best and last weights, then the state, then a log line.
+
+    Not Keras' ``BackupAndRestore`` or ``ModelCheckpoint``: they save weights and the epoch
+    count in separate, non-atomic writes and keep neither the history nor the best epoch
+    across a restart; here one state file, written last, names the weight files it belongs to.
+    """
+
+    def __init__(self, checkpoints: Checkpoints, state: TrainState, phase: Phase) -> None:
         super().__init__()
         self.checkpoints = checkpoints
         self.state = state
         self.phase = phase
-        self.patience = patience
         self._started = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        state, phase = self.state, self.phase
         seconds = time.perf_counter() - self._started
-        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        if end_epoch(self.checkpoints, self.state, self.phase, self.model, epoch + 1,
-                     dict(logs or {}), lr, seconds, patience=self.patience):
-            self.model.stop_training = True
+        learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        best = state.best_entry(phase)
+        entry = {
+            "epoch": len(state.history) + 1,
+            "phase": phase.name,
+            "phase_epoch": epoch + 1,
+            **{k: float(v) for k, v in (logs or {}).items()
+               if k in ("loss", "accuracy", "val_loss", "val_accuracy")},
+            "learning_rate": learning_rate,
+            "seconds": round(seconds, 3),
+        }
+        state.history.append(entry)
+        state.train_seconds += seconds
+        if best is None or entry.get("val_loss", math.inf) < best.get("val_loss", math.inf):
+            state.best_weights = self.checkpoints.save_weights(
+                self.model, f"best-{phase.name}-{entry['epoch']:04d}.weights.h5")
+        state.stopped = bool(self.model.stop_training)
+        state.last_weights = self.checkpoints.save_weights(
+            self.model, f"last-{entry['epoch']:04d}.weights.h5")
+        self.checkpoints.commit(state)
+        logger.info(
+            "epoch %d (%s %d/%d): loss %.4f acc %.3f val_loss %.4f val_acc %.3f lr %.2g (%.1fs)%s",
+            entry["epoch"], phase.name, epoch + 1, phase.epochs, entry.get("loss", math.nan),
+            entry.get("accuracy", math.nan), entry.get("val_loss", math.nan),
+            entry.get("val_accuracy", math.nan), learning_rate, seconds,
+            ": early stop" if state.stopped else "",
+        )
 
 
 # ----------------------------------------------------------------------------------------
 # head on cached backbone features
 # ----------------------------------------------------------------------------------------
-def uses_feature_head(config: TrainParams) -> bool:
+def uses_feature_head(config: TrainParams, phase: Phase | None = None) -> bool:
     """Whether the frozen-backbone head phase trains on cached features (MobileNet only)."""
-    return config.model == "mobilenet" and config.head_feature_views > 0
+    on = config.model == "mobilenet" and config.head_feature_views > 0
+    return on and (phase is None or phase.name == "head")
 
 
 def extract_features(
@@ -267,7 +295,7 @@ def extract_features(
     """Pooled backbone features of a split: the images, then ``views`` augmented copies of them.
 
     Augmentation uses stateless seeds from (config.seed, view, batch), so features (and the
-    head fitted on them) are reproducible.
+    head trained on them) are reproducible, also after a restart.
     """
     if views and augmenter is None:
         raise ValueError(f"{views} augmented views of split {split!r} need an augmenter")
@@ -288,49 +316,61 @@ def extract_features(
     return np.concatenate(features), np.concatenate(all_labels)
 
 
-def fit_head_on_features(
-    core: keras.Model, data_dir: Path, config: TrainParams, augmenter: inputs.RandomAugment,
-    class_weight: dict[int, float] | None,
-) -> dict[str, float]:
-    """Fit the softmax head as L2 logistic regression on cached features; write it into ``core``.
+@dataclasses.dataclass(frozen=True)
+class FeatureHead:
+    """The softmax head as its own small model on standardized cached features.
 
-    Why: with a frozen backbone every head epoch recomputes the same backbone forward passes;
-    computing features once (original + ``head_feature_views`` augmented views per image) and
-    solving the convex head problem takes seconds and scored better on held-out data than
-    early-stopped Adam epochs (bench/train_quality.py). Standardization is folded into the
-    Dense weights, so the exported model is the plain Keras model. Dropout is not used here.
+    Why: with a frozen backbone every head epoch would recompute the same backbone forward
+    passes; features of the training images and ``head_feature_views`` augmented views of
+    each are computed once, then the head trains for real epochs (Adam, early stopping on
+    val_loss) in a fraction of a second each. The L2 penalty on the kernel is the one of
+    logistic regression with inverse strength ``head_c`` (sum of losses + |W|^2 / (2 C)),
+    written per example as Keras averages the loss; the logged loss and val_loss include it.
+    No dropout: the penalty regularizes, and a resumed run repeats the uninterrupted one
+    exactly. :meth:`fold_into` writes the standardization into the full model's Dense layer,
+    so the export is the plain model.
     """
-    from sklearn.linear_model import LogisticRegression
 
-    x_train, y_train = extract_features(core, data_dir, "train", config, augmenter=augmenter,
-                                        views=config.head_feature_views)
-    x_val, y_val = extract_features(core, data_dir, "val", config)
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0) + 1e-6
-    dense = core.get_layer(models.HEAD)
-    num_classes = int(dense.units)
-    sample_weight = (np.array([class_weight[int(y)] for y in y_train]) if class_weight
-                     else None)
-    clf = LogisticRegression(C=config.head_c, max_iter=2000)
-    clf.fit((x_train - mean) / std, y_train, sample_weight=sample_weight)
-    if list(clf.classes_) != list(range(num_classes)):
-        raise ValueError(f"every class needs training images; found classes {clf.classes_}")
-    kernel = (clf.coef_ / std).T.astype(np.float32)
-    bias = (clf.intercept_ - (clf.coef_ * (mean / std)).sum(axis=1)).astype(np.float32)
-    dense.set_weights([kernel, bias])
+    model: keras.Model
+    train: tf.data.Dataset
+    steps: int
+    val: tuple[np.ndarray, np.ndarray]
+    mean: np.ndarray
+    std: np.ndarray
+    rows: int
 
-    def loss_and_accuracy(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        probabilities = np.clip(clf.predict_proba((x - mean) / std), 1e-7, 1.0)
-        loss = float(-np.mean(np.log(probabilities[np.arange(len(y)), y])))
-        return loss, float(np.mean(probabilities.argmax(axis=1) == y))
+    @classmethod
+    def build(cls, core: keras.Model, data_dir: Path, config: TrainParams,
+              augmenter: inputs.RandomAugment, first_epoch: int, last_epoch: int) -> FeatureHead:
+        x_train, y_train = extract_features(core, data_dir, "train", config, augmenter=augmenter,
+                                            views=config.head_feature_views)
+        num_classes = int(core.get_layer(models.HEAD).units)
+        missing = sorted(set(range(num_classes)) - set(y_train.tolist()))
+        if missing:
+            raise ValueError(f"every class needs training images; classes {missing} have none")
+        x_val, y_val = extract_features(core, data_dir, "val", config)
+        mean = x_train.mean(axis=0)
+        std = x_train.std(axis=0) + 1e-6
+        rows = len(y_train)
+        features = keras.Input(shape=(x_train.shape[1],), name="features")
+        dense = keras.layers.Dense(
+            num_classes, activation="softmax", dtype="float32", name=models.HEAD,
+            kernel_regularizer=keras.regularizers.L2(1.0 / (2.0 * config.head_c * rows)))
+        model = keras.Model(features, dense(features), name="feature_head")
+        examples = tf.data.Dataset.from_tensor_slices(((x_train - mean) / std, y_train))
+        train, steps = inputs.epoch_batches(examples, rows, config, first_epoch=first_epoch,
+                                            last_epoch=last_epoch, augmenter=None)
+        logger.info("head trains on %d cached feature rows (%d augmented views per image)",
+                    rows, config.head_feature_views)
+        return cls(model, train, steps, ((x_val - mean) / std, y_val), mean, std, rows)
 
-    loss, accuracy = loss_and_accuracy(x_train, y_train)
-    val_loss, val_accuracy = loss_and_accuracy(x_val, y_val)
-    logger.info("head fitted on %d cached feature rows (%d augmented views per image): "
-                "val_loss %.4f val_acc %.3f", len(y_train), config.head_feature_views,
-                val_loss, val_accuracy)
-    return {"loss": loss, "accuracy": accuracy, "val_loss": val_loss,
-            "val_accuracy": val_accuracy}
+    def fold_into(self, core: keras.Model) -> None:
+        """Set ``core``'s Dense head to this head composed with the standardization."""
+        kernel, bias = (np.asarray(w, np.float64) for w in self.model.get_weights())
+        kernel = kernel / self.std[:, None]
+        bias = bias - self.mean @ kernel
+        core.get_layer(models.HEAD).set_weights([kernel.astype(np.float32),
+                                                 bias.astype(np.float32)])
 
 
 # ----------------------------------------------------------------------------------------
@@ -406,7 +446,9 @@ def train_model(
 
     Resumes from ``model_dir/checkpoints`` when a previous run with the same config was
     interrupted. ``callbacks`` (e.g. an MLflow logger) are added to every ``fit`` call.
-    Returns a summary: epochs_run, best_epoch, train_seconds, devices, history, ...
+    Returns the summary also written to ``training_summary.json``: ``model``, ``classes``,
+    ``metrics`` (numbers to compare runs by), ``bookkeeping`` (how the run went: epochs, best
+    epoch, devices, strategy, class weights, ...) and the per-epoch ``history``.
     """
     data_dir, model_dir = Path(data_dir), Path(model_dir)
     classes = records.load_classes(data_dir)
@@ -420,12 +462,9 @@ def train_model(
     state = checkpoints.load()
     resumed_from = None
     if state is None:
-        state = {"phase_index": 0, "phase_epoch": 0, "phase_done": False, "history": [],
-                 "best_val_loss": None, "best_epoch": None, "wait": 0, "best_weights": None,
-                 "last_weights": None, "train_seconds": 0.0, "complete": False,
-                 "phase_best_epochs": []}
+        state = TrainState()
     else:
-        resumed_from = len(state["history"])
+        resumed_from = len(state.history)
         logger.info("resuming from %s: %d epoch(s) already finished", checkpoints.directory,
                     resumed_from)
 
@@ -445,6 +484,10 @@ def train_model(
         strategy.num_replicas_in_sync, type(strategy).__name__, "on" if mixed else "off",
         "on" if config.xla else "off", "the model" if in_model else "tf.data",
     )
+    weights = class_weights_for(train_labels, len(classes)) if config.class_weights else None
+    phases = plan_phases(config)
+    fit_seconds = 0.0
+    feature_rows = None
     try:
         with strategy.scope():
             core = models.build_model(config, len(classes))
@@ -454,57 +497,61 @@ def train_model(
                 trainer = keras.Model(image, core(augmenter(image)), name="trainer")
             else:
                 trainer = core
-        weights = class_weights_for(train_labels, len(classes)) if config.class_weights else None
-        val_data = inputs.make_eval_dataset(data_dir, "val", config)
-        phases = plan_phases(config)
-        fit_seconds = 0.0
-        while not state["complete"]:
-            index = state["phase_index"]
-            phase = phases[index]
+        if state.complete:  # killed after the last phase ended, before the export
+            checkpoints.restore(trainer, state.last_weights)
+        while not state.complete:
+            phase = phases[state.phase_index]
+            finished = len(state.phase_history(phase))
             _set_phase(core, phase, config)
             # at a phase start the saved optimizer state belongs to the previous phase:
             # load the weights before compiling so only the model's part is read
-            mid_phase = state["phase_epoch"] > 0
-            if state["last_weights"] and not mid_phase:
-                trainer.load_weights(checkpoints.directory / state["last_weights"])
-            with strategy.scope():
-                _compile(trainer, phase.learning_rate, config)
-                trainer.optimizer.build(trainer.trainable_variables)
-            if state["last_weights"] and mid_phase:
-                trainer.load_weights(checkpoints.directory / state["last_weights"])
-            if phase.name == "head" and uses_feature_head(config) and not state["phase_done"]:
-                # one closed-form "epoch": no optimizer steps, hence learning rate 0
-                started = time.perf_counter()
-                logs = fit_head_on_features(core, data_dir, config, augmenter, weights)
-                seconds = time.perf_counter() - started
-                fit_seconds += seconds
-                end_epoch(checkpoints, state, phase, trainer, 1, logs, 0.0, seconds, of=1)
-            elif not state["phase_done"] and state["phase_epoch"] < phase.epochs:
-                offset = index * 10_000  # distinct shuffles per phase
+            if state.last_weights and not finished:
+                checkpoints.restore(trainer, state.last_weights)
+            started = time.perf_counter()
+            head = None
+            offset = state.phase_index * 10_000  # distinct shuffles per phase
+            if uses_feature_head(config, phase):
+                with strategy.scope():
+                    head = FeatureHead.build(core, data_dir, config, augmenter,
+                                             offset + finished, offset + phase.epochs)
+                state.train_seconds += time.perf_counter() - started  # committed by the epochs
+                model, train_data, steps = head.model, head.train, head.steps
+                val_data: Any = head.val
+                feature_rows = head.rows
+            else:
+                model = trainer
                 train_data, steps = inputs.make_train_dataset(
-                    data_dir, config, first_epoch=offset + state["phase_epoch"],
+                    data_dir, config, first_epoch=offset + finished,
                     last_epoch=offset + phase.epochs, augmenter=None if in_model else augmenter,
                 )
-                tracker = EpochTracker(checkpoints, state, phase, config.early_stopping_patience)
-                started = time.perf_counter()
-                trainer.fit(
-                    train_data, epochs=phase.epochs, initial_epoch=state["phase_epoch"],
+                val_data = inputs.make_eval_dataset(data_dir, "val", config)
+            with strategy.scope():
+                _compile(model, phase.learning_rate, config)
+                model.optimizer.build(model.trainable_variables)
+            if finished:
+                checkpoints.restore(model, state.last_weights)
+            if not state.stopped and finished < phase.epochs:
+                stopping = ([ResumableEarlyStopping(config.early_stopping_patience,
+                                                    state.phase_history(phase))]
+                            if config.early_stopping_patience else [])
+                model.fit(
+                    train_data, epochs=phase.epochs, initial_epoch=finished,
                     steps_per_epoch=steps, validation_data=val_data, class_weight=weights,
-                    callbacks=[tracker, *callbacks], verbose=0,
+                    callbacks=[*stopping, EpochCheckpoint(checkpoints, state, phase), *callbacks],
+                    shuffle=False, verbose=0,  # the batches come shuffled per epoch
                 )
-                fit_seconds += time.perf_counter() - started
-            # phase over: continue from its best weights
-            if state["best_weights"]:
-                trainer.load_weights(checkpoints.directory / state["best_weights"])
-            state["phase_best_epochs"].append(state["best_epoch"])
-            last = index + 1 >= len(phases)
-            state.update(phase_index=index + 1, phase_epoch=0, phase_done=False, wait=0,
-                         best_val_loss=None if not last else state["best_val_loss"],
-                         complete=last)
-            if not last:
-                state["last_weights"] = checkpoints.save_weights(
-                    trainer, f"last-{len(state['history']):04d}-phase{index + 1}.weights.h5")
-                state["best_weights"] = None
+            # phase over: continue from its best epoch's weights
+            if state.best_weights:
+                checkpoints.restore(model, state.best_weights)
+            if head is not None:
+                head.fold_into(core)
+            fit_seconds += time.perf_counter() - started
+            state.phase_index += 1
+            state.complete = state.phase_index >= len(phases)
+            state.stopped = False
+            state.last_weights = checkpoints.save_weights(
+                trainer, f"last-{len(state.history):04d}-end-{phase.name}.weights.h5")
+            state.best_weights = None
             checkpoints.commit(state)
 
         export_model(core, config, len(classes), model_dir)
@@ -512,36 +559,41 @@ def train_model(
         keras.mixed_precision.set_global_policy(previous_policy)
 
     atomic_write_json(model_dir / CLASSES_FILE, classes)
-    atomic_write_json(model_dir / HISTORY_FILE, state["history"])
+    atomic_write_json(model_dir / HISTORY_FILE, state.history)
     inputs.save_augmentation_preview(data_dir, config, model_dir / PREVIEW_FILE)
-    history = state["history"]
-    final_best = state["phase_best_epochs"][-1] if state["phase_best_epochs"] else None
-    best_entry = next((h for h in history if h["epoch"] == final_best), None)
+    phase_best = [state.best_entry(phase) for phase in phases]
+    best = phase_best[-1]
     summary = {
         "model": config.model,
-        "epochs_run": len(history),
-        "best_epoch": final_best,
-        "best_val_loss": best_entry.get("val_loss") if best_entry else None,
-        "best_val_accuracy": best_entry.get("val_accuracy") if best_entry else None,
-        "phase_best_epochs": state["phase_best_epochs"],
-        "train_seconds": round(float(state["train_seconds"]), 3),
-        "fit_seconds_this_run": round(fit_seconds, 3),
-        "resumed_from_epoch": resumed_from,
-        "devices": devices["gpus"] or devices["cpus"],
-        "replicas": strategy.num_replicas_in_sync,
-        "strategy": type(strategy).__name__,
-        "mixed_precision": mixed,
-        "xla": bool(config.xla),
-        "augmentation_in": "model" if in_model else "tf.data",
-        "head_training": "features" if uses_feature_head(config) else "epochs",
-        "class_weights": {classes[c]: w for c, w in (weights or {}).items()},
-        "train_examples": len(train_labels),
         "classes": classes,
-        "history": history,
+        "metrics": {
+            "best_val_loss": best.get("val_loss") if best else None,
+            "best_val_accuracy": best.get("val_accuracy") if best else None,
+            "train_seconds": round(float(state.train_seconds), 3),
+            "fit_seconds_this_run": round(fit_seconds, 3),
+        },
+        "bookkeeping": {
+            "epochs_run": len(state.history),
+            "best_epoch": best["epoch"] if best else None,
+            "phase_best_epochs": [b["epoch"] if b else None for b in phase_best],
+            "resumed_from_epoch": resumed_from,
+            "devices": devices["gpus"] or devices["cpus"],
+            "replicas": strategy.num_replicas_in_sync,
+            "strategy": type(strategy).__name__,
+            "mixed_precision": mixed,
+            "xla": bool(config.xla),
+            "augmentation_in": "model" if in_model else "tf.data",
+            "head_training": "features" if uses_feature_head(config) else "images",
+            "head_feature_rows": feature_rows,
+            "class_weights": {classes[c]: w for c, w in (weights or {}).items()},
+            "train_examples": len(train_labels),
+        },
+        "history": state.history,
     }
     atomic_write_json(model_dir / TRAINING_SUMMARY_FILE, summary)
     logger.info("trained %s: %d epochs, best epoch %s, %.1fs of training", config.model,
-                summary["epochs_run"], final_best, summary["train_seconds"])
+                len(state.history), summary["bookkeeping"]["best_epoch"],
+                state.train_seconds)
     return summary
 
 
@@ -567,7 +619,9 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
                                             report)
         result = train_model(data_dir, model_dir, params,
                              callbacks=[model_logging.MlflowEpochLogger()])
-        tracking.log_metrics({k: v for k, v in result.items() if k != "history"})
+        tracking.log_metrics(result["metrics"])
+        mlflow.set_tags({f"train.{k}": v if isinstance(v, str) else json.dumps(v)
+                         for k, v in result["bookkeeping"].items()})
         tracking.log_artifacts(model_dir / PREVIEW_FILE)
         logged_model = model_logging.log_model(
             model_dir, image_size=params.image_size,
@@ -583,10 +637,12 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
         META_MODEL_URI: logged_model.model_uri,
         META_MODEL_ID: logged_model.model_id,
         META_DATASET_DIGEST: digest,
-        **{k: v for k, v in result.items() if isinstance(v, (str, int, float, bool))},
+        "model": result["model"],
+        **{k: v for k, v in {**result["metrics"], **result["bookkeeping"]}.items()
+           if isinstance(v, (str, int, float, bool))},
     }
 
 
-__all__ = ["class_weights_for", "config_fingerprint", "describe_devices", "export_model",
-           "extract_features", "fit_head_on_features", "run_step", "train_model",
-           "uses_feature_head"]
+__all__ = ["FeatureHead", "TrainState", "class_weights_for", "config_fingerprint",
+           "data_identity", "describe_devices", "export_model", "extract_features", "run_step",
+           "train_model", "uses_feature_head"]
