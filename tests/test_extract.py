@@ -106,7 +106,7 @@ def test_entries_larger_than_declared_are_stopped_at_the_limit(
                             lambda self, member: io.BytesIO(bytes(600)))
     target = tmp_path / "out"
 
-    with pytest.raises(ArchiveTooLargeError, match="expands beyond its declared sizes"):
+    with pytest.raises(ArchiveTooLargeError, match="expands beyond"):
         safe_extract(archive, target, max_bytes=1_000, max_entries=10)
     assert not target.exists()
     assert _all_files(tmp_path) == {archive.name}, "no partial extraction may be left"
