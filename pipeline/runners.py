@@ -27,6 +27,7 @@ from pipeline.dag import (
     create_pipeline,
     pipeline_arguments,
 )
+from pipeline.steps.download import normalize_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +323,11 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
         "confusion_matrix": evaluation.get("confusion_matrix"),
         "data": {
             "source": prepared_meta.get("source", config.data_source),
-            "sha256": prepared_meta.get("sha256", config.data_sha256),
+            # the archive's actual digest (none for a folder); checked = it was given
+            "sha256": data_report.get("input", {}).get("sha256")
+            or prepared_meta.get("sha256", config.data_sha256),
+            "sha256_checked": normalize_sha256(
+                prepared_meta.get("sha256", config.data_sha256)) is not None,
             "counts": {k: data_report[k] for k in DATA_REPORT_COUNTS if k in data_report},
             "report": str(Path(outputs["prepared_data"].path) / "data_report.json"),
         },
