@@ -35,6 +35,14 @@ _CHUNK = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+#: Appended to every failed remote fetch: the README's first command on a machine without
+#: network fails here, and the fix is a flag away.
+LOCAL_COPY_HINT = (
+    "to use a local copy instead (archive or folder of class folders), pass --data PATH "
+    "or set IRIS_DATA_SOURCE=PATH"
+)
+
+
 class DownloadError(OSError):
     """A remote source could not be fetched after every retry; the message names the URL."""
 
@@ -330,12 +338,17 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     dest = dest_dir / _source_name(source)
-    return _fetch_remote(source, dest, expected, cache, retries=retries, backoff_s=backoff_s,
-                         timeout_s=timeout_s, use_fsspec=scheme not in ("http", "https"))
+    try:
+        return _fetch_remote(source, dest, expected, cache, retries=retries,
+                             backoff_s=backoff_s, timeout_s=timeout_s,
+                             use_fsspec=scheme not in ("http", "https"))
+    except DownloadError as exc:  # e.g. no network: say how to run from a local copy
+        raise DownloadError(f"{exc}; {LOCAL_COPY_HINT}") from exc
 
 
 __all__ = [
     "CACHE_ENV",
+    "LOCAL_COPY_HINT",
     "DownloadError",
     "default_cache_dir",
     "fetch_dataset",
