@@ -11,7 +11,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ENV_OVERRIDES, PipelineConfig, env_overrides, placeholder_images
+from pipeline.config import (
+    DEFAULT_DATA_SOURCE,
+    ENV_OVERRIDES,
+    PipelineConfig,
+    env_overrides,
+    placeholder_images,
+    read_yaml_mapping,
+)
 from pipeline.dag import PIPELINE_NAME, refuse_credentials
 from pipeline.lib.credentials import (
     DATA_PASSWORD_ENV,
@@ -112,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--data", metavar="URI",
                       help="data set source: http(s)/s3/gs/file URL, local archive or folder "
                            "(sets data_source; the default is the public iris-image.zip URL). "
-                           "data_sha256 still applies: use --set data_sha256=none for "
-                           "another archive or a folder")
+                           "Its sha256 is recorded, checked only if given with "
+                           "--set data_sha256=...")
     conf.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                       dest="overrides",
                       help="override one configuration key (repeatable); typed and validated")
@@ -187,18 +194,27 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 def resolve_config(config_file: Path | None = None, data: str | None = None,
                    overrides: Sequence[str] = (),
                    environ: Mapping[str, str] | None = None) -> PipelineConfig:
-    """Defaults < ``config_file`` < environment (:func:`env_overrides`) < ``data`` < ``--set``."""
-    config = PipelineConfig()
+    """Defaults < ``config_file`` < environment (:func:`env_overrides`) < ``data`` < ``--set``.
+
+    The default ``data_sha256`` is the digest of the default source only: when the layers
+    change ``data_source`` without giving a digest, the check is off (the actual sha256 is
+    still recorded and :func:`_log_local_result` says how to pin it); a digest given in any
+    layer is enforced.
+    """
+    layers: list[Mapping[str, Any]] = []
     if config_file is not None:
-        config = PipelineConfig.from_yaml(config_file, config)
-    from_env = env_overrides(environ)
-    if from_env:
-        config = PipelineConfig.from_mapping(from_env, config)
+        layers.append(read_yaml_mapping(config_file))
+    layers.append(env_overrides(environ))
     if data is not None:
-        config = PipelineConfig.from_mapping({"data_source": data}, config)
-    sets = parse_overrides(overrides)
-    if sets:
-        config = PipelineConfig.from_mapping(sets, config)
+        layers.append({"data_source": data})
+    layers.append(parse_overrides(overrides))
+    config = PipelineConfig()
+    for layer in layers:
+        if layer:
+            config = PipelineConfig.from_mapping(layer, config)
+    if (config.data_source != DEFAULT_DATA_SOURCE
+            and not any("data_sha256" in layer for layer in layers)):
+        config = PipelineConfig.from_mapping({"data_sha256": ""}, config)
     return config
 
 
@@ -293,6 +309,10 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
     lines.append(f"MLflow parent run {mlflow_info['run_id']} in experiment "
                  f"{mlflow_info['experiment_name']!r}; open it with:")
     lines.append(f"  {ui_command(mlflow_info['tracking_uri'])}")
+    data = summary["data"]
+    if data["sha256"] and not data["sha256_checked"]:
+        lines.append(f"data set sha256 {data['sha256']} recorded, not checked; to pin it: "
+                     f"--set data_sha256={data['sha256']}")
     lines.append(f"run folder: {summary['run_dir']} (step logs in logs/)")
     lines.append(f"total: {summary['elapsed_s']:.1f} s"
                  + (f" ({', '.join(summary['cached_steps'])} from the cache)"

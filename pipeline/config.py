@@ -165,14 +165,19 @@ class PipelineConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, base: PipelineConfig | None = None) -> PipelineConfig:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"cannot read config file {str(path)!r}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of key: value")
-        return cls.from_mapping(loaded, base)
+        return cls.from_mapping(read_yaml_mapping(path), base)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The ``key: value`` mapping of a YAML config file; ``ValueError`` names a bad file."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read config file {str(path)!r}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of key: value")
+    return loaded
 
 
 def coerce(key: str, value: Any, target: type) -> Any:
@@ -339,5 +344,6 @@ __all__ = [
     "env_overrides",
     "load_images",
     "placeholder_images",
+    "read_yaml_mapping",
     "validate",
 ]

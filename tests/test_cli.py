@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.cli import closing_block, main, parse_overrides, resolve_config
-from pipeline.config import ENV_OVERRIDES, PipelineConfig
+from pipeline.config import (
+    DEFAULT_DATA_SHA256,
+    DEFAULT_DATA_SOURCE,
+    ENV_OVERRIDES,
+    PipelineConfig,
+)
+from pipeline.lib.files import file_sha256
+from pipeline.steps.download import fetch_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,6 +72,7 @@ def _summary(passed: bool, registration: dict | None) -> dict:
         "registration": registration,
         "mlflow": {"run_id": "abc123", "experiment_name": "iris",
                    "tracking_uri": "sqlite:////w/mlflow.db"},
+        "data": {"sha256": "ab" * 32, "sha256_checked": True},
         "run_dir": "/w/local_outputs/run-1", "elapsed_s": 96.44, "cached_steps": [],
     }
 
@@ -133,6 +142,32 @@ def test_precedence_defaults_file_environment_data_set(tmp_path: Path) -> None:
     from_set = resolve_config(None, "x", ["data_source=from-set"], environ=env)
     assert from_set.data_source == "from-set"
     assert resolve_config(environ={}) == PipelineConfig()
+
+
+def test_default_digest_applies_to_the_default_source_only(tmp_path: Path) -> None:
+    mine = tmp_path / "my.zip"
+    with zipfile.ZipFile(mine, "w") as archive:
+        archive.writestr("a/x.txt", "not the default archive")
+    config = resolve_config(None, str(mine), [], environ={})
+    assert config.data_sha256 == "", "a user's source is not held to the default digest"
+    fetched = fetch_dataset(config.data_source, tmp_path / "raw", config.data_sha256 or None)
+    assert file_sha256(fetched) == file_sha256(mine)
+    assert resolve_config(environ={"IRIS_DATA_SOURCE": str(mine)}).data_sha256 == ""
+    assert resolve_config(None, DEFAULT_DATA_SOURCE, [], environ={}).data_sha256 == (
+        DEFAULT_DATA_SHA256)
+    assert resolve_config(environ={}).data_sha256 == DEFAULT_DATA_SHA256
+
+    given = "ab" * 32  # a digest given in any layer is kept, and enforced by the download
+    assert resolve_config(None, str(mine), [f"data_sha256={given}"], environ={}).data_sha256 \
+        == given
+    env = {"IRIS_DATA_SOURCE": str(mine), "IRIS_DATA_SHA256": given}
+    assert resolve_config(environ=env).data_sha256 == given
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"data_sha256: {DEFAULT_DATA_SHA256}\n")
+    pinned = resolve_config(config_file, str(mine), [], environ={})
+    assert pinned.data_sha256 == DEFAULT_DATA_SHA256
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        fetch_dataset(pinned.data_source, tmp_path / "raw2", pinned.data_sha256)
 
 
 def test_parse_overrides_keeps_everything_after_the_first_equals() -> None:

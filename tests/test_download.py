@@ -159,6 +159,17 @@ def test_gives_up_after_the_retries_naming_the_url(server: Server, tmp_path: Pat
     assert list((tmp_path / "d").iterdir()) == []
 
 
+def test_unreachable_source_error_says_how_to_use_a_local_copy(closed_port_uri: str,
+                                                               tmp_path: Path) -> None:
+    url = f"{closed_port_uri}/iris-image.zip"  # nothing listens: refused, no network needed
+    with pytest.raises(DownloadError) as caught:
+        fetch_dataset(url, tmp_path / "d", None, cache_dir=tmp_path / "c", **FAST)
+    message = str(caught.value)
+    assert url in message
+    assert "--data PATH" in message and "IRIS_DATA_SOURCE=PATH" in message
+    assert list((tmp_path / "d").iterdir()) == []
+
+
 def test_client_errors_are_not_retried(server: Server, tmp_path: Path) -> None:
     server.status_after = 404
     with pytest.raises(DownloadError, match=r"iris-image\.zip: HTTP 404"):

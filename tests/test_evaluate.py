@@ -182,3 +182,28 @@ def test_evaluate_refuses_mismatched_classes(tmp_path_factory, iris_zip, mobilen
     (model_dir / "classes.json").write_text(json.dumps(["x", "y", "z"]))
     with pytest.raises(ValueError, match="trained on classes"):
         evaluate_model(model_dir, prepared_iris(root), root / "out", small_eval())
+
+
+def test_training_curves_show_a_single_epoch_and_only_recorded_series():
+    one = [{"epoch": 1, "phase": "head", "loss": 0.6, "accuracy": 0.8, "val_loss": 0.7,
+            "val_accuracy": 0.75}]
+    fig = report.training_curves_figure(one)
+    for ax in fig.axes:
+        assert [line.get_label() for line in ax.lines] == [f"train {ax.get_title()}",
+                                                          f"val {ax.get_title()}"]
+        for line in ax.lines:
+            assert list(line.get_xdata()) == [1]  # the history's 1-based epoch
+            assert line.get_marker() == "o", "one point without a marker is invisible"
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks == [1.0], "integer epoch ticks only"
+    report.plt.close(fig)
+
+    partial = [{"epoch": e, "phase": "head", "loss": 1.0 / e, "val_loss": float("nan")}
+               for e in (1, 2, 3)]
+    fig = report.training_curves_figure(partial)
+    loss_ax, accuracy_ax = fig.axes
+    assert [line.get_label() for line in loss_ax.lines] == ["train loss"]
+    assert list(loss_ax.lines[0].get_xdata()) == [1, 2, 3]
+    assert not accuracy_ax.lines
+    assert [t.get_text() for t in accuracy_ax.texts] == ["no accuracy recorded"]
+    report.plt.close(fig)

@@ -10,7 +10,7 @@ from cli_helpers import CliRun, run_local_cli, succeeded
 from kfp import dsl, local
 from kfp.dsl import Artifact, Output
 
-from pipeline.config import PipelineConfig
+from pipeline.config import DEFAULT_DATA_SHA256, PipelineConfig
 from pipeline.lib.contract import EXECUTOR_OUTPUT
 from pipeline.runners import StepFailedError
 from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
@@ -256,7 +256,10 @@ def test_local_run_metrics_and_data_counts(first_run: CliRun) -> None:
         421, 389, 32)
     assert counts["class_counts"] == {"iris-setosa": 66, "iris-versicolour": 253,
                                       "iris-virginica": 70}
-    assert summary["data"]["sha256"] == PipelineConfig().data_sha256
+    # --data without a digest: not checked, but the archive's actual sha256 is recorded
+    assert summary["data"]["sha256"] == DEFAULT_DATA_SHA256  # the shared copy's bytes
+    assert summary["data"]["sha256_checked"] is False
+    assert f"to pin it: --set data_sha256={DEFAULT_DATA_SHA256}" in first_run.stderr
 
 
 @pytest.mark.slow

@@ -175,6 +175,38 @@ def test_epoch_metric_history_matches_epochs_run(first_run: CliRun, client: Any)
     assert losses == pytest.approx([entry["loss"] for entry in history], rel=1e-5)
 
 
+def test_what_the_mlflow_ui_shows(first_run: CliRun, client: Any) -> None:
+    """Read back, through MLflow's API, what the UI renders for a pipeline run.
+
+    The experiment opens on training runs (not the GenAI overview) with a description; the
+    run list names parents by what differs; the train run has curves and its params.
+    FIRST_RUN trains the head epoch by epoch (head_feature_views=0): switch this to the
+    default config once the default head logs per-epoch curves too.
+    """
+    summary = succeeded(first_run)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"] == tracking.EXPERIMENT_DESCRIPTION
+
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    assert re.fullmatch(r"mobilenet a0\.25 96px avg_max · iris-image\.zip · "
+                        r"\d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
+    assert parent.data.tags["mlflow.source.type"] == "JOB"
+    assert parent.data.tags["mlflow.source.name"].startswith(summary["pipeline"])
+    children = _child_runs(client, parent.info.run_id)
+    assert {step: run.info.run_name for step, run in children.items()} == {
+        step: step for step in TRACKED_STEPS}
+
+    train = children["train"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert len(client.get_metric_history(train.info.run_id, key)) >= 5, key
+    params = train.data.params  # the train step's own config fields, as on the parent
+    assert params.items() <= parent.data.params.items()
+    assert {"model", "alpha", "image_size", "epochs", "learning_rate", "data_source"} <= set(
+        params), sorted(params)
+    assert params["epochs"] == "6"
+
+
 def test_artifacts_dataset_and_test_metrics_are_logged(first_run: CliRun, client: Any) -> None:
     summary = succeeded(first_run)
     ids = summary["mlflow"]["step_run_ids"]

@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import re
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,17 @@ def test_weights_setting_is_resolved_with_clear_errors(tmp_path):
         models.resolve_weights(str(tmp_path / "missing.h5"))
     with pytest.raises(ValueError, match="at least 2 classes"):
         models.build_model(small_train(weights="none"), 1)
+
+
+def test_weights_download_failure_says_how_to_use_a_local_copy(closed_port_uri, tmp_path):
+    url = f"{closed_port_uri}/mobilenet-{uuid.uuid4().hex}.h5"  # nothing listens: refused
+    with pytest.raises(models.WeightsDownloadError) as caught:
+        models.build_model(small_train(weights=url), 3)
+    message = str(caught.value)
+    assert url in message
+    assert "IRIS_MODEL_WEIGHTS=PATH" in message and "--set weights=PATH" in message
+    with pytest.raises(FileNotFoundError, match="weights file not found"):  # not a download
+        models.build_model(small_train(weights=str(tmp_path / "missing.h5")), 3)
 
 
 def test_fine_tune_unfreezes_top_convolutions_only(mobilenet_weights):

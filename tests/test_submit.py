@@ -175,9 +175,10 @@ def test_submit_uploads_the_compiled_spec_and_runs_with_the_parameters(
     assert run["pipeline_version_reference"] == {"pipeline_id": "pipe-1",
                                                  "pipeline_version_id": "ver-1"}
     params = run["runtime_config"]["parameters"]
+    # another source than the default: the default digest does not apply to it
     expected = PipelineConfig.from_mapping({"data_source": "gs://bucket/iris.zip", "epochs": 3,
-                                            "xla": True, "weights": "/models/mobilenet.h5"},
-                                           ).to_dict()
+                                            "xla": True, "weights": "/models/mobilenet.h5",
+                                            "data_sha256": ""}).to_dict()
     assert params == {**expected, "tracking_uri": "http://mlflow.mlflow:5000"}
     assert not fake.of("GET", f"{API}/runs/run-1"), "polled the run without --wait"
 

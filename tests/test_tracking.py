@@ -3,6 +3,7 @@ artifacts, dataset inputs, the logged model, fail-fast checks and the KFP plugin
 
 from __future__ import annotations
 
+import datetime
 import http.server
 import json
 import os
@@ -230,6 +231,10 @@ def test_parent_and_nested_step_runs_with_params_and_tags(mlflow_server: MlflowS
     if head:
         assert parent.data.tags["mlflow.source.git.commit"] == head
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.source.type"] == "JOB"
+    assert parent.data.tags["mlflow.source.name"] == f"iris-test (KFP run {run_id})"
+    assert re.fullmatch(r"mobilenet a0\.25 64px avg_max · iris-image\.zip · \d\d-\d\d \d\d:\d\d",
+                        parent.info.run_name), parent.info.run_name
 
     for step, child_id in children.items():
         child = client.get_run(child_id)
@@ -239,6 +244,44 @@ def test_parent_and_nested_step_runs_with_params_and_tags(mlflow_server: MlflowS
         assert child.info.status == "FINISHED"
         assert child.data.metrics == {f"{step}_done": 1.0}
         assert child.data.params == parent.data.params, "a step run shows its params"
+
+
+
+@pytest.mark.parametrize(("params", "expected"), [
+    ({"model": "mobilenet", "alpha": 0.5, "image_size": 96, "pooling": "avg",
+      "fine_tune_epochs": 3, "data_source": "https://host/x/my%20flowers.zip?sig=1"},
+     "mobilenet a0.5 96px avg fine-tune 3 · my flowers.zip · 11-27 09:05"),
+    ({"model": "seed_cnn", "alpha": 0.25, "image_size": 64, "data_source": "/data/iris/"},
+     "seed_cnn 64px · iris · 11-27 09:05"),
+    ({}, "iris-test · 11-27 09:05"),
+])
+def test_parent_run_name_says_what_differs(params: dict, expected: str) -> None:
+    started = datetime.datetime(2026, 11, 27, 9, 5)
+    assert tracking.parent_run_name(params, "iris-test", started) == expected
+
+
+@pytest.mark.mlflow_server
+def test_experiment_opens_on_training_runs_and_has_a_description(
+        mlflow_server: MlflowServer) -> None:
+    client = MlflowClient(mlflow_server.url)
+    created = f"kind-{uuid.uuid4()}"
+    older = f"kind-{uuid.uuid4()}"  # made by an earlier version: no tags
+    older_id = client.create_experiment(older)
+    edited = f"kind-{uuid.uuid4()}"  # a user's own description and kind are kept
+    edited_id = client.create_experiment(edited, tags={"mlflow.note.content": "mine",
+                                                       "mlflow.experimentKind": "other"})
+    for name in (created, older, edited):
+        with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}",
+                                            experiment=name)):
+            pass
+    for name in (created, older):
+        tags = client.get_experiment_by_name(name).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        assert tags["mlflow.note.content"] == tracking.EXPERIMENT_DESCRIPTION
+    assert client.get_experiment(older_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development")
+    tags = client.get_experiment(edited_id).tags
+    assert (tags["mlflow.note.content"], tags["mlflow.experimentKind"]) == ("mine", "other")
 
 
 @pytest.mark.mlflow_server
@@ -256,7 +299,8 @@ def test_relogging_params_is_idempotent_and_conflicts_go_to_the_step(
     client = MlflowClient(mlflow_server.url)
     parent = find_parent(client, "tracking-tests", run_id)[0]
     assert parent.data.params == {"epochs": "3", "seed": "1"}
-    assert client.get_run(run.info.run_id).data.params == {"epochs": "5"}
+    assert client.get_run(run.info.run_id).data.params == {"epochs": "5"}, (
+        "the value the parent could not take stays visible on the step")
 
 
 @pytest.mark.mlflow_server
@@ -490,6 +534,8 @@ def test_under_plugin_env_steps_nest_under_the_given_run(
     assert parent.data.tags["kfp.pipeline_run_id"] == "kfp-plugin-run"
     assert parent.info.status == "RUNNING", "the plugin owns the given run's status"
     assert client.get_experiment_by_name("ignored-under-plugin") is None
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development"), "the plugin's experiment opens on training runs too"
 
 
 @pytest.mark.mlflow_server

@@ -6,8 +6,11 @@ rescaling are layers of the model itself, so serving cannot drift from training.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import urllib.error
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,6 +29,10 @@ HEAD = "probabilities"
 
 #: Custom objects a saved model may reference; registered, listed here for safe-mode loading.
 CUSTOM_OBJECTS = {"iris>RandomAugment": RandomAugment}
+
+
+class WeightsDownloadError(OSError):
+    """The backbone's weights could not be fetched; the message says how to use a local file."""
 
 
 def resolve_weights(weights: str, sha256: str = "", *,
@@ -72,6 +79,27 @@ def resolve_weights(weights: str, sha256: str = "", *,
     return str(path)
 
 
+@contextlib.contextmanager
+def _weights_download(weights: str) -> Iterator[None]:
+    """Turn a failed weights download into an error that says how to use a local copy.
+
+    Keras' ``get_file`` raises a bare ``Exception`` ("URL fetch failure ...") from the
+    ``URLError``; without network (the README's first command on an air-gapped machine) the
+    fix is a local weights file, so the message names both ways to give one.
+    """
+    try:
+        yield
+    except Exception as exc:
+        network = (urllib.error.URLError, ConnectionError, TimeoutError)
+        if not isinstance(exc, network) and not isinstance(exc.__context__, network):
+            raise  # e.g. a missing local file: resolve_weights' own message says it
+        raise WeightsDownloadError(
+            f"could not download the MobileNet weights for weights={weights!r}: {exc}; to use "
+            "a local copy instead (a Keras MobileNet .h5 without top for this alpha), set "
+            "IRIS_MODEL_WEIGHTS=PATH or pass --set weights=PATH"
+        ) from exc
+
+
 def build_seed_cnn(image_size: int, num_classes: int) -> keras.Model:
     """The notebook's CNN, layer for layer, behind resize + 1/255 rescaling.
 
@@ -114,11 +142,12 @@ def build_mobilenet(config: TrainParams, num_classes: int) -> keras.Model:
     size = config.image_size
     if size < 32:
         raise ValueError(f"MobileNet needs image_size >= 32, got {size}")
-    weights = resolve_weights(config.weights, config.weights_sha256)
-    backbone = keras.applications.MobileNet(
-        input_shape=(size, size, 3), alpha=config.alpha, include_top=False, weights=weights,
-        pooling=None,
-    )
+    with _weights_download(config.weights):
+        weights = resolve_weights(config.weights, config.weights_sha256)
+        backbone = keras.applications.MobileNet(
+            input_shape=(size, size, 3), alpha=config.alpha, include_top=False,
+            weights=weights, pooling=None,
+        )
     backbone.name = BACKBONE
     backbone.trainable = False
     layers = keras.layers
@@ -184,6 +213,7 @@ __all__ = [
     "BACKBONE",
     "HEAD",
     "POOL",
+    "WeightsDownloadError",
     "build_mobilenet",
     "build_model",
     "build_seed_cnn",

@@ -6,6 +6,7 @@ import base64
 import html
 import itertools
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: pipeline pods and CI have no display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from pipeline.lib.files import atomic_write_text, atomic_writer
 
@@ -52,20 +54,40 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Loss and accuracy per epoch for training and validation, phases marked."""
-    epochs = [h["epoch"] for h in history]
+    return _save(training_curves_figure(history), Path(path))
+
+
+#: Up to this many epochs each one gets a marker, so a single epoch (a head fitted in one
+#: closed-form step) is a visible dot rather than an invisible zero-length line.
+_MARKED_EPOCHS = 20
+
+
+def training_curves_figure(history: Sequence[Mapping[str, Any]]) -> plt.Figure:
+    """The figure behind :func:`plot_training_curves`: only the series the history has.
+
+    Epochs are the history's own 1-based numbers, on integer ticks; a key missing or not
+    finite in an entry leaves that point out instead of drawing NaN.
+    """
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
-        ax.plot(epochs, [h.get(key, np.nan) for h in history], label=f"train {key}")
-        ax.plot(epochs, [h.get(f"val_{key}", np.nan) for h in history], label=f"val {key}")
+        for name, label in ((key, f"train {key}"), (f"val_{key}", f"val {key}")):
+            points = [(int(h["epoch"]), float(h[name])) for h in history
+                      if isinstance(h.get(name), (int, float)) and math.isfinite(h[name])]
+            if points:
+                epochs, values = zip(*points, strict=True)
+                ax.plot(epochs, values, label=label, markersize=4,
+                        marker="o" if len(points) <= _MARKED_EPOCHS else None)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_title(key)
         for prev, cur in itertools.pairwise(history):
             if prev.get("phase") != cur.get("phase"):
                 ax.axvline(cur["epoch"] - 0.5, color="grey", linestyle=":", linewidth=1)
-        ax.legend()
-    if not history:
-        axes[0].text(0.5, 0.5, "no history", ha="center", transform=axes[0].transAxes)
-    return _save(fig, Path(path))
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, f"no {key} recorded", ha="center", transform=ax.transAxes)
+    return fig
 
 
 def plot_image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: str | Path,

@@ -16,6 +16,7 @@ Typical use inside a step (layer 1 stays free of KFP)::
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -62,6 +63,21 @@ TAG_PACKAGE_VERSION = "iris.package_version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the key the MLflow UI shows as "Git commit"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+TAG_SOURCE_NAME = "mlflow.source.name"  # the UI's "Source" column
+TAG_SOURCE_TYPE = "mlflow.source.type"
+#: The experiment tag MLflow's UI reads to choose its layout; without it, an experiment with
+#: no traces opens on the GenAI overview instead of the training runs.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+TAG_NOTE = "mlflow.note.content"  # the experiment's (and a run's) description in the UI
+EXPERIMENT_DESCRIPTION = (
+    "Iris-flower image classifier trained by a Kubeflow pipeline. Each pipeline run is one "
+    "parent run, named after what differs between runs (model, width, image size, pooling, "
+    "data set, start time), with one nested run per tracked step: **train** (per-epoch loss "
+    "and accuracy, the logged model), **evaluate** (held-out test metrics, confusion matrix, "
+    "HTML report) and **register** (registry decision). Test metrics and the majority "
+    "baseline are also on the parent, so the run list compares pipeline runs."
+)
 
 #: Set by KFP in every executor container (downward API), never by kfp.local.
 KFP_POD_ENV = ("KFP_POD_NAME", "KFP_POD_UID")
@@ -330,7 +346,11 @@ def _validate_run_args(step: str, pipeline_run_id: str, pipeline_name: str) -> N
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """The id of experiment ``name``, created (with a local artifact root if local) if missing."""
+    """The id of experiment ``name``, created (with a local artifact root if local) if missing.
+
+    Either way it carries :func:`ensure_experiment_tags`, so experiments created by older
+    versions open on their training runs too.
+    """
     if not name or not name.strip():
         raise ValueError("experiment_name must be a non-empty string")
     experiment = client.get_experiment_by_name(name)
@@ -340,15 +360,58 @@ def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str)
                 f"MLflow experiment {name!r} is deleted; restore it in the MLflow UI "
                 "(or `mlflow experiments restore`) or choose another experiment_name"
             )
+        ensure_experiment_tags(client, experiment.experiment_id)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=local_artifact_root(tracking_uri))
+        return client.create_experiment(
+            name, artifact_location=local_artifact_root(tracking_uri),
+            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND, TAG_NOTE: EXPERIMENT_DESCRIPTION},
+        )
     except MlflowException as exc:  # another step created it first
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
         logger.debug("experiment %r was created concurrently: %s", name, exc)
+        ensure_experiment_tags(client, experiment.experiment_id)
         return experiment.experiment_id
+
+
+def ensure_experiment_tags(client: MlflowClient, experiment_id: str) -> None:
+    """Give the experiment its kind (training runs, not GenAI) and description if unset.
+
+    Values a user already set (another kind, an edited description) are kept.
+    """
+    tags = client.get_experiment(experiment_id).tags
+    for key, value in ((TAG_EXPERIMENT_KIND, EXPERIMENT_KIND), (TAG_NOTE, EXPERIMENT_DESCRIPTION)):
+        if key not in tags:
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+def parent_run_name(params: Mapping[str, Any], pipeline_name: str,
+                    started: datetime.datetime | None = None) -> str:
+    """A name that says what differs between pipeline runs in MLflow's run list.
+
+    E.g. ``mobilenet a0.25 224px avg_max · iris-image.zip · 11-27 10:42``: the model and its
+    key settings, the data set's file name and the local start time. KFP's run ids
+    (``iris-image-pipeline-2668005``) all share a prefix, which is all the list shows.
+    """
+    model = str(params.get("model", "")).strip()
+    parts = [model] if model else [pipeline_name]
+    if model == "mobilenet" and "alpha" in params:
+        parts.append(f"a{float(params['alpha']):g}")
+    if "image_size" in params:
+        parts.append(f"{int(params['image_size'])}px")
+    if params.get("pooling"):
+        parts.append(str(params["pooling"]))
+    if int(params.get("fine_tune_epochs") or 0) > 0:
+        parts.append(f"fine-tune {int(params['fine_tune_epochs'])}")
+    fields = [" ".join(parts)]
+    source = str(params.get("data_source", "")).strip().rstrip("/")
+    if source:
+        fields.append(urllib.parse.unquote(urllib.parse.urlsplit(source).path).rsplit("/", 1)[-1]
+                      or source)
+    fields.append((started or datetime.datetime.now()).strftime("%m-%d %H:%M"))
+    return " · ".join(fields)[:250]
 
 
 def find_parent_run(client: MlflowClient, experiment_id: str, pipeline_run_id: str) -> str | None:
@@ -423,9 +486,10 @@ def step_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """Run the body inside a nested MLflow run named ``step`` under the pipeline's parent run.
 
-    The parent (one per KFP run id, found by the ``kfp.pipeline_run_id`` tag or created) carries
-    the config as params and the run id, pipeline name, package version and git commit as
-    tags, so runs are compared at the parent level in the MLflow UI. Its status follows the
+    The parent (one per KFP run id, found by the ``kfp.pipeline_run_id`` tag or created) is
+    named by :func:`parent_run_name` and carries the config as params and the run id, pipeline
+    name, source, package version and git commit as tags, so runs are compared at the parent
+    level in the MLflow UI; the step run carries its own ``params`` as well. Its status follows the
     steps: RUNNING while one runs, FINISHED after each success, FAILED after a failure.
 
     Under the KFP MLflow plugin (``$MLFLOW_RUN_ID`` set, with ``$MLFLOW_TRACKING_URI`` and
@@ -500,15 +564,17 @@ def _step_run(
         parent_id = given_run
         experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip() or (
             parent.info.experiment_id)
+        ensure_experiment_tags(client, experiment_id)
         client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in parent_tags.items()])
         manage_parent = False
         logger.info("MLFLOW_RUN_ID=%s given: step %r nests under it", parent_id, step)
     else:
         experiment_id = get_or_create_experiment(client, experiment_name, tracking_uri)
-        parent_name = f"{pipeline_name}-{pipeline_run_id}"[:250]
         parent_id = _get_or_create_parent(
             client, experiment_id, pipeline_run_id,
-            {**parent_tags, TAG_RUN_KIND: "pipeline"}, parent_name,
+            {**parent_tags, TAG_RUN_KIND: "pipeline", TAG_SOURCE_TYPE: "JOB",
+             TAG_SOURCE_NAME: f"{pipeline_name} (KFP run {pipeline_run_id})"},
+            parent_run_name(params or {}, pipeline_name),
         )
         manage_parent = True
 
@@ -719,6 +785,7 @@ __all__ = [
     "TrackingServerError",
     "TrackingUriMissingError",
     "check_tracking_server",
+    "ensure_experiment_tags",
     "find_parent_run",
     "get_or_create_experiment",
     "git_commit",
@@ -730,6 +797,7 @@ __all__ = [
     "log_params_once",
     "numeric_metrics",
     "parent_run_id",
+    "parent_run_name",
     "plugin_run_id",
     "redact_uri",
     "resolve_tracking_uri",

@@ -8,7 +8,7 @@ from typing import Any
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME
 from pipeline.lib.contract import DATA_REPORT_JSON, METRICS_FILE
-from pipeline.lib.files import read_json
+from pipeline.lib.files import normalize_sha256, read_json
 from pipeline.runners.local import FILE_OUTPUTS, LocalRunResult, StepFailedError
 
 #: Entries of the data report that the summary repeats (the rest lists files).
@@ -40,7 +40,11 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
         "confusion_matrix": evaluation.get("confusion_matrix"),
         "data": {
             "source": prepared_meta.get("source", config.data_source),
-            "sha256": prepared_meta.get("sha256", config.data_sha256),
+            # the archive's actual digest (none for a folder); checked = it was given
+            "sha256": data_report.get("input", {}).get("sha256")
+            or prepared_meta.get("sha256", config.data_sha256),
+            "sha256_checked": normalize_sha256(
+                prepared_meta.get("sha256", config.data_sha256)) is not None,
             "counts": {k: data_report[k] for k in DATA_REPORT_COUNTS if k in data_report},
             "report": str(Path(outputs["prepared_data"].path) / DATA_REPORT_JSON),
         },

@@ -56,6 +56,14 @@ CACHE_ENV = "IRIS_CACHE_DIR"
 _CHUNK = 1 << 20
 
 
+#: Appended to every failed remote fetch: the README's first command on a machine without
+#: network fails here, and the fix is a flag away.
+LOCAL_COPY_HINT = (
+    "to use a local copy instead (archive or folder of class folders), pass --data PATH "
+    "or set IRIS_DATA_SOURCE=PATH"
+)
+
+
 class DownloadError(OSError):
     """A remote source could not be fetched after every retry; the message names the URL."""
 
@@ -416,9 +424,12 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
             return _fetch_local(source, scheme, dest_dir, expected)
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         transfer = _Transfer(redact_uri(source), deadline_s, min_bytes_per_s, stall_window_s)
-        return _fetch_remote(source, dest_dir / _source_name(source), expected, cache,
-                             retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
-                             use_fsspec=scheme not in HTTP_SCHEMES, transfer=transfer)
+        try:
+            return _fetch_remote(source, dest_dir / _source_name(source), expected, cache,
+                                 retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
+                                 use_fsspec=scheme not in HTTP_SCHEMES, transfer=transfer)
+        except DownloadError as exc:  # e.g. no network: say how to run from a local copy
+            raise DownloadError(f"{exc}; {LOCAL_COPY_HINT}") from exc
 
 
 def _fetch_local(source: str, scheme: str, dest_dir: Path, expected: str | None) -> Path:
@@ -461,6 +472,7 @@ def run_step(params: DownloadParams, out_dir: str | Path) -> dict[str, str]:
 
 __all__ = [
     "CACHE_ENV",
+    "LOCAL_COPY_HINT",
     "STALL_WINDOW_S",
     "DownloadError",
     "default_cache_dir",

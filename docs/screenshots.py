@@ -1,0 +1,140 @@
+"""Regenerate the MLflow UI screenshots in docs/: two small local runs, a real server, Chromium.
+
+Usage (needs ``pip install -e ".[dev,docs]"`` and Debian's ``chromium`` package; Playwright's
+own browser download is not used)::
+
+    python docs/screenshots.py --output-dir docs/
+
+Runs ``pipeline.py --local`` twice (two pooling settings, small images, epoch-by-epoch head so
+the charts have curves) against a fresh ``mlflow server`` on 127.0.0.1, then saves what a user
+sees: the experiment's run list, the train run's model metrics and the registered model. The
+server and everything it stored live in a temporary folder (``--workdir`` keeps them). The data
+set and weights come from ``IRIS_DATA_SOURCE`` / ``IRIS_MODEL_WEIGHTS`` when set (offline),
+else the defaults are downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' server and CLI helpers, reused as is
+
+from cli_helpers import clean_env, run_local_cli, succeeded  # noqa: E402
+from mlflow_server import run_mlflow_server  # noqa: E402
+
+logger = logging.getLogger("screenshots")
+
+EXPERIMENT = "iris-image-classification"
+MODEL_NAME = "iris-image-classifier"
+#: Small and quick, with curves: the head trains epoch by epoch on 128 px images; gate 0 so
+#: both runs reach the registry (champion, then challenger or a new champion).
+COMMON = ("image_size=128", "head_feature_views=0", "epochs=8", "learning_rate=0.003",
+          "gate_threshold=0")
+#: What differs between the two runs, so the run list shows it in the names.
+RUNS = (("pooling=avg_max",), ("pooling=avg",))
+VIEWPORT = {"width": 1280, "height": 800}
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+#: Longest wait for a page's content (the UI fetches runs and metrics after loading).
+PAGE_TIMEOUT_MS = 60_000
+
+
+def run_pipelines(workdir: Path, tracking_uri: str) -> list[dict]:
+    """Both local runs against ``tracking_uri``; their ``--summary`` JSONs."""
+    env = clean_env(**{k: v for k, v in os.environ.items() if k.startswith("IRIS_")},
+                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                             os.environ.get("PYTHONPATH")])))
+    summaries = []
+    for index, extra in enumerate(RUNS, 1):
+        args = ["--tracking-uri", tracking_uri, "--output-dir", str(workdir / "out")]
+        for item in (*COMMON, *extra):
+            args += ["--set", item]
+        logger.info("pipeline run %d/%d: %s", index, len(RUNS), " ".join(args))
+        summaries.append(succeeded(run_local_cli(workdir, *args, env=env, timeout=1800)))
+    return summaries
+
+
+def save_png(page: object, path: Path) -> Path:
+    """Screenshot ``page`` to ``path`` as a palette PNG (a tenth of the RGB size)."""
+    raw = path.with_suffix(".raw.png")
+    page.screenshot(path=str(raw))
+    with Image.open(raw) as image:
+        image.convert("RGB").quantize(colors=256).save(path, optimize=True)
+    raw.unlink()
+    logger.info("wrote %s (%d kB)", path, path.stat().st_size // 1024)
+    return path
+
+
+def take_screenshots(url: str, summary: dict, output_dir: Path) -> list[Path]:
+    """Run list, the train run's model metrics and the registered model, 1280x800 each."""
+    from mlflow import MlflowClient
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+
+    experiment_id = MlflowClient(url).get_experiment_by_name(EXPERIMENT).experiment_id
+    train_id = summary["mlflow"]["step_run_ids"]["train"]
+    # MLflow 3.17's UI picks GenAI or model-training pages by a global switch (this URL
+    # parameter, then the browser's last choice), not by the experiment's kind tag.
+    ml = "workflowType=machine_learning"
+    pages = [
+        ("mlflow-runs.png", f"{url}/#/experiments/{experiment_id}?{ml}", "mobilenet a0.25"),
+        ("mlflow-train-metrics.png",
+         f"{url}/#/experiments/{experiment_id}/runs/{train_id}/model-metrics?{ml}", "val_loss"),
+        ("mlflow-registry.png", f"{url}/#/models/{MODEL_NAME}?{ml}", "Version 1"),
+    ]
+    written = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            for name, address, expected_text in pages:
+                page.goto(address)
+                try:
+                    page.get_by_text(expected_text).first.wait_for()
+                except PlaywrightTimeout:
+                    save_png(page, output_dir / f"failed-{name}")  # what it showed instead
+                    raise
+                page.wait_for_timeout(3000)  # charts draw after their data arrives
+                written.append(save_png(page, output_dir / name))
+        finally:
+            browser.close()
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run the pipelines against a fresh server, save the screenshots."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "docs",
+                        help="where the PNGs go (default: docs/)")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep the server's store and the runs' outputs here "
+                             "(default: a temporary folder, removed afterwards)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not Path(CHROMIUM).is_file():
+        parser.error(f"{CHROMIUM} not found: apt-get install chromium")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="iris-screenshots-") as tmp:
+        workdir = (args.workdir or Path(tmp)).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        with run_mlflow_server(workdir / "mlflow-server") as server:
+            logger.info("mlflow server at %s", server.url)
+            summaries = run_pipelines(workdir, server.url)
+            take_screenshots(server.url, summaries[-1], args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
