@@ -49,6 +49,7 @@ from pipeline.lib.contract import (
 )
 from pipeline.lib.files import atomic_write_json, read_json
 from pipeline.lib.params import DownloadParams, PreprocessParams, TrackingParams, TrainParams
+from pipeline.lib.progress import report_progress
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +271,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state.last_weights = self.checkpoints.save_weights(
             self.model, f"last-{entry['epoch']:04d}.weights.h5")
         self.checkpoints.commit(state)
+        report_progress(f"{phase.name} epochs", epoch + 1, phase.epochs)
         logger.info(
             "epoch %d (%s %d/%d): loss %.4f acc %.3f val_loss %.4f val_acc %.3f lr %.2g (%.1fs)%s",
             entry["epoch"], phase.name, epoch + 1, phase.epochs, entry.get("loss", math.nan),
@@ -306,12 +308,14 @@ def extract_features(
         images.append(image.numpy())
         labels.append(label.numpy())
     features, all_labels = [], []
+    total = (views + 1) * len(images)
     for view in range(views + 1):
         for step, batch in enumerate(images):
             if view:
                 seed = tf.constant([config.seed, view * 100_000 + step], tf.int64)
                 batch = augmenter.augment(batch, seed)
             features.append(np.asarray(extractor(tf.cast(batch, tf.float32), training=False)))
+            report_progress(f"{split} features", len(features), total)
         all_labels += labels
     return np.concatenate(features), np.concatenate(all_labels)
 
