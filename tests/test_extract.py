@@ -13,7 +13,6 @@ from imagegen import image_bytes, tar_entries, zip_entries
 from pipeline.lib.archive import (
     ArchiveTooLargeError,
     UnsafeArchiveError,
-    extract_archive,
     safe_extract,
 )
 
@@ -37,7 +36,7 @@ def test_zip_slip_and_absolute_paths_are_refused_and_nothing_is_written(tmp_path
     target = tmp_path / "out"
 
     with pytest.raises(UnsafeArchiveError) as caught:
-        extract_archive(archive, target, **LIMITS)
+        safe_extract(archive, target, **LIMITS)
 
     message = str(caught.value)
     for name in ("../victim.txt", "good/../../victim.txt", str(outside), "C:\\\\windows"):
@@ -58,7 +57,7 @@ def test_tar_symlink_and_hardlink_pointing_out_are_refused(tmp_path: Path) -> No
     target = tmp_path / "out"
 
     with pytest.raises(UnsafeArchiveError) as caught:
-        extract_archive(archive, target, **LIMITS)
+        safe_extract(archive, target, **LIMITS)
 
     assert sorted(caught.value.entries) == ["cls/hard.jpg", "cls/passwd.jpg", "cls/up.jpg"]
     assert "/etc/passwd" in str(caught.value)
@@ -70,7 +69,7 @@ def test_tar_link_inside_the_archive_becomes_a_plain_copy(tmp_path: Path) -> Non
     archive = tar_entries(tmp_path / "inner.tar.gz", {"a/x.jpg": data, "b/y.jpg": data},
                           mode="w:gz", symlinks={"b/link.jpg": "../a/x.jpg"})
 
-    root = extract_archive(archive, tmp_path / "out", **LIMITS)
+    root = safe_extract(archive, tmp_path / "out", **LIMITS).root
 
     link = root / "b" / "link.jpg"
     assert not link.is_symlink() and link.read_bytes() == data
@@ -82,7 +81,7 @@ def test_zip_bomb_over_the_size_limit_is_refused_before_writing(tmp_path: Path) 
     target = tmp_path / "out"
 
     with pytest.raises(ArchiveTooLargeError, match="20000000 bytes, over the limit of 1000000"):
-        extract_archive(archive, target, max_bytes=1_000_000, max_entries=1000)
+        safe_extract(archive, target, max_bytes=1_000_000, max_entries=1000)
     assert not target.exists()
     assert _all_files(tmp_path) == {"bomb.zip"}
 
@@ -115,7 +114,7 @@ def test_entries_larger_than_declared_are_stopped_at_the_limit(
 def test_too_many_entries_is_refused(tmp_path: Path) -> None:
     archive = zip_entries(tmp_path / "many.zip", {f"cls/{i}.jpg": b"x" for i in range(30)})
     with pytest.raises(ArchiveTooLargeError, match="30 entries, over the limit of 20"):
-        extract_archive(archive, tmp_path / "out", max_bytes=10_000, max_entries=20)
+        safe_extract(archive, tmp_path / "out", max_bytes=10_000, max_entries=20)
     assert not (tmp_path / "out").exists()
 
 
@@ -146,7 +145,7 @@ def test_single_wrapping_folder_is_accepted_and_macosx_junk_skipped(tmp_path: Pa
         "flowers/.DS_Store": b"junk",
     })
 
-    root = extract_archive(archive, tmp_path / "out", **LIMITS)
+    root = safe_extract(archive, tmp_path / "out", **LIMITS).root
 
     assert root == tmp_path / "out" / "flowers"
     assert sorted(p.name for p in root.iterdir()) == ["setosa", "virginica"]
@@ -155,14 +154,14 @@ def test_single_wrapping_folder_is_accepted_and_macosx_junk_skipped(tmp_path: Pa
 
 def test_lone_folder_of_images_is_a_class_not_a_wrapper(tmp_path: Path) -> None:
     archive = zip_entries(tmp_path / "one.zip", {"setosa/1.jpg": image_bytes(1)})
-    assert extract_archive(archive, tmp_path / "out", **LIMITS) == tmp_path / "out"
+    assert safe_extract(archive, tmp_path / "out", **LIMITS).root == tmp_path / "out"
 
 
 def test_not_an_archive_is_a_clear_error(tmp_path: Path) -> None:
     bogus = tmp_path / "data.zip"
     bogus.write_text("not an archive")
     with pytest.raises(ValueError, match="not a zip or tar"):
-        extract_archive(bogus, tmp_path / "out", **LIMITS)
+        safe_extract(bogus, tmp_path / "out", **LIMITS)
 
 
 def test_a_highly_compressed_entry_is_refused_within_the_size_limit(tmp_path: Path) -> None:
@@ -171,7 +170,7 @@ def test_a_highly_compressed_entry_is_refused_within_the_size_limit(tmp_path: Pa
                                                   "cls/zeros.bmp": bytes(8_000_000)})
     with pytest.raises(ArchiveTooLargeError, match=r"entry 'cls/zeros\.bmp' .* expands \d+x "
                        r".*over the limit of 200x \(max_entry_compression_ratio\)"):
-        extract_archive(archive, tmp_path / "out", **LIMITS)
+        safe_extract(archive, tmp_path / "out", **LIMITS)
     assert _all_files(tmp_path) == {"bomb.zip"}
 
 
@@ -181,7 +180,7 @@ def test_many_small_compressible_entries_hit_the_archive_ratio(tmp_path: Path) -
                           {f"cls/{i}.bmp": bytes(900_000) for i in range(8)})
     with pytest.raises(ArchiveTooLargeError, match=r"many\.zip' expands \d+x .*over the limit "
                        r"of 50x \(max_archive_compression_ratio\)"):
-        extract_archive(archive, tmp_path / "out", **LIMITS)
+        safe_extract(archive, tmp_path / "out", **LIMITS)
     assert _all_files(tmp_path) == {"many.zip"}
 
 
@@ -189,9 +188,9 @@ def test_a_compressed_tar_bomb_is_refused_by_the_archive_ratio(tmp_path: Path) -
     archive = tar_entries(tmp_path / "bomb.tar.gz", {"cls/zeros.bmp": bytes(8_000_000)},
                           mode="w:gz")
     with pytest.raises(ArchiveTooLargeError, match="max_archive_compression_ratio"):
-        extract_archive(archive, tmp_path / "out", **LIMITS)
+        safe_extract(archive, tmp_path / "out", **LIMITS)
     # a looser limit lets the same archive through
-    root = extract_archive(archive, tmp_path / "out", **LIMITS, max_archive_ratio=1e6)
+    root = safe_extract(archive, tmp_path / "out", **LIMITS, max_archive_ratio=1e6).root
     assert (root / "cls" / "zeros.bmp").stat().st_size == 8_000_000
 
 
@@ -202,7 +201,7 @@ def test_an_entry_is_cut_at_its_declared_size(tmp_path: Path,
     monkeypatch.setattr(zipfile.ZipFile, "open",
                         lambda self, info: io.BytesIO(b"x" * 3_000_000))  # a lying stream
     with pytest.raises(ArchiveTooLargeError, match=r"'cls/a\.jpg' .* expands beyond 1000 bytes"):
-        extract_archive(archive, tmp_path / "out", **LIMITS)
+        safe_extract(archive, tmp_path / "out", **LIMITS)
     assert _all_files(tmp_path) == {"liar.zip"}
 
 

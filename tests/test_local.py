@@ -318,6 +318,7 @@ def test_each_steps_full_output_is_in_its_log_file(first_run: CliRun) -> None:
     assert "Executing task 'train-model'" in train
     assert re.search(r"epoch 1 .*loss [0-9.]+", train), "no per-epoch progress in the log"
     assert re.search(r"epoch 2 .*loss [0-9.]+", train)
+    assert '@@progress {"what": "head epochs", "done": 2' in train  # a bar on a terminal
     assert "Executing task 'train-model'" not in (logs / "evaluate-model.log").read_text()
 
 

@@ -66,13 +66,12 @@ def model_uris(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFac
 
 
 def register_in_step(server: MlflowServer, model_uri: str, name: str, value: float,
-                     gate_passed: bool = True, client: MlflowClient | None = None
-                     ) -> tuple[dict, str]:
+                     client: MlflowClient | None = None) -> tuple[dict, str]:
     """Run register_model inside a 'register' step run; returns (decision, step run id)."""
     with step_run("register", tracking_uri=server.url, experiment_name="registry-tests",
                   pipeline_run_id=f"kfp-{uuid.uuid4()}", pipeline_name="iris-test") as run:
         decision = register_model(model_uri, name=name, metric_name="balanced_accuracy",
-                                  metric_value=value, gate_passed=gate_passed, client=client)
+                                  metric_value=value, client=client)
     return decision, run.info.run_id
 
 
@@ -132,23 +131,6 @@ def test_champion_alias_loads_and_predicts_on_raw_images(
     expected = keras.saving.load_model(model_uris["keras2"]).predict(same_size, verbose=0)
     assert np.allclose(predicted[CLASSES], expected, atol=1e-4), "champion must be the m2 model"
     assert loaded.metadata.metadata["classes"] == CLASSES
-
-
-@server
-def test_failed_gate_registers_nothing_and_says_why(
-        mlflow_server: MlflowServer, model_uris: dict[str, str]) -> None:
-    name = f"iris-{uuid.uuid4().hex[:8]}"
-    client = MlflowClient(mlflow_server.url)
-    decision, run_id = register_in_step(mlflow_server, model_uris["m1"], name, 0.31,
-                                        gate_passed=False)
-    assert decision["registered"] is False and decision["version"] is None
-    assert decision["decision"] == "not_registered"
-    assert "gate failed" in decision["reason"] and "0.3100" in decision["reason"]
-    assert client.search_registered_models(filter_string=f"name = '{name}'") == []
-    logged = client.get_run(run_id).data
-    assert logged.tags["registry.decision"] == "not_registered"
-    assert "gate failed" in logged.tags["registry.reason"]
-    assert logged.metrics["registry.candidate_balanced_accuracy"] == pytest.approx(0.31)
 
 
 @server
@@ -264,7 +246,7 @@ def test_a_champion_without_a_recorded_metric_stays_champion(
 ])
 def test_bad_arguments_are_clear_errors(kwargs: dict, message: str) -> None:
     arguments = {"name": "iris", "metric_name": "balanced_accuracy", "metric_value": 0.9,
-                 "gate_passed": True, **kwargs}
+                 **kwargs}
     with pytest.raises(ValueError, match=message):
         register_model("models:/m-123", **arguments)
 
@@ -320,7 +302,7 @@ def register(store: tuple[str, str], tmp_path: Path, name: str, predicted: np.nd
              client: MlflowClient | None = None) -> dict:
     model_uri, evidence = evaluated(store, tmp_path, predicted, split)
     return register_model(model_uri, name=name, metric_name="balanced_accuracy",
-                          metric_value=balanced(predicted), gate_passed=True,
+                          metric_value=balanced(predicted),
                           client=client or MlflowClient(store[0]), evidence=evidence,
                           margin=margin)
 

@@ -80,7 +80,6 @@ class Extraction:
     """What :func:`safe_extract` did: where the data landed and what it left out, and why."""
 
     root: Path  # the folder holding the class folders (below any single wrapping folder)
-    target: Path  # the extraction target itself
     files_written: int = 0
     bytes_written: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
@@ -351,7 +350,7 @@ def safe_extract(archive: str | Path, target: str | Path, *, max_bytes: int,
 
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
-        result = Extraction(root=target, target=target)
+        result = Extraction(root=target)
         seen: set[tuple[str, ...]] = set()
         try:
             for member, info in scanned:
@@ -411,17 +410,6 @@ def safe_extract(archive: str | Path, target: str | Path, *, max_bytes: int,
     return result
 
 
-def extract_archive(archive: Path, target: Path, *, max_bytes: int, max_entries: int,
-                    **ratios: float) -> Path:
-    """Safely extract ``archive`` into ``target``; return the folder holding the class folders.
-
-    See :func:`safe_extract` for the checks (``ratios``: its ratio limits); this is its short
-    form for callers that only need the data's location.
-    """
-    return safe_extract(archive, target, max_bytes=max_bytes, max_entries=max_entries,
-                        **ratios).root
-
-
 __all__ = [
     "JUNK_NAMES",
     "RATIO_MIN_BYTES",
@@ -429,7 +417,6 @@ __all__ = [
     "ArchiveTooLargeError",
     "Extraction",
     "UnsafeArchiveError",
-    "extract_archive",
     "find_class_root",
     "is_junk",
     "is_utf8",

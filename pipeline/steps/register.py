@@ -43,7 +43,6 @@ from mlflow.tracking import MlflowClient
 from pipeline.lib import stats, tracking
 from pipeline.lib.contract import (
     META_DATA_SHA256,
-    META_GATE_PASSED,
     META_MODEL_URI,
     META_PREDICTIONS_URI,
     META_SPLIT_DIGEST,
@@ -178,7 +177,6 @@ def register_model(
     name: str,
     metric_name: str,
     metric_value: float,
-    gate_passed: bool,
     client: MlflowClient | None = None,
     evidence: Evidence | None = None,
     margin: float = 0.0,
@@ -188,7 +186,7 @@ def register_model(
     The new version gets alias ``champion`` when there is none yet, or when it beats the
     current champion by more than ``margin`` (see :func:`compare_with_champion`), else
     ``challenger``; a champion whose value is unknown is kept (a new version cannot be shown
-    to beat it). A failed gate registers nothing. On any error after the version was
+    to beat it). The step runs only behind the gate (``dsl.If``). On any error after the version was
     created, the version is deleted and moved aliases are put back, so the registry never
     holds a half-registered model.
 
@@ -220,15 +218,6 @@ def register_model(
         "metric_value": metric_value, "champion_value": None, "previous_champion_version": None,
         "comparison": None,
     }
-    if not gate_passed:
-        decision["reason"] = (
-            f"gate failed: {metric_name}={metric_value:.4f} did not pass the quality gate; "
-            "nothing registered"
-        )
-        logger.warning("not registering %s: %s", model_uri, decision["reason"])
-        _log_decision(client, decision)
-        return decision
-
     champion_version, champion_value = champion_metric(client, name, metric_name)
     previous_challenger = _alias_version(client, name, CHALLENGER)
     decision["previous_champion_version"] = champion_version
@@ -476,7 +465,6 @@ def run_step(model_metadata: Mapping[str, Any], metrics_metadata: Mapping[str, A
             name=params.registered_model_name,
             metric_name=params.gate_metric,
             metric_value=float(metrics_metadata[params.gate_metric]),
-            gate_passed=bool(metrics_metadata[META_GATE_PASSED]),
             evidence=evidence,
             margin=params.promotion_margin,
         )
