@@ -31,6 +31,30 @@ def iris_zip() -> Path:
 
 
 @pytest.fixture(scope="session")
+def iris_data(tmp_path_factory: pytest.TempPathFactory, iris_zip: Path) -> Path:
+    """The shared archive prepared with the default split, built once per test session."""
+    from pipeline.config import PipelineConfig
+    from pipeline.lib.params import PreprocessParams
+    from pipeline.steps.preprocess import prepare_dataset
+
+    out = tmp_path_factory.mktemp("iris") / "prepared"
+    prepare_dataset(iris_zip, out, PipelineConfig().params_for(PreprocessParams))
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_model(tmp_path_factory: pytest.TempPathFactory, iris_data: Path,
+                    mobilenet_weights: Path) -> tuple[Path, dict]:
+    """One real short training on the prepared iris set, shared by the test modules."""
+    from train_helpers import REFERENCE_OVERRIDES, small_train
+
+    from pipeline.steps.train import train_model
+
+    model_dir = tmp_path_factory.mktemp("reference") / "model"
+    return model_dir, train_model(iris_data, model_dir, small_train(**REFERENCE_OVERRIDES))
+
+
+@pytest.fixture(scope="session")
 def mobilenet_weights() -> Path:
     if not MOBILENET_WEIGHTS.is_file():
         pytest.fail(f"shared MobileNet weights missing: {MOBILENET_WEIGHTS}")

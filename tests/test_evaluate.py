@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from train_helpers import prepared_iris, small_eval, small_train, trained_reference
+from train_helpers import small_eval, small_train
 
 from pipeline.lib import inputs, report, stats
 from pipeline.steps.evaluate import (
@@ -87,8 +87,8 @@ def test_report_html_is_self_contained(tmp_path):
     assert "test bootstrap" in page
 
 
-def test_split_digest_names_the_images_of_every_split(tmp_path_factory, iris_zip):
-    data_dir = prepared_iris(tmp_path_factory.mktemp("digest"))
+def test_split_digest_names_the_images_of_every_split(tmp_path_factory, iris_zip, iris_data):
+    data_dir = iris_data
     classes = json.loads((data_dir / "classes.json").read_text())
     digest = split_digest(data_dir, classes)
     assert len(digest) == 64 and digest == split_digest(data_dir, classes)
@@ -99,10 +99,10 @@ def test_split_digest_names_the_images_of_every_split(tmp_path_factory, iris_zip
 
 
 @pytest.mark.slow
-def test_evaluate_real_model_on_test_split(tmp_path_factory, iris_zip, mobilenet_weights):
+def test_evaluate_real_model_on_test_split(tmp_path_factory, iris_data, reference_model):
     root = tmp_path_factory.mktemp("evaluate")
-    model_dir, _ = trained_reference(root)
-    data_dir = prepared_iris(root)
+    model_dir, _ = reference_model
+    data_dir = iris_data
     out = root / "eval"
     metrics = evaluate_model(model_dir, data_dir, out, small_eval())
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -163,10 +163,10 @@ QUALITY_MARGIN = 0.1
 
 @pytest.mark.slow
 def test_trained_model_clearly_beats_the_majority_baseline(tmp_path_factory, iris_zip,
-                                                           mobilenet_weights):
+                                                           mobilenet_weights, iris_data):
     """The README's central claim, on the shared data's held-out test split."""
     root = tmp_path_factory.mktemp("quality")
-    data_dir = prepared_iris(root)
+    data_dir = iris_data
     train_model(data_dir, root / "model", small_train(**QUALITY_OVERRIDES))
     metrics = evaluate_model(root / "model", data_dir, root / "eval",
                              small_eval(**QUALITY_OVERRIDES))
@@ -175,13 +175,13 @@ def test_trained_model_clearly_beats_the_majority_baseline(tmp_path_factory, iri
     assert metrics["balanced_accuracy"] >= baseline + QUALITY_MARGIN, metrics["confusion_matrix"]
 
 
-def test_evaluate_refuses_mismatched_classes(tmp_path_factory, iris_zip, mobilenet_weights):
+def test_evaluate_refuses_mismatched_classes(tmp_path_factory, iris_data):
     root = tmp_path_factory.mktemp("mismatch")
     model_dir = root / "model"
     model_dir.mkdir()
     (model_dir / "classes.json").write_text(json.dumps(["x", "y", "z"]))
     with pytest.raises(ValueError, match="trained on classes"):
-        evaluate_model(model_dir, prepared_iris(root), root / "out", small_eval())
+        evaluate_model(model_dir, iris_data, root / "out", small_eval())
 
 
 def test_training_curves_show_a_single_epoch_and_only_recorded_series():

@@ -7,14 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
-from train_helpers import prepared_iris, small_train
+from train_helpers import small_train
 
 from pipeline.lib import inputs
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory, iris_zip):
-    return prepared_iris(tmp_path_factory.mktemp("inputs"))
+def data_dir(iris_data):
+    return iris_data
 
 
 def _images(n: int = 3, h: int = 40, w: int = 52, seed: int = 0) -> np.ndarray:

@@ -16,10 +16,8 @@ from mlflow.tracking import MlflowClient
 from train_helpers import (
     REFERENCE_OVERRIDES,
     kill_training_after,
-    prepared_iris,
     run_python,
     small_train,
-    trained_reference,
 )
 
 from pipeline.lib import inputs, models
@@ -40,8 +38,8 @@ def _odd_uint8(n: int, h: int, w: int) -> np.ndarray:
     return np.random.default_rng(1).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
-def test_training_writes_every_output(root):
-    model_dir, summary = trained_reference(root)
+def test_training_writes_every_output(root, reference_model):
+    model_dir, summary = reference_model
     for name in ("model.keras", "classes.json", "history.json", "augmentation_preview.png",
                  "training_summary.json", "saved_model/saved_model.pb", "checkpoints/state.json"):
         assert (model_dir / name).exists(), name
@@ -66,8 +64,8 @@ def test_training_writes_every_output(root):
     assert not list(model_dir.glob(".tmp*"))
 
 
-def test_exported_models_take_uint8_of_odd_sizes(root):
-    model_dir, _ = trained_reference(root)
+def test_exported_models_take_uint8_of_odd_sizes(root, reference_model):
+    model_dir, _ = reference_model
     keras_model = models.load_model(model_dir)
     serving = tf.saved_model.load(str(model_dir / "saved_model")).signatures["serving_default"]
     spec = serving.structured_input_signature[1]["images"]
@@ -81,9 +79,9 @@ def test_exported_models_take_uint8_of_odd_sizes(root):
         np.testing.assert_allclose(from_saved.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_same_seed_gives_same_training(root):
-    reference_dir, reference = trained_reference(root)
-    again = train_model(prepared_iris(root), root / "again", small_train(**REFERENCE_OVERRIDES))
+def test_same_seed_gives_same_training(root, iris_data, reference_model):
+    reference_dir, reference = reference_model
+    again = train_model(iris_data, root / "again", small_train(**REFERENCE_OVERRIDES))
     for a, b in zip(reference["history"], again["history"], strict=True):
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
@@ -93,11 +91,11 @@ def test_same_seed_gives_same_training(root):
         models.load_model(root / "again").predict(images, verbose=0), rtol=1e-5, atol=1e-6)
 
 
-def test_resume_after_kill_continues_from_last_finished_epoch(root):
-    _, reference = trained_reference(root)
-    data_dir = prepared_iris(root)
+def test_resume_after_kill_continues_from_last_finished_epoch(root, iris_data, reference_model):
+    _, reference = reference_model
+    data_dir = iris_data
     model_dir = root / "killed"
-    before = kill_training_after(root, model_dir, REFERENCE_OVERRIDES, epoch=2)
+    before = kill_training_after(iris_data, model_dir, REFERENCE_OVERRIDES, epoch=2)
     assert len(before) == 2
 
     summary = train_model(data_dir, model_dir, small_train(**REFERENCE_OVERRIDES))
@@ -115,10 +113,10 @@ def test_resume_after_kill_continues_from_last_finished_epoch(root):
     assert (model_dir / "model.keras").is_file()
 
 
-def test_checkpoints_of_another_run_are_refused(root):
-    model_dir, _ = trained_reference(root)
+def test_checkpoints_of_another_run_are_refused(root, iris_data, reference_model):
+    model_dir, _ = reference_model
     with pytest.raises(ValueError, match="different training run"):
-        train_model(prepared_iris(root), model_dir, small_train(seed=7, **REFERENCE_OVERRIDES))
+        train_model(iris_data, model_dir, small_train(seed=7, **REFERENCE_OVERRIDES))
 
 
 # --- the default head path: Keras epochs on cached backbone features ------------------------
@@ -131,13 +129,13 @@ FEATURE_OVERRIDES: dict[str, object] = {
 
 
 @pytest.fixture(scope="module")
-def feature_run(root) -> tuple[Path, dict, MlflowClient, str]:
+def feature_run(root, iris_data) -> tuple[Path, dict, MlflowClient, str]:
     """The feature-head run, its epochs logged to a local MLflow store as the component does."""
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.create_experiment("train-tests", artifact_location=str(root / "mlruns"))
     run_id = client.create_run(experiment).info.run_id
     model_dir = root / "feature-head"
-    summary = train_model(prepared_iris(root), model_dir, small_train(**FEATURE_OVERRIDES),
+    summary = train_model(iris_data, model_dir, small_train(**FEATURE_OVERRIDES),
                           callbacks=[MlflowEpochLogger(run_id=run_id, client=client)])
     return model_dir, summary, client, run_id
 
@@ -182,13 +180,13 @@ def test_feature_head_epochs_are_mlflow_curves_with_1_based_steps(feature_run):
         assert [p.value for p in points] == pytest.approx([h[key] for h in history]), key
 
 
-def test_feature_head_exports_the_best_epoch_not_the_last(root, feature_run):
+def test_feature_head_exports_the_best_epoch_not_the_last(root, feature_run, iris_data):
     """The exported model scores the best epoch's validation loss (standardization folded in)."""
     model_dir, summary, *_ = feature_run
     best = summary["history"][summary["bookkeeping"]["best_epoch"] - 1]
     last = summary["history"][-1]
     assert last["val_loss"] > 1.1 * best["val_loss"]  # restoring makes a visible difference
-    images, labels = _val_set(prepared_iris(root))
+    images, labels = _val_set(iris_data)
     probabilities = np.asarray(models.load_model(model_dir).predict(images, verbose=0))
     # val_loss includes the (here negligible) L2 penalty
     assert _cross_entropy(probabilities, labels) == pytest.approx(best["val_loss"], rel=2e-3)
@@ -198,9 +196,9 @@ def test_feature_head_exports_the_best_epoch_not_the_last(root, feature_run):
     np.testing.assert_allclose(served, probabilities, rtol=1e-4, atol=1e-5)
 
 
-def test_class_weights_are_inverse_frequency_and_change_training(root, feature_run):
+def test_class_weights_are_inverse_frequency_and_change_training(root, feature_run, iris_data):
     _, weighted, *_ = feature_run
-    data_dir = prepared_iris(root)
+    data_dir = iris_data
     labels = inputs.read_labels(data_dir, "train")
     counts = {c: int((labels == i).sum()) for i, c in enumerate(weighted["classes"])}
     assert len(set(counts.values())) > 1  # the iris split is imbalanced
@@ -215,14 +213,14 @@ def test_class_weights_are_inverse_frequency_and_change_training(root, feature_r
                                                              rel=1e-3)
 
 
-def test_feature_head_resumes_after_kill_exactly(root, feature_run):
+def test_feature_head_resumes_after_kill_exactly(root, feature_run, iris_data):
     """Killed after epoch 3, it continues with the same batches, optimizer state and early
     stopping counters, so it ends exactly as the uninterrupted run."""
     _, reference, *_ = feature_run
     model_dir = root / "feature-killed"
-    before = kill_training_after(root, model_dir, FEATURE_OVERRIDES, epoch=3)
+    before = kill_training_after(iris_data, model_dir, FEATURE_OVERRIDES, epoch=3)
     assert [h["epoch"] for h in before] == [1, 2, 3]
-    summary = train_model(prepared_iris(root), model_dir, small_train(**FEATURE_OVERRIDES))
+    summary = train_model(iris_data, model_dir, small_train(**FEATURE_OVERRIDES))
     assert summary["bookkeeping"]["resumed_from_epoch"] == 3
     assert summary["history"][:3] == before
     assert len(summary["history"]) == len(reference["history"])
@@ -232,13 +230,13 @@ def test_feature_head_resumes_after_kill_exactly(root, feature_run):
     assert summary["bookkeeping"]["best_epoch"] == reference["bookkeeping"]["best_epoch"]
 
 
-def test_finished_run_killed_before_export_exports_trained_weights(root, feature_run):
+def test_finished_run_killed_before_export_exports_trained_weights(root, feature_run, iris_data):
     """A run killed after its last epoch but before the export exports the trained model."""
     model_dir, summary, *_ = feature_run
-    images, _ = _val_set(prepared_iris(root))
+    images, _ = _val_set(iris_data)
     expected = models.load_model(model_dir).predict(images, verbose=0)
     (model_dir / "model.keras").unlink()
-    again = train_model(prepared_iris(root), model_dir, small_train(**FEATURE_OVERRIDES))
+    again = train_model(iris_data, model_dir, small_train(**FEATURE_OVERRIDES))
     assert again["history"] == summary["history"]
     np.testing.assert_allclose(models.load_model(model_dir).predict(images, verbose=0),
                                expected, rtol=1e-5, atol=1e-6)
@@ -249,8 +247,8 @@ def test_missing_data_set_is_a_clear_error(tmp_path):
         train_model(tmp_path / "nothing", tmp_path / "model", small_train())
 
 
-def test_mirrored_strategy_on_two_logical_cpus_with_augmentation_in_model(root):
-    data_dir = prepared_iris(root)
+def test_mirrored_strategy_on_two_logical_cpus_with_augmentation_in_model(root, iris_data):
+    data_dir = iris_data
     config = json.dumps(small_train(epochs=1, fine_tune_epochs=0, batch_size=16,
                                      augment_placement="model").to_dict())
     code = f"""

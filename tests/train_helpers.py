@@ -1,7 +1,6 @@
-"""Helpers for the training/evaluation tests: a prepared iris data set and small configs.
+"""Helpers for the training/evaluation tests: small configs and a training killed mid-way.
 
-The prepared data set comes from the real data step (``prepare_dataset``) on the shared
-archive; it is built once per test session and shared by the test modules.
+The shared prepared data set and reference model are session fixtures (``conftest.py``).
 """
 
 from __future__ import annotations
@@ -15,26 +14,12 @@ import sys
 from pathlib import Path
 
 from pipeline.config import PipelineConfig
-from pipeline.lib.params import EvaluateParams, PreprocessParams, TrainParams
+from pipeline.lib.params import EvaluateParams, TrainParams
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 IRIS_ZIP = SHARED_DATA / "iris-image.zip"
 MOBILENET_WEIGHTS = SHARED_DATA / "mobilenet_2_5_224_tf_no_top.h5"
-
-_PREPARED: dict[str, Path] = {}
-
-
-def prepared_iris(root: Path) -> Path:
-    """The shared archive prepared with the default split (seed 42), built once per session."""
-    from pipeline.steps.preprocess import prepare_dataset
-
-    if "iris" not in _PREPARED:
-        out = root / "iris-prepared"
-        prepare_dataset(IRIS_ZIP, out, PipelineConfig().params_for(PreprocessParams))
-        _PREPARED["iris"] = out
-    return _PREPARED["iris"]
-
 
 def small_config(**overrides: object) -> PipelineConfig:
     """A fast but real training config: MobileNet-0.25 with the shared ImageNet weights, 64 px."""
@@ -75,14 +60,13 @@ def run_python(code: str, *, timeout: float = 300, env: dict[str, str] | None = 
                           text=True, timeout=timeout, check=False)
 
 
-def kill_training_after(root: Path, model_dir: Path, overrides: dict[str, object], *,
+def kill_training_after(data_dir: Path, model_dir: Path, overrides: dict[str, object], *,
                         epoch: int) -> list[dict]:
     """Train in a fresh process that is SIGKILLed right after epoch ``epoch`` is checkpointed.
 
     The kill comes from a callback that runs after the step's own checkpoint callback, so it
     lands at a known epoch; returns the checkpointed history (what a restart resumes from).
     """
-    data_dir = prepared_iris(root)
     state_file = model_dir / "checkpoints" / "state.json"
     config = json.dumps(small_train(**overrides).to_dict())
     code = f"""
@@ -106,19 +90,5 @@ train_model({str(data_dir)!r}, {str(model_dir)!r},
     return json.loads(state_file.read_text())["history"]
 
 
-_TRAINED: dict[str, tuple[Path, dict]] = {}
-
 #: The config of the shared reference run (5 epochs: 4 head + 1 fine-tune, no early stop).
 REFERENCE_OVERRIDES: dict[str, object] = {"epochs": 4, "fine_tune_epochs": 1}
-
-
-def trained_reference(root: Path) -> tuple[Path, dict]:
-    """One real short training on the prepared iris set, shared by the test modules."""
-    from pipeline.steps.train import train_model
-
-    if "reference" not in _TRAINED:
-        data_dir = prepared_iris(root)
-        model_dir = root / "reference-model"
-        summary = train_model(data_dir, model_dir, small_train(**REFERENCE_OVERRIDES))
-        _TRAINED["reference"] = (model_dir, summary)
-    return _TRAINED["reference"]
