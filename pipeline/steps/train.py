@@ -42,7 +42,7 @@ SAVED_MODEL_DIR = "saved_model"
 NOT_TRAINING_FIELDS = frozenset({
     "data_source", "data_sha256", "max_archive_bytes", "max_archive_entries", "weights",
     "gate_metric", "gate_threshold", "registered_model_name", "experiment_name",
-    "mixed_precision", "xla", "augment_placement",
+    "mixed_precision", "xla", "augment_placement", "tta_views",
 })
 
 
@@ -321,6 +321,9 @@ def export_model(trained: keras.Model, config: PipelineConfig, num_classes: int,
     """Write ``model.keras`` and ``saved_model/`` from a clean float32 copy of ``trained``.
 
     The copy carries no optimizer state or mixed-precision policy, so it serves on any CPU.
+    With ``config.tta_views`` it averages over that many flips and turns of each image
+    (:func:`models.with_test_time_views`): only here, so training is unchanged and evaluation
+    and serving score the same model. Returns the exported model.
     """
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
@@ -329,6 +332,7 @@ def export_model(trained: keras.Model, config: PipelineConfig, num_classes: int,
     finally:
         keras.mixed_precision.set_global_policy(previous)
     clean.set_weights([np.asarray(w) for w in trained.get_weights()])
+    clean = models.with_test_time_views(clean, config.tta_views)
 
     keras_path = model_dir / models.MODEL_FILE
     tmp = model_dir / f".tmp-{models.MODEL_FILE}"
