@@ -236,14 +236,12 @@ def has_backbone(model: keras.Model) -> bool:
 def set_fine_tune(model: keras.Model, num_layers: int) -> int:
     """Unfreeze the last ``num_layers`` convolution layers of the backbone (0: all of them).
 
-    BatchNorm layers stay frozen (inference statistics), as do input normalization layers
-    (ImageNet means); returns how many layers now train.
+    BatchNorm layers stay frozen (inference statistics); returns how many layers now train.
     """
     backbone = model.get_layer(BACKBONE)
     backbone.trainable = True
-    frozen = (keras.layers.BatchNormalization, keras.layers.Normalization)
     convs = [layer for layer in backbone.layers
-             if layer.weights and not isinstance(layer, frozen)]
+             if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
     chosen = {id(layer) for layer in (convs if num_layers <= 0 else convs[-num_layers:])}
     for layer in backbone.layers:
         layer.trainable = id(layer) in chosen
