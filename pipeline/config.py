@@ -18,7 +18,7 @@ from pipeline.lib.archive import (
     DEFAULT_MAX_ENTRY_RATIO,
     DEFAULT_MAX_IMAGE_BYTES,
 )
-from pipeline.lib.params import StepParams
+from pipeline.lib.params import TTA_VIEWS, StepParams
 
 P = typing.TypeVar("P", bound=StepParams)
 
@@ -82,14 +82,20 @@ class PipelineConfig:
     augment_placement: str = "auto"  # "auto": in the model on GPU, in tf.data on CPU
 
     # --- model ------------------------------------------------------------------------
-    model: str = "mobilenet"  # "mobilenet" (transfer learning) or "seed_cnn" (the notebook's)
-    alpha: float = 0.25  # MobileNet width multiplier
+    model: str = "mobilenet"  # "mobilenet" (transfer learning on `backbone`) or "seed_cnn"
+    # keras.applications backbone of model=mobilenet (CHOICES); "mobilenet" is v1, the default
+    # and the best measured offline (README's backbone table)
+    backbone: str = "mobilenet"
+    alpha: float = 0.25  # width multiplier of the MobileNet backbones (v1-v3); others ignore it
     weights: str = "imagenet"  # "imagenet" (Keras downloads), a local path or URL, or "none"
     weights_sha256: str = ""  # sha256 a weights path or URL must match; "" skips the check
     dropout: float = 0.2  # before the softmax head
     # backbone features pooled by "avg" (Keras' usual) or "avg_max" (average and max pooling
     # concatenated; better on test and validation splits, see the README's figures)
     pooling: str = "avg_max"
+    # test-time views averaged by the exported model: 0 off, 2 the horizontal flip, 4 also the
+    # vertical flip and half turn, 8 also the quarter turns and transposes (TTA_VIEWS)
+    tta_views: int = 0
 
     # --- training -----------------------------------------------------------------------
     epochs: int = 50  # notebook: 50 (early stopping usually ends sooner)
@@ -224,11 +230,16 @@ SEED_CNN_MIN_IMAGE_SIZE = 94
 #: Allowed values of the enumerated fields.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": ("mobilenet", "seed_cnn"),
+    "backbone": ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                 "efficientnet_v2_b0", "convnext_tiny"),
     "pooling": ("avg", "avg_max"),
     "gate_metric": ("accuracy", "balanced_accuracy", "macro_f1"),
     "augment_placement": ("auto", "model", "data"),
     "gate_on": ("point", "ci_low"),
 }
+
+#: Allowed ``tta_views``: the identity plus the first 1, 3 or 7 flips and turns (the dihedral
+#: group of the square, ordered so that the first four keep an image's height and width).
 
 
 def validate(config: PipelineConfig) -> None:
@@ -259,6 +270,8 @@ def validate(config: PipelineConfig) -> None:
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             problems.append(f"{name}={getattr(config, name)!r} is not one of {list(allowed)}")
+    if config.tta_views not in TTA_VIEWS:
+        problems.append(f"tta_views={config.tta_views!r} is not one of {list(TTA_VIEWS)}")
     if not 0 < config.val_fraction < 1 or not 0 < config.test_fraction < 1:
         problems.append("val_fraction and test_fraction must be between 0 and 1")
     elif config.val_fraction + config.test_fraction >= 0.9:
@@ -339,6 +352,7 @@ __all__ = [
     "IMAGES_FILE",
     "RANGES",
     "SEED_CNN_MIN_IMAGE_SIZE",
+    "TTA_VIEWS",
     "PipelineConfig",
     "coerce",
     "env_overrides",

@@ -75,7 +75,8 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
         augment_contrast: float = D.augment_contrast,
         augment_placement: str = D.augment_placement,
         # model
-        model: str = D.model, alpha: float = D.alpha, weights: str = D.weights,
+        model: str = D.model, backbone: str = D.backbone, alpha: float = D.alpha,
+        weights: str = D.weights,
         weights_sha256: str = D.weights_sha256, dropout: float = D.dropout,
         pooling: str = D.pooling,
         # training
@@ -87,6 +88,7 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
         head_feature_views: int = D.head_feature_views, head_c: float = D.head_c,
         class_weights: bool = D.class_weights, mixed_precision: bool = D.mixed_precision,
         xla: bool = D.xla, deterministic: bool = D.deterministic,
+        tta_views: int = D.tta_views,
         # evaluation, registry, tracking
         gate_metric: str = D.gate_metric, gate_threshold: float = D.gate_threshold,
         gate_on: str = D.gate_on, promotion_margin: float = D.promotion_margin,

@@ -18,6 +18,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 IRIS_ZIP = SHARED_DATA / "iris-image.zip"
 MOBILENET_WEIGHTS = SHARED_DATA / "mobilenet_2_5_224_tf_no_top.h5"
+MOBILENET_V2_WEIGHTS = (SHARED_DATA
+                        / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5")
 
 # TensorFlow is chatty and slow to pick threads; keep test logs readable.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -59,3 +61,10 @@ def mobilenet_weights() -> Path:
     if not MOBILENET_WEIGHTS.is_file():
         pytest.fail(f"shared MobileNet weights missing: {MOBILENET_WEIGHTS}")
     return MOBILENET_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_weights() -> Path:
+    if not MOBILENET_V2_WEIGHTS.is_file():
+        pytest.fail(f"shared MobileNetV2 weights missing: {MOBILENET_V2_WEIGHTS}")
+    return MOBILENET_V2_WEIGHTS

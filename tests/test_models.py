@@ -1,4 +1,5 @@
-"""Both models on tiny tensors: shapes, raw uint8 input of any size, weights, safe loading."""
+"""Both models on tiny tensors: every backbone, raw uint8 input of any size, weights, safe
+loading, test-time views."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from train_helpers import small_train
 
+from pipeline.config import CHOICES, PipelineConfig
 from pipeline.lib import models
+from pipeline.steps.train import SAVED_MODEL_DIR, export_model
 
 
 def _odd_images(n: int = 2, h: int = 71, w: int = 53) -> np.ndarray:
@@ -114,9 +119,10 @@ def test_mixed_precision_keeps_float32_output():
     assert str(model(_odd_images()).dtype) in {"float32", "<dtype: 'float32'>"}
 
 
-def test_load_model_uses_safe_mode_and_round_trips(tmp_path):
-    config = dataclasses.replace(small_train(weights="none"))
-    model = models.build_model(config, 3)
+@pytest.mark.parametrize(("backbone", "views"), [("mobilenet", 0), ("mobilenet_v2", 2)])
+def test_load_model_uses_safe_mode_and_round_trips(tmp_path, backbone, views):
+    config = small_train(weights="none", backbone=backbone, alpha=0.5)
+    model = models.with_test_time_views(models.build_model(config, 3), views)
     model.save(tmp_path / models.MODEL_FILE)
     loaded = models.load_model(tmp_path)
     x = _odd_images()
@@ -180,3 +186,132 @@ def test_a_local_weights_file_is_checked_against_weights_sha256(tmp_path: Path) 
     with pytest.raises(ValueError, match=r"w\.h5' has sha256 .*, not weights_sha256 f{64}"):
         models.resolve_weights(local.as_uri(), "f" * 64)
     assert local.exists()
+
+
+#: Per backbone: Keras' preprocessing module (its documented ``preprocess_input``) and the
+#: channels of the backbone's last feature map (with alpha 0.5 where it applies).
+BACKBONE_FACTS = {
+    "mobilenet": (keras.applications.mobilenet, 512),
+    "mobilenet_v2": (keras.applications.mobilenet_v2, 1280),
+    "mobilenet_v3_small": (keras.applications.mobilenet_v3, 288),
+    "mobilenet_v3_large": (keras.applications.mobilenet_v3, 480),
+    "efficientnet_v2_b0": (keras.applications.efficientnet_v2, 1280),
+    "convnext_tiny": (keras.applications.convnext, 768),
+}
+
+
+def test_every_configurable_backbone_has_a_builder():
+    assert set(CHOICES["backbone"]) == set(models.BACKBONES) == set(BACKBONE_FACTS)
+    assert PipelineConfig().backbone == "mobilenet"  # v1: the default behaves as before
+
+
+def test_config_rejects_unknown_backbone_and_view_counts():
+    with pytest.raises(ValueError, match="backbone='resnet'"):
+        PipelineConfig(backbone="resnet")
+    with pytest.raises(ValueError, match="tta_views=3"):
+        PipelineConfig(tta_views=3)
+    with pytest.raises(ValueError, match="tta_views must be one of"):
+        models.with_test_time_views(models.build_model(small_train(weights="none"), 3), 5)
+
+
+@pytest.mark.parametrize("backbone", [
+    *[b for b in BACKBONE_FACTS if b != "convnext_tiny"],
+    pytest.param("convnext_tiny", marks=pytest.mark.slow),  # 28M parameters
+])
+def test_backbone_predicts_on_raw_uint8_with_its_own_preprocessing(backbone):
+    """Each backbone takes raw uint8 images of odd sizes and feeds itself what Keras documents.
+
+    The backbone's input is compared with Keras' ``preprocess_input`` of the resized image
+    (a scaling to [-1, 1] for MobileNet v1/v2, the identity for backbones that carry their
+    own preprocessing layers), so no backbone sees unscaled or twice-scaled pixels.
+    """
+    module, channels = BACKBONE_FACTS[backbone]
+    model = models.build_model(
+        small_train(backbone=backbone, weights="none", alpha=0.5, image_size=64), 3)
+    for shape in [(2, 71, 53), (1, 40, 97)]:
+        out = np.asarray(model(_odd_images(*shape), training=False))
+        assert out.shape == (shape[0], 3)
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+    backbone_layer = model.get_layer(models.BACKBONE)
+    assert model.get_layer(models.POOL).output.shape[-1] == 2 * channels
+    images = _odd_images()
+    pooled = keras.Model(model.inputs, model.get_layer(models.POOL).output)(images)
+    resized = np.array(model.get_layer("resize")(images.astype("float32")))
+    feature_map = np.asarray(backbone_layer(module.preprocess_input(resized), training=False))
+    expected = np.concatenate([feature_map.mean(axis=(1, 2)), feature_map.max(axis=(1, 2))], 1)
+    np.testing.assert_allclose(np.asarray(pooled), expected, rtol=1e-4, atol=1e-4)
+    # fine-tuning finds layers to train in every backbone and leaves batch statistics frozen
+    assert models.set_fine_tune(model, 0) > 0
+    assert not [layer.name for layer in backbone_layer.layers
+                if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+
+
+def _h5_arrays(path) -> list[np.ndarray]:
+    """Every weight array of a legacy Keras .h5 weights file, in the file's layer order."""
+    arrays = []
+    with h5py.File(path, "r") as f:
+        for name in f.attrs["layer_names"]:
+            group = f[name]
+            arrays += [np.asarray(group[w]) for w in group.attrs["weight_names"]]
+    return arrays
+
+
+def test_mobilenet_v2_weights_file_loads_by_layer_order(mobilenet_v2_weights):
+    """The shared MobileNetV2-0.5 file (old layer names) fills every backbone weight, in order."""
+    config = small_train(backbone="mobilenet_v2", alpha=0.5, weights=str(mobilenet_v2_weights))
+    backbone = models.build_model(config, 3).get_layer(models.BACKBONE)
+    expected = _h5_arrays(mobilenet_v2_weights)
+    loaded = [np.asarray(w) for w in backbone.weights]
+    assert len(loaded) == len(expected) and sum(a.size for a in expected) == 706_224
+    for got, want in zip(loaded, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    random = models.build_model(dataclasses.replace(config, weights="none"), 3)
+    assert not np.allclose(np.asarray(random.get_layer(models.BACKBONE).weights[0]), expected[0])
+
+
+#: The 8 symmetries of a square as numpy computes them, independently of DihedralView.
+NUMPY_VIEWS = [
+    lambda x: x,
+    lambda x: x[:, :, ::-1],
+    lambda x: x[:, ::-1],
+    lambda x: x[:, ::-1, ::-1],
+    lambda x: x.transpose(0, 2, 1, 3),
+    lambda x: np.rot90(x, 1, axes=(1, 2)),
+    lambda x: np.rot90(x, -1, axes=(1, 2)),
+    lambda x: np.rot90(x, 2, axes=(1, 2)).transpose(0, 2, 1, 3),
+]
+
+
+@pytest.fixture(scope="module")
+def core_model(mobilenet_weights) -> keras.Model:
+    return models.build_model(small_train(weights=str(mobilenet_weights)), 3)
+
+
+@pytest.mark.parametrize(("views", "which"), [(2, [0, 1]), (4, [0, 1, 2, 3]), (8, range(8))])
+def test_test_time_views_average_the_flips_and_turns(core_model, views, which):
+    core = core_model
+    tta = models.with_test_time_views(core, views)
+    images = _odd_images(2, 71, 53)
+    copies = [NUMPY_VIEWS[i](images) for i in which]
+    expected = np.mean([np.asarray(core(np.ascontiguousarray(c), training=False))
+                        for c in copies], axis=0)
+    got = np.asarray(tta(images, training=False))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, np.asarray(core(images, training=False)), atol=1e-4)
+    assert models.with_test_time_views(core, 0) is core
+
+
+@pytest.mark.slow  # a SavedModel export of the 8-view model
+def test_export_serves_test_time_views(tmp_path, mobilenet_weights):
+    """model.keras and the SavedModel both average the views: serving = what evaluate scores."""
+    config = small_train(weights=str(mobilenet_weights), tta_views=8)
+    core = models.build_model(config, 3)
+    exported = export_model(core, config, 3, tmp_path)
+    images = _odd_images(2, 71, 53)
+    expected = np.mean([np.asarray(core(np.ascontiguousarray(view(images)), training=False))
+                        for view in NUMPY_VIEWS], axis=0)
+    from_keras = np.asarray(models.load_model(tmp_path)(images, training=False))
+    serving = tf.saved_model.load(str(tmp_path / SAVED_MODEL_DIR)).signatures["serving_default"]
+    from_saved = serving(images=tf.constant(images))["probabilities"].numpy()
+    for got in (np.asarray(exported(images, training=False)), from_keras, from_saved):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

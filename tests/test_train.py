@@ -242,6 +242,29 @@ def test_finished_run_killed_before_export_exports_trained_weights(root, feature
                                expected, rtol=1e-5, atol=1e-6)
 
 
+def test_other_backbone_trains_and_exports_test_time_views(root, mobilenet_v2_weights,
+                                                          iris_data):
+    """MobileNetV2 (shared file) through the feature head and fine-tuning; the export, and only
+    the export, averages the flips (the head's val_accuracy is that of the plain model)."""
+    data_dir = iris_data
+    model_dir = root / "mobilenet-v2-tta"
+    config = small_train(backbone="mobilenet_v2", alpha=0.5, weights=str(mobilenet_v2_weights),
+                          head_feature_views=1, fine_tune_epochs=1, tta_views=4)
+    summary = train_model(data_dir, model_dir, config)
+    assert summary["head_training"] == "features"
+    assert [h["phase"] for h in summary["history"]] == ["head", "fine_tune"]
+    exported = models.load_model(model_dir)
+    assert [layer.name for layer in exported.layers
+            if isinstance(layer, models.DihedralView)] == [f"view_{i}" for i in range(4)]
+    core = exported.get_layer("mobilenet_v2_classifier")
+    images = _odd_uint8(2, 57, 91)
+    flips = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+    expected = np.mean([np.asarray(core(np.ascontiguousarray(f), training=False))
+                        for f in flips], axis=0)
+    np.testing.assert_allclose(np.asarray(exported.predict(images, verbose=0)), expected,
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_missing_data_set_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a prepared data set"):
         train_model(tmp_path / "nothing", tmp_path / "model", small_train())

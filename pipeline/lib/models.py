@@ -1,4 +1,4 @@
-"""The two classifiers (the notebook's CNN and MobileNet transfer learning) and safe loading.
+"""The two classifiers (the notebook's CNN, transfer learning on a Keras backbone), safe loading.
 
 Both models take raw RGB images of any size with values 0..255 (uint8 or float): resizing and
 rescaling are layers of the model itself, so serving cannot drift from training.
@@ -7,6 +7,7 @@ rescaling are layers of the model itself, so serving cannot drift from training.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import urllib.error
@@ -19,16 +20,13 @@ import keras
 from pipeline.lib.contract import MODEL_FILE
 from pipeline.lib.files import file_sha256, normalize_sha256
 from pipeline.lib.inputs import RandomAugment, make_resizer
-from pipeline.lib.params import TrainParams
+from pipeline.lib.params import TTA_VIEWS, TrainParams
 
 logger = logging.getLogger(__name__)
 
 BACKBONE = "backbone"
 POOL = "pool"
 HEAD = "probabilities"
-
-#: Custom objects a saved model may reference; registered, listed here for safe-mode loading.
-CUSTOM_OBJECTS = {"iris>RandomAugment": RandomAugment}
 
 
 class WeightsDownloadError(OSError):
@@ -53,7 +51,7 @@ def resolve_weights(weights: str, sha256: str = "", *,
         return "imagenet"
     scheme = urlparse(value).scheme
     if scheme in {"http", "https"}:
-        name = os.path.basename(urlparse(value).path) or "mobilenet_weights.h5"
+        name = os.path.basename(urlparse(value).path) or "backbone_weights.h5"
         fetched = Path(keras.utils.get_file(fname=name, origin=value, cache_subdir="models",
                                             cache_dir=cache_dir))
         if expected is not None and file_sha256(fetched) != expected:
@@ -62,7 +60,7 @@ def resolve_weights(weights: str, sha256: str = "", *,
             actual = file_sha256(fetched)
             if actual != expected:
                 fetched.unlink(missing_ok=True)
-                raise ValueError(f"MobileNet weights from {value} have sha256 {actual}, not "
+                raise ValueError(f"weights from {value} have sha256 {actual}, not "
                                  f"weights_sha256 {expected}; the download was removed")
         return str(fetched)
     if scheme == "file":
@@ -70,11 +68,11 @@ def resolve_weights(weights: str, sha256: str = "", *,
     path = Path(value).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"MobileNet weights file not found: {str(path)!r} (config.weights: use 'imagenet', "
+            f"backbone weights file not found: {str(path)!r} (config.weights: use 'imagenet', "
             "a local .h5 path, an http(s) URL, or 'none')"
         )
     if expected is not None and (actual := file_sha256(path)) != expected:
-        raise ValueError(f"MobileNet weights file {str(path)!r} has sha256 {actual}, not "
+        raise ValueError(f"weights file {str(path)!r} has sha256 {actual}, not "
                          f"weights_sha256 {expected}")
     return str(path)
 
@@ -94,7 +92,7 @@ def _weights_download(weights: str) -> Iterator[None]:
         if not isinstance(exc, network) and not isinstance(exc.__context__, network):
             raise  # e.g. a missing local file: resolve_weights' own message says it
         raise WeightsDownloadError(
-            f"could not download the MobileNet weights for weights={weights!r}: {exc}; to use "
+            f"could not download the backbone weights for weights={weights!r}: {exc}; to use "
             "a local copy instead (a Keras MobileNet .h5 without top for this alpha), set "
             "IRIS_MODEL_WEIGHTS=PATH or pass --set weights=PATH"
         ) from exc
@@ -131,29 +129,77 @@ def build_seed_cnn(image_size: int, num_classes: int) -> keras.Model:
     return keras.Model(inputs, outputs, name="seed_cnn")
 
 
-def build_mobilenet(config: TrainParams, num_classes: int) -> keras.Model:
-    """ImageNet MobileNet backbone (frozen; see :func:`set_fine_tune`) + pooling, dropout, softmax.
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one ``keras.applications`` backbone and feed it raw 0..255 pixels.
 
-    ``config.pooling`` picks global average pooling or average and max pooling concatenated.
+    ``rescale`` (scale, offset) is applied by our own ``rescale`` layer for backbones that
+    expect preprocessed input; None means the application's own preprocessing layers
+    (``include_preprocessing``) take 0..255 pixels, so either way it lives in the model.
+    """
+
+    application: str  # attribute of keras.applications
+    takes_alpha: bool
+    rescale: tuple[float, float] | None
+
+
+#: Every ``config.backbone`` (see ``CHOICES["backbone"]``) and how it is built.
+BACKBONES: dict[str, BackboneSpec] = {
+    "mobilenet": BackboneSpec("MobileNet", True, (1.0 / 127.5, -1.0)),  # [-1, 1]
+    "mobilenet_v2": BackboneSpec("MobileNetV2", True, (1.0 / 127.5, -1.0)),
+    "mobilenet_v3_small": BackboneSpec("MobileNetV3Small", True, None),
+    "mobilenet_v3_large": BackboneSpec("MobileNetV3Large", True, None),
+    "efficientnet_v2_b0": BackboneSpec("EfficientNetV2B0", False, None),
+    "convnext_tiny": BackboneSpec("ConvNeXtTiny", False, None),
+}
+
+
+def build_backbone(config: TrainParams) -> keras.Model:
+    """``config.backbone`` without its top, at ``config.image_size``, with ``config.weights``.
+
+    A weights file is loaded by Keras' ``load_weights`` on the application model, which for
+    legacy ``.h5`` files goes by layer order: the MobileNetV2 file in ``../shared/data``,
+    whose layer names follow an older Keras scheme, loads this way.
+    """
+    spec = BACKBONES.get(config.backbone)
+    if spec is None:
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose one of {sorted(BACKBONES)}")
+    size = config.image_size
+    if size < 32:
+        raise ValueError(f"backbone {config.backbone!r} needs image_size >= 32, got {size}")
+    kwargs: dict[str, object] = {"alpha": config.alpha} if spec.takes_alpha else {}
+    if spec.rescale is None:
+        kwargs["include_preprocessing"] = True
+    with _weights_download(config.weights):
+        weights = resolve_weights(config.weights, config.weights_sha256)
+        backbone = getattr(keras.applications, spec.application)(
+            input_shape=(size, size, 3), include_top=False, weights=weights, pooling=None,
+            **kwargs,
+        )
+    backbone.name = BACKBONE
+    backbone.trainable = False
+    logger.info("backbone %s%s at %dx%d, weights=%s", spec.application,
+                f" alpha={config.alpha}" if spec.takes_alpha else "", size, size,
+                weights or "random")
+    return backbone
+
+
+def build_transfer(config: TrainParams, num_classes: int) -> keras.Model:
+    """ImageNet backbone (frozen; see :func:`set_fine_tune`) + pooling, dropout, softmax.
+
+    ``config.backbone`` picks the backbone, ``config.pooling`` global average pooling or
+    average and max pooling concatenated.
 
     The backbone runs in inference mode (``training=False``) even while fine-tuning, so its
     BatchNorm statistics are never re-estimated from our few hundred images.
     """
-    size = config.image_size
-    if size < 32:
-        raise ValueError(f"MobileNet needs image_size >= 32, got {size}")
-    with _weights_download(config.weights):
-        weights = resolve_weights(config.weights, config.weights_sha256)
-        backbone = keras.applications.MobileNet(
-            input_shape=(size, size, 3), alpha=config.alpha, include_top=False,
-            weights=weights, pooling=None,
-        )
-    backbone.name = BACKBONE
-    backbone.trainable = False
+    backbone = build_backbone(config)
+    rescale = BACKBONES[config.backbone].rescale
     layers = keras.layers
     inputs = keras.Input(shape=(None, None, 3), name="image")
-    x = make_resizer(size)(inputs)
-    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(x)  # MobileNet's [-1, 1]
+    x = make_resizer(config.image_size)(inputs)
+    if rescale is not None:
+        x = layers.Rescaling(rescale[0], offset=rescale[1], name="rescale")(x)
     x = backbone(x, training=False)
     if config.pooling == "avg_max":
         # Max pooling keeps where a few cells respond strongly (a petal's colour or edge);
@@ -165,9 +211,7 @@ def build_mobilenet(config: TrainParams, num_classes: int) -> keras.Model:
         x = layers.GlobalAveragePooling2D(name=POOL)(x)
     x = layers.Dropout(config.dropout, name="head_dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name=HEAD)(x)
-    logger.info("MobileNet alpha=%s at %dx%d, %s pooling, weights=%s", config.alpha, size, size,
-                config.pooling, weights or "random")
-    return keras.Model(inputs, outputs, name="mobilenet_classifier")
+    return keras.Model(inputs, outputs, name=f"{config.backbone}_classifier")
 
 
 def build_model(config: TrainParams, num_classes: int) -> keras.Model:
@@ -177,8 +221,61 @@ def build_model(config: TrainParams, num_classes: int) -> keras.Model:
     if config.model == "seed_cnn":
         return build_seed_cnn(config.image_size, num_classes)
     if config.model == "mobilenet":
-        return build_mobilenet(config, num_classes)
+        return build_transfer(config, num_classes)
     raise ValueError(f"unknown model {config.model!r}; choose 'mobilenet' or 'seed_cnn'")
+
+
+@keras.saving.register_keras_serializable(package="iris")
+class DihedralView(keras.layers.Layer):
+    """One of the 8 flips and quarter turns of an image batch, by ``index`` (0: identity).
+
+    Bit 0 of ``index`` flips left-right, bit 1 flips upside down, bit 2 transposes first, so
+    indices 0-3 keep height and width and 0-7 are all symmetries of a square.
+    """
+
+    def __init__(self, index: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= index < 8:
+            raise ValueError(f"view index must be in 0..7, got {index!r}")
+        self.index = int(index)
+
+    def call(self, images: keras.KerasTensor) -> keras.KerasTensor:
+        ops = keras.ops
+        if self.index & 4:
+            images = ops.transpose(images, (0, 2, 1, 3))
+        if self.index & 2:
+            images = ops.flip(images, axis=1)
+        if self.index & 1:
+            images = ops.flip(images, axis=2)
+        return images
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        if self.index & 4:
+            return (input_shape[0], input_shape[2], input_shape[1], input_shape[3])
+        return tuple(input_shape)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "index": self.index}
+
+
+#: Custom objects a saved model may reference; registered, listed here for safe-mode loading.
+CUSTOM_OBJECTS = {"iris>RandomAugment": RandomAugment, "iris>DihedralView": DihedralView}
+
+
+def with_test_time_views(model: keras.Model, views: int) -> keras.Model:
+    """``model`` averaging its probabilities over the first ``views`` of :class:`DihedralView`.
+
+    Test-time augmentation as layers of the exported model, so serving returns exactly what
+    evaluation scored; training never sees this wrapper. ``views`` 0 returns ``model``.
+    """
+    if views == 0:
+        return model
+    if views not in TTA_VIEWS:
+        raise ValueError(f"tta_views must be one of {list(TTA_VIEWS)}, got {views!r}")
+    inputs = keras.Input(shape=(None, None, 3), name="image")
+    outputs = [model(DihedralView(i, name=f"view_{i}")(inputs)) for i in range(views)]
+    averaged = keras.layers.Average(dtype="float32", name=HEAD)(outputs)
+    return keras.Model(inputs, averaged, name=f"{model.name}_tta{views}")
 
 
 def has_backbone(model: keras.Model) -> bool:
@@ -211,14 +308,19 @@ def load_model(model_dir: str | Path) -> keras.Model:
 
 __all__ = [
     "BACKBONE",
+    "BACKBONES",
     "HEAD",
     "POOL",
+    "BackboneSpec",
+    "DihedralView",
     "WeightsDownloadError",
-    "build_mobilenet",
+    "build_backbone",
     "build_model",
     "build_seed_cnn",
+    "build_transfer",
     "has_backbone",
     "load_model",
     "resolve_weights",
     "set_fine_tune",
+    "with_test_time_views",
 ]

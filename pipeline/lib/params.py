@@ -59,6 +59,10 @@ class PreprocessParams(StepParams):
     max_image_bytes: int
 
 
+#: Test-time views the exported model may average over (flips, turns; 0 is off).
+TTA_VIEWS = (0, 2, 4, 8)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class TrainParams(StepParams):
     seed: int
@@ -71,6 +75,7 @@ class TrainParams(StepParams):
     augment_contrast: float
     augment_placement: str
     model: str
+    backbone: str
     alpha: float
     weights: str
     weights_sha256: str
@@ -89,6 +94,7 @@ class TrainParams(StepParams):
     mixed_precision: bool
     xla: bool
     deterministic: bool
+    tta_views: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -135,6 +141,7 @@ STEP_PARAMS: dict[str, tuple[type[StepParams], ...]] = {
 
 __all__ = [
     "STEP_PARAMS",
+    "TTA_VIEWS",
     "DownloadParams",
     "EvaluateParams",
     "PreprocessParams",

@@ -57,7 +57,7 @@ STATE_FILE = "state.json"
 
 #: Fields that do not change what is trained (resume ignores differences in them).
 NOT_TRAINING_FIELDS = frozenset({"weights", "weights_sha256", "mixed_precision", "xla",
-                                 "augment_placement"})
+                                 "augment_placement", "tta_views"})
 
 
 # ----------------------------------------------------------------------------------------
@@ -385,6 +385,9 @@ def export_model(trained: keras.Model, config: TrainParams, num_classes: int,
     """Write ``model.keras`` and ``saved_model/`` from a clean float32 copy of ``trained``.
 
     The copy carries no optimizer state or mixed-precision policy, so it serves on any CPU.
+    With ``config.tta_views`` it averages over that many flips and turns of each image
+    (:func:`models.with_test_time_views`): only here, so training is unchanged and evaluation
+    and serving score the same model. Returns the exported model.
     """
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
@@ -393,6 +396,7 @@ def export_model(trained: keras.Model, config: TrainParams, num_classes: int,
     finally:
         keras.mixed_precision.set_global_policy(previous)
     clean.set_weights([np.asarray(w) for w in trained.get_weights()])
+    clean = models.with_test_time_views(clean, config.tta_views)
 
     keras_path = model_dir / MODEL_FILE
     tmp = model_dir / f".tmp-{MODEL_FILE}"
