@@ -309,6 +309,12 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
     lines.append(f"MLflow parent run {mlflow_info['run_id']} in experiment "
                  f"{mlflow_info['experiment_name']!r}; open it with:")
     lines.append(f"  {ui_command(mlflow_info['tracking_uri'])}")
+    if mlflow_info.get("experiment_id"):  # the run list, not MLflow's GenAI overview
+        address = (mlflow_info["tracking_uri"].rstrip("/")
+                   if mlflow_info["tracking_uri"].startswith(("http://", "https://"))
+                   else UI_ADDRESS)
+        lines.append(f"  then {address}/#/experiments/{mlflow_info['experiment_id']}"
+                     "?workflowType=machine_learning")
     data = summary["data"]
     if data["sha256"] and not data["sha256_checked"]:
         lines.append(f"data set sha256 {data['sha256']} recorded, not checked; to pin it: "
@@ -346,6 +352,10 @@ def _output_problem(args: argparse.Namespace) -> str | None:
         if problem:
             return f"{flag} {str(path)!r} {problem}"
     return None
+
+
+#: Where ``mlflow ui`` serves by default.
+UI_ADDRESS = "http://127.0.0.1:5000"
 
 
 def ui_command(tracking_uri: str) -> str:

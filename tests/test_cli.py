@@ -70,7 +70,7 @@ def _summary(passed: bool, registration: dict | None) -> dict:
         "gate": {"metric": "balanced_accuracy", "value": 0.44888, "threshold": 0.5,
                  "passed": passed},
         "registration": registration,
-        "mlflow": {"run_id": "abc123", "experiment_name": "iris",
+        "mlflow": {"run_id": "abc123", "experiment_name": "iris", "experiment_id": "3",
                    "tracking_uri": "sqlite:////w/mlflow.db"},
         "data": {"sha256": "ab" * 32, "sha256_checked": True},
         "run_dir": "/w/local_outputs/run-1", "elapsed_s": 96.44, "cached_steps": [],
@@ -85,6 +85,7 @@ def test_closing_block_rounds_shows_intervals_and_the_right_comparison() -> None
     assert "gate: balanced_accuracy 0.449 < 0.500 -> failed" in lines
     assert "not registered: the gate failed, so the register step did not run" in lines
     assert '  mlflow ui --backend-store-uri "sqlite:////w/mlflow.db"' in lines
+    assert "  then http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning" in lines
     assert lines[-1] == "total: 96.4 s"
     registered = {"registered": True, "name": "iris", "version": "2", "alias": "challenger",
                   "reason": "within noise"}

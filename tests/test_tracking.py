@@ -313,7 +313,9 @@ def test_failing_step_marks_step_and_parent_failed(mlflow_server: MlflowServer) 
     child = client.get_run(run.info.run_id)
     assert child.info.status == "FAILED"
     assert child.data.tags["error"] == "ValueError: boom"
-    assert find_parent(client, "tracking-tests", run_id)[0].info.status == "FAILED"
+    parent = find_parent(client, "tracking-tests", run_id)[0]
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["error"] == "step train: ValueError: boom"  # not a bare FAILED
     assert mlflow.active_run() is None
 
 

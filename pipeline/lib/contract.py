@@ -31,6 +31,7 @@ CHECKPOINT_DIR = "checkpoints"
 #: Metadata: MLflow identities of the training run and the logged model.
 META_TRACKING_URI = "mlflow_tracking_uri"
 META_RUN_ID = "mlflow_run_id"
+META_EXPERIMENT_ID = "mlflow_experiment_id"
 META_PARENT_RUN_ID = "mlflow_parent_run_id"
 META_MODEL_URI = "mlflow_model_uri"
 META_MODEL_ID = "mlflow_model_id"

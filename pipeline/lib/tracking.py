@@ -63,6 +63,8 @@ TAG_PACKAGE_VERSION = "iris.package_version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # the key the MLflow UI shows as "Git commit"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+#: Why a run ended FAILED or KILLED (on the step's run and on the pipeline's parent run).
+TAG_ERROR = "error"
 TAG_SOURCE_NAME = "mlflow.source.name"  # the UI's "Source" column
 TAG_SOURCE_TYPE = "mlflow.source.type"
 #: The experiment tag MLflow's UI reads to choose its layout; without it, an experiment with
@@ -612,8 +614,11 @@ def _step_run(
     except BaseException as exc:
         status = RunStatus.to_string(
             RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED)
+        reason = f"{type(exc).__name__}: {exc}"[:5000]
         with contextlib.suppress(Exception):
-            client.set_tag(child_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
+            client.set_tag(child_id, TAG_ERROR, reason)
+            if manage_parent:  # the pipeline run says which step ended it, and why
+                client.set_tag(parent_id, TAG_ERROR, f"step {step}: {reason}"[:5000])
         raise
     finally:
         current = mlflow.active_run()

@@ -7,7 +7,18 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME
-from pipeline.lib.contract import DATA_REPORT_JSON, METRICS_FILE
+from pipeline.lib.contract import (
+    DATA_REPORT_JSON,
+    META_EXPERIMENT_ID,
+    META_GATE_METRIC,
+    META_MODEL_URI,
+    META_PARENT_RUN_ID,
+    META_RUN_ID,
+    META_SHA256,
+    META_SOURCE,
+    META_TRACKING_URI,
+    METRICS_FILE,
+)
 from pipeline.lib.files import normalize_sha256, read_json
 from pipeline.runners.local import FILE_OUTPUTS, LocalRunResult, StepFailedError
 
@@ -27,7 +38,7 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
     data_report = read_json(Path(outputs["prepared_data"].path) / DATA_REPORT_JSON) or {}
     model_meta = dict(outputs["trained_model"].metadata)
     registration = result.registration or {}
-    gate_metric = metrics_meta.get("gate_metric", config.gate_metric)
+    gate_metric = metrics_meta.get(META_GATE_METRIC, config.gate_metric)
     return {
         "status": "succeeded",
         "pipeline": PIPELINE_NAME,
@@ -39,12 +50,12 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
         "classes": evaluation.get("classes"),
         "confusion_matrix": evaluation.get("confusion_matrix"),
         "data": {
-            "source": prepared_meta.get("source", config.data_source),
+            "source": prepared_meta.get(META_SOURCE, config.data_source),
             # the archive's actual digest (none for a folder); checked = it was given
             "sha256": data_report.get("input", {}).get("sha256")
-            or prepared_meta.get("sha256", config.data_sha256),
+            or prepared_meta.get(META_SHA256, config.data_sha256),
             "sha256_checked": normalize_sha256(
-                prepared_meta.get("sha256", config.data_sha256)) is not None,
+                prepared_meta.get(META_SHA256, config.data_sha256)) is not None,
             "counts": {k: data_report[k] for k in DATA_REPORT_COUNTS if k in data_report},
             "report": str(Path(outputs["prepared_data"].path) / DATA_REPORT_JSON),
         },
@@ -56,14 +67,15 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
         },
         "registration": result.registration,
         "mlflow": {
-            "tracking_uri": model_meta.get("mlflow_tracking_uri", tracking_uri),
+            "tracking_uri": model_meta.get(META_TRACKING_URI, tracking_uri),
             "experiment_name": config.experiment_name,
-            "run_id": model_meta.get("mlflow_parent_run_id"),  # the pipeline run's parent
-            "step_run_ids": {"train": model_meta.get("mlflow_run_id"),
-                             "evaluate": metrics_meta.get("mlflow_run_id"),
+            "experiment_id": model_meta.get(META_EXPERIMENT_ID),
+            "run_id": model_meta.get(META_PARENT_RUN_ID),  # the pipeline run's parent
+            "step_run_ids": {"train": model_meta.get(META_RUN_ID),
+                             "evaluate": metrics_meta.get(META_RUN_ID),
                              "register": registration.get("mlflow_run_id")},
-            "logged_model_uri": model_meta.get("mlflow_model_uri"),
-            "model_uri": registration.get("model_uri") or model_meta.get("mlflow_model_uri"),
+            "logged_model_uri": model_meta.get(META_MODEL_URI),
+            "model_uri": registration.get("model_uri") or model_meta.get(META_MODEL_URI),
             "registered_model": registration.get("name"),
             "registered_version": registration.get("version"),
             "alias": registration.get("alias"),
