@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from pipeline.cli import parse_overrides  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.lib import inputs, models, records  # noqa: E402
+from pipeline.lib.params import EvaluateParams, PreprocessParams, TrainParams  # noqa: E402
 from pipeline.steps.evaluate import evaluate_model, score  # noqa: E402
 from pipeline.steps.preprocess import prepare_dataset  # noqa: E402
 from pipeline.steps.train import train_model  # noqa: E402
@@ -48,7 +49,7 @@ from pipeline.steps.train import train_model  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def split_balanced_accuracy(model, data_dir: Path, split: str, config: PipelineConfig) -> float:
+def split_balanced_accuracy(model, data_dir: Path, split: str, config: TrainParams) -> float:
     """Balanced accuracy of a loaded model on one split (validation: where choices are made)."""
     labels, predictions = [], []
     for images, batch_labels in inputs.make_eval_dataset(data_dir, split, config):
@@ -59,13 +60,15 @@ def split_balanced_accuracy(model, data_dir: Path, split: str, config: PipelineC
                        num_classes)["balanced_accuracy"], 4)
 
 
-def run_one(config: PipelineConfig, data_dir: Path, work: Path, name: str,
+def run_one(pipeline_config: PipelineConfig, data_dir: Path, work: Path, name: str,
             tta_views: int = 0) -> dict:
     model_dir = work / f"{name}-model"
+    config = pipeline_config.params_for(TrainParams)
     started = time.perf_counter()
     summary = train_model(data_dir, model_dir, config)
     seconds = time.perf_counter() - started
-    metrics = evaluate_model(model_dir, data_dir, work / f"{name}-eval", config)
+    metrics = evaluate_model(model_dir, data_dir, work / f"{name}-eval",
+                             pipeline_config.params_for(EvaluateParams))
     model = models.load_model(model_dir)
     row = {
         "balanced_accuracy": round(metrics["balanced_accuracy"], 4),
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   split_seed=seed)
             config = PipelineConfig.from_mapping(overrides, base)
             data_dir = work / "data"
-            prepare_dataset(args.zip, data_dir, config)
+            prepare_dataset(args.zip, data_dir, config.params_for(PreprocessParams))
             row = {"seed": seed, **run_one(config, data_dir, work, "default", args.tta_views)}
             ours.append(row)
             print(json.dumps({"default": row}), flush=True)
