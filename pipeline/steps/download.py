@@ -236,7 +236,9 @@ def _with_retries(url: str, attempt_fn: Callable[[], Any], retries: int, backoff
                   transfer: _Transfer) -> Any:
     """Run ``attempt_fn`` up to ``retries + 1`` times, waiting backoff_s * 2**i in between.
 
-    No attempt starts, and no wait runs, past the transfer's overall deadline.
+    No attempt starts, and no wait runs, past the transfer's overall deadline. Kept
+    hand-written: urllib3's ``Retry`` covers connection errors and status codes but not a
+    body that stalls or breaks mid-stream, nor fsspec sources, and knows no overall deadline.
     """
     last: BaseException | None = None
     for attempt in range(retries + 1):
