@@ -278,7 +278,8 @@ def extract_features(
     examples = inputs.load_examples(data_dir, split, config.image_size, cache=False)
     features: list[list[np.ndarray]] = [[] for _ in range(views + 1)]
     labels = []
-    for step, (batch, label) in enumerate(examples.batch(config.batch_size)):
+    # prefetch: the next batch is decoded while this one goes through the backbone
+    for step, (batch, label) in enumerate(examples.batch(config.batch_size).prefetch(1)):
         labels.append(label.numpy())
         for view in range(views + 1):
             images = batch
