@@ -137,3 +137,67 @@ def test_augmentation_preview_png(data_dir, tmp_path):
                                             num_images=2, num_versions=3)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def _graph(dataset: tf.data.Dataset) -> tf.compat.v1.GraphDef:
+    return tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+
+
+def _dataset_ops(dataset: tf.data.Dataset) -> list[str]:
+    """Op type of every node in the dataset's graph, those inside its functions too."""
+    graph = _graph(dataset)
+    return [n.op for n in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
+
+
+def _shuffle_buffer_sizes(dataset: tf.data.Dataset) -> list[int]:
+    """The constant buffer size of every shuffle inside the dataset's functions."""
+    sizes = []
+    for function in _graph(dataset).library.function:
+        nodes = {n.name: n for n in function.node_def}
+        for node in function.node_def:
+            if node.op.startswith("ShuffleDataset"):
+                const = nodes[node.input[1].split(":")[0]]
+                sizes.append(int(tf.make_ndarray(const.attr["value"].tensor)))
+    return sizes
+
+
+def test_split_over_the_memory_budget_is_cached_in_a_file_not_in_memory(data_dir, tmp_path):
+    size = 32
+    small = inputs.load_examples(data_dir, "val", size, cache_dir=tmp_path)
+    over = inputs.load_examples(data_dir, "val", size, cache_dir=tmp_path,
+                                memory_budget=5 * inputs.image_bytes(size))
+    uncached = inputs.load_examples(data_dir, "val", size, memory_budget=1)
+    assert "CacheDatasetV2" in _dataset_ops(small)
+    assert not list(tmp_path.iterdir())  # in memory: no file
+    assert "CacheDatasetV2" not in _dataset_ops(uncached)
+    expected = list(small.as_numpy_iterator())
+    for _ in range(2):  # the first pass writes the file cache, the second reads it
+        got = list(over.as_numpy_iterator())
+        assert len(got) == len(expected)
+        for (a, la), (b, lb) in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+            assert la == lb
+    assert any(p.name.startswith(f"val-{size}px") for p in tmp_path.iterdir())
+
+
+def test_train_stream_over_the_memory_budget_shuffles_a_bounded_buffer(data_dir, tmp_path):
+    config = small_train(image_size=32, batch_size=16)
+    budget = 20 * inputs.image_bytes(32)
+    labels = inputs.read_labels(data_dir, "train")
+    assert len(labels) > 20
+    steps = inputs.steps_for(len(labels), config)
+
+    def take(first_epoch: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        ds, _ = inputs.make_train_dataset(data_dir, config, first_epoch=first_epoch,
+                                          last_epoch=first_epoch + 3, augmenter=None,
+                                          cache_dir=tmp_path, memory_budget=budget)
+        assert _shuffle_buffer_sizes(ds) == [20]  # not the whole split
+        return [(b[0].numpy(), b[1].numpy()) for b in ds.take(count)]
+
+    full = take(0, 2 * steps)
+    resumed = take(1, steps)
+    for epoch in (full[:steps], full[steps:]):  # every example once per epoch
+        epoch_labels = np.concatenate([b[1] for b in epoch])
+        assert sorted(epoch_labels.tolist()) == sorted(labels.tolist())
+    for (a, _), (b, _) in zip(full[steps:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -34,6 +34,12 @@ logger = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
 
+#: Decoded images of one split kept in memory (the tf.data cache, the shuffle buffer) up to
+#: this many bytes; a larger split is cached in a file under ``cache_dir`` (or decoded again on
+#: every pass) and shuffled through a buffer of this size, so memory does not grow with the
+#: data set. Small sets (the iris archive at 224 px) stay fully in memory and fully shuffled.
+MEMORY_BUDGET_BYTES = 256 * 2**20
+
 
 # ----------------------------------------------------------------------------------------
 # augmentation
@@ -190,9 +196,25 @@ def build_augmenter(config: TrainParams) -> RandomAugment:
 # ----------------------------------------------------------------------------------------
 # tf.data
 # ----------------------------------------------------------------------------------------
-def load_examples(data_dir: str | Path, split: str, image_size: int, *,
-                  cache: bool = True) -> tf.data.Dataset:
-    """(uint8 image [S, S, 3], int32 label) of one split, decoded in parallel and cached."""
+def image_bytes(image_size: int) -> int:
+    """Bytes of one decoded uint8 RGB image."""
+    return image_size * image_size * 3
+
+
+def buffer_examples(image_size: int, memory_budget: int = MEMORY_BUDGET_BYTES) -> int:
+    """How many decoded images fit in ``memory_budget`` (at least one)."""
+    return max(1, memory_budget // image_bytes(image_size))
+
+
+def load_examples(data_dir: str | Path, split: str, image_size: int, *, cache: bool = True,
+                  cache_dir: str | Path | None = None,
+                  memory_budget: int = MEMORY_BUDGET_BYTES) -> tf.data.Dataset:
+    """(uint8 image [S, S, 3], int32 label) of one split, decoded in parallel.
+
+    ``cache``: decoded images are kept for later passes, in memory when the split fits in
+    ``memory_budget``, else in a file under ``cache_dir`` (which the caller removes), else
+    not at all (decoded again on each pass), so memory stays bounded for any split size.
+    """
     files = records.checked_split_files(data_dir, split)
     resizer = make_resizer(image_size)
 
@@ -202,7 +224,18 @@ def load_examples(data_dir: str | Path, split: str, image_size: int, *,
 
     dataset = tf.data.TFRecordDataset(files, num_parallel_reads=min(len(files), 4)).map(
         parse, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return dataset.cache() if cache else dataset
+    if not cache:
+        return dataset
+    if len(read_labels(data_dir, split)) <= buffer_examples(image_size, memory_budget):
+        return dataset.cache()
+    if cache_dir is None:
+        logger.info("split %r is over the %d-byte memory budget and no cache folder was "
+                    "given: decoding it on every pass", split, memory_budget)
+        return dataset
+    path = Path(cache_dir) / f"{split}-{image_size}px"
+    logger.info("split %r is over the %d-byte memory budget: caching it in %s", split,
+                memory_budget, path)
+    return dataset.cache(str(path))
 
 
 def read_labels(data_dir: str | Path, split: str) -> np.ndarray:
@@ -248,16 +281,22 @@ def make_train_dataset(
     first_epoch: int,
     last_epoch: int,
     augmenter: RandomAugment | None,
+    cache_dir: str | Path | None = None,
+    memory_budget: int = MEMORY_BUDGET_BYTES,
 ) -> tuple[tf.data.Dataset, int]:
     """Image batches of the training split for epochs ``first_epoch`` .. ``last_epoch - 1``.
 
     See :func:`epoch_batches`; ``augmenter`` None leaves augmentation to the model (GPU
-    path); images are float32 in [0, 255] either way. Returns the batches and steps per epoch.
+    path); images are float32 in [0, 255] either way. A split over ``memory_budget`` is
+    shuffled through a buffer of that size (the shards are already in a seeded random order)
+    and cached as :func:`load_examples` says. Returns the batches and steps per epoch.
     """
-    examples = load_examples(data_dir, "train", config.image_size)
+    examples = load_examples(data_dir, "train", config.image_size, cache_dir=cache_dir,
+                             memory_budget=memory_budget)
     num_examples = len(read_labels(data_dir, "train"))
     return epoch_batches(examples, num_examples, config, first_epoch=first_epoch,
-                         last_epoch=last_epoch, augmenter=augmenter)
+                         last_epoch=last_epoch, augmenter=augmenter,
+                         buffer=buffer_examples(config.image_size, memory_budget))
 
 
 def epoch_batches(
@@ -268,19 +307,22 @@ def epoch_batches(
     first_epoch: int,
     last_epoch: int,
     augmenter: RandomAugment | None,
+    buffer: int | None = None,
 ) -> tuple[tf.data.Dataset, int]:
     """Batches of ``examples`` (input, label) for epochs ``first_epoch`` .. ``last_epoch - 1``.
 
     Each epoch is shuffled with a seed derived from (config.seed, epoch) and augmented with
     stateless seeds derived from (config.seed, epoch, batch), so the stream of batches does
     not depend on whether training was interrupted and resumed. Inputs are cast to float32.
-    Used for images and for cached backbone features alike.
+    Used for images and for cached backbone features alike. ``buffer`` caps the shuffle
+    buffer (default: all examples, a full shuffle).
     """
+    buffer = min(num_examples, buffer or num_examples)
     steps = steps_for(num_examples, config)
     seed = config.seed
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-        shuffled = examples.shuffle(num_examples, seed=epoch_seed(seed, epoch),
+        shuffled = examples.shuffle(buffer, seed=epoch_seed(seed, epoch),
                                     reshuffle_each_iteration=True)
         if config.steps_per_epoch:
             shuffled = shuffled.repeat()
@@ -306,11 +348,17 @@ def epoch_batches(
     return dataset, steps
 
 
-def make_eval_dataset(data_dir: str | Path, split: str, config: TrainParams) -> tf.data.Dataset:
-    """(uint8 image batch, label batch) of a split in file order, no augmentation."""
+def make_eval_dataset(data_dir: str | Path, split: str, config: TrainParams, *,
+                      cache_dir: str | Path | None = None,
+                      memory_budget: int = MEMORY_BUDGET_BYTES) -> tf.data.Dataset:
+    """(uint8 image batch, label batch) of a split in file order, no augmentation.
+
+    Cached for repeated passes (validation every epoch) as :func:`load_examples` says.
+    """
     # a known length lets Keras end validation cleanly (no "ran out of data" warning)
     size = len(read_labels(data_dir, split))
-    examples = load_examples(data_dir, split, config.image_size).apply(
+    examples = load_examples(data_dir, split, config.image_size, cache_dir=cache_dir,
+                             memory_budget=memory_budget).apply(
         tf.data.experimental.assert_cardinality(size))
     return examples.batch(config.batch_size).prefetch(AUTOTUNE)
 
@@ -370,6 +418,7 @@ def save_augmentation_preview(
 
 __all__ = [
     "RandomAugment",
+    "buffer_examples",
     "build_augmenter",
     "decode_image",
     "epoch_batches",

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -298,27 +299,30 @@ def extract_features(
     """Pooled backbone features of a split: the images, then ``views`` augmented copies of them.
 
     Augmentation uses stateless seeds from (config.seed, view, batch), so features (and the
-    head trained on them) are reproducible, also after a restart.
+    head trained on them) are reproducible, also after a restart. The split is decoded once
+    and streamed batch by batch, every view of a batch extracted at once: only features are
+    kept, so memory does not grow with the number of images times their decoded size.
     """
     if views and augmenter is None:
         raise ValueError(f"{views} augmented views of split {split!r} need an augmenter")
     extractor = keras.Model(core.inputs, core.get_layer(models.POOL).output)
     examples = inputs.load_examples(data_dir, split, config.image_size, cache=False)
-    images, labels = [], []
-    for image, label in examples.batch(config.batch_size):
-        images.append(image.numpy())
+    features: list[list[np.ndarray]] = [[] for _ in range(views + 1)]
+    labels = []
+    total = math.ceil(len(inputs.read_labels(data_dir, split)) / config.batch_size)
+    # prefetch: the next batch is decoded while this one goes through the backbone
+    for step, (batch, label) in enumerate(examples.batch(config.batch_size).prefetch(1)):
         labels.append(label.numpy())
-    features, all_labels = [], []
-    total = (views + 1) * len(images)
-    for view in range(views + 1):
-        for step, batch in enumerate(images):
+        for view in range(views + 1):
+            images = batch
             if view:
                 seed = tf.constant([config.seed, view * 100_000 + step], tf.int64)
-                batch = augmenter.augment(batch, seed)
-            features.append(np.asarray(extractor(tf.cast(batch, tf.float32), training=False)))
-            report_progress(f"{split} features", len(features), total)
-        all_labels += labels
-    return np.concatenate(features), np.concatenate(all_labels)
+                images = augmenter.augment(batch, seed)
+            features[view].append(
+                np.asarray(extractor(tf.cast(images, tf.float32), training=False)))
+        report_progress(f"{split} features", step + 1, total)
+    return (np.concatenate([row for view in features for row in view]),
+            np.concatenate(labels * (views + 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,6 +501,8 @@ def train_model(
     phases = plan_phases(config)
     fit_seconds = 0.0
     feature_rows = None
+    # decoded splits over the memory budget are cached here, outside the model artifact
+    cache_dir = tempfile.mkdtemp(prefix="iris-input-cache-")
     try:
         with strategy.scope():
             core = models.build_model(config, len(classes))
@@ -532,8 +538,10 @@ def train_model(
                 train_data, steps = inputs.make_train_dataset(
                     data_dir, config, first_epoch=offset + finished,
                     last_epoch=offset + phase.epochs, augmenter=None if in_model else augmenter,
+                    cache_dir=cache_dir,
                 )
-                val_data = inputs.make_eval_dataset(data_dir, "val", config)
+                val_data = inputs.make_eval_dataset(data_dir, "val", config,
+                                                    cache_dir=cache_dir)
             with strategy.scope():
                 _compile(model, phase.learning_rate, config)
                 model.optimizer.build(model.trainable_variables)
@@ -566,6 +574,7 @@ def train_model(
         export_model(core, config, len(classes), model_dir)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
     atomic_write_json(model_dir / CLASSES_FILE, classes)
     atomic_write_json(model_dir / HISTORY_FILE, state.history)
