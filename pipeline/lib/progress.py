@@ -14,8 +14,8 @@ import sys
 PROGRESS_PREFIX = "@@progress "
 
 
-def report_progress(what: str, done: int, total: int) -> None:
-    """Announce that ``done`` of ``total`` units of ``what`` are finished."""
+def report_progress(what: str, done: int, total: int | None = None) -> None:
+    """Announce that ``done`` (of ``total``, when known) units of ``what`` are finished."""
     payload = json.dumps({"what": what, "done": done, "total": total})
     sys.stdout.write(f"{PROGRESS_PREFIX}{payload}\n")
     sys.stdout.flush()

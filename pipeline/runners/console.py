@@ -192,7 +192,8 @@ class StepConsole:
             return
         try:
             data = json.loads(payload)
-            done, total, what = int(data["done"]), int(data["total"]), str(data["what"])
+            done, what = int(data["done"]), str(data["what"])
+            total = int(data["total"]) if data.get("total") is not None else None
         except (ValueError, KeyError, TypeError):
             return
         from tqdm import tqdm

@@ -309,7 +309,6 @@ def extract_features(
     examples = inputs.load_examples(data_dir, split, config.image_size, cache=False)
     features: list[list[np.ndarray]] = [[] for _ in range(views + 1)]
     labels = []
-    total = math.ceil(len(inputs.read_labels(data_dir, split)) / config.batch_size)
     # prefetch: the next batch is decoded while this one goes through the backbone
     for step, (batch, label) in enumerate(examples.batch(config.batch_size).prefetch(1)):
         labels.append(label.numpy())
@@ -320,7 +319,7 @@ def extract_features(
                 images = augmenter.augment(batch, seed)
             features[view].append(
                 np.asarray(extractor(tf.cast(images, tf.float32), training=False)))
-        report_progress(f"{split} features", step + 1, total)
+        report_progress(f"{split} feature batches", step + 1)
     return (np.concatenate([row for view in features for row in view]),
             np.concatenate(labels * (views + 1)))
 
