@@ -16,6 +16,7 @@ Typical use inside a step (layer 1 stays free of KFP)::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -252,6 +253,33 @@ def _raise_refused(shown: str, status: int, text: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def local_store_lock(tracking_uri: str, purpose: str) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on a local store for ``purpose``; no-op if remote.
+
+    Steps of concurrent pipeline runs are separate processes sharing one sqlite file (or
+    ``file:`` folder): MLflow's first use of a fresh database creates its tables and runs
+    migrations without any locking, and read-decide-write sequences such as moving the
+    champion alias are not transactions. The lock is ``fcntl.flock`` on
+    ``<store>.<purpose>.lock`` next to the store, so it is released by the kernel even when
+    the holder is killed. Remote stores (HTTP servers) are not lockable from here.
+    """
+    if not re.fullmatch(r"[\w.-]+", purpose or ""):
+        raise ValueError(f"lock purpose must be letters, digits, '_', '.' or '-': {purpose!r}")
+    path = _local_store_path(tracking_uri)
+    if path is None:
+        yield
+        return
+    lock_path = path.parent / f"{path.name}.{purpose}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _check_local_store(tracking_uri: str, shown: str, timeout_s: float) -> None:
     path = _local_store_path(tracking_uri)
     if path is None:
@@ -259,16 +287,24 @@ def _check_local_store(tracking_uri: str, shown: str, timeout_s: float) -> None:
     try:
         if tracking_uri.startswith("sqlite:"):
             path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(str(path), timeout=timeout_s)
-            try:
-                connection.execute("PRAGMA schema_version").fetchone()
-            finally:
-                connection.close()
+            # MLflow creates and migrates a fresh database on first use, racing other
+            # processes ("table alembic_version already exists"); doing that first use here,
+            # one process at a time, leaves later ones an up-to-date schema (and MLflow
+            # caches the store per process, so the step reuses it).
+            with local_store_lock(tracking_uri, "init"):
+                connection = sqlite3.connect(str(path), timeout=timeout_s)
+                try:
+                    connection.execute("PRAGMA schema_version").fetchone()
+                finally:
+                    connection.close()
+                client = MlflowClient(tracking_uri=tracking_uri)
+                client.search_experiments(max_results=1)
+                client.search_registered_models(max_results=1)
         else:
             path.mkdir(parents=True, exist_ok=True)
             if not os.access(path, os.W_OK):
                 raise PermissionError(f"{path} is not writable")
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, MlflowException) as exc:
         raise TrackingServerError(
             f"cannot open MLflow tracking store {shown}: {exc}"
         ) from exc
@@ -724,6 +760,7 @@ __all__ = [
     "git_commit",
     "in_kfp_pod",
     "local_artifact_root",
+    "local_store_lock",
     "log_artifacts",
     "log_dataset_input",
     "log_metrics",
