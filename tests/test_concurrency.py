@@ -55,3 +55,48 @@ def test_processes_creating_a_fresh_sqlite_store_at_once_all_succeed(tmp_path: P
     results = _start_together(FIRST_USE, [[uri, str(tmp_path / "go")]] * 4, tmp_path / "go")
     failed = [r.stderr[-2000:] for r in results if r.returncode != 0]
     assert not failed, failed
+
+
+# A register step whose read of the champion is slowed by ``delay`` seconds, so that two of
+# them started together both read the champion before either moves the alias.
+REGISTER = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from mlflow.tracking import MlflowClient
+    from pipeline.steps import register
+    uri, go, value, delay = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.get_experiment_by_name("race").experiment_id).info.run_id
+    read_champion = register.champion_metric
+
+    def slow_champion_metric(*args, **kwargs):
+        found = read_champion(*args, **kwargs)
+        time.sleep(delay)
+        return found
+
+    register.champion_metric = slow_champion_metric
+    Path(f"{go}.{os.getpid()}.ready").touch()
+    while not go.exists():
+        time.sleep(0.01)
+    register.register_model(f"runs:/{run_id}/model", name="iris", metric_name="accuracy",
+                            metric_value=value, gate_passed=True, client=client)
+""")
+
+
+@pytest.mark.slow  # two registry processes on a sqlite store take about half a minute
+def test_concurrent_register_steps_leave_the_better_model_champion(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.steps.register import CHAMPION, champion_metric
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("race", artifact_location=(tmp_path / "artifacts").as_uri())
+    go = tmp_path / "go"
+    # the worse model reads the champion as early but moves the alias last
+    results = _start_together(REGISTER, [[uri, str(go), "0.9", "1"], [uri, str(go), "0.7", "4"]],
+                              go)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    version, value = champion_metric(client, "iris", "accuracy")
+    assert value == 0.9, (version, value, client.get_registered_model("iris").aliases)
+    assert str(client.get_model_version_by_alias("iris", CHAMPION).version) == version
