@@ -3,6 +3,7 @@ process outlives the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,6 +76,7 @@ def test_signal_to_the_cli_alone_stops_the_steps_and_kills_their_runs(
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    steps: list[int] = []
     try:
         deadline = time.monotonic() + 600
         while not (tmp_path / "mlflow.db").exists() or not any(
@@ -90,14 +92,25 @@ def test_signal_to_the_cli_alone_stops_the_steps_and_kills_their_runs(
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        left = [pid for pid in steps if _live(pid)]
+        for pid in left:  # a failed run of this test must not leave a training behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 128 + signum, stderr[-3000:]
-    assert not [pid for pid in steps if Path(f"/proc/{pid}").exists()
-                and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]]
+    assert not left, f"step processes {left} outlived the CLI"
     statuses = {name: status for experiment in _experiments(uri)
                 for name, (status, _) in _runs(uri, experiment).items()}
     assert statuses["train"] == "KILLED", statuses
     parents = [status for name, status in statuses.items() if name.startswith("iris")]
     assert parents == ["KILLED"], statuses
+
+
+def _live(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _experiments(uri: str) -> list[str]:
