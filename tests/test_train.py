@@ -19,8 +19,9 @@ from train_helpers import (
     trained_reference,
 )
 
-from pipeline.lib import inputs, models
-from pipeline.steps.train import config_fingerprint, train_model
+from pipeline.lib import inputs, models, records
+from pipeline.lib.contract import CHECKPOINT_ROOT_ENV
+from pipeline.steps.train import config_fingerprint, data_identity, train_model
 
 pytestmark = pytest.mark.slow
 
@@ -83,11 +84,9 @@ def test_same_seed_gives_same_training(root):
         models.load_model(root / "again").predict(images, verbose=0), rtol=1e-5, atol=1e-6)
 
 
-def test_resume_after_kill_continues_from_last_finished_epoch(root):
-    _, reference = trained_reference(root)
-    data_dir = prepared_iris(root)
-    model_dir = root / "killed"
-    state_file = model_dir / "checkpoints" / "state.json"
+def _train_and_kill(data_dir, model_dir, state_file, env=None) -> list[dict]:
+    """Start the reference training in a subprocess, SIGKILL it after two finished epochs;
+    returns the checkpointed history."""
     config = json.dumps(small_train(**REFERENCE_OVERRIDES).to_dict())
     code = (
         "import json; from pipeline.lib.params import TrainParams; "
@@ -95,7 +94,7 @@ def test_resume_after_kill_continues_from_last_finished_epoch(root):
         f"train_model({str(data_dir)!r}, {str(model_dir)!r}, "
         f"TrainParams.from_mapping(json.loads({config!r})))"
     )
-    process = run_python(code, wait=False)
+    process = run_python(code, wait=False, env=env)
     finished = 0
     deadline = time.monotonic() + 240
     try:
@@ -117,6 +116,14 @@ def test_resume_after_kill_continues_from_last_finished_epoch(root):
     before = json.loads(state_file.read_text())["history"]
     assert 2 <= len(before) < 5
     assert not (model_dir / "model.keras").exists()
+    return before
+
+
+def test_resume_after_kill_continues_from_last_finished_epoch(root):
+    _, reference = trained_reference(root)
+    data_dir = prepared_iris(root)
+    model_dir = root / "killed"
+    before = _train_and_kill(data_dir, model_dir, model_dir / "checkpoints" / "state.json")
 
     summary = train_model(data_dir, model_dir, small_train(**REFERENCE_OVERRIDES))
     assert summary["resumed_from_epoch"] == len(before)
@@ -131,6 +138,24 @@ def test_resume_after_kill_continues_from_last_finished_epoch(root):
     fresh_val = reference["history"][0]["val_loss"]
     assert abs(resumed_val - reference_val) < abs(fresh_val - reference_val)
     assert (model_dir / "model.keras").is_file()
+
+
+def test_a_rerun_in_a_new_model_folder_resumes_from_the_shared_checkpoint_root(
+        root, monkeypatch):
+    data_dir = prepared_iris(root)
+    checkpoint_root = root / "checkpoint-root"
+    fingerprint = config_fingerprint(small_train(**REFERENCE_OVERRIDES),
+                                     records.load_classes(data_dir), data_identity(data_dir))
+    before = _train_and_kill(data_dir, root / "crashed", checkpoint_root / fingerprint
+                             / "state.json", env={CHECKPOINT_ROOT_ENV: str(checkpoint_root)})
+    assert not (root / "crashed" / "checkpoints").exists()
+
+    monkeypatch.setenv(CHECKPOINT_ROOT_ENV, str(checkpoint_root))
+    summary = train_model(data_dir, root / "rerun", small_train(**REFERENCE_OVERRIDES))
+    assert summary["resumed_from_epoch"] == len(before)
+    assert summary["history"][: len(before)] == before
+    assert (root / "rerun" / "model.keras").is_file()
+    assert not (checkpoint_root / fingerprint).exists()  # finished: nothing left to resume
 
 
 def test_checkpoints_of_another_run_are_refused(root):

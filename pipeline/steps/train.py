@@ -5,7 +5,8 @@ Outputs in ``model_dir``: ``model.keras`` (float32, loads in safe mode), ``saved
 size), ``classes.json``, ``history.json``, ``training_summary.json``,
 ``augmentation_preview.png`` and ``checkpoints/`` (weights + optimizer state after every
 epoch, so a killed run started again with the same ``model_dir`` continues from its last
-finished epoch).
+finished epoch; with ``$IRIS_CHECKPOINT_ROOT`` set they live there instead, keyed by the
+training fingerprint, see :func:`checkpoint_dir`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import tensorflow as tf
 from pipeline.lib import inputs, model_logging, models, records, tracking
 from pipeline.lib.contract import (
     CHECKPOINT_DIR,
+    CHECKPOINT_ROOT_ENV,
     CLASSES_FILE,
     DATA_REPORT_JSON,
     HISTORY_FILE,
@@ -73,6 +75,19 @@ def config_fingerprint(config: TrainParams, classes: list[str],
     blob = json.dumps({"config": relevant, "classes": classes, "data": data_identity},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_dir(model_dir: Path, fingerprint: str) -> Path:
+    """Where a training keeps its checkpoints: ``$IRIS_CHECKPOINT_ROOT/<fingerprint>`` if set.
+
+    A local rerun gets a new model folder (a new kfp.local run folder), so checkpoints inside
+    it were never found again after a crash; under a root shared by runs and keyed by the
+    training fingerprint (config, classes and data), a rerun with the same config and data
+    resumes from the last finished epoch. Without the variable (a cluster pod, whose model
+    folder is what a retried task gets back) they stay in ``model_dir/checkpoints``.
+    """
+    root = os.environ.get(CHECKPOINT_ROOT_ENV, "").strip()
+    return Path(root) / fingerprint if root else model_dir / CHECKPOINT_DIR
 
 
 def data_identity(data_dir: Path) -> dict[str, Any]:
@@ -404,8 +419,9 @@ def train_model(
 ) -> dict[str, Any]:
     """Train ``config.model`` on the prepared data in ``data_dir``; export it to ``model_dir``.
 
-    Resumes from ``model_dir/checkpoints`` when a previous run with the same config was
-    interrupted. ``callbacks`` (e.g. an MLflow logger) are added to every ``fit`` call.
+    Resumes from the checkpoints of :func:`checkpoint_dir` when a previous run with the same
+    config and data was interrupted. ``callbacks`` (e.g. an MLflow logger) are added to
+    every ``fit`` call.
     Returns a summary: epochs_run, best_epoch, train_seconds, devices, history, ...
     """
     data_dir, model_dir = Path(data_dir), Path(model_dir)
@@ -415,8 +431,8 @@ def train_model(
         raise ValueError(f"the training split under {str(data_dir)!r} is empty")
     records.split_files(data_dir, "val")  # fail early and clearly when val is missing
     model_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(model_dir / CHECKPOINT_DIR,
-                              config_fingerprint(config, classes, data_identity(data_dir)))
+    fingerprint = config_fingerprint(config, classes, data_identity(data_dir))
+    checkpoints = Checkpoints(checkpoint_dir(model_dir, fingerprint), fingerprint)
     state = checkpoints.load()
     resumed_from = None
     if state is None:
@@ -540,6 +556,8 @@ def train_model(
         "history": history,
     }
     atomic_write_json(model_dir / TRAINING_SUMMARY_FILE, summary)
+    if model_dir not in checkpoints.directory.parents:  # shared root: done, free the space
+        shutil.rmtree(checkpoints.directory, ignore_errors=True)
     logger.info("trained %s: %d epochs, best epoch %s, %.1fs of training", config.model,
                 summary["epochs_run"], final_best, summary["train_seconds"])
     return summary
