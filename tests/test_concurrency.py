@@ -100,3 +100,22 @@ def test_concurrent_register_steps_leave_the_better_model_champion(tmp_path: Pat
     version, value = champion_metric(client, "iris", "accuracy")
     assert value == 0.9, (version, value, client.get_registered_model("iris").aliases)
     assert str(client.get_model_version_by_alias("iris", CHAMPION).version) == version
+
+
+def test_identical_trainings_at_once_do_not_share_a_checkpoint_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.lib.contract import CHECKPOINT_ROOT_ENV
+    from pipeline.steps.train import checkpoint_dir
+
+    monkeypatch.setenv(CHECKPOINT_ROOT_ENV, str(tmp_path / "root"))
+    first, lock = checkpoint_dir(tmp_path / "run1", "abc123")
+    assert first == tmp_path / "root" / "abc123" and lock is not None
+    second, second_lock = checkpoint_dir(tmp_path / "run2", "abc123")  # first still training
+    assert second == tmp_path / "run2" / "checkpoints" and second_lock is None
+    lock.close()  # the first one finished (or died): the next one resumes from the root
+    third, third_lock = checkpoint_dir(tmp_path / "run3", "abc123")
+    assert third == first and third_lock is not None
+    third_lock.close()
+    monkeypatch.delenv(CHECKPOINT_ROOT_ENV)
+    assert checkpoint_dir(tmp_path / "run4", "abc123") == (tmp_path / "run4" / "checkpoints",
+                                                          None)

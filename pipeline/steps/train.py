@@ -12,6 +12,7 @@ training fingerprint, see :func:`checkpoint_dir`).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import keras
 import mlflow
@@ -77,17 +78,33 @@ def config_fingerprint(config: TrainParams, classes: list[str],
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def checkpoint_dir(model_dir: Path, fingerprint: str) -> Path:
-    """Where a training keeps its checkpoints: ``$IRIS_CHECKPOINT_ROOT/<fingerprint>`` if set.
+def checkpoint_dir(model_dir: Path, fingerprint: str) -> tuple[Path, IO[bytes] | None]:
+    """Where a training keeps its checkpoints, and the lock it holds on a shared folder.
 
     A local rerun gets a new model folder (a new kfp.local run folder), so checkpoints inside
-    it were never found again after a crash; under a root shared by runs and keyed by the
-    training fingerprint (config, classes and data), a rerun with the same config and data
-    resumes from the last finished epoch. Without the variable (a cluster pod, whose model
-    folder is what a retried task gets back) they stay in ``model_dir/checkpoints``.
+    it were never found again after a crash; under ``$IRIS_CHECKPOINT_ROOT/<fingerprint>``,
+    shared by runs and keyed by the training fingerprint (config, classes and data), a rerun
+    with the same config and data resumes from the last finished epoch. Two identical
+    trainings at once must not write one folder: the first holds an ``flock`` on
+    ``<fingerprint>.lock`` (keep the returned file open while training; the kernel releases
+    it if the process dies), a second one finding it held uses its own model folder. Without
+    the variable (a cluster pod, whose model folder is what a retried task gets back) the
+    checkpoints stay in ``model_dir/checkpoints``.
     """
     root = os.environ.get(CHECKPOINT_ROOT_ENV, "").strip()
-    return Path(root) / fingerprint if root else model_dir / CHECKPOINT_DIR
+    if not root:
+        return model_dir / CHECKPOINT_DIR, None
+    Path(root).mkdir(parents=True, exist_ok=True)
+    lock = open(Path(root) / f"{fingerprint}.lock", "a+b")  # noqa: SIM115 (held by caller)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        logger.warning("checkpoints %s are in use by another training with the same config "
+                       "and data: this one checkpoints in its model folder", Path(root) /
+                       fingerprint)
+        return model_dir / CHECKPOINT_DIR, None
+    return Path(root) / fingerprint, lock
 
 
 def data_identity(data_dir: Path) -> dict[str, Any]:
@@ -432,7 +449,8 @@ def train_model(
     records.split_files(data_dir, "val")  # fail early and clearly when val is missing
     model_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = config_fingerprint(config, classes, data_identity(data_dir))
-    checkpoints = Checkpoints(checkpoint_dir(model_dir, fingerprint), fingerprint)
+    directory, checkpoint_lock = checkpoint_dir(model_dir, fingerprint)
+    checkpoints = Checkpoints(directory, fingerprint)
     state = checkpoints.load()
     resumed_from = None
     if state is None:
@@ -556,8 +574,9 @@ def train_model(
         "history": history,
     }
     atomic_write_json(model_dir / TRAINING_SUMMARY_FILE, summary)
-    if model_dir not in checkpoints.directory.parents:  # shared root: done, free the space
+    if checkpoint_lock is not None:  # shared root: done, free the space and the folder
         shutil.rmtree(checkpoints.directory, ignore_errors=True)
+        checkpoint_lock.close()
     logger.info("trained %s: %d epochs, best epoch %s, %.1fs of training", config.model,
                 summary["epochs_run"], final_best, summary["train_seconds"])
     return summary
