@@ -41,6 +41,7 @@ from pipeline.runners import (
     run_local,
     submit_pipeline,
 )
+from pipeline.runners.processes import stop_steps_on_signals
 from pipeline.tasks import MLFLOW_SECRET_KEYS
 
 logger = logging.getLogger("pipeline")
@@ -466,11 +467,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.restore_champion:
         return _restore_champion(args, config)
     if args.local:
+        received: list[int] = []
         try:
-            return _run_local(args, config)
+            with stop_steps_on_signals() as received:
+                return _run_local(args, config)
         except KeyboardInterrupt:
             logger.error("interrupted: the run folder under %s is incomplete", args.output_dir)
-            return EXIT_INTERRUPTED
+            return 128 + received[0] if received else EXIT_INTERRUPTED  # 130 / 143
     if not args.tracking_uri:
         logger.warning(
             "no --tracking-uri: on the cluster the steps use MLFLOW_TRACKING_URI from the "

@@ -20,9 +20,10 @@ from train_helpers import (
     small_train,
 )
 
-from pipeline.lib import inputs, models
+from pipeline.lib import inputs, models, records
+from pipeline.lib.contract import CHECKPOINT_ROOT_ENV
 from pipeline.lib.model_logging import MlflowEpochLogger
-from pipeline.steps.train import config_fingerprint, train_model
+from pipeline.steps.train import config_fingerprint, data_identity, train_model
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +112,24 @@ def test_resume_after_kill_continues_from_last_finished_epoch(root, iris_data, r
     fresh_val = reference["history"][0]["val_loss"]
     assert abs(resumed_val - reference_val) < abs(fresh_val - reference_val)
     assert (model_dir / "model.keras").is_file()
+
+
+def test_a_rerun_in_a_new_model_folder_resumes_from_the_shared_checkpoint_root(
+        root, iris_data, monkeypatch):
+    checkpoint_root = root / "checkpoint-root"
+    fingerprint = config_fingerprint(small_train(**REFERENCE_OVERRIDES),
+                                     records.load_classes(iris_data), data_identity(iris_data))
+    before = kill_training_after(iris_data, root / "crashed", REFERENCE_OVERRIDES, epoch=2,
+                                 state_file=checkpoint_root / fingerprint / "state.json",
+                                 env={CHECKPOINT_ROOT_ENV: str(checkpoint_root)})
+    assert not (root / "crashed" / "checkpoints").exists()
+
+    monkeypatch.setenv(CHECKPOINT_ROOT_ENV, str(checkpoint_root))
+    summary = train_model(iris_data, root / "rerun", small_train(**REFERENCE_OVERRIDES))
+    assert summary["bookkeeping"]["resumed_from_epoch"] == len(before)
+    assert summary["history"][: len(before)] == before
+    assert (root / "rerun" / "model.keras").is_file()
+    assert not (checkpoint_root / fingerprint).exists()  # finished: nothing left to resume
 
 
 def test_checkpoints_of_another_run_are_refused(root, iris_data, reference_model):

@@ -61,13 +61,16 @@ def run_python(code: str, *, timeout: float = 300, env: dict[str, str] | None = 
 
 
 def kill_training_after(data_dir: Path, model_dir: Path, overrides: dict[str, object], *,
-                        epoch: int) -> list[dict]:
+                        epoch: int, state_file: Path | None = None,
+                        env: dict[str, str] | None = None) -> list[dict]:
     """Train in a fresh process that is SIGKILLed right after epoch ``epoch`` is checkpointed.
 
     The kill comes from a callback that runs after the step's own checkpoint callback, so it
     lands at a known epoch; returns the checkpointed history (what a restart resumes from).
+    ``state_file``: where the checkpoints are (default: in the model folder); ``env`` for the
+    training process.
     """
-    state_file = model_dir / "checkpoints" / "state.json"
+    state_file = state_file or model_dir / "checkpoints" / "state.json"
     config = json.dumps(small_train(**overrides).to_dict())
     code = f"""
 import json, os, signal
@@ -84,7 +87,7 @@ class Kill(keras.callbacks.Callback):
 train_model({str(data_dir)!r}, {str(model_dir)!r},
             TrainParams.from_mapping(json.loads({config!r})), callbacks=[Kill()])
 """
-    result = run_python(code, timeout=300)
+    result = run_python(code, timeout=300, env=env)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     assert not (model_dir / "model.keras").exists()
     return json.loads(state_file.read_text())["history"]

@@ -28,6 +28,11 @@ HISTORY_FILE = "history.json"
 TRAINING_SUMMARY_FILE = "training_summary.json"
 PREVIEW_FILE = "augmentation_preview.png"
 CHECKPOINT_DIR = "checkpoints"
+#: Environment: a folder shared by runs for training checkpoints keyed by fingerprint (the
+#: local runner sets it to ``<output_dir>/.checkpoints``; unset, they stay in the model).
+CHECKPOINT_ROOT_ENV = "IRIS_CHECKPOINT_ROOT"
+#: Its folder name under a local run's output folder.
+LOCAL_CHECKPOINT_ROOT = ".checkpoints"
 #: Metadata: MLflow identities of the training run and the logged model.
 META_TRACKING_URI = "mlflow_tracking_uri"
 META_RUN_ID = "mlflow_run_id"

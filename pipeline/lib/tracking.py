@@ -17,19 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import signal
+import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import mlflow
@@ -80,6 +85,9 @@ EXPERIMENT_DESCRIPTION = (
     "HTML report) and **register** (registry decision). Test metrics and the majority "
     "baseline are also on the parent, so the run list compares pipeline runs."
 )
+TAG_PID = "iris.pid"  # the process that keeps the run RUNNING, on ...
+TAG_HOST = "iris.host"  # ... this host (a pod name on a cluster)
+TAG_FAILED_REASON = "iris.failed_reason"
 
 #: Set by KFP in every executor container (downward API), never by kfp.local.
 KFP_POD_ENV = ("KFP_POD_NAME", "KFP_POD_UID")
@@ -270,6 +278,33 @@ def _raise_refused(shown: str, status: int, text: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def local_store_lock(tracking_uri: str, purpose: str) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on a local store for ``purpose``; no-op if remote.
+
+    Steps of concurrent pipeline runs are separate processes sharing one sqlite file (or
+    ``file:`` folder): MLflow's first use of a fresh database creates its tables and runs
+    migrations without any locking, and read-decide-write sequences such as moving the
+    champion alias are not transactions. The lock is ``fcntl.flock`` on
+    ``<store>.<purpose>.lock`` next to the store, so it is released by the kernel even when
+    the holder is killed. Remote stores (HTTP servers) are not lockable from here.
+    """
+    if not re.fullmatch(r"[\w.-]+", purpose or ""):
+        raise ValueError(f"lock purpose must be letters, digits, '_', '.' or '-': {purpose!r}")
+    path = _local_store_path(tracking_uri)
+    if path is None:
+        yield
+        return
+    lock_path = path.parent / f"{path.name}.{purpose}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _check_local_store(tracking_uri: str, shown: str, timeout_s: float) -> None:
     path = _local_store_path(tracking_uri)
     if path is None:
@@ -277,16 +312,24 @@ def _check_local_store(tracking_uri: str, shown: str, timeout_s: float) -> None:
     try:
         if tracking_uri.startswith("sqlite:"):
             path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(str(path), timeout=timeout_s)
-            try:
-                connection.execute("PRAGMA schema_version").fetchone()
-            finally:
-                connection.close()
+            # MLflow creates and migrates a fresh database on first use, racing other
+            # processes ("table alembic_version already exists"); doing that first use here,
+            # one process at a time, leaves later ones an up-to-date schema (and MLflow
+            # caches the store per process, so the step reuses it).
+            with local_store_lock(tracking_uri, "init"):
+                connection = sqlite3.connect(str(path), timeout=timeout_s)
+                try:
+                    connection.execute("PRAGMA schema_version").fetchone()
+                finally:
+                    connection.close()
+                client = MlflowClient(tracking_uri=tracking_uri)
+                client.search_experiments(max_results=1)
+                client.search_registered_models(max_results=1)
         else:
             path.mkdir(parents=True, exist_ok=True)
             if not os.access(path, os.W_OK):
                 raise PermissionError(f"{path} is not writable")
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, MlflowException) as exc:
         raise TrackingServerError(
             f"cannot open MLflow tracking store {shown}: {exc}"
         ) from exc
@@ -476,6 +519,46 @@ def _param_value(value: Any) -> str:
     return text[:6000]  # MLflow's param value limit
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def fail_orphaned_runs(client: MlflowClient, experiment_id: str, keep: str | None = None
+                       ) -> list[str]:
+    """Mark FAILED the RUNNING runs whose process on this host is gone; returns their ids.
+
+    A step killed outright (``kill -9``, out of memory) cannot end its runs, which then stay
+    RUNNING forever. Every step run (and its parent while a step runs) is tagged with its
+    process id and host, so any later step in the experiment on the same host can tell a
+    dead owner from a live one. Runs from other hosts, or without the tags, are left alone;
+    ``keep`` (the caller's own parent run) is never touched.
+    """
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' AND tags.`{TAG_HOST}` = '{host}'",
+        max_results=1000,
+    )
+    failed = []
+    for run in runs:
+        pid = run.data.tags.get(TAG_PID, "")
+        if run.info.run_id == keep or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        reason = f"process {pid} on {host} ended without ending this run (killed?)"
+        with contextlib.suppress(MlflowException):
+            client.set_tag(run.info.run_id, TAG_FAILED_REASON, reason)
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            failed.append(run.info.run_id)
+            logger.warning("marked MLflow run %s FAILED: %s", run.info.run_id, reason)
+    return failed
+
+
 @contextlib.contextmanager
 def step_run(
     step: str,
@@ -511,11 +594,38 @@ def step_run(
                            redact_uri(env_uri), redact_uri(tracking_uri))
             tracking_uri = env_uri
     check_tracking_server(tracking_uri)
-    with _tracking_uri_scope(tracking_uri):
+    ending = threading.Event()
+    with _sigterm_as_interrupt(ending), _tracking_uri_scope(tracking_uri):
         client = MlflowClient(tracking_uri=tracking_uri)
         with _step_run(step, client, tracking_uri, experiment_name, pipeline_run_id,
-                       pipeline_name, params, given_run) as active:
+                       pipeline_name, params, given_run, ending) as active:
             yield active
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(ending: threading.Event) -> Iterator[None]:
+    """Turn SIGTERM into ``KeyboardInterrupt`` for the body, so the step's runs end KILLED.
+
+    SIGTERM is how a step is stopped (the local CLI forwards it, Kubernetes sends it before
+    killing a pod); by default it ends Python without unwinding, leaving the runs RUNNING.
+    Every SIGTERM raises again (an interrupt raised inside a finaliser is swallowed by
+    Python, so senders repeat it) until ``ending`` is set: then the runs are being ended
+    and must not be interrupted. Signal handlers can only be set from the main thread:
+    elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if not ending.is_set():
+            raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -543,9 +653,9 @@ def _tracking_uri_scope(uri: str) -> Iterator[None]:
 def _step_run(
     step: str, client: MlflowClient, tracking_uri: str, experiment_name: str,
     pipeline_run_id: str, pipeline_name: str, params: Mapping[str, Any] | None,
-    given_run: str | None,
+    given_run: str | None, ending: threading.Event,
 ) -> Iterator[mlflow.ActiveRun]:
-    """The body of :func:`step_run` once the tracking URI is set."""
+    """The body of :func:`step_run` once the tracking URI is set; sets ``ending`` on exit."""
     parent_tags = {
         TAG_PIPELINE_RUN_ID: pipeline_run_id,
         TAG_PIPELINE_NAME: pipeline_name,
@@ -580,8 +690,11 @@ def _step_run(
         )
         manage_parent = True
 
+    fail_orphaned_runs(client, experiment_id, keep=parent_id)
+    owner = {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
     log_params_once(client, parent_id, params or {})
     if manage_parent:
+        client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in owner.items()])
         client.update_run(parent_id, status="RUNNING")
 
     child_tags = {
@@ -591,6 +704,7 @@ def _step_run(
         TAG_PIPELINE_RUN_ID: pipeline_run_id,
         TAG_PIPELINE_NAME: pipeline_name,
         TAG_PACKAGE_VERSION: parent_tags[TAG_PACKAGE_VERSION],
+        **owner,
     }
     if commit:
         child_tags[TAG_GIT_COMMIT] = commit
@@ -612,6 +726,7 @@ def _step_run(
     try:
         yield active
     except BaseException as exc:
+        ending.set()
         status = RunStatus.to_string(
             RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED)
         reason = f"{type(exc).__name__}: {exc}"[:5000]
@@ -621,6 +736,7 @@ def _step_run(
                 client.set_tag(parent_id, TAG_ERROR, f"step {step}: {reason}"[:5000])
         raise
     finally:
+        ending.set()
         current = mlflow.active_run()
         if current is not None and current.info.run_id == child_id:
             mlflow.end_run(status)  # note: end_run also unsets $MLFLOW_RUN_ID ...
@@ -791,11 +907,13 @@ __all__ = [
     "TrackingUriMissingError",
     "check_tracking_server",
     "ensure_experiment_tags",
+    "fail_orphaned_runs",
     "find_parent_run",
     "get_or_create_experiment",
     "git_commit",
     "in_kfp_pod",
     "local_artifact_root",
+    "local_store_lock",
     "log_artifacts",
     "log_dataset_input",
     "log_metrics",

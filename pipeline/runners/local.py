@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 import typing
@@ -16,7 +17,7 @@ from kfp.dsl import ClassificationMetrics, Metrics
 
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME, PipelineOutputs, create_pipeline, pipeline_arguments
-from pipeline.lib.contract import EXECUTOR_OUTPUT
+from pipeline.lib.contract import CHECKPOINT_ROOT_ENV, EXECUTOR_OUTPUT, LOCAL_CHECKPOINT_ROOT
 from pipeline.runners.console import StepConsole
 from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
 from pipeline.tasks import STEPS, TASK_NAMES
@@ -151,6 +152,9 @@ def run_local(
     console = StepConsole(sys.stdout, output_dir, tasks, verbose=verbose,
                           pipeline_name=PIPELINE_NAME)
     original, sys.stdout = sys.stdout, console  # type: ignore[assignment]
+    # the step processes inherit it: a rerun after a crash resumes the same training
+    checkpoint_root = os.environ.get(CHECKPOINT_ROOT_ENV)
+    os.environ[CHECKPOINT_ROOT_ENV] = checkpoint_root or str(output_dir / LOCAL_CHECKPOINT_ROOT)
     try:
         with warnings.catch_warnings():
             # Expected locally: resources and GPUs are cluster settings; our images are not
@@ -177,6 +181,8 @@ def run_local(
     finally:
         sys.stdout = original
         console.close()
+        if checkpoint_root is None:
+            os.environ.pop(CHECKPOINT_ROOT_ENV, None)
     return LocalRunResult(
         run_dir=console.run_dir,
         output_dir=output_dir,

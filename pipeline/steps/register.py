@@ -24,8 +24,10 @@ from and to version, why), and :func:`restore_champion` (``python pipeline.py
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import hashlib
 import logging
 import math
 import re
@@ -171,6 +173,18 @@ def _log_decision(client: MlflowClient, decision: dict[str, Any]) -> None:
                      tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def promotion_lock(tracking_uri: str, name: str) -> contextlib.AbstractContextManager[None]:
+    """An inter-process lock around reading the champion of ``name`` and moving its alias.
+
+    Without it two register steps finishing together both read the same champion, both
+    decide to replace it, and the last to write wins, even with the lower score. Local
+    (sqlite/file) stores get a file lock beside the store; an MLflow server offers no lock,
+    so there the lock is a no-op.
+    """
+    key = hashlib.sha256(name.encode()).hexdigest()[:16]  # any model name, a safe file name
+    return tracking.local_store_lock(tracking_uri, f"promote-{key}")
+
+
 def register_model(
     model_uri: str,
     *,
@@ -218,50 +232,53 @@ def register_model(
         "metric_value": metric_value, "champion_value": None, "previous_champion_version": None,
         "comparison": None,
     }
-    champion_version, champion_value = champion_metric(client, name, metric_name)
-    previous_challenger = _alias_version(client, name, CHALLENGER)
-    decision["previous_champion_version"] = champion_version
-    decision["champion_value"] = champion_value
-    if champion_version is None:
-        alias, reason, comparison = CHAMPION, f"first version of {name!r}: becomes champion", {
-            "method": "none"}
-    elif champion_value is None:
-        alias, reason, comparison = CHALLENGER, (
-            f"champion v{champion_version} has no recorded {metric_name}: it stays champion"
-        ), {"method": "none"}
-    else:
-        promote, reason, comparison = compare_with_champion(
-            client, name, champion_version, champion_value, metric_name, metric_value,
-            evidence, margin)
-        alias = CHAMPION if promote else CHALLENGER
+    # read the champion, decide, move the alias: one promotion at a time per model
+    with promotion_lock(client.tracking_uri, name):
+        champion_version, champion_value = champion_metric(client, name, metric_name)
+        previous_challenger = _alias_version(client, name, CHALLENGER)
+        decision["previous_champion_version"] = champion_version
+        decision["champion_value"] = champion_value
+        if champion_version is None:
+            alias, reason = CHAMPION, f"first version of {name!r}: becomes champion"
+            comparison: dict[str, Any] = {"method": "none"}
+        elif champion_value is None:
+            alias, reason, comparison = CHALLENGER, (
+                f"champion v{champion_version} has no recorded {metric_name}: it stays champion"
+            ), {"method": "none"}
+        else:
+            promote, reason, comparison = compare_with_champion(
+                client, name, champion_version, champion_value, metric_name, metric_value,
+                evidence, margin)
+            alias = CHAMPION if promote else CHALLENGER
 
-    run_id, model_id = _source_for(client, model_uri)
-    created_model = _ensure_registered_model(client, name)
-    version = None
-    history_key = None
-    tags = {_metric_tag(metric_name): repr(metric_value), "gate_metric": metric_name,
-            **(evidence.tags() if evidence else {}),
-            **{f"{COMPARISON_TAG_PREFIX}{k}": str(v) for k, v in comparison.items()
-               if v is not None}}
-    try:
-        version = client.create_model_version(
-            name, source=model_uri, run_id=run_id, model_id=model_id, tags=tags,
-            description=reason, await_creation_for=60,
-        ).version
-        if str(client.get_model_version(name, version).status) not in ("READY", "1"):
-            raise RuntimeError(f"model version {name} v{version} did not become READY")
-        client.set_registered_model_alias(name, alias, version)
-        history_key = _record_alias_move(
-            client, name, alias, str(version),
-            champion_version if alias == CHAMPION else previous_challenger, reason)
-        decision.update(registered=True, decision=alias, reason=reason, version=str(version),
-                        alias=alias, model_uri=f"models:/{name}/{version}",
-                        comparison=comparison)
-        _log_decision(client, decision)
-    except BaseException:
-        _roll_back(client, name, version, created_model, alias,
-                   champion_version if alias == CHAMPION else previous_challenger, history_key)
-        raise
+        run_id, model_id = _source_for(client, model_uri)
+        created_model = _ensure_registered_model(client, name)
+        version = None
+        history_key = None
+        tags = {_metric_tag(metric_name): repr(metric_value), "gate_metric": metric_name,
+                **(evidence.tags() if evidence else {}),
+                **{f"{COMPARISON_TAG_PREFIX}{k}": str(v) for k, v in comparison.items()
+                   if v is not None}}
+        try:
+            version = client.create_model_version(
+                name, source=model_uri, run_id=run_id, model_id=model_id, tags=tags,
+                description=reason, await_creation_for=60,
+            ).version
+            if str(client.get_model_version(name, version).status) not in ("READY", "1"):
+                raise RuntimeError(f"model version {name} v{version} did not become READY")
+            client.set_registered_model_alias(name, alias, version)
+            history_key = _record_alias_move(
+                client, name, alias, str(version),
+                champion_version if alias == CHAMPION else previous_challenger, reason)
+            decision.update(registered=True, decision=alias, reason=reason, version=str(version),
+                            alias=alias, model_uri=f"models:/{name}/{version}",
+                            comparison=comparison)
+            _log_decision(client, decision)
+        except BaseException:
+            _roll_back(client, name, version, created_model, alias,
+                       champion_version if alias == CHAMPION else previous_challenger,
+                       history_key)
+            raise
     if model_id:
         _link_logged_model(client, model_id, name, str(version))
     logger.info("registered %s as %s v%s with alias %r: %s", model_uri, name, version, alias,

@@ -5,12 +5,14 @@ Outputs in ``model_dir``: ``model.keras`` (float32, loads in safe mode), ``saved
 size), ``classes.json``, ``history.json``, ``training_summary.json``,
 ``augmentation_preview.png`` and ``checkpoints/`` (weights + optimizer state after every
 epoch, so a killed run started again with the same ``model_dir`` continues from its last
-finished epoch).
+finished epoch; with ``$IRIS_CHECKPOINT_ROOT`` set they live there instead, keyed by the
+training fingerprint, see :func:`checkpoint_dir`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import keras
 import mlflow
@@ -31,6 +33,7 @@ import tensorflow as tf
 from pipeline.lib import inputs, model_logging, models, records, tracking
 from pipeline.lib.contract import (
     CHECKPOINT_DIR,
+    CHECKPOINT_ROOT_ENV,
     CLASSES_FILE,
     DATA_REPORT_JSON,
     HISTORY_FILE,
@@ -76,6 +79,35 @@ def config_fingerprint(config: TrainParams, classes: list[str],
     blob = json.dumps({"config": relevant, "classes": classes, "data": data_identity},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_dir(model_dir: Path, fingerprint: str) -> tuple[Path, IO[bytes] | None]:
+    """Where a training keeps its checkpoints, and the lock it holds on a shared folder.
+
+    A local rerun gets a new model folder (a new kfp.local run folder), so checkpoints inside
+    it were never found again after a crash; under ``$IRIS_CHECKPOINT_ROOT/<fingerprint>``,
+    shared by runs and keyed by the training fingerprint (config, classes and data), a rerun
+    with the same config and data resumes from the last finished epoch. Two identical
+    trainings at once must not write one folder: the first holds an ``flock`` on
+    ``<fingerprint>.lock`` (keep the returned file open while training; the kernel releases
+    it if the process dies), a second one finding it held uses its own model folder. Without
+    the variable (a cluster pod, whose model folder is what a retried task gets back) the
+    checkpoints stay in ``model_dir/checkpoints``.
+    """
+    root = os.environ.get(CHECKPOINT_ROOT_ENV, "").strip()
+    if not root:
+        return model_dir / CHECKPOINT_DIR, None
+    Path(root).mkdir(parents=True, exist_ok=True)
+    lock = open(Path(root) / f"{fingerprint}.lock", "a+b")  # noqa: SIM115 (held by caller)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        logger.warning("checkpoints %s are in use by another training with the same config "
+                       "and data: this one checkpoints in its model folder", Path(root) /
+                       fingerprint)
+        return model_dir / CHECKPOINT_DIR, None
+    return Path(root) / fingerprint, lock
 
 
 def data_identity(data_dir: Path) -> dict[str, Any]:
@@ -456,8 +488,9 @@ def train_model(
 ) -> dict[str, Any]:
     """Train ``config.model`` on the prepared data in ``data_dir``; export it to ``model_dir``.
 
-    Resumes from ``model_dir/checkpoints`` when a previous run with the same config was
-    interrupted. ``callbacks`` (e.g. an MLflow logger) are added to every ``fit`` call.
+    Resumes from the checkpoints of :func:`checkpoint_dir` when a previous run with the same
+    config and data was interrupted. ``callbacks`` (e.g. an MLflow logger) are added to
+    every ``fit`` call.
     Returns the summary also written to ``training_summary.json``: ``model``, ``classes``,
     ``metrics`` (numbers to compare runs by), ``bookkeeping`` (how the run went: epochs, best
     epoch, devices, strategy, class weights, ...) and the per-epoch ``history``.
@@ -469,8 +502,9 @@ def train_model(
         raise ValueError(f"the training split under {str(data_dir)!r} is empty")
     records.split_files(data_dir, "val")  # fail early and clearly when val is missing
     model_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(model_dir / CHECKPOINT_DIR,
-                              config_fingerprint(config, classes, data_identity(data_dir)))
+    fingerprint = config_fingerprint(config, classes, data_identity(data_dir))
+    directory, checkpoint_lock = checkpoint_dir(model_dir, fingerprint)
+    checkpoints = Checkpoints(directory, fingerprint)
     state = checkpoints.load()
     resumed_from = None
     if state is None:
@@ -608,6 +642,9 @@ def train_model(
         "history": state.history,
     }
     atomic_write_json(model_dir / TRAINING_SUMMARY_FILE, summary)
+    if checkpoint_lock is not None:  # shared root: done, free the space and the folder
+        shutil.rmtree(checkpoints.directory, ignore_errors=True)
+        checkpoint_lock.close()
     logger.info("trained %s: %d epochs, best epoch %s, %.1fs of training", config.model,
                 len(state.history), summary["bookkeeping"]["best_epoch"],
                 state.train_seconds)

@@ -1,0 +1,139 @@
+"""Signals and crashes: a terminated step or CLI ends its MLflow runs KILLED, no step
+process outlives the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from cli_helpers import PROJECT_ROOT, clean_env
+from mlflow.tracking import MlflowClient
+
+from pipeline.lib.tracking import TAG_FAILED_REASON, check_tracking_server, step_run
+from pipeline.runners.processes import descendants
+
+# A step that logs under step_run and then works (sleeps) until it is stopped.
+STEP = textwrap.dedent("""
+    import sys, time
+    from pipeline.lib.tracking import step_run
+    with step_run("train", tracking_uri=sys.argv[1], experiment_name="signals",
+                  pipeline_run_id="kfp-signals", pipeline_name="iris-test"):
+        time.sleep(600)
+""")
+
+
+def _runs(uri: str, experiment: str) -> dict[str, tuple[str, str]]:
+    """Run name -> (status, run id) of every run in ``experiment`` (empty while missing)."""
+    check_tracking_server(uri)  # waits for the steps' first use of a fresh store to finish
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return {}
+    return {run.info.run_name: (run.info.status, run.info.run_id)
+            for run in client.search_runs([found.experiment_id])}
+
+
+def _wait_for_running(uri: str, experiment: str, step: str, proc: subprocess.Popen,
+                      timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _runs(uri, experiment).get(step, ("",))[0] != "RUNNING":
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"step {step!r} never started"
+        time.sleep(1)
+
+
+@pytest.mark.slow  # a step process takes most of half a minute to start
+def test_sigterm_in_a_step_ends_its_runs_killed(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen([sys.executable, "-c", STEP, uri], cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_running(uri, "signals", "train", proc, timeout=120)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    runs = _runs(uri, "signals")
+    assert {name: status for name, (status, _) in runs.items()} == {
+        "train": "KILLED", "iris-test-kfp-signals": "KILLED"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_the_cli_alone_stops_the_steps_and_kills_their_runs(
+        tmp_path: Path, iris_zip: Path, mobilenet_weights: Path, signum: int) -> None:
+    env = clean_env(PYTHONPATH=str(PROJECT_ROOT))
+    # its own session, as a job scheduler would start it: no signal reaches the steps but ours
+    proc = subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "pipeline.py"), "--local", "--data", str(iris_zip),
+         "--set", "epochs=500", "--set", "image_size=64", "--set", "head_feature_views=0",
+         "--set", f"weights={mobilenet_weights}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    steps: list[int] = []
+    try:
+        deadline = time.monotonic() + 600
+        while not (tmp_path / "mlflow.db").exists() or not any(
+                _runs(uri, name).get("train", ("",))[0] == "RUNNING"
+                for name in _experiments(uri)):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the train step never started"
+            time.sleep(2)
+        steps = descendants(proc.pid)
+        assert steps
+        os.kill(proc.pid, signum)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        left = [pid for pid in steps if _live(pid)]
+        for pid in left:  # a failed run of this test must not leave a training behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    assert not left, f"step processes {left} outlived the CLI"
+    statuses = {name: status for experiment in _experiments(uri)
+                for name, (status, _) in _runs(uri, experiment).items()}
+    assert statuses["train"] == "KILLED", statuses
+    parents = [status for name, status in statuses.items() if name.startswith("iris")]
+    assert parents == ["KILLED"], statuses
+
+
+def _live(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _experiments(uri: str) -> list[str]:
+    check_tracking_server(uri)
+    return [e.name for e in MlflowClient(tracking_uri=uri).search_experiments()]
+
+
+@pytest.mark.slow  # a step process to kill takes most of half a minute to start
+def test_runs_of_a_killed_step_are_failed_by_the_next_step(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen([sys.executable, "-c", STEP, uri], cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_running(uri, "signals", "train", proc, timeout=120)
+    proc.kill()
+    proc.communicate(timeout=60)
+    killed = _runs(uri, "signals")
+    assert {status for status, _ in killed.values()} == {"RUNNING"}  # nobody ended them
+
+    with step_run("train", tracking_uri=uri, experiment_name="signals",
+                  pipeline_run_id="kfp-rerun", pipeline_name="iris-test"):
+        client = MlflowClient(tracking_uri=uri)
+        for name, (_, run_id) in killed.items():
+            run = client.get_run(run_id)
+            assert run.info.status == "FAILED", name
+            assert f"process {proc.pid} " in run.data.tags[TAG_FAILED_REASON]
+        assert _runs(uri, "signals")["iris-test-kfp-rerun"][0] == "RUNNING"  # ours untouched
