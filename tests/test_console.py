@@ -129,3 +129,15 @@ def test_register_result_names_version_and_alias() -> None:
     output = {"parameterValues": {"Output": {"registered": True, "name": "iris", "version": "3",
                                              "alias": "champion"}}}
     assert step_result("register-model", output) == "iris v3 @champion"
+
+
+def test_the_run_folder_is_where_tasks_write_not_where_cached_inputs_live(tmp_path) -> None:
+    """A cached run's first executed task reads its inputs from an earlier run's folder."""
+    stream = io.StringIO()
+    console, _clock, run_dir = _console(tmp_path, stream)
+    earlier = run_dir.with_name("iris-image-pipeline-2026-11-26-09-00-00-000000")
+    console.write(f"Executing task '{TASKS[2]}'\n")
+    console.write(f'    "uri": "{earlier}/preprocess-dataset/prepared_data",\n')
+    console.write(f'    "outputFile": "{run_dir}/train-model/executor_output.json"\n')
+    console.close()
+    assert console.run_dir == run_dir

@@ -298,7 +298,8 @@ def test_terminal_shows_a_line_per_step_and_a_closing_block(first_run: CliRun) -
         assert re.search(rf"^\[{index}/5\] {task} done in [0-9.]+ s", text, re.M), task
     assert "executor_input" not in text and "oneDNN" not in text
     metrics = summary["test_metrics"]
-    assert re.search(rf"^test \(59 images\): +accuracy {metrics['accuracy']:.3f} +"
+    assert re.search(rf"^test \(59 images\): +accuracy {metrics['accuracy']:.3f} "
+                     rf"\[{metrics['accuracy_ci_low']:.3f}, {metrics['accuracy_ci_high']:.3f}\] +"
                      rf"balanced_accuracy {metrics['balanced_accuracy']:.3f}", text, re.M)
     assert re.search(r"^majority baseline: +accuracy 0\.644 +balanced_accuracy 0\.333", text,
                      re.M)

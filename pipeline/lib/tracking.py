@@ -215,8 +215,9 @@ def _check_http_server(tracking_uri: str, shown: str, timeout_s: float) -> None:
     def hide(text: str) -> str:  # messages may repeat the URL, userinfo and all
         return text.replace(f":{password}@", ":***@") if password else text
 
-    try:  # is something listening, and healthy? (/health needs no credentials)
-        health = requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+    try:  # is something listening, and healthy? (with the credentials MLflow would send)
+        health = requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s,
+                              **_request_credentials())
     except requests.RequestException as exc:
         raise TrackingServerError(
             f"cannot reach MLflow tracking server {shown}: {hide(_first_line(str(exc)))}"
@@ -253,6 +254,23 @@ def _check_http_server(tracking_uri: str, shown: str, timeout_s: float) -> None:
             ) from exc
     logger.info("MLflow tracking server %s is reachable (%.2f s)", shown,
                 time.monotonic() - started)
+
+
+def _request_credentials() -> dict[str, Any]:
+    """``requests`` arguments for the credentials MLflow's client reads from the environment
+    (documented settings: basic auth, bearer token, TLS verification)."""
+    arguments: dict[str, Any] = {}
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        arguments["auth"] = (user, password)
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        arguments["headers"] = {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        arguments["verify"] = False
+    elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        arguments["verify"] = os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+    return arguments
 
 
 @contextlib.contextmanager
@@ -759,6 +777,7 @@ def tracked_step(
     components stay a single call.
     """
     uri = resolve_tracking_uri(tracking.tracking_uri, Path.cwd())
+    params = {**params, "experiment_name": tracking.experiment_name}  # a config field too
     with step_run(step, tracking_uri=uri, experiment_name=tracking.experiment_name,
                   pipeline_run_id=tracking.pipeline_run_id,
                   pipeline_name=tracking.pipeline_name, params=params) as run:

@@ -25,6 +25,8 @@ from pipeline.runners.kfp_output import strip_ansi
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
 LOGS_DIR = "logs"
+#: The executor input's key naming where the running task writes (inside this run's folder).
+_OUTPUT_FILE = '"outputFile"'
 #: Lines of a failed step's log shown on the terminal.
 TAIL_LINES = 15
 
@@ -115,7 +117,10 @@ class StepConsole:
     # --- routing ---------------------------------------------------------------------------
     def _line(self, line: str) -> None:
         self.lines.append(line)
-        if self.run_dir is None and (match := self._run_dir_re.search(line)):
+        # the run folder is where a task of this run writes its outputs (its inputs may come
+        # from an earlier run's folder through the cache)
+        if (self.run_dir is None and _OUTPUT_FILE in line
+                and (match := self._run_dir_re.search(line))):
             self.run_dir = Path(match.group(0))
         if match := _EXECUTING.search(line):
             self._start(match.group(1))
