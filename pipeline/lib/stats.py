@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.lib.files import atomic_writer
 
 #: Bootstrap resamples per interval (see the module docstring for why this many).
 RESAMPLES = 4000
@@ -233,8 +234,7 @@ class Predictions:
     def write_csv(self, path: str | Path) -> Path:
         """``image_id,true_label,predicted_label,prob_<class>...``; written atomically."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as handle:
+        with atomic_writer(path, "w") as handle:
             writer = csv.writer(handle)
             writer.writerow(["image_id", "true_label", "predicted_label",
                              *(f"prob_{c}" for c in self.classes)])
@@ -242,7 +242,6 @@ class Predictions:
                                                    self.probabilities, strict=True):
                 writer.writerow([image_id, self.classes[true], self.classes[pred],
                                  *(f"{p:.6g}" for p in probs)])
-        os.replace(tmp, path)
         return path
 
     @classmethod

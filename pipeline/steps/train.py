@@ -52,7 +52,7 @@ from pipeline.lib.contract import (
     SAVED_MODEL_DIR,
     TRAINING_SUMMARY_FILE,
 )
-from pipeline.lib.files import atomic_write_json, read_json
+from pipeline.lib.files import atomic_path, atomic_write_json, read_json, replace_dir
 from pipeline.lib.params import DownloadParams, PreprocessParams, TrackingParams, TrainParams
 from pipeline.lib.progress import report_progress
 
@@ -228,10 +228,8 @@ class Checkpoints:
             raise ValueError(f"corrupt checkpoint state {str(self.state_path)!r}: {exc}") from exc
 
     def save_weights(self, model: keras.Model, name: str) -> str:
-        path = self.directory / name
-        tmp = self.directory / f".tmp-{name}"
-        model.save_weights(tmp)
-        os.replace(tmp, path)
+        with atomic_path(self.directory / name) as tmp:
+            model.save_weights(tmp)
         return name
 
     def restore(self, model: keras.Model, name: str) -> None:
@@ -434,14 +432,10 @@ def export_model(trained: keras.Model, config: TrainParams, num_classes: int,
     clean.set_weights([np.asarray(w) for w in trained.get_weights()])
     clean = models.with_test_time_views(clean, config.tta_views)
 
-    keras_path = model_dir / MODEL_FILE
-    tmp = model_dir / f".tmp-{MODEL_FILE}"
-    clean.save(tmp)
-    os.replace(tmp, keras_path)
+    with atomic_path(model_dir / MODEL_FILE) as tmp:
+        clean.save(tmp)
 
-    saved = model_dir / SAVED_MODEL_DIR
-    tmp_dir = model_dir / f".tmp-{SAVED_MODEL_DIR}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{SAVED_MODEL_DIR}-", dir=model_dir))
     archive = keras.export.ExportArchive()
     archive.track(clean)
 
@@ -452,9 +446,12 @@ def export_model(trained: keras.Model, config: TrainParams, num_classes: int,
         "serve", serve,
         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
     )
-    archive.write_out(str(tmp_dir), verbose=False)
-    shutil.rmtree(saved, ignore_errors=True)
-    os.replace(tmp_dir, saved)
+    try:
+        archive.write_out(str(tmp_dir), verbose=False)
+        replace_dir(tmp_dir, model_dir / SAVED_MODEL_DIR)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     return clean
 
 
