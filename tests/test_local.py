@@ -402,4 +402,4 @@ def test_no_cache_runs_every_step_again(failed_gate_run: CliRun) -> None:
     assert summary["cached_steps"] == []
     assert "cache hit" not in failed_gate_run.stderr
     assert sorted(p.name for p in Path(summary["run_dir"]).iterdir()) == [
-        "download-dataset", "evaluate-model", "preprocess-dataset", "train-model"]
+        "download-dataset", "evaluate-model", "logs", "preprocess-dataset", "train-model"]
