@@ -194,11 +194,14 @@ def checked_split_files(root: str | Path, split: str) -> list[str]:
     return files
 
 
-def read_split(root: str | Path, split: str) -> list[Example]:
-    """Every record of a split in memory (small data sets, tests and reports)."""
+def read_split(root: str | Path, split: str, limit: int | None = None) -> list[Example]:
+    """The records of a split in memory, the first ``limit`` only when given (the train step
+    needs one example image, not a whole split of a possibly large data set)."""
     import tensorflow as tf
 
     dataset = tf.data.TFRecordDataset(split_files(root, split)).map(parse)
+    if limit is not None:
+        dataset = dataset.take(limit)
     return [
         Example(
             image=bytes(r["image"].numpy()),

@@ -676,7 +676,7 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
         tracking.log_artifacts(model_dir / PREVIEW_FILE)
         logged_model = model_logging.log_model(
             model_dir, image_size=params.image_size,
-            example_image=records.read_split(data_dir, "test")[0].image,
+            example_image=records.read_split(data_dir, "test", limit=1)[0].image,
             name=f"iris-{params.model}-{params.image_size}px-seed{params.seed}")
         parent = tracking.parent_run_id()
         uri = mlflow.get_tracking_uri()
