@@ -141,3 +141,18 @@ def test_runs_of_a_killed_step_are_failed_by_the_next_step(tmp_path: Path) -> No
             assert run.info.status == "FAILED", name
             assert f"process {proc.pid} " in run.data.tags[TAG_FAILED_REASON]
         assert client.get_run(parent_run_id()).info.status == "RUNNING"  # ours untouched
+
+
+def test_a_sigterm_turned_into_another_error_still_ends_the_runs_killed(tmp_path: Path) -> None:
+    """Keras or tf.data may wrap the interrupt the signal raised; the run was still stopped."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(RuntimeError, match="wrapped"), step_run(
+            "train", tracking_uri=uri, experiment_name="wrapped",
+            pipeline_run_id="kfp-wrapped", pipeline_name="iris-test"):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("wrapped") from exc
+    statuses = {name: status for name, (status, _) in _runs(uri, "wrapped").items()}
+    assert len(statuses) == 2 and set(statuses.values()) == {"KILLED"}, statuses

@@ -612,30 +612,34 @@ def step_run(
                            redact_uri(env_uri), redact_uri(tracking_uri))
             tracking_uri = env_uri
     check_tracking_server(tracking_uri)
-    ending = threading.Event()
-    with _sigterm_as_interrupt(ending), _tracking_uri_scope(tracking_uri):
+    ending, terminated = threading.Event(), threading.Event()
+    with _sigterm_as_interrupt(ending, terminated), _tracking_uri_scope(tracking_uri):
         client = MlflowClient(tracking_uri=tracking_uri)
         with _step_run(step, client, tracking_uri, experiment_name, pipeline_run_id,
-                       pipeline_name, params, given_run, ending) as active:
+                       pipeline_name, params, given_run, ending, terminated) as active:
             yield active
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt(ending: threading.Event) -> Iterator[None]:
+def _sigterm_as_interrupt(ending: threading.Event,
+                          terminated: threading.Event) -> Iterator[None]:
     """Turn SIGTERM into ``KeyboardInterrupt`` for the body, so the step's runs end KILLED.
 
     SIGTERM is how a step is stopped (the local CLI forwards it, Kubernetes sends it before
     killing a pod); by default it ends Python without unwinding, leaving the runs RUNNING.
     Every SIGTERM raises again (an interrupt raised inside a finaliser is swallowed by
     Python, so senders repeat it) until ``ending`` is set: then the runs are being ended
-    and must not be interrupted. Signal handlers can only be set from the main thread:
-    elsewhere nothing changes.
+    and must not be interrupted. ``terminated`` records that a SIGTERM came: code in between
+    (Keras, tf.data) may turn the interrupt into another exception, and the run still ended
+    because it was stopped. Signal handlers can only be set from the main thread: elsewhere
+    nothing changes.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
+        terminated.set()
         if not ending.is_set():
             raise KeyboardInterrupt("SIGTERM")
 
@@ -671,7 +675,7 @@ def _tracking_uri_scope(uri: str) -> Iterator[None]:
 def _step_run(
     step: str, client: MlflowClient, tracking_uri: str, experiment_name: str,
     pipeline_run_id: str, pipeline_name: str, params: Mapping[str, Any] | None,
-    given_run: str | None, ending: threading.Event,
+    given_run: str | None, ending: threading.Event, terminated: threading.Event,
 ) -> Iterator[mlflow.ActiveRun]:
     """The body of :func:`step_run` once the tracking URI is set; sets ``ending`` on exit."""
     parent_tags = {
@@ -746,7 +750,8 @@ def _step_run(
     except BaseException as exc:
         ending.set()
         status = RunStatus.to_string(
-            RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED)
+            RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) or terminated.is_set()
+            else RunStatus.FAILED)
         reason = f"{type(exc).__name__}: {exc}"[:5000]
         with contextlib.suppress(Exception):
             client.set_tag(child_id, TAG_ERROR, reason)
