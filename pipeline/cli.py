@@ -331,7 +331,8 @@ def _path_problem(path: Path, folder: bool) -> str | None:
     """Why ``path`` cannot become the folder (``folder``) or file asked for, else None."""
     if path.exists() and folder != path.is_dir():
         return "is a file, not a folder" if folder else "is a folder; give a file path"
-    parent = path if path.exists() else path.parent
+    # an existing file is replaced (atomically, from its folder): its folder must be writable
+    parent = path if path.exists() and folder else path.parent
     while not parent.exists():  # the nearest existing ancestor is where creation starts
         parent = parent.parent
     if not parent.is_dir():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import zipfile
@@ -231,3 +232,25 @@ def test_unusable_output_paths_exit_2_before_any_work(
     assert err.strip().splitlines() == [f"pipeline.py: error: {message.format(**paths)}"]
     assert sorted(tmp_path.rglob("*")) == before
     assert (tmp_path / "file").read_text() == "user data"
+
+
+@pytest.mark.parametrize("flags", [["--local", "--summary", "{file}"],
+                                   ["--compile", "-o", "{file}"]])
+def test_an_existing_output_file_is_replaced_not_refused(
+        flags: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-running with the same --summary or -o path is the common case: it must not exit 2."""
+    started: list[str] = []
+
+    def work(*args: object, **kwargs: object) -> None:
+        started.append("work")
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("pipeline.cli.run_local", work)
+    monkeypatch.setattr("pipeline.cli.compile_pipeline", work)
+    existing = tmp_path / "out.yaml"
+    existing.write_text("from an earlier run")
+
+    with contextlib.suppress(ValueError):
+        main([flag.format(file=existing) for flag in flags])
+
+    assert started == ["work"]
