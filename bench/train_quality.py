@@ -42,7 +42,8 @@ from pipeline.cli import parse_overrides  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 from pipeline.lib import inputs, models, records  # noqa: E402
 from pipeline.lib.params import EvaluateParams, PreprocessParams, TrainParams  # noqa: E402
-from pipeline.steps.evaluate import evaluate_model, score  # noqa: E402
+from pipeline.lib.stats import score  # noqa: E402
+from pipeline.steps.evaluate import evaluate_model  # noqa: E402
 from pipeline.steps.preprocess import prepare_dataset  # noqa: E402
 from pipeline.steps.train import train_model  # noqa: E402
 

@@ -10,7 +10,6 @@ def evaluate_model(
     pipeline_run_id: str,
     pipeline_name: str,
     experiment_name: str,
-    image_size: int,
     batch_size: int,
     gate_metric: str,
     gate_threshold: float,

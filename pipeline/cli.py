@@ -42,6 +42,7 @@ from pipeline.runners import (
     submit_pipeline,
 )
 from pipeline.runners.processes import stop_steps_on_signals
+from pipeline.sweep import Sweep, load_sweep
 from pipeline.tasks import MLFLOW_SECRET_KEYS
 
 logger = logging.getLogger("pipeline")
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                       dest="overrides",
                       help="override one configuration key (repeatable); typed and validated")
+    conf.add_argument("--sweep", metavar="SWEEP.yaml", type=Path,
+                      help="train every trial of this sweep file (trials/grid of train "
+                           "settings, see sweeps/default.yaml) and evaluate and register only "
+                           "the one with the best validation score")
     conf.add_argument("--tracking-uri", metavar="URI",
                       help="MLflow tracking URI. --local default: sqlite mlflow.db in the "
                            "working folder (or MLFLOW_TRACKING_URI); on a cluster the steps "
@@ -294,6 +299,16 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
     if baseline:
         lines.append(row("majority baseline:", baseline))
     lines.append(f"{'':<22}(intervals: {summary.get('interval_method') or 'bootstrap'})")
+    sweep = summary.get("sweep")
+    if sweep:
+        lines.append(f"sweep: {len(sweep['trials'])} trials ranked by {sweep['metric']} "
+                     "(validation split):")
+        for trial in sorted(sweep["trials"], key=lambda t: -t["val_score"]):
+            # KFP metadata is JSON through protobuf: whole numbers come back as floats
+            chosen = ("  <- chosen, evaluated on test"
+                      if int(trial["trial"]) == int(sweep["winner"]) else "")
+            lines.append(f"  {trial['val_score']:.3f}  trial {int(trial['trial']) + 1}: "
+                         f"{trial['label']}{chosen}")
     gate = summary["gate"]
     comparison = ">=" if gate["passed"] else "<"
     lines.append(f"gate: {gate['metric']} {gate['value']:.3f} {comparison} {gate['threshold']:.3f}"
@@ -367,13 +382,13 @@ def ui_command(tracking_uri: str) -> str:
     return f'mlflow ui --backend-store-uri "{tracking_uri}"'
 
 
-def _run_local(args: argparse.Namespace, config: PipelineConfig) -> int:
+def _run_local(args: argparse.Namespace, config: PipelineConfig, sweep: Sweep | None) -> int:
     # "" lets each tracking step resolve the default (MLFLOW_TRACKING_URI, else an absolute
     # sqlite mlflow.db in the working folder, which kfp.local's step processes share).
     tracking_uri = args.tracking_uri or ""
     try:
         result = run_local(config, output_dir=args.output_dir, tracking_uri=tracking_uri,
-                           enable_cache=not args.no_cache, verbose=args.verbose)
+                           enable_cache=not args.no_cache, verbose=args.verbose, sweep=sweep)
     except StepFailedError as error:
         logger.error("pipeline failed: %s", error)
         if error.tail and not args.verbose:
@@ -392,13 +407,14 @@ def _run_local(args: argparse.Namespace, config: PipelineConfig) -> int:
     return EXIT_OK
 
 
-def _submit(args: argparse.Namespace, config: PipelineConfig) -> int:
+def _submit(args: argparse.Namespace, config: PipelineConfig, sweep: Sweep | None) -> int:
     try:
         result = submit_pipeline(
             config, host=args.host, tracking_uri=args.tracking_uri or "",
             experiment=args.experiment, namespace=args.namespace, run_name=args.run_name,
             wait=args.wait, timeout_s=args.timeout, mlflow_secret=args.mlflow_secret,
             mlflow_config_map=args.mlflow_config_map or None, data_secret=args.data_secret,
+            sweep=sweep,
         )
     except Exception as exc:  # the CLI boundary: report any client or server error
         logger.error("submitting to %s failed: %s: %s", args.host, type(exc).__name__, exc)
@@ -455,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.local:
             config = _credentials_to_env(args, config)
         refuse_credentials(config, args.tracking_uri or "")
+        sweep = load_sweep(args.sweep, config) if args.sweep else None
+        if sweep and args.restore_champion:
+            raise ValueError("--sweep does not apply to --restore-champion")
         if not args.local:
             _check_images(args)
     except ValueError as exc:
@@ -471,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         received: list[int] = []
         try:
             with stop_steps_on_signals() as received:
-                return _run_local(args, config)
+                return _run_local(args, config, sweep)
         except KeyboardInterrupt:
             logger.error("interrupted: the run folder under %s is incomplete", args.output_dir)
             return 128 + received[0] if received else EXIT_INTERRUPTED  # 130 / 143
@@ -486,13 +505,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     tracking_uri=args.tracking_uri or "",
                                     mlflow_secret=args.mlflow_secret,
                                     mlflow_config_map=args.mlflow_config_map or None,
-                                    data_secret=args.data_secret)
+                                    data_secret=args.data_secret, sweep=sweep)
         except ValueError as exc:
             sys.stderr.write(f"{parser.prog}: error: {exc}\n")
             return EXIT_USAGE
         logger.info("wrote %s", path)
         return EXIT_OK
-    return _submit(args, config)
+    return _submit(args, config, sweep)
 
 
 __all__ = ["build_parser", "closing_block", "main", "parse_overrides", "resolve_config",

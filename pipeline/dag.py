@@ -1,5 +1,8 @@
 """The DAG: download -> preprocess -> train -> evaluate -> register (only if the gate passes).
 
+With a sweep (``pipeline/sweep.py``) train is a ``dsl.ParallelFor`` over the trials, and
+``select_model`` hands the trial with the best validation score on to evaluate.
+
 Its parameters are ``PipelineConfig``'s fields (same names, types and defaults; a test keeps
 them equal) plus ``tracking_uri``. How each task runs (image, resources, cache, retries,
 secrets) is in ``pipeline/tasks.py``.
@@ -19,6 +22,7 @@ from pipeline.lib.credentials import (
     has_credentials,
     redact_uri,
 )
+from pipeline.sweep import Sweep
 from pipeline.tasks import DOWNLOAD_RETRIES, MLFLOW_SECRET_KEYS, TRACKING_URI_PARAM, TaskFactory
 
 PIPELINE_NAME = "iris-image-pipeline"
@@ -44,11 +48,13 @@ class PipelineOutputs(NamedTuple):
 def create_pipeline(images: Mapping[str, str] | None = None, *,
                     download_retries: int = DOWNLOAD_RETRIES, mlflow_secret: str | None = None,
                     mlflow_config_map: str | None = MLFLOW_CONFIG_MAP,
-                    data_secret: str | None = None) -> Any:
+                    data_secret: str | None = None, sweep: Sweep | None = None) -> Any:
     """The pipeline as a KFP graph component, ready to compile or run with kfp.local.
 
     Each task receives the parameters its component declares, matched by name (TaskFactory).
     Secrets (``mlflow_secret``, ``data_secret``) are compiled in by name, never by value.
+    A ``sweep``'s trials are compiled in as the loop's items; each trial's values replace
+    the pipeline parameters of the same names in its train task.
     """
     task = TaskFactory(PIPELINE_NAME, images, download_retries=download_retries,
                        mlflow_secret=mlflow_secret, mlflow_config_map=mlflow_config_map,
@@ -99,8 +105,15 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
         download = task("download_dataset", params)
         prepare = task("preprocess_dataset", params, raw_data=download.outputs["raw_data"])
         prepared = prepare.outputs["prepared_data"]
-        train = task("train_model", params, prepared_data=prepared)
-        trained = train.outputs["trained_model"]
+        if sweep is None:
+            trained = task("train_model", params,
+                           prepared_data=prepared).outputs["trained_model"]
+        else:
+            with dsl.ParallelFor(list(sweep.trials), parallelism=sweep.parallelism) as trial:
+                trials = task("train_model", {**params, **trial_values(trial, sweep.keys)},
+                              prepared_data=prepared)
+            trained = task("select_model", params, trained_models=dsl.Collected(
+                trials.outputs["trained_model"])).outputs["selected_model"]
         evaluate = task("evaluate_model", params, trained_model=trained, prepared_data=prepared)
         # The verdict is evaluate's single parameter output, "Output": kfp.local (2.17)
         # cannot resolve a condition on a *named* output and silently skips the branch.
@@ -117,6 +130,27 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
         )
 
     return iris_image_pipeline
+
+
+#: KFP's parameter type names of the config's field types.
+_KFP_TYPES = {str: "String", int: "Integer", float: "Float", bool: "Boolean"}
+
+
+def trial_values(trial: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The loop item's value of each swept key, typed as its config field.
+
+    KFP types every key of a compiled-in list of dicts by the first dict's *first* value
+    (kfp 2.17 ``for_loop._get_first_element_type``), so ``image_size`` would be checked as
+    a string when ``backbone`` comes first. Each value is typed by its field instead; at run
+    time the item's JSON keeps the value's own type.
+    """
+    types = PipelineConfig.field_types()
+    values = {}
+    for key in keys:
+        value = getattr(trial, key)
+        value.channel_type = _KFP_TYPES[types[key]]
+        values[key] = value
+    return values
 
 
 def refuse_credentials(config: PipelineConfig, tracking_uri: str = "") -> None:

@@ -14,6 +14,7 @@ from components.download_dataset import download_dataset
 from components.evaluate_model import evaluate_model
 from components.preprocess_dataset import preprocess_dataset
 from components.register_model import register_model
+from components.select_model import select_model
 from components.train_model import train_model
 from pipeline.config import load_images
 from pipeline.lib.credentials import DATA_SECRET_KEYS, MLFLOW_CONFIG_MAP
@@ -23,10 +24,13 @@ STEP_FUNCTIONS: tuple[Callable[..., Any], ...] = (
     download_dataset,
     preprocess_dataset,
     train_model,
+    select_model,  # sweeps only: the trial with the best validation score
     evaluate_model,
     register_model,
 )
 STEPS: tuple[str, ...] = tuple(f.__name__ for f in STEP_FUNCTIONS)
+#: Steps only a sweep's DAG has.
+SWEEP_STEPS = frozenset({"select_model"})
 #: KFP task names (component names, dashed) by step.
 TASK_NAMES: dict[str, str] = {step: step.replace("_", "-") for step in STEPS}
 
@@ -40,7 +44,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 CACHED_STEPS = frozenset({"download_dataset", "preprocess_dataset"})
 
 #: Steps that talk to MLflow and so get its settings (ConfigMap) and credentials (Secret).
-TRACKING_STEPS = frozenset({"train_model", "evaluate_model", "register_model"})
+TRACKING_STEPS = frozenset({"train_model", "select_model", "evaluate_model", "register_model"})
 
 #: Pipeline parameters that are not config fields: where MLflow lives.
 TRACKING_URI_PARAM = "tracking_uri"
@@ -76,6 +80,7 @@ TASK_RESOURCES: dict[str, Resources] = {
     "download_dataset": Resources("250m", "1", "256Mi", "1Gi"),
     "preprocess_dataset": Resources("1", "2", "1536Mi", "4Gi"),
     "train_model": Resources("4", "8", "6Gi", "16Gi"),
+    "select_model": Resources("250m", "1", "1Gi", "2Gi"),
     "evaluate_model": Resources("1", "2", "2Gi", "4Gi"),
     "register_model": Resources("250m", "1", "1536Mi", "3Gi"),
 }
@@ -178,6 +183,7 @@ __all__ = [
     "MLFLOW_SECRET_KEYS",
     "STEPS",
     "STEP_FUNCTIONS",
+    "SWEEP_STEPS",
     "TASK_NAMES",
     "TASK_RESOURCES",
     "TRACKING_STEPS",

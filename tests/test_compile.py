@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from pipeline.config import PipelineConfig, load_images
 from pipeline.dag import create_pipeline
 from pipeline.runners import compile_pipeline
+from pipeline.sweep import build_sweep
 from pipeline.tasks import (
     CACHED_STEPS,
     DOWNLOAD_RETRIES,
@@ -21,6 +23,8 @@ from pipeline.tasks import (
     MLFLOW_CONFIG_MAP,
     MLFLOW_SECRET_KEYS,
     STEP_FUNCTIONS,
+    STEPS,
+    SWEEP_STEPS,
     TASK_NAMES,
     TASK_RESOURCES,
     TRACKING_STEPS,
@@ -76,7 +80,7 @@ def test_yaml_parses_back_into_kfp_protobufs(compiled: tuple[dict, dict]) -> Non
 
 
 def test_task_names_and_gate(spec: dict[str, Any]) -> None:
-    assert set(_tasks(spec)) == {name for name in TASK_NAMES.values()}
+    assert set(_tasks(spec)) == {TASK_NAMES[step] for step in STEPS if step not in SWEEP_STEPS}
     root = spec["root"]["dag"]["tasks"]
     assert set(root) == ROOT_TASKS | {"condition-1"}
     gate = root["condition-1"]
@@ -149,7 +153,7 @@ def test_parameter_defaults_and_types_equal_the_config(spec: dict[str, Any]) -> 
 def test_each_task_gets_exactly_its_declared_config_fields(spec: dict[str, Any]) -> None:
     fields = set(PipelineConfig.field_names())
     used: set[str] = set()
-    for func in STEP_FUNCTIONS:
+    for func in (f for f in STEP_FUNCTIONS if f.__name__ not in SWEEP_STEPS):
         declared = set(inspect.signature(func).parameters) & fields
         task = _tasks(spec)[TASK_NAMES[func.__name__]]
         inputs = task["inputs"]["parameters"]
@@ -165,7 +169,7 @@ def test_each_task_gets_exactly_its_declared_config_fields(spec: dict[str, Any])
 def test_mlflow_credentials_only_from_the_named_secret(compiled: tuple[dict, dict]) -> None:
     spec, platform = compiled
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for step in TRACKING_STEPS:
+    for step in TRACKING_STEPS - SWEEP_STEPS:
         config = executors[f"exec-{TASK_NAMES[step]}"]
         (secret,) = config["secretAsEnv"]
         assert secret["secretName"] == SECRET
@@ -226,3 +230,59 @@ def test_every_config_field_reaches_some_component() -> None:
     declared = {name for func in STEP_FUNCTIONS for name in inspect.signature(func).parameters}
     unused = sorted(set(PipelineConfig.field_names()) - declared)
     assert not unused, f"config fields no component consumes: {unused}"
+
+
+# --- a sweep: ParallelFor over train, Collected into select, the winner evaluated -----------
+SWEEP = {"parallelism": 2, "trials": [{}, {"backbone": "mobilenet_v2", "alpha": 0.5}],
+         "grid": {"image_size": [224, 320]}}
+
+
+@pytest.fixture(scope="module")
+def sweep_spec(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    sweep = build_sweep(SWEEP, PipelineConfig())
+    path = compile_pipeline(tmp_path_factory.mktemp("sweep") / "pipeline.yaml",
+                            mlflow_secret=SECRET, sweep=sweep)
+    return _load(path)[0]
+
+
+def test_a_sweep_compiles_to_a_parallel_for_over_train_with_its_trials(
+        sweep_spec: dict[str, Any]) -> None:
+    json_format.ParseDict(sweep_spec, pipeline_spec_pb2.PipelineSpec())  # valid IR
+    root = sweep_spec["root"]["dag"]["tasks"]
+    (loop_name,) = [name for name in root if name.startswith("for-loop")]
+    loop = root[loop_name]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 2
+    items = json.loads(loop["parameterIterator"]["items"]["raw"])
+    assert items == [
+        {"alpha": 0.25, "backbone": "mobilenet", "image_size": 224},
+        {"alpha": 0.25, "backbone": "mobilenet", "image_size": 320},
+        {"alpha": 0.5, "backbone": "mobilenet_v2", "image_size": 224},
+        {"alpha": 0.5, "backbone": "mobilenet_v2", "image_size": 320},
+    ]
+    inner = sweep_spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inner) == {"train-model"}
+    wired = inner["train-model"]["inputs"]["parameters"]
+    for key in ("alpha", "backbone", "image_size"):  # from the loop item, not the parameter
+        assert wired[key]["parameterExpressionSelector"] == f'parseJson(string_value)["{key}"]'
+    assert wired["epochs"]["componentInputParameter"] == "pipelinechannel--epochs"
+
+
+def test_a_sweep_evaluates_only_the_trial_select_chose(sweep_spec: dict[str, Any]) -> None:
+    root = sweep_spec["root"]["dag"]["tasks"]
+    assert set(_tasks(sweep_spec)) == set(TASK_NAMES.values())
+    select = root["select-model"]["inputs"]["artifacts"]["trained_models"]
+    assert select["taskOutputArtifact"]["producerTask"].startswith("for-loop")
+    for consumer in ("evaluate-model",):
+        source = root[consumer]["inputs"]["artifacts"]["trained_model"]["taskOutputArtifact"]
+        assert source == {"outputArtifactKey": "selected_model", "producerTask": "select-model"}
+    assert "trained_model" not in root["evaluate-model"]["inputs"].get("parameters", {})
+
+
+def test_select_and_trained_trials_read_mlflow_settings_like_the_other_steps(
+        tmp_path: Path) -> None:
+    path = compile_pipeline(tmp_path / "p.yaml", mlflow_secret=SECRET,
+                            sweep=build_sweep(SWEEP, PipelineConfig()))
+    executors = _load(path)[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in TRACKING_STEPS:
+        (secret,) = executors[f"exec-{TASK_NAMES[step]}"]["secretAsEnv"]
+        assert secret["secretName"] == SECRET, step

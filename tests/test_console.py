@@ -29,13 +29,14 @@ class Tty(io.StringIO):
 
 
 def _task(console: StepConsole, clock: Clock, run_dir: Path, task: str, seconds: float,
-          executor_output: dict | None, noise: str = "noise") -> None:
+          executor_output: dict | None, noise: str = "noise", folder: str = "") -> None:
+    task_dir = run_dir / folder / task
     console.write(f"10:00:00.000 - INFO - Executing task {CYAN}'{task}'{RESET}\n")
-    console.write(f'        "outputFile": "{run_dir}/{task}/executor_output.json"\n')
+    console.write(f'        "outputFile": "{task_dir}/executor_output.json"\n')
     console.write(f"    {noise} of {task}\n")
     if executor_output is not None:
-        (run_dir / task).mkdir(parents=True, exist_ok=True)
-        (run_dir / task / EXECUTOR_OUTPUT).write_text(json.dumps(executor_output))
+        task_dir.mkdir(parents=True, exist_ok=True)
+        (task_dir / EXECUTOR_OUTPUT).write_text(json.dumps(executor_output))
     clock.now += seconds
     status = "SUCCESS" if executor_output is not None else "FAILURE"
     console.write(f"10:00:01.000 - INFO - Task {CYAN}'{task}'{RESET} finished with status "
@@ -80,7 +81,7 @@ def test_cached_and_gated_steps_are_reported(tmp_path) -> None:
     stream = io.StringIO()
     console, clock, run_dir = _console(tmp_path, stream)
     _task(console, clock, run_dir, "train-model", 3, _artifact("trained_model", {
-        "best_val_accuracy": 0.7123, "best_epoch": 4, "epochs_run": 9}))
+        "model_val_balanced_accuracy": 0.7123, "best_epoch": 4, "epochs_run": 9}))
     _task(console, clock, run_dir, "evaluate-model", 2, _artifact("metrics", {
         "gate_metric": "balanced_accuracy", "gate_passed": False, "balanced_accuracy": 0.41,
         "majority_baseline_balanced_accuracy": 1 / 3}))
@@ -88,7 +89,8 @@ def test_cached_and_gated_steps_are_reported(tmp_path) -> None:
     console.close()
     lines = stream.getvalue().splitlines()
     assert lines[:2] == ["[1/5] download-dataset ... cached", "[2/5] preprocess-dataset ... cached"]
-    assert lines[3] == "[3/5] train-model done in 3.0 s · best val accuracy 0.712 (epoch 4 of 9)"
+    assert lines[3] == ("[3/5] train-model done in 3.0 s · val balanced_accuracy 0.712 "
+                        "(best epoch 4 of 9)")
     assert lines[5] == ("[4/5] evaluate-model done in 2.0 s · test balanced_accuracy 0.410 "
                         "(majority baseline 0.333), gate failed")
     assert lines[6] == "[5/5] register-model skipped: the evaluation gate failed"
@@ -141,3 +143,37 @@ def test_the_run_folder_is_where_tasks_write_not_where_cached_inputs_live(tmp_pa
     console.write(f'    "outputFile": "{run_dir}/train-model/executor_output.json"\n')
     console.close()
     assert console.run_dir == run_dir
+
+
+def test_a_sweep_shows_and_logs_each_trial_apart_and_names_the_chosen_one(tmp_path) -> None:
+    stream = io.StringIO()
+    clock = Clock()
+    output_dir = tmp_path / "out"
+    run_dir = output_dir / "iris-image-pipeline-2026-11-27-10-00-00-000000"
+    tasks = ["download-dataset", "preprocess-dataset", "train-model", "select-model",
+             "evaluate-model", "register-model"]
+    console = StepConsole(stream, output_dir, tasks, pipeline_name="iris-image-pipeline",
+                          repeats={"train-model": 2}, clock=clock)
+    for trial, score in enumerate((0.61, 0.68)):  # kfp.local: for-loop-2-iteration-<i>/
+        _task(console, clock, run_dir, "train-model", 2, _artifact("trained_model", {
+            "model_val_balanced_accuracy": score, "best_epoch": 3, "epochs_run": 8}),
+            noise=f"trial {trial}", folder=f"for-loop-2-iteration-{trial}")
+    _task(console, clock, run_dir, "select-model", 1, _artifact("selected_model", {"sweep": {
+        "metric": "model_val_balanced_accuracy", "winner": 1.0, "trials": [
+            {"trial": 0.0, "label": "backbone=mobilenet", "val_score": 0.61},
+            {"trial": 1.0, "label": "backbone=mobilenet_v2", "val_score": 0.68}]}}))
+    console.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[2:] == [
+        "[3/6] train-model 1/2 ...",
+        "[3/6] train-model 1/2 done in 2.0 s · val balanced_accuracy 0.610 (best epoch 3 of 8)",
+        "[3/6] train-model 2/2 ...",
+        "[3/6] train-model 2/2 done in 2.0 s · val balanced_accuracy 0.680 (best epoch 3 of 8)",
+        "[4/6] select-model ...",
+        "[4/6] select-model done in 1.0 s · trial 2 of 2 (backbone=mobilenet_v2) chosen on "
+        "validation, model_val_balanced_accuracy 0.680",
+    ]
+    logs = run_dir / "logs"
+    assert "trial 0" in (logs / "train-model-1.log").read_text()
+    assert "trial 1" in (logs / "train-model-2.log").read_text()
+    assert "trial 0" not in (logs / "train-model-2.log").read_text()

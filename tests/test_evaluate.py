@@ -11,11 +11,11 @@ import pytest
 from train_helpers import small_eval, small_train
 
 from pipeline.lib import inputs, report, stats
+from pipeline.lib.stats import score
 from pipeline.steps.evaluate import (
     evaluate_model,
     gate_verdict,
     passes_gate,
-    score,
     split_digest,
 )
 from pipeline.steps.train import train_model

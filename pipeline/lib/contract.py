@@ -42,6 +42,15 @@ META_MODEL_URI = "mlflow_model_uri"
 META_MODEL_ID = "mlflow_model_id"
 #: Metadata: the digest of the data set input the model was trained on (links its metrics).
 META_DATASET_DIGEST = "mlflow_dataset_digest"
+#: Metadata and MLflow metrics: the exported model's scores on the validation split (with its
+#: test-time views), ``model_val_<metric>``: what a sweep chooses its trial on.
+VAL_SCORE_PREFIX = "model_val_"
+#: Metadata: the train step's settings (a sweep labels its trials by those that differ).
+META_TRAIN_PARAMS = "train_params"
+
+# --- selected_model (select_model, sweeps only): a copy of the chosen trial's trained_model
+#: Metadata: the sweep's verdict (trials, their validation scores, the winner).
+META_SWEEP = "sweep"
 
 # --- evaluation / metrics / report (evaluate_model) ----------------------------------------
 METRICS_FILE = "metrics.json"

@@ -99,11 +99,20 @@ class TrainParams(StepParams):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EvaluateParams(StepParams):
-    image_size: int
+    """No ``image_size``: test images are decoded at the size the model was trained on (its
+    training summary), so a sweep's trials may differ in it."""
+
     batch_size: int
     gate_metric: str
     gate_threshold: float
     gate_on: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SelectParams(StepParams):
+    """A sweep chooses its trial on the validation score of the metric the gate reads."""
+
+    gate_metric: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -135,6 +144,7 @@ STEP_PARAMS: dict[str, tuple[type[StepParams], ...]] = {
     "download_dataset": (DownloadParams,),
     "preprocess_dataset": (PreprocessParams,),
     "train_model": (TrainParams, TrackingParams),
+    "select_model": (SelectParams, TrackingParams),
     "evaluate_model": (EvaluateParams, TrackingParams),
     "register_model": (RegisterParams, TrackingParams),
 }
@@ -146,6 +156,7 @@ __all__ = [
     "EvaluateParams",
     "PreprocessParams",
     "RegisterParams",
+    "SelectParams",
     "StepParams",
     "TrackingParams",
     "TrainParams",

@@ -78,6 +78,16 @@ def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> 
                        minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def score(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro F1 over all ``num_classes`` (absent ones count 0).
+
+    The same arithmetic as the bootstrap's (:func:`confusion_metrics`), so a point estimate
+    always lies on the scale of its interval.
+    """
+    scored = confusion_metrics(confusion(labels, predictions, num_classes))
+    return {name: float(scored[name]) for name in METRICS}
+
+
 def _check(labels: np.ndarray, predictions: np.ndarray, num_classes: int
            ) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels, dtype=np.int64)
@@ -312,4 +322,5 @@ __all__ = [
     "confusion",
     "confusion_metrics",
     "paired_difference",
+    "score",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME, create_pipeline, pipeline_arguments
 from pipeline.lib.files import atomic_path
+from pipeline.sweep import Sweep
 from pipeline.tasks import MLFLOW_CONFIG_MAP
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,12 @@ def compile_pipeline(
     mlflow_secret: str | None = None,
     mlflow_config_map: str | None = MLFLOW_CONFIG_MAP,
     data_secret: str | None = None,
+    sweep: Sweep | None = None,
 ) -> Path:
     """Write the pipeline's IR YAML; ``config`` values become the parameters' defaults.
 
     A data source or tracking URI with credentials is a ``ValueError`` (use the Secrets).
+    A ``sweep``'s trials are compiled in (the ParallelFor's items).
     """
     from kfp import compiler
 
@@ -58,7 +61,8 @@ def compile_pipeline(
     package_path.parent.mkdir(parents=True, exist_ok=True)
     arguments = pipeline_arguments(config or PipelineConfig(), tracking_uri)
     pipeline_func = create_pipeline(images, mlflow_secret=mlflow_secret,
-                                    mlflow_config_map=mlflow_config_map, data_secret=data_secret)
+                                    mlflow_config_map=mlflow_config_map, data_secret=data_secret,
+                                    sweep=sweep)
     with atomic_path(package_path) as tmp:
         compiler.Compiler().compile(pipeline_func, str(tmp), pipeline_parameters=arguments)
     return package_path
@@ -90,6 +94,7 @@ def submit_pipeline(
     mlflow_secret: str | None = None,
     mlflow_config_map: str | None = MLFLOW_CONFIG_MAP,
     data_secret: str | None = None,
+    sweep: Sweep | None = None,
     client: Any = None,
 ) -> SubmitResult:
     """Compile, upload (a new pipeline or a new version) and start a run with ``kfp.Client``.
@@ -109,7 +114,7 @@ def submit_pipeline(
         package = compile_pipeline(Path(tmpdir) / "pipeline.yaml", images=images,
                                    mlflow_secret=mlflow_secret,
                                    mlflow_config_map=mlflow_config_map,
-                                   data_secret=data_secret)
+                                   data_secret=data_secret, sweep=sweep)
         version_name = _version_name(package)
         pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
         if pipeline_id is None:

@@ -6,6 +6,8 @@ during a run: it writes each task's full output to ``<run folder>/logs/<task>.lo
 ``[3/5] train-model ...`` when a step starts and ``... done in 38.2 s · <key result>`` when it
 ends, turns the steps' progress lines into a bar on a terminal, and keeps each task's last
 lines for the error report. ``verbose`` passes everything through as kfp.local prints it.
+A task run once per sweep trial (``repeats``) shows and logs each run apart:
+``[3/6] train-model 2/4`` in ``logs/train-model-2.log``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import collections
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,6 +26,8 @@ from pipeline.runners.kfp_output import strip_ansi
 
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_EXECUTOR_OUTPUT_FILE = re.compile(r'"outputFile":\s*"([^"]+/' + re.escape(contract.EXECUTOR_OUTPUT)
+                                   + r')"')
 LOGS_DIR = "logs"
 #: The executor input's key naming where the running task writes (inside this run's folder).
 _OUTPUT_FILE = '"outputFile"'
@@ -54,8 +58,17 @@ def step_result(task: str, executor_output: dict[str, Any]) -> str:
                 f"{int(meta.get('duplicates_dropped', 0))} duplicates dropped")
     if task == "train-model":
         meta = _artifact_metadata(executor_output, "trained_model")
-        return (f"best val accuracy {_fmt(meta.get('best_val_accuracy'))} "
-                f"(epoch {_fmt(meta.get('best_epoch'))} of {_fmt(meta.get('epochs_run'))})")
+        scored = f"{contract.VAL_SCORE_PREFIX}balanced_accuracy"
+        return (f"val balanced_accuracy {_fmt(meta.get(scored))} "
+                f"(best epoch {_fmt(meta.get('best_epoch'))} of {_fmt(meta.get('epochs_run'))})")
+    if task == "select-model":
+        sweep = _artifact_metadata(executor_output, "selected_model").get(contract.META_SWEEP, {})
+        trials = sweep.get("trials") or []
+        winner = next((t for t in trials if t.get("trial") == sweep.get("winner")), None)
+        if winner is None:
+            return ""
+        return (f"trial {int(winner['trial']) + 1} of {len(trials)} ({winner['label']}) chosen on "
+                f"validation, {sweep.get('metric')} {_fmt(winner['val_score'])}")
     if task == "evaluate-model":
         meta = _artifact_metadata(executor_output, "metrics")
         gate = meta.get(contract.META_GATE_METRIC, "balanced_accuracy")
@@ -75,9 +88,13 @@ class StepConsole:
 
     def __init__(self, stream: TextIO, output_dir: Path, tasks: Sequence[str], *,
                  verbose: bool = False, pipeline_name: str = "",
+                 repeats: Mapping[str, int] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._stream = stream
         self._tasks = list(tasks)
+        self._repeats = dict(repeats or {})
+        self._runs: collections.Counter[str] = collections.Counter()  # starts per task
+        self._executor_outputs: dict[str, Path] = {}  # task -> where its current run writes
         self._verbose = verbose
         self._clock = clock
         self._tty = bool(getattr(stream, "isatty", lambda: False)())
@@ -124,10 +141,12 @@ class StepConsole:
             self.run_dir = Path(match.group(0))
         if match := _EXECUTING.search(line):
             self._start(match.group(1))
-        task = self.current or "pipeline"
+        if self.current and (match := _EXECUTOR_OUTPUT_FILE.search(line)):
+            self._executor_outputs[self.current] = Path(match.group(1))
+        task = self.instance(self.current) if self.current else "pipeline"
         self._log(task, line)
         if self.current:
-            self.tails[self.current].append(line)
+            self.tails[task].append(line)
             if line.strip().startswith(PROGRESS_PREFIX):
                 self._progress(line.strip()[len(PROGRESS_PREFIX):])
         if match := _FINISHED.search(line):
@@ -150,8 +169,12 @@ class StepConsole:
             self._files[task] = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         return self._files[task]
 
+    def instance(self, task: str) -> str:
+        """The log name of ``task``'s latest run: ``train-model-2`` for a sweep's 2nd trial."""
+        return f"{task}-{self._runs[task]}" if self._repeats.get(task, 1) > 1 else task
+
     def log_path(self, task: str) -> Path | None:
-        return self.run_dir / LOGS_DIR / f"{task}.log" if self.run_dir else None
+        return self.run_dir / LOGS_DIR / f"{self.instance(task)}.log" if self.run_dir else None
 
     # --- terminal --------------------------------------------------------------------------
     def _say(self, text: str) -> None:
@@ -162,7 +185,9 @@ class StepConsole:
 
     def _label(self, task: str) -> str:
         index = self._tasks.index(task) + 1 if task in self._tasks else 0
-        return f"[{index}/{len(self._tasks)}] {task}"
+        repeats = self._repeats.get(task, 1)
+        run = f" {max(self._runs[task], 1)}/{repeats}" if repeats > 1 else ""
+        return f"[{index}/{len(self._tasks)}] {task}{run}"
 
     def _start(self, task: str) -> None:
         for earlier in self._tasks[:self._tasks.index(task)] if task in self._tasks else []:
@@ -171,6 +196,7 @@ class StepConsole:
                 self.finished[earlier] = "CACHED"
                 self._say(f"{self._label(earlier)} ... cached")
         self.current = task
+        self._runs[task] += 1
         self.started[task] = self._clock()
         self._say(f"{self._label(task)} ...")
 
@@ -183,7 +209,7 @@ class StepConsole:
             return
         result = ""
         if self.run_dir is not None:
-            path = self.run_dir / task / contract.EXECUTOR_OUTPUT
+            path = self._executor_outputs.get(task, self.run_dir / task / contract.EXECUTOR_OUTPUT)
             try:
                 result = step_result(task, json.loads(path.read_text()))
             except (OSError, ValueError, KeyError, TypeError):

@@ -20,7 +20,10 @@ from pipeline.dag import PIPELINE_NAME, PipelineOutputs, create_pipeline, pipeli
 from pipeline.lib.contract import CHECKPOINT_ROOT_ENV, EXECUTOR_OUTPUT, LOCAL_CHECKPOINT_ROOT
 from pipeline.runners.console import StepConsole
 from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
+from pipeline.sweep import Sweep
 from pipeline.tasks import STEPS, TASK_NAMES
+
+TRAIN_TASK = TASK_NAMES["train_model"]
 
 DEFAULT_OUTPUT_DIR = Path("local_outputs")
 #: Pipeline outputs that are folders or files on disk (Metrics artifacts are metadata only).
@@ -73,15 +76,27 @@ def output_producers(pipeline_spec: Any) -> dict[str, str]:
 
 def gated_task(pipeline_spec: Any) -> str:
     """The one task inside the DAG's condition branch (the register step), from the spec."""
-    inside = [task for component in pipeline_spec.components.values()
-              for task in component.dag.tasks]
+    inside = [task for name, component in pipeline_spec.components.items()
+              if name.startswith("comp-condition") for task in component.dag.tasks]
     if len(inside) != 1:
         raise ValueError(f"expected one task behind the gate, found {inside}")
     return inside[0]
 
 
-def _run_dirs(output_dir: Path) -> set[Path]:
-    return {p for p in output_dir.glob(f"{PIPELINE_NAME}-*") if p.is_dir()}
+def spec_tasks(pipeline_spec: Any) -> list[str]:
+    """The step tasks of the compiled DAG, loops and branches included, in step order."""
+    names = {task for component in [pipeline_spec.root, *pipeline_spec.components.values()]
+             for task in component.dag.tasks}
+    return [TASK_NAMES[step] for step in STEPS if TASK_NAMES[step] in names]
+
+
+def _verify_trials(run_dir: Path, trials: int) -> None:
+    """Every sweep trial's train task wrote its executor output (kfp.local may not say)."""
+    done = [path for path in run_dir.glob(f"for-loop-*-iteration-*/{TRAIN_TASK}/{EXECUTOR_OUTPUT}")
+            if path.is_file()]
+    if len(done) != trials:
+        raise StepFailedError(TRAIN_TASK, f"{len(done)} of the sweep's {trials} trials finished "
+                              f"(executor outputs under {run_dir})", run_dir)
 
 
 def verify_local_run(outputs: Mapping[str, Any], producers: Mapping[str, str], gated: str,
@@ -129,6 +144,7 @@ def run_local(
     enable_cache: bool = True,
     images: Mapping[str, str] | None = None,
     verbose: bool = False,
+    sweep: Sweep | None = None,
 ) -> LocalRunResult:
     """Run the whole DAG in this environment with kfp.local's SubprocessRunner.
 
@@ -136,21 +152,23 @@ def run_local(
     ``output_dir/<pipeline>-<timestamp>/<task>/``. With ``enable_cache`` kfp.local's cache
     (``output_dir/.kfp_cache``, keyed by component code, image and inputs) serves the
     cacheable steps of an identical earlier run. Raises :class:`StepFailedError` naming
-    the failed step and its error, whether or not kfp.local noticed the failure.
+    the failed step and its error, whether or not kfp.local noticed the failure. A
+    ``sweep`` trains its trials one after another (kfp.local runs a ParallelFor's
+    iterations in turn, whatever its parallelism).
     """
     from kfp import local
 
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    pipeline_func = create_pipeline(images, download_retries=0)
+    pipeline_func = create_pipeline(images, download_retries=0, sweep=sweep)
     producers = output_producers(pipeline_func.pipeline_spec)
     gated = gated_task(pipeline_func.pipeline_spec)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir),
                enable_caching=enable_cache)
     started = time.monotonic()
-    tasks = [TASK_NAMES[step] for step in STEPS]
-    console = StepConsole(sys.stdout, output_dir, tasks, verbose=verbose,
-                          pipeline_name=PIPELINE_NAME)
+    console = StepConsole(sys.stdout, output_dir, spec_tasks(pipeline_func.pipeline_spec),
+                          verbose=verbose, pipeline_name=PIPELINE_NAME,
+                          repeats={TRAIN_TASK: len(sweep.trials)} if sweep else None)
     original, sys.stdout = sys.stdout, console  # type: ignore[assignment]
     # the step processes inherit it: a rerun after a crash resumes the same training
     checkpoint_root = os.environ.get(CHECKPOINT_ROOT_ENV)
@@ -176,6 +194,8 @@ def run_local(
             raise StepFailedError(PIPELINE_NAME,
                                   f"kfp.local created no run folder in {output_dir}")
         outputs = dict(task.outputs)
+        if sweep is not None:
+            _verify_trials(console.run_dir, len(sweep.trials))
         cached, registration = verify_local_run(outputs, producers, gated, console.run_dir)
         console.report_unstarted(skipped=[] if outputs["gate_passed"] else [gated])
     finally:
@@ -197,9 +217,10 @@ def run_local(
 def _failure(console: StepConsole, task: str) -> StepFailedError:
     """The error of a failed task, with its last output lines and its log file."""
     return StepFailedError(task, task_error(console.lines, task), console.run_dir,
-                           tail=list(console.tails.get(task, [])), log=console.log_path(task))
+                           tail=list(console.tails.get(console.instance(task), [])),
+                           log=console.log_path(task))
 
 
 __all__ = ["DEFAULT_OUTPUT_DIR", "FILE_OUTPUTS", "LocalRunResult", "StepFailedError",
-           "gated_task", "output_producers", "run_local",
+           "gated_task", "output_producers", "run_local", "spec_tasks",
            "verify_local_run"]

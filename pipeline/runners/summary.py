@@ -16,6 +16,7 @@ from pipeline.lib.contract import (
     META_RUN_ID,
     META_SHA256,
     META_SOURCE,
+    META_SWEEP,
     META_TRACKING_URI,
     METRICS_FILE,
 )
@@ -66,6 +67,8 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
             "passed": result.gate_passed,
         },
         "registration": result.registration,
+        # with --sweep: each trial's label and validation score, and the chosen one's index
+        "sweep": model_meta.get(META_SWEEP),
         "mlflow": {
             "tracking_uri": model_meta.get(META_TRACKING_URI, tracking_uri),
             "experiment_name": config.experiment_name,

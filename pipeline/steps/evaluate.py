@@ -44,20 +44,11 @@ from pipeline.lib.contract import (
 )
 from pipeline.lib.files import atomic_write_json, read_json
 from pipeline.lib.params import EvaluateParams, TrackingParams
+from pipeline.lib.stats import score
 
 logger = logging.getLogger(__name__)
 
 MAX_MISCLASSIFIED_SHOWN = 36
-
-
-def score(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Accuracy, balanced accuracy and macro F1 over all ``num_classes`` (absent ones count 0).
-
-    The same arithmetic as the bootstrap's (``stats.confusion_metrics``), so a point estimate
-    always lies on the scale of its interval.
-    """
-    scored = stats.confusion_metrics(stats.confusion(labels, predictions, num_classes))
-    return {name: float(scored[name]) for name in stats.METRICS}
 
 
 def gate_verdict(metrics: Mapping[str, Any], metric: str, gate_on: str,
@@ -84,6 +75,15 @@ def split_digest(data_dir: str | Path, classes: list[str]) -> str:
                    for split in records.SPLITS
                    for image_id, label in zip(*inputs.read_index(data_dir, split), strict=True))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def trained_image_size(model_dir: str | Path) -> int:
+    """The image side the model in ``model_dir`` was trained at (its training summary)."""
+    summary = read_json(Path(model_dir) / TRAINING_SUMMARY_FILE) or {}
+    if not isinstance(summary.get("image_size"), int):
+        raise ValueError(f"the model in {str(model_dir)!r} has no image_size in its "
+                         f"{TRAINING_SUMMARY_FILE}: train it again with this version")
+    return summary["image_size"]
 
 
 def passes_gate(value: float, threshold: float) -> bool:
@@ -127,7 +127,7 @@ def evaluate_model(
     labels_all, preds_all, probs_all = [], [], []
     wrong_images: list[np.ndarray] = []
     wrong_titles: list[str] = []
-    test = inputs.load_examples(data_dir, "test", config.image_size, cache=False)
+    test = inputs.load_examples(data_dir, "test", trained_image_size(model_dir), cache=False)
     for images, labels in test.batch(config.batch_size).prefetch(2):
         probs = np.asarray(model.predict_on_batch(images))
         preds = probs.argmax(axis=1)

@@ -30,7 +30,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline.lib import inputs, model_logging, models, records, tracking
+from pipeline.lib import inputs, model_logging, models, records, stats, tracking
 from pipeline.lib.contract import (
     CHECKPOINT_DIR,
     CHECKPOINT_ROOT_ENV,
@@ -47,10 +47,12 @@ from pipeline.lib.contract import (
     META_SHA256,
     META_SOURCE,
     META_TRACKING_URI,
+    META_TRAIN_PARAMS,
     MODEL_FILE,
     PREVIEW_FILE,
     SAVED_MODEL_DIR,
     TRAINING_SUMMARY_FILE,
+    VAL_SCORE_PREFIX,
 )
 from pipeline.lib.files import atomic_path, atomic_write_json, read_json, replace_dir
 from pipeline.lib.params import DownloadParams, PreprocessParams, TrackingParams, TrainParams
@@ -414,6 +416,21 @@ class FeatureHead:
 # ----------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------
+def split_scores(model: keras.Model, data_dir: str | Path, split: str,
+                 config: TrainParams) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro F1 of ``model`` on one split of ``data_dir``.
+
+    Run on the exported model (test-time views included) and the validation split, this is
+    the score a sweep chooses on: what evaluation and serving will see, without the test split.
+    """
+    labels, predictions = [], []
+    for images, batch_labels in inputs.make_eval_dataset(data_dir, split, config):
+        predictions.append(np.asarray(model.predict_on_batch(images)).argmax(axis=1))
+        labels.append(batch_labels.numpy())
+    return stats.score(np.concatenate(labels), np.concatenate(predictions),
+                       len(records.load_classes(data_dir)))
+
+
 def export_model(trained: keras.Model, config: TrainParams, num_classes: int,
                  model_dir: Path) -> keras.Model:
     """Write ``model.keras`` and ``saved_model/`` from a clean float32 copy of ``trained``.
@@ -601,7 +618,8 @@ def train_model(
             state.best_weights = None
             checkpoints.commit(state)
 
-        export_model(core, config, len(classes), model_dir)
+        exported = export_model(core, config, len(classes), model_dir)
+        val_scores = split_scores(exported, data_dir, "val", config)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -613,10 +631,12 @@ def train_model(
     best = phase_best[-1]
     summary = {
         "model": config.model,
+        "image_size": config.image_size,
         "classes": classes,
         "metrics": {
             "best_val_loss": best.get("val_loss") if best else None,
             "best_val_accuracy": best.get("val_accuracy") if best else None,
+            **{f"{VAL_SCORE_PREFIX}{name}": value for name, value in val_scores.items()},
             "train_seconds": round(float(state.train_seconds), 3),
             "fit_seconds_this_run": round(fit_seconds, 3),
         },
@@ -690,6 +710,7 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
         META_MODEL_ID: logged_model.model_id,
         META_DATASET_DIGEST: digest,
         "model": result["model"],
+        META_TRAIN_PARAMS: params.to_dict(),
         **{k: v for k, v in {**result["metrics"], **result["bookkeeping"]}.items()
            if isinstance(v, (str, int, float, bool))},
     }

@@ -1,0 +1,28 @@
+"""Component ``select_model`` (sweeps only): the trial with the best validation score."""
+
+from typing import List  # noqa: UP035 (KFP reads the annotation: List[Model], not list[Model])
+
+from kfp.dsl import Input, Model, Output
+
+
+def select_model(
+    trained_models: Input[List[Model]],  # noqa: UP006
+    tracking_uri: str,
+    pipeline_run_id: str,
+    pipeline_name: str,
+    experiment_name: str,
+    gate_metric: str,
+    selected_model: Output[Model],
+) -> None:
+    """Copy the trial with the best validation ``gate_metric`` into ``selected_model``.
+
+    The test split is not read: evaluation scores only the model chosen here.
+    """
+    from pipeline.lib.params import SelectParams, TrackingParams
+    from pipeline.steps import select
+
+    values = locals()
+    selected_model.metadata.update(select.run_step(
+        [model.path for model in trained_models], [model.metadata for model in trained_models],
+        selected_model.path, SelectParams.from_mapping(values),
+        TrackingParams.from_mapping(values)))
