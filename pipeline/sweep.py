@@ -58,11 +58,6 @@ class Sweep:
         """The swept config fields, in the order the trials' labels give them."""
         return tuple(self.trials[0])
 
-    def label(self, index: int) -> str:
-        """``key=value`` of what trial ``index`` sets that differs between trials."""
-        varying = [k for k in self.keys if len({repr(t[k]) for t in self.trials}) > 1]
-        return ", ".join(f"{k}={self.trials[index][k]}" for k in varying) or "base config"
-
 
 def expand_env(value: Any, environ: Mapping[str, str]) -> Any:
     """``${NAME}`` / ``${NAME:-default}`` in a string replaced from ``environ``."""

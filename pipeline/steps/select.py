@@ -57,14 +57,24 @@ class Trial:
 
 
 def trial_labels(params: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-    """Per trial: ``key=value, ...`` of the settings that differ between trials, and those."""
+    """Per trial: a short label and its values of every setting that differs between trials.
+
+    The label names only where a trial departs from the most common value of each setting
+    (the first trial's on a tie), which for a sweep around one config is that config:
+    ``tta_views=8`` rather than all seven swept settings; a trial with none is ``base``.
+    """
     keys = [k for k in (params[0] if params else {})
             if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1]
+    usual = {}
+    for key in keys:
+        values = [json.dumps(p.get(key), sort_keys=True) for p in params]
+        usual[key] = max(values, key=lambda v, values=values: (values.count(v), -values.index(v)))
     rows = []
     for p in params:
         overrides = {k: p.get(k) for k in keys}
-        rows.append((", ".join(f"{k}={v}" for k, v in overrides.items()) or "base config",
-                     overrides))
+        label = ", ".join(f"{k}={v}" for k, v in overrides.items()
+                          if json.dumps(v, sort_keys=True) != usual[k])
+        rows.append((label or "base", overrides))
     return rows
 
 
