@@ -1,0 +1,169 @@
+"""Sweeps: the sweep file's trials, the validation-only choice, and a two-trial local run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import clean_env, run_local_cli, succeeded
+
+from pipeline.cli import main
+from pipeline.config import PipelineConfig
+from pipeline.lib.contract import META_RUN_ID, META_SWEEP, META_TRAIN_PARAMS
+from pipeline.steps.select import SWEEP_FILE, rank_trials, select_trial, trial_labels
+from pipeline.sweep import MAX_TRIALS, SWEEPABLE, build_sweep, load_sweep
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the sweep file ----------------------------------------------------------------------------
+def test_trials_cross_the_grid_and_carry_every_swept_key_from_the_base() -> None:
+    base = PipelineConfig(head_c=0.01)
+    sweep = build_sweep({"trials": [{}, {"pooling": "avg"}], "grid": {"tta_views": [0, 8]},
+                         "parallelism": 3}, base)
+    assert sweep.parallelism == 3
+    assert sweep.keys == ("pooling", "tta_views")
+    assert sweep.trials == (
+        {"pooling": "avg_max", "tta_views": 0}, {"pooling": "avg_max", "tta_views": 8},
+        {"pooling": "avg", "tta_views": 0}, {"pooling": "avg", "tta_views": 8})
+
+
+def test_values_are_converted_by_type_and_environment_references_expanded() -> None:
+    sweep = build_sweep({"trials": [{"weights": "${W_FILE}", "epochs": "7"},
+                                    {"weights": "${UNSET_W:-none}"}]},
+                        PipelineConfig(), environ={"W_FILE": "/data/w.h5"})
+    assert sweep.trials == ({"epochs": 7, "weights": "/data/w.h5"},
+                            {"epochs": 50, "weights": "none"})
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"trial": [{}]}, "unknown sweep key(s) 'trial'"),
+    ({"trials": [{}, {"batch_size": 8}]}, "a sweep cannot vary 'batch_size'"),
+    ({"grid": {"split_seed": [1, 2]}}, "a sweep cannot vary 'split_seed'"),
+    ({"trials": [{}, {"image_size": 100000}]},
+     "trial 2 (image_size=100000): invalid config: image_size must be in [32, 1024]"),
+    ({"trials": [{}, {"learning_rate": "nan"}]}, "trial 2 (learning_rate=nan)"),
+    ({"trials": [{"pooling": "avg"}, {"pooling": "avg"}]}, "trial 2 (pooling=avg) repeats trial 1"),
+    ({"trials": [{"pooling": "avg"}]}, "at least two trials"),
+    ({"trials": [{}]}, "overrides nothing"),
+    ({"grid": {"seed": list(range(MAX_TRIALS + 1))}}, f"at most {MAX_TRIALS}"),
+    ({"grid": {"seed": []}}, "non-empty list"),
+    ({"parallelism": 0, "grid": {"seed": [1, 2]}}, "parallelism must be an integer"),
+    ({"trials": [{}, {"weights": "${NOT_SET_ANYWHERE}"}]}, "NOT_SET_ANYWHERE is not set"),
+    ({"trials": [{}, {"weights": "https://u:hunter2@host/w.h5"}]}, "carries credentials"),
+])
+def test_bad_sweeps_are_refused_naming_the_problem(spec: dict, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        build_sweep(spec, PipelineConfig(), environ={})
+    assert message in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_only_train_settings_no_other_step_reads_are_sweepable() -> None:
+    from pipeline.lib.params import STEP_PARAMS, TrainParams
+
+    others = {name for step, classes in STEP_PARAMS.items() if step != "train_model"
+              for cls in classes for name in cls.field_names()}
+    assert set(TrainParams.field_names()) - others == SWEEPABLE
+    # what the default sweep varies must stay sweepable
+    assert {"backbone", "alpha", "pooling", "head_c", "image_size", "head_feature_views",
+            "tta_views", "weights"} <= SWEEPABLE
+
+
+def test_the_shipped_default_sweep_loads() -> None:
+    sweep = load_sweep(PROJECT_ROOT / "sweeps" / "default.yaml", PipelineConfig(), environ={})
+    labels = [label for label, _ in trial_labels(list(sweep.trials))]
+    assert labels[0] == "base" and len(set(labels)) == len(labels) >= 6
+
+
+def test_a_bad_sweep_file_exits_2_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started despite a bad sweep file")
+
+    monkeypatch.setattr("pipeline.cli.run_local", no_work)
+    monkeypatch.setattr("pipeline.cli.compile_pipeline", no_work)
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text("trials:\n  - {}\n  - {gate_threshold: 0.9}\n")
+    for mode in ("--local", "--compile"):
+        assert main([mode, "--sweep", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"pipeline.py: error: sweep file {str(bad)!r}: a sweep cannot vary "
+                              "'gate_threshold'"), err
+
+
+# --- the choice ------------------------------------------------------------------------------
+def _trial(run: str, val: float, test: float, **params: object) -> dict:
+    """A trial's model metadata; ``balanced_accuracy`` stands for a test score it must ignore."""
+    return {META_RUN_ID: run, "model_val_balanced_accuracy": val, "balanced_accuracy": test,
+            META_TRAIN_PARAMS: {"pooling": "avg_max", "head_c": 0.003, **params}}
+
+
+def test_the_best_validation_score_wins_and_test_scores_are_ignored() -> None:
+    trials = [_trial("a", 0.60, 0.90), _trial("b", 0.70, 0.40, head_c=0.03),
+              _trial("c", 0.70, 0.95, pooling="avg")]
+    ranked = rank_trials(trials, "balanced_accuracy")
+    assert [t.run_id for t in ranked] == ["b", "c", "a"]  # tie: the earlier trial first
+    assert ranked[0].label == "head_c=0.03" and ranked[2].label == "base"
+
+
+def test_a_trial_without_its_validation_score_is_an_error_not_a_loss() -> None:
+    trials = [_trial("a", 0.6, 0.6), {META_RUN_ID: "b", META_TRAIN_PARAMS: {}}]
+    with pytest.raises(ValueError, match=r"trial 2 .* no validation score "
+                                         r"'model_val_balanced_accuracy'"):
+        rank_trials(trials, "balanced_accuracy")
+
+
+def test_select_copies_the_winner_with_its_metadata_and_the_verdict(tmp_path: Path) -> None:
+    dirs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.keras").write_text(f"model {name}")
+        dirs.append(tmp_path / name)
+    metadata, _ranked = select_trial(
+        dirs, [_trial("a", 0.5, 0.9), _trial("b", 0.8, 0.1, head_c=1.0)],
+        tmp_path / "out", "balanced_accuracy")
+    assert (tmp_path / "out" / "model.keras").read_text() == "model b"
+    assert metadata[META_RUN_ID] == "b"
+    verdict = json.loads((tmp_path / "out" / SWEEP_FILE).read_text())
+    assert verdict == metadata[META_SWEEP]
+    assert verdict["winner"] == 1 and [t["val_score"] for t in verdict["trials"]] == [0.5, 0.8]
+    assert verdict["trials"][1]["overrides"] == {"head_c": 1.0}
+
+
+# --- end to end: two trials through kfp.local ------------------------------------------------
+@pytest.mark.slow  # two small trainings plus the pipeline's other steps: about 1.5 minutes
+def test_a_local_two_trial_sweep_registers_only_the_trial_best_on_validation(
+        tmp_path: Path, iris_zip: Path, mobilenet_weights: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("trials:\n  - {head_c: 0.0001, pooling: avg}\n  - {head_c: 1.0}\n")
+    run = run_local_cli(
+        tmp_path, "--data", str(iris_zip), "--sweep", str(sweep), "--set", "epochs=2",
+        "--set", "image_size=96", "--set", f"weights={mobilenet_weights}",
+        "--set", "gate_threshold=0", env=clean_env(TF_CPP_MIN_LOG_LEVEL="2"))
+    summary = succeeded(run)
+
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    parent = summary["mlflow"]["run_id"]
+    trains = client.search_runs([summary["mlflow"]["experiment_id"]],
+                                f"tags.`mlflow.parentRunId` = '{parent}' "
+                                "AND tags.`kfp.step` = 'train'")
+    assert len(trains) == 2
+    val = {r.info.run_id: r.data.metrics["model_val_balanced_accuracy"] for r in trains}
+    (winner,) = [r for r in trains if r.data.tags["sweep.chosen"] == "true"]
+    assert val[winner.info.run_id] == max(val.values())
+    assert winner.data.tags["sweep.val_rank"] == "1"
+    # labelled by departures from the first trial (a tie for the usual value)
+    assert {r.data.tags["sweep.trial"] for r in trains} == {"base", "head_c=1.0, pooling=avg_max"}
+    assert client.get_run(parent).data.tags["sweep.winner_run_id"] == winner.info.run_id
+
+    # only the winner went on: evaluated, registered from its own train run
+    assert summary["mlflow"]["step_run_ids"]["train"] == winner.info.run_id
+    versions = client.search_model_versions(f"name = '{summary['registration']['name']}'")
+    assert [v.run_id for v in versions] == [winner.info.run_id]
+    chosen = summary["sweep"]["trials"][int(summary["sweep"]["winner"])]
+    assert chosen["run_id"] == winner.info.run_id
+    assert "<- chosen, evaluated on test" in run.stderr
