@@ -14,7 +14,7 @@ from pipeline.config import DEFAULT_DATA_SHA256, PipelineConfig
 from pipeline.lib.contract import EXECUTOR_OUTPUT
 from pipeline.runners import StepFailedError
 from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
-from pipeline.runners.local import FILE_OUTPUTS, verify_local_run
+from pipeline.runners.local import FILE_OUTPUTS, verify_local_run, verify_trials
 
 CYAN, RED, RESET = "\x1b[96m", "\x1b[91m", "\x1b[0m"
 
@@ -131,6 +131,18 @@ def test_missing_outputs_name_their_step(tmp_path: Path) -> None:
     (run_dir / "train-model" / EXECUTOR_OUTPUT).unlink()
     with pytest.raises(StepFailedError, match=r"left no executor_output\.json") as err:
         verify_local_run(outputs, PRODUCERS, GATED, run_dir)
+    assert err.value.step == "train-model"
+
+
+def test_a_sweep_trial_that_left_no_outputs_is_a_failure(tmp_path: Path) -> None:
+    for iteration in (0, 2):  # kfp.local's folders of a ParallelFor's iterations
+        task_dir = tmp_path / f"for-loop-2-iteration-{iteration}" / "train-model"
+        task_dir.mkdir(parents=True)
+        (task_dir / EXECUTOR_OUTPUT).write_text("{}")
+    verify_trials(tmp_path, 2)
+    (tmp_path / "for-loop-2-iteration-1" / "train-model").mkdir(parents=True)  # started only
+    with pytest.raises(StepFailedError, match="2 of the sweep's 3 trials finished") as err:
+        verify_trials(tmp_path, 3)
     assert err.value.step == "train-model"
 
 

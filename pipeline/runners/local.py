@@ -90,7 +90,7 @@ def spec_tasks(pipeline_spec: Any) -> list[str]:
     return [TASK_NAMES[step] for step in STEPS if TASK_NAMES[step] in names]
 
 
-def _verify_trials(run_dir: Path, trials: int) -> None:
+def verify_trials(run_dir: Path, trials: int) -> None:
     """Every sweep trial's train task wrote its executor output (kfp.local may not say)."""
     done = [path for path in run_dir.glob(f"for-loop-*-iteration-*/{TRAIN_TASK}/{EXECUTOR_OUTPUT}")
             if path.is_file()]
@@ -195,7 +195,7 @@ def run_local(
                                   f"kfp.local created no run folder in {output_dir}")
         outputs = dict(task.outputs)
         if sweep is not None:
-            _verify_trials(console.run_dir, len(sweep.trials))
+            verify_trials(console.run_dir, len(sweep.trials))
         cached, registration = verify_local_run(outputs, producers, gated, console.run_dir)
         console.report_unstarted(skipped=[] if outputs["gate_passed"] else [gated])
     finally:
@@ -221,6 +221,15 @@ def _failure(console: StepConsole, task: str) -> StepFailedError:
                            log=console.log_path(task))
 
 
-__all__ = ["DEFAULT_OUTPUT_DIR", "FILE_OUTPUTS", "LocalRunResult", "StepFailedError",
-           "gated_task", "output_producers", "run_local", "spec_tasks",
-           "verify_local_run"]
+__all__ = [
+    "DEFAULT_OUTPUT_DIR",
+    "FILE_OUTPUTS",
+    "LocalRunResult",
+    "StepFailedError",
+    "gated_task",
+    "output_producers",
+    "run_local",
+    "spec_tasks",
+    "verify_local_run",
+    "verify_trials",
+]
