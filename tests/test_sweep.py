@@ -158,7 +158,9 @@ def test_a_local_two_trial_sweep_registers_only_the_trial_best_on_validation(
     assert winner.data.tags["sweep.val_rank"] == "1"
     # labelled by departures from the first trial (a tie for the usual value)
     assert {r.data.tags["sweep.trial"] for r in trains} == {"base", "head_c=1.0, pooling=avg_max"}
-    assert client.get_run(parent).data.tags["sweep.winner_run_id"] == winner.info.run_id
+    parent_run = client.get_run(parent)
+    assert parent_run.data.tags["sweep.winner_run_id"] == winner.info.run_id
+    assert parent_run.info.run_name.startswith(f"sweep of 2: {winner.data.tags['sweep.trial']} · ")
 
     # only the winner went on: evaluated, registered from its own train run
     assert summary["mlflow"]["step_run_ids"]["train"] == winner.info.run_id

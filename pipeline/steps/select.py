@@ -101,7 +101,11 @@ def rank_trials(metadatas: Sequence[Mapping[str, Any]], metric: str) -> list[Tri
 
 def _tag_runs(client: MlflowClient, ranked: Sequence[Trial], parent_id: str,
               metric: str) -> None:
-    """Label every trial's run and name the winner on the parent run."""
+    """Label every trial's run and name the winner on the parent run (tags and run name).
+
+    The parent's name came from the first trial's settings; it becomes ``sweep of N:
+    <winner's label>`` followed by the rest of that name (data set, start time).
+    """
     winner = ranked[0]
     for rank, trial in enumerate(ranked, start=1):
         if not trial.run_id:
@@ -114,6 +118,9 @@ def _tag_runs(client: MlflowClient, ranked: Sequence[Trial], parent_id: str,
         client.log_batch(parent_id, tags=[
             RunTag(TAG_WINNER, f"{winner.label} (val {metric} {winner.val_score:.3f})"),
             RunTag(TAG_WINNER_RUN, winner.run_id)])
+        rest = (client.get_run(parent_id).info.run_name or "").split(" · ")[1:]
+        client.update_run(parent_id, name=" · ".join(
+            [f"sweep of {len(ranked)}: {winner.label}", *rest])[:250])
 
 
 def select_trial(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[str, Any]],
