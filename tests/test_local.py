@@ -1,5 +1,6 @@
 """``--local``: failure detection (fast) and end-to-end runs on the shared iris archive (slow)."""
 
+import concurrent.futures
 import json
 import re
 from pathlib import Path
@@ -415,3 +416,40 @@ def test_no_cache_runs_every_step_again(failed_gate_run: CliRun) -> None:
     assert "cache hit" not in failed_gate_run.stderr
     assert sorted(p.name for p in Path(summary["run_dir"]).iterdir()) == [
         "download-dataset", "evaluate-model", "logs", "preprocess-dataset", "train-model"]
+
+
+@pytest.mark.slow  # two tiny pipelines at once: about a minute on 2 cores
+def test_concurrent_runs_in_one_folder_each_report_their_own_run_folder(
+        tmp_path: Path, iris_zip: Path, mobilenet_weights: Path) -> None:
+    """Two ``--local`` runs started together in one folder (one output folder, one
+    ``mlflow.db``): each summary names the run folder its own tasks wrote, not the newest one.
+
+    A run folder is tied to its run by what the tasks wrote there: the train step's MLflow
+    parent run, the register step's model name (each run registers its own), and the steps'
+    logs.
+    """
+    tiny = ["--data", str(iris_zip), "--set", "epochs=1", "--set", "image_size=32",
+            "--set", "head_feature_views=1", "--set", f"weights={mobilenet_weights}",
+            "--set", "gate_threshold=0"]
+    names = ("iris-run-a", "iris-run-b")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(
+            lambda name: run_local_cli(tmp_path, *tiny, "--set", f"registered_model_name={name}",
+                                       timeout=600), names))
+
+    summaries = [succeeded(run) for run in runs]
+    run_dirs = [Path(summary["run_dir"]) for summary in summaries]
+    assert run_dirs[0] != run_dirs[1]
+    assert [p.parent for p in run_dirs] == [tmp_path.resolve() / "local_outputs"] * 2
+    for name, summary, run_dir, other in zip(names, summaries, run_dirs, names[::-1],
+                                             strict=True):
+        train = json.loads((run_dir / "train-model" / EXECUTOR_OUTPUT).read_text())
+        metadata = train["artifacts"]["trained_model"]["artifacts"][0]["metadata"]
+        assert metadata["mlflow_parent_run_id"] == summary["mlflow"]["run_id"], run_dir
+        register = json.loads((run_dir / "register-model" / EXECUTOR_OUTPUT).read_text())
+        assert register["parameterValues"]["Output"]["name"] == name, run_dir
+        assert summary["registration"]["name"] == name
+        assert run_dir in Path(summary["outputs"]["trained_model"]).parents
+        log = (run_dir / "logs" / "register-model.log").read_text()
+        assert log.count("Executing task 'register-model'") == 1, run_dir
+        assert name in log and other not in log, run_dir

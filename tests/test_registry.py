@@ -24,6 +24,7 @@ from pipeline.lib import stats
 from pipeline.lib.contract import PREDICTIONS_FILE
 from pipeline.lib.model_logging import log_model
 from pipeline.lib.tracking import step_run
+from pipeline.steps import register as register_step
 from pipeline.steps.register import (
     CHALLENGER,
     CHAMPION,
@@ -36,6 +37,13 @@ from pipeline.steps.register import (
 
 pytestmark = pytest.mark.usefixtures("clean_mlflow_state")
 server = pytest.mark.mlflow_server
+
+
+@pytest.fixture(autouse=True)
+def quick_promotion_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One registration at a time here: the server's lease and alias re-reads need not wait
+    the real settle delay (tests/test_concurrency.py races them with it)."""
+    monkeypatch.setattr(register_step, "PROMOTION_SETTLE_S", 0.1)
 
 CLASSES = ["iris-setosa", "iris-versicolour", "iris-virginica"]
 

@@ -184,6 +184,15 @@ def _local_store_path(tracking_uri: str) -> Path | None:
     return None
 
 
+def is_local_store(tracking_uri: str) -> bool:
+    """True for stores this machine can lock (``sqlite:`` files, ``file:`` folders, paths).
+
+    Everything else (an HTTP server, a database URL) is shared with processes elsewhere, so
+    inter-process coordination there has to go through the store itself.
+    """
+    return _local_store_path(tracking_uri) is not None
+
+
 def check_tracking_server(tracking_uri: str, timeout_s: float = 15.0) -> None:
     """Fail within ``timeout_s`` with :class:`TrackingServerError` naming the URI.
 
@@ -936,6 +945,7 @@ __all__ = [
     "get_or_create_experiment",
     "git_commit",
     "in_kfp_pod",
+    "is_local_store",
     "local_artifact_root",
     "local_store_lock",
     "log_artifacts",
