@@ -13,10 +13,23 @@ the epochs run, the best epoch and its validation accuracy.
 ``--set backbone=mobilenet_v2 --set alpha=0.5 --set image_size=320``); ``--tta-views N`` also
 scores every trained model with N test-time views (the same training, re-exported), so the
 two are compared on identical heads. Every score is given on the validation split too: that
-is the one to choose settings on.
+is the one to choose settings on. Validation scores are the train step's own
+(``model_val_balanced_accuracy`` of the exported model, test-time views included;
+``split_scores`` for the re-exported views), so the bench scores as a sweep chooses.
+
+``--sweep FILE`` measures a sweep (``sweeps/default.yaml``) instead of the one config: per seed
+the data is prepared once, then every trial (the config with the trial's overrides, on top of
+``--set``) is trained and its test split scored. Per trial and seed one JSON line: test and
+validation balanced accuracy, the test score's 95% interval and its width, train and
+evaluation seconds. Per seed: the trial the sweep's rule picks (``select.rank_trials``: best
+validation balanced accuracy, ties to the earlier trial), its test score, and the sweep's wall
+seconds (every trial's training and evaluation). Last: per trial (labelled as the pipeline
+labels them) the mean test / validation score, interval width and train seconds; the mean
+test score of the picks ("sweep pick"), how often each trial was picked, and the first
+trial's (the default's) mean beside it. The test split never takes part in a pick.
 
 Run: ``python bench/train_quality.py [--seeds 5] [--skip-seed-cnn] [--set KEY=VALUE ...]
-[--tta-views 8]``; one JSON line last.
+[--tta-views 8 | --sweep sweeps/default.yaml]``; one JSON line last.
 """
 
 from __future__ import annotations
@@ -40,53 +53,118 @@ import numpy as np  # noqa: E402
 
 from pipeline.cli import parse_overrides  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.lib import inputs, models, records  # noqa: E402
+from pipeline.lib import models  # noqa: E402
+from pipeline.lib.contract import META_TRAIN_PARAMS, VAL_SCORE_PREFIX  # noqa: E402
 from pipeline.lib.params import EvaluateParams, PreprocessParams, TrainParams  # noqa: E402
-from pipeline.lib.stats import score  # noqa: E402
 from pipeline.steps.evaluate import evaluate_model  # noqa: E402
 from pipeline.steps.preprocess import prepare_dataset  # noqa: E402
-from pipeline.steps.train import train_model  # noqa: E402
+from pipeline.steps.select import rank_trials, trial_labels  # noqa: E402
+from pipeline.steps.train import split_scores, train_model  # noqa: E402
+from pipeline.sweep import Sweep, load_sweep  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
+METRIC = "balanced_accuracy"  # the sweep's rule: the pipeline's default gate metric
+VAL_KEY = f"{VAL_SCORE_PREFIX}{METRIC}"  # in the training summary's metrics
 
 
-def split_balanced_accuracy(model, data_dir: Path, split: str, config: TrainParams) -> float:
-    """Balanced accuracy of a loaded model on one split (validation: where choices are made)."""
-    labels, predictions = [], []
-    for images, batch_labels in inputs.make_eval_dataset(data_dir, split, config):
-        predictions.append(np.asarray(model.predict_on_batch(images)).argmax(axis=1))
-        labels.append(batch_labels.numpy())
-    num_classes = len(records.load_classes(data_dir))
-    return round(score(np.concatenate(labels), np.concatenate(predictions),
-                       num_classes)["balanced_accuracy"], 4)
+def train_and_evaluate(pipeline_config: PipelineConfig, data_dir: Path, work: Path,
+                       name: str) -> tuple[dict, dict]:
+    """Train ``pipeline_config``, score the test split: the bench's row and the train summary.
 
-
-def run_one(pipeline_config: PipelineConfig, data_dir: Path, work: Path, name: str,
-            tta_views: int = 0) -> dict:
+    The validation score is the train step's (the exported model's, test-time views
+    included): the one a sweep chooses on.
+    """
     model_dir = work / f"{name}-model"
-    config = pipeline_config.params_for(TrainParams)
     started = time.perf_counter()
-    summary = train_model(data_dir, model_dir, config)
-    seconds = time.perf_counter() - started
+    summary = train_model(data_dir, model_dir, pipeline_config.params_for(TrainParams))
+    trained = time.perf_counter()
     metrics = evaluate_model(model_dir, data_dir, work / f"{name}-eval",
                              pipeline_config.params_for(EvaluateParams))
-    model = models.load_model(model_dir)
+    evaluated = time.perf_counter()
+    low, high = metrics[f"{METRIC}_ci_low"], metrics[f"{METRIC}_ci_high"]
     row = {
-        "balanced_accuracy": round(metrics["balanced_accuracy"], 4),
-        "val_balanced_accuracy": split_balanced_accuracy(model, data_dir, "val", config),
+        "balanced_accuracy": round(metrics[METRIC], 4),
+        "balanced_accuracy_ci": [round(low, 4), round(high, 4)],
+        "ci_width": round(high - low, 4),
+        "val_balanced_accuracy": round(summary["metrics"][VAL_KEY], 4),
         "macro_f1": round(metrics["macro_f1"], 4),
         "accuracy": round(metrics["accuracy"], 4),
-        "train_wall_seconds": round(seconds, 1),
+        "train_wall_seconds": round(trained - started, 1),
+        "eval_wall_seconds": round(evaluated - trained, 1),
         "epochs": summary["bookkeeping"]["epochs_run"],
         "best_epoch": summary["bookkeeping"]["best_epoch"],
         "best_val_accuracy": round(summary["metrics"]["best_val_accuracy"], 4),
     }
+    return row, summary
+
+
+def run_one(pipeline_config: PipelineConfig, data_dir: Path, work: Path, name: str,
+            tta_views: int = 0) -> dict:
+    row, _ = train_and_evaluate(pipeline_config, data_dir, work, name)
     if tta_views:
-        viewed = models.with_test_time_views(model, tta_views)
-        row["tta"] = {split_name: split_balanced_accuracy(viewed, data_dir, split, config)
-                      for split_name, split in (("balanced_accuracy", "test"),
-                                                ("val_balanced_accuracy", "val"))}
+        config = pipeline_config.params_for(TrainParams)
+        viewed = models.with_test_time_views(models.load_model(work / f"{name}-model"),
+                                             tta_views)
+        row["tta"] = {key: round(split_scores(viewed, data_dir, split, config)[METRIC], 4)
+                      for key, split in (("balanced_accuracy", "test"),
+                                         ("val_balanced_accuracy", "val"))}
     return row
+
+
+def run_sweep(sweep: Sweep, labels: list[str], base: PipelineConfig, data_dir: Path,
+              work: Path, seed: int) -> tuple[list[dict], dict]:
+    """Every trial of ``sweep`` on one seed's data: per-trial rows and the sweep's pick."""
+    rows, metadatas = [], []
+    started = time.perf_counter()
+    for index, (trial, label) in enumerate(zip(sweep.trials, labels, strict=True)):
+        config = PipelineConfig.from_mapping(trial, base)
+        row, summary = train_and_evaluate(config, data_dir, work, f"trial{index + 1}")
+        row = {"seed": seed, "trial": index + 1, "label": label, **row}
+        rows.append(row)
+        # what the select step reads from each trial's model metadata (unrounded)
+        metadatas.append({META_TRAIN_PARAMS: trial, VAL_KEY: summary["metrics"][VAL_KEY]})
+        print(json.dumps({"sweep_trial": row}), flush=True)
+    seconds = time.perf_counter() - started
+    chosen = rank_trials(metadatas, METRIC)[0]
+    pick = {"seed": seed, "trial": chosen.index + 1, "label": labels[chosen.index],
+            "val_balanced_accuracy": rows[chosen.index]["val_balanced_accuracy"],
+            "balanced_accuracy": rows[chosen.index]["balanced_accuracy"],
+            "sweep_wall_seconds": round(seconds, 1)}
+    print(json.dumps({"sweep_pick": pick}), flush=True)
+    return rows, pick
+
+
+def sweep_result(sweep: Sweep, labels: list[str], rows: list[dict],
+                 picks: list[dict]) -> dict:
+    """The sweep's part of the closing JSON line: per trial, per seed's pick, overall."""
+    trials = []
+    for index, (trial, label) in enumerate(zip(sweep.trials, labels, strict=True)):
+        mine = [r for r in rows if r["trial"] == index + 1]
+        trials.append({
+            "trial": index + 1, "label": label, "overrides": trial,
+            "mean_balanced_accuracy": mean(mine, "balanced_accuracy"),
+            "mean_val_balanced_accuracy": mean(mine, "val_balanced_accuracy"),
+            "mean_ci_width": mean(mine, "ci_width"),
+            "mean_train_seconds": round(mean(mine, "train_wall_seconds"), 1),
+            "mean_eval_seconds": round(mean(mine, "eval_wall_seconds"), 1),
+            "test_per_seed": [r["balanced_accuracy"] for r in mine],
+            "val_per_seed": [r["val_balanced_accuracy"] for r in mine],
+            "picked": sum(p["trial"] == index + 1 for p in picks),
+        })
+    return {
+        "trials": trials,
+        "picks": picks,
+        "sweep_pick": {
+            "mean_balanced_accuracy": mean(picks, "balanced_accuracy"),
+            "mean_val_balanced_accuracy": mean(picks, "val_balanced_accuracy"),
+            "picked": {t["label"]: t["picked"] for t in trials},
+            "mean_sweep_wall_seconds": round(mean(picks, "sweep_wall_seconds"), 1),
+            "max_sweep_wall_seconds": max(p["sweep_wall_seconds"] for p in picks),
+        },
+        "default": {"trial": 1, "label": labels[0],
+                    "mean_balanced_accuracy": trials[0]["mean_balanced_accuracy"],
+                    "mean_val_balanced_accuracy": trials[0]["mean_val_balanced_accuracy"]},
+    }
 
 
 def mean(rows: list[dict], key: str) -> float:
@@ -103,11 +181,23 @@ def main(argv: list[str] | None = None) -> dict:
                         help="override a config field of the measured config (repeatable)")
     parser.add_argument("--tta-views", type=int, default=0,
                         help="also score each trained model with this many test-time views")
+    parser.add_argument("--sweep", metavar="FILE", type=Path,
+                        help="measure every trial of this sweep file and the sweep's pick")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    overrides = parse_overrides(args.set)
+    if args.sweep and args.tta_views:
+        parser.error("--tta-views does not combine with --sweep (a trial sets tta_views)")
+    try:
+        overrides = parse_overrides(args.set)
+        sweep = labels = None
+        if args.sweep:
+            sweep = load_sweep(args.sweep, PipelineConfig.from_mapping(
+                overrides, PipelineConfig(data_source=str(args.zip), weights=args.weights)))
+            labels = [label for label, _ in trial_labels(sweep.trials)]
+    except ValueError as exc:
+        parser.error(str(exc))
 
-    ours, notebook = [], []
+    ours, notebook, trial_rows, picks = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         for seed in range(1, args.seeds + 1):
             work = Path(tmp) / f"seed{seed}"
@@ -116,9 +206,15 @@ def main(argv: list[str] | None = None) -> dict:
             config = PipelineConfig.from_mapping(overrides, base)
             data_dir = work / "data"
             prepare_dataset(args.zip, data_dir, config.params_for(PreprocessParams))
-            row = {"seed": seed, **run_one(config, data_dir, work, "default", args.tta_views)}
-            ours.append(row)
-            print(json.dumps({"default": row}), flush=True)
+            if sweep is not None:
+                rows, pick = run_sweep(sweep, labels, config, data_dir, work, seed)
+                trial_rows.extend(rows)
+                picks.append(pick)
+            else:
+                row = {"seed": seed,
+                       **run_one(config, data_dir, work, "default", args.tta_views)}
+                ours.append(row)
+                print(json.dumps({"default": row}), flush=True)
             if not args.skip_seed_cnn:
                 cnn = dataclasses.replace(config, model="seed_cnn", image_size=256)
                 row = {"seed": seed, **run_one(cnn, data_dir, work, "seed_cnn")}
@@ -137,13 +233,20 @@ def main(argv: list[str] | None = None) -> dict:
             "fine_tune_epochs", "fine_tune_learning_rate", "fine_tune_layers",
             "early_stopping_patience", "dropout", "pooling", "head_feature_views", "head_c",
             "augment_rotation", "augment_shift", "augment_zoom", "augment_contrast")},
-        "default": {"per_seed": ours, "mean_balanced_accuracy": mean(ours, "balanced_accuracy"),
-                    "mean_val_balanced_accuracy": mean(ours, "val_balanced_accuracy"),
-                    "mean_macro_f1": mean(ours, "macro_f1"),
-                    "mean_train_seconds": mean(ours, "train_wall_seconds"),
-                    "max_train_seconds": max(r["train_wall_seconds"] for r in ours)},
-        "target": {"mean_balanced_accuracy": 0.65, "train_seconds_per_seed": 120},
     }
+    if sweep is not None:
+        result["sweep"] = {"file": str(args.sweep), **sweep_result(sweep, labels, trial_rows,
+                                                                     picks)}
+    else:
+        result["default"] = {
+            "per_seed": ours, "mean_balanced_accuracy": mean(ours, "balanced_accuracy"),
+            "mean_val_balanced_accuracy": mean(ours, "val_balanced_accuracy"),
+            "mean_macro_f1": mean(ours, "macro_f1"),
+            "mean_train_seconds": mean(ours, "train_wall_seconds"),
+            "max_train_seconds": max(r["train_wall_seconds"] for r in ours)}
+        result["target"] = {"mean_balanced_accuracy": 0.65, "train_seconds_per_seed": 120}
+        result["target_met"] = (result["default"]["mean_balanced_accuracy"] >= 0.65
+                                and result["default"]["max_train_seconds"] <= 120)
     if args.tta_views:
         result["default"]["tta"] = {
             "views": args.tta_views,
@@ -157,8 +260,6 @@ def main(argv: list[str] | None = None) -> dict:
             "mean_macro_f1": mean(notebook, "macro_f1"),
             "mean_train_seconds": mean(notebook, "train_wall_seconds"),
         }
-    result["target_met"] = (result["default"]["mean_balanced_accuracy"] >= 0.65
-                            and result["default"]["max_train_seconds"] <= 120)
     print(json.dumps(result))
     return result
 
