@@ -94,7 +94,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="pairs of runs; the order alternates, the median ratio counts")
     args = parser.parse_args()
-    overrides = [f"weights={SHARED / 'mobilenet_2_5_224_tf_no_top.h5'}", *args.overrides]
+    # the default backbone's ImageNet weights (MobileNetV2-0.5), offline
+    weights = SHARED / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+    overrides = [f"weights={weights}", *args.overrides]
     config = resolve_config(None, args.data, overrides, environ={})
     cli_args = ["--data", args.data, *(x for item in overrides for x in ("--set", item))]
 

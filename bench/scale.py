@@ -95,8 +95,9 @@ def main() -> None:
         worker(args.worker[0], args.worker[1:])
         return
 
-    config = json.dumps({
-        "data_sha256": "", "weights": args.weights, "image_size": args.image_size,
+    config = json.dumps({  # MobileNet v1-0.25: memory growth, not the backbone, is measured
+        "data_sha256": "", "backbone": "mobilenet", "alpha": 0.25, "tta_views": 0,
+        "weights": args.weights, "image_size": args.image_size,
         "head_feature_views": args.views, "fine_tune_epochs": args.fine_tune_epochs,
         "fine_tune_layers": 10, "max_archive_entries": 1_000_000,
     })

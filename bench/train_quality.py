@@ -63,6 +63,7 @@ from pipeline.steps.train import split_scores, train_model  # noqa: E402
 from pipeline.sweep import Sweep, load_sweep  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
+DEFAULT_WEIGHTS = SHARED / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 METRIC = "balanced_accuracy"  # the sweep's rule: the pipeline's default gate metric
 VAL_KEY = f"{VAL_SCORE_PREFIX}{METRIC}"  # in the training summary's metrics
 
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--zip", type=Path, default=SHARED / "iris-image.zip")
-    parser.add_argument("--weights", default=str(SHARED / "mobilenet_2_5_224_tf_no_top.h5"))
+    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+                        help="weights file of the default backbone (MobileNetV2-0.5)")
     parser.add_argument("--skip-seed-cnn", action="store_true")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override a config field of the measured config (repeatable)")
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ours.append(row)
                 print(json.dumps({"default": row}), flush=True)
             if not args.skip_seed_cnn:
-                cnn = dataclasses.replace(config, model="seed_cnn", image_size=256)
+                cnn = dataclasses.replace(config, model="seed_cnn", image_size=256, tta_views=0)
                 row = {"seed": seed, **run_one(cnn, data_dir, work, "seed_cnn")}
                 notebook.append(row)
                 print(json.dumps({"seed_cnn": row}), flush=True)

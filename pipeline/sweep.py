@@ -53,6 +53,10 @@ class Sweep:
     trials: tuple[dict[str, Any], ...]
     parallelism: int = 1
 
+    def one_at_a_time(self) -> Sweep:
+        """This sweep training one trial at a time (what ``--local`` runs, see run_local)."""
+        return dataclasses.replace(self, parallelism=1)
+
     @property
     def keys(self) -> tuple[str, ...]:
         """The swept config fields, in the order the trials' labels give them."""

@@ -233,7 +233,7 @@ def test_every_config_field_reaches_some_component() -> None:
 
 
 # --- a sweep: ParallelFor over train, Collected into select, the winner evaluated -----------
-SWEEP = {"parallelism": 2, "trials": [{}, {"backbone": "mobilenet_v2", "alpha": 0.5}],
+SWEEP = {"parallelism": 2, "trials": [{}, {"backbone": "mobilenet", "alpha": 0.25}],
          "grid": {"image_size": [224, 320]}}
 
 
@@ -254,10 +254,10 @@ def test_a_sweep_compiles_to_a_parallel_for_over_train_with_its_trials(
     assert loop["iteratorPolicy"]["parallelismLimit"] == 2
     items = json.loads(loop["parameterIterator"]["items"]["raw"])
     assert items == [
-        {"alpha": 0.25, "backbone": "mobilenet", "image_size": 224},
-        {"alpha": 0.25, "backbone": "mobilenet", "image_size": 320},
         {"alpha": 0.5, "backbone": "mobilenet_v2", "image_size": 224},
         {"alpha": 0.5, "backbone": "mobilenet_v2", "image_size": 320},
+        {"alpha": 0.25, "backbone": "mobilenet", "image_size": 224},
+        {"alpha": 0.25, "backbone": "mobilenet", "image_size": 320},
     ]
     inner = sweep_spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert set(inner) == {"train-model"}

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import PROJECT_ROOT, clean_env
+from cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, set_flags
 from mlflow.tracking import MlflowClient
 
 from pipeline.lib.tracking import (
@@ -77,7 +77,7 @@ def test_signal_to_the_cli_alone_stops_the_steps_and_kills_their_runs(
     proc = subprocess.Popen(
         [sys.executable, str(PROJECT_ROOT / "pipeline.py"), "--local", "--data", str(iris_zip),
          "--set", "epochs=500", "--set", "image_size=64", "--set", "head_feature_views=0",
-         "--set", f"weights={mobilenet_weights}"],
+         "--set", f"weights={mobilenet_weights}", *set_flags(*V1_BACKBONE)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from cli_helpers import CliRun, run_local_cli, succeeded
+from cli_helpers import V1_BACKBONE, CliRun, run_local_cli, set_flags, succeeded
 from kfp import dsl, local
 from kfp.dsl import Artifact, Output
 
@@ -205,7 +205,7 @@ def _fast_args(iris_zip: Path, weights: Path) -> list[str]:
     one entry per epoch; the cached-feature head is covered in tests/test_train.py.
     """
     return ["--data", str(iris_zip), "--set", "epochs=2", "--set", "image_size=96",
-            "--set", "head_feature_views=0",
+            "--set", "head_feature_views=0", *set_flags(*V1_BACKBONE),
             "--set", f"weights={weights}", "--set", "gate_threshold=0"]
 
 
@@ -388,7 +388,7 @@ def failed_gate_run(first_run: CliRun, workdir: Path, iris_zip: Path,
     return run_local_cli(workdir, "--no-cache", "--data", str(iris_zip),
                          "--set", "epochs=1", "--set", "image_size=64",
                          "--set", "head_feature_views=1", "--set", f"weights={mobilenet_weights}",
-                         "--set", "gate_threshold=1.0",
+                         *set_flags(*V1_BACKBONE), "--set", "gate_threshold=1.0",
                          "--set", "registered_model_name=iris-gate-failed")
 
 
@@ -430,7 +430,7 @@ def test_concurrent_runs_in_one_folder_each_report_their_own_run_folder(
     """
     tiny = ["--data", str(iris_zip), "--set", "epochs=1", "--set", "image_size=32",
             "--set", "head_feature_views=1", "--set", f"weights={mobilenet_weights}",
-            "--set", "gate_threshold=0"]
+            *set_flags(*V1_BACKBONE), "--set", "gate_threshold=0"]
     names = ("iris-run-a", "iris-run-b")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         runs = list(pool.map(

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_helpers import CliRun, clean_env, run_local_cli, succeeded
+from cli_helpers import V1_BACKBONE, CliRun, clean_env, run_local_cli, succeeded
 from mlflow_server import MlflowServer
 
 from pipeline import __version__
@@ -48,7 +48,7 @@ SECOND_RUN = ("head_feature_views=0", "epochs=1", "learning_rate=1e-07")
 
 def _args(iris_zip: Path, weights: Path, *sets: str, model_name: str = MODEL_NAME) -> list[str]:
     """Small images, offline weights, gate 0 (the register step runs); ``sets`` override."""
-    base = ["image_size=96", f"weights={weights}", "gate_threshold=0",
+    base = ["image_size=96", f"weights={weights}", *V1_BACKBONE, "gate_threshold=0",
             f"registered_model_name={model_name}", f"experiment_name={EXPERIMENT}"]
     args = ["--data", str(iris_zip)]
     for item in (*base, *sets):

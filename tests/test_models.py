@@ -202,7 +202,8 @@ BACKBONE_FACTS = {
 
 def test_every_configurable_backbone_has_a_builder():
     assert set(CHOICES["backbone"]) == set(models.BACKBONES) == set(BACKBONE_FACTS)
-    assert PipelineConfig().backbone == "mobilenet"  # v1: the default behaves as before
+    # the sweep's choice (README: Sweeps); the v1 file then belongs to backbone=mobilenet
+    assert (PipelineConfig().backbone, PipelineConfig().alpha) == ("mobilenet_v2", 0.5)
 
 
 def test_config_rejects_unknown_backbone_and_view_counts():

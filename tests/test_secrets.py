@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from auth_servers import auth_proxy, file_server
-from cli_helpers import PROJECT_ROOT, clean_env, run_local_cli, succeeded
+from cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, run_local_cli, set_flags, succeeded
 from kfp import dsl
 from mlflow_server import MlflowServer
 
@@ -248,7 +248,8 @@ def test_planted_passwords_reach_no_file_log_or_mlflow_entity(
             workdir, "--data", f"http://reader:{data_password}@{data_host}/{iris_zip.name}",
             "--tracking-uri", f"http://tracker:{tracking_password}@{proxy_host}",
             "--set", "epochs=1", "--set", "image_size=64", "--set", "head_feature_views=0",
-            "--set", f"weights={mobilenet_weights}", "--set", "gate_threshold=0",
+            "--set", f"weights={mobilenet_weights}", *set_flags(*V1_BACKBONE),
+            "--set", "gate_threshold=0",
             "--set", "experiment_name=secrets-e2e",
             env=clean_env(IRIS_CACHE_DIR=str(workdir / "download-cache")))
         compiled = subprocess.run(

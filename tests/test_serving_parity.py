@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from cli_helpers import PROJECT_ROOT, CliRun, clean_env, run_local_cli, succeeded
+from cli_helpers import PROJECT_ROOT, V1_BACKBONE, CliRun, clean_env, run_local_cli, succeeded
 from mlflow_server import serve_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_mlflow_state")]
@@ -37,6 +37,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, iris_zip: Path,
     """A small pipeline run (96 px, 2 epochs) whose model is registered as champion."""
     workdir = tmp_path_factory.mktemp("parity")
     sets = ["image_size=96", "epochs=2", "head_feature_views=0", f"weights={mobilenet_weights}",
+            *V1_BACKBONE,
             "gate_threshold=0", f"registered_model_name={MODEL_NAME}"]
     args = ["--data", str(iris_zip), "--output-dir", str(workdir / "out")]
     for item in sets:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
-from cli_helpers import clean_env, run_local_cli, succeeded
+from cli_helpers import V1_BACKBONE, clean_env, run_local_cli, set_flags, succeeded
 
 from pipeline.cli import main
 from pipeline.config import PipelineConfig
@@ -108,6 +109,17 @@ def test_the_best_validation_score_wins_and_test_scores_are_ignored() -> None:
     assert ranked[0].label == "head_c=0.03" and ranked[2].label == "base"
 
 
+def test_labels_undo_kfp_metadata_number_widening_and_shorten_paths() -> None:
+    """KFP metadata hands ``image_size`` 320 back as 320.0; weights paths are long."""
+    trials = [_trial("a", 0.6, 0.6, image_size=224.0, weights="/data/w/v1.h5"),
+              _trial("b", 0.7, 0.6, image_size=320.0, weights="/data/w/v2.h5"),
+              _trial("c", 0.5, 0.6, image_size=224.0, weights="/data/w/v1.h5", head_c=0.03)]
+    ranked = rank_trials(trials, "balanced_accuracy")
+    assert [t.label for t in ranked] == ["image_size=320, weights=v2.h5", "base", "head_c=0.03"]
+    assert ranked[0].overrides["image_size"] == 320
+    assert isinstance(ranked[0].overrides["image_size"], int)
+
+
 def test_a_trial_without_its_validation_score_is_an_error_not_a_loss() -> None:
     trials = [_trial("a", 0.6, 0.6), {META_RUN_ID: "b", META_TRAIN_PARAMS: {}}]
     with pytest.raises(ValueError, match=r"trial 2 .* no validation score "
@@ -139,10 +151,12 @@ def test_a_local_two_trial_sweep_registers_only_the_trial_best_on_validation(
     from mlflow.tracking import MlflowClient
 
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("trials:\n  - {head_c: 0.0001, pooling: avg}\n  - {head_c: 1.0}\n")
+    # parallelism 2 is for a cluster: locally the trials must still train one at a time
+    sweep.write_text("parallelism: 2\ntrials:\n  - {head_c: 0.0001, pooling: avg}\n"
+                     "  - {head_c: 1.0}\n")
     run = run_local_cli(
         tmp_path, "--data", str(iris_zip), "--sweep", str(sweep), "--set", "epochs=2",
-        "--set", "image_size=96", "--set", f"weights={mobilenet_weights}",
+        "--set", "image_size=96", "--set", f"weights={mobilenet_weights}", *set_flags(*V1_BACKBONE),
         "--set", "gate_threshold=0", env=clean_env(TF_CPP_MIN_LOG_LEVEL="2"))
     summary = succeeded(run)
 
@@ -169,3 +183,8 @@ def test_a_local_two_trial_sweep_registers_only_the_trial_best_on_validation(
     chosen = summary["sweep"]["trials"][int(summary["sweep"]["winner"])]
     assert chosen["run_id"] == winner.info.run_id
     assert "<- chosen, evaluated on test" in run.stderr
+    lines = run.stdout.splitlines()
+    done = [n for n, line in enumerate(lines) if re.search(r"train-model \d/2 done", line)]
+    started = [n for n, line in enumerate(lines) if re.search(r"train-model \d/2 \.\.\.$", line)]
+    assert len(done) == len(started) == 2 and started[1] > done[0], lines  # one after another
+    assert all("train-model" in line for line in lines[started[0]:done[1] + 1]), lines

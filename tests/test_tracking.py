@@ -233,8 +233,8 @@ def test_parent_and_nested_step_runs_with_params_and_tags(mlflow_server: MlflowS
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["mlflow.source.type"] == "JOB"
     assert parent.data.tags["mlflow.source.name"] == f"iris-test (KFP run {run_id})"
-    assert re.fullmatch(r"mobilenet a0\.25 64px avg_max · iris-image\.zip · \d\d-\d\d \d\d:\d\d",
-                        parent.info.run_name), parent.info.run_name
+    assert re.fullmatch(r"mobilenet_v2 a0\.5 64px avg_max tta8 · iris-image\.zip · "
+                        r"\d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
 
     for step, child_id in children.items():
         child = client.get_run(child_id)
@@ -251,6 +251,9 @@ def test_parent_and_nested_step_runs_with_params_and_tags(mlflow_server: MlflowS
     ({"model": "mobilenet", "alpha": 0.5, "image_size": 96, "pooling": "avg",
       "fine_tune_epochs": 3, "data_source": "https://host/x/my%20flowers.zip?sig=1"},
      "mobilenet a0.5 96px avg fine-tune 3 · my flowers.zip · 11-27 09:05"),
+    ({"model": "mobilenet", "backbone": "efficientnet_v2_b0", "alpha": 0.5, "image_size": 224,
+      "pooling": "avg_max", "tta_views": 8, "data_source": "iris-image.zip"},
+     "efficientnet_v2_b0 224px avg_max tta8 · iris-image.zip · 11-27 09:05"),
     ({"model": "seed_cnn", "alpha": 0.25, "image_size": 64, "data_source": "/data/iris/"},
      "seed_cnn 64px · iris · 11-27 09:05"),
     ({}, "iris-test · 11-27 09:05"),

@@ -25,6 +25,9 @@ def small_config(**overrides: object) -> PipelineConfig:
     """A fast but real training config: MobileNet-0.25 with the shared ImageNet weights, 64 px."""
     base = PipelineConfig(
         data_source=str(IRIS_ZIP),
+        backbone="mobilenet",
+        alpha=0.25,
+        tta_views=0,
         weights=str(MOBILENET_WEIGHTS),
         image_size=64,
         batch_size=32,

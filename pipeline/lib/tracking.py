@@ -463,18 +463,23 @@ def parent_run_name(params: Mapping[str, Any], pipeline_name: str,
                     started: datetime.datetime | None = None) -> str:
     """A name that says what differs between pipeline runs in MLflow's run list.
 
-    E.g. ``mobilenet a0.25 224px avg_max · iris-image.zip · 11-27 10:42``: the model and its
-    key settings, the data set's file name and the local start time. KFP's run ids
-    (``iris-image-pipeline-2668005``) all share a prefix, which is all the list shows.
+    E.g. ``mobilenet_v2 a0.5 320px avg_max tta8 · iris-image.zip · 11-27 10:42``: the model
+    (its backbone, for transfer learning) and its key settings, the data set's file name and
+    the local start time. KFP's run ids (``iris-image-pipeline-2668005``) all share a prefix,
+    which is all the list shows.
     """
     model = str(params.get("model", "")).strip()
+    if model == "mobilenet" and params.get("backbone"):
+        model = str(params["backbone"])
     parts = [model] if model else [pipeline_name]
-    if model == "mobilenet" and "alpha" in params:
+    if model.startswith("mobilenet") and "alpha" in params:
         parts.append(f"a{float(params['alpha']):g}")
     if "image_size" in params:
         parts.append(f"{int(params['image_size'])}px")
     if params.get("pooling"):
         parts.append(str(params["pooling"]))
+    if int(params.get("tta_views") or 0) > 0:
+        parts.append(f"tta{int(params['tta_views'])}")
     if int(params.get("fine_tune_epochs") or 0) > 0:
         parts.append(f"fine-tune {int(params['fine_tune_epochs'])}")
     fields = [" ".join(parts)]

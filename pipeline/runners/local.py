@@ -153,14 +153,16 @@ def run_local(
     (``output_dir/.kfp_cache``, keyed by component code, image and inputs) serves the
     cacheable steps of an identical earlier run. Raises :class:`StepFailedError` naming
     the failed step and its error, whether or not kfp.local noticed the failure. A
-    ``sweep`` trains its trials one after another (kfp.local runs a ParallelFor's
-    iterations in turn, whatever its parallelism).
+    ``sweep`` trains its trials one after another, whatever its ``parallelism``: kfp.local
+    would run that many at once, on a workstation's few cores, and their interleaved output
+    could no longer be told apart (both tasks are ``train-model``).
     """
     from kfp import local
 
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    pipeline_func = create_pipeline(images, download_retries=0, sweep=sweep)
+    pipeline_func = create_pipeline(images, download_retries=0,
+                                    sweep=sweep.one_at_a_time() if sweep else None)
     producers = output_producers(pipeline_func.pipeline_spec)
     gated = gated_task(pipeline_func.pipeline_spec)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir),

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import shutil
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from pipeline.lib.contract import (
     VAL_SCORE_PREFIX,
 )
 from pipeline.lib.files import atomic_write_json
-from pipeline.lib.params import SelectParams, TrackingParams
+from pipeline.lib.params import SelectParams, TrackingParams, TrainParams
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def trial_labels(params: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[st
     (the first trial's on a tie), which for a sweep around one config is that config:
     ``tta_views=8`` rather than all seven swept settings; a trial with none is ``base``.
     """
-    keys = [k for k in (params[0] if params else {})
+    keys = [k for k in sorted(params[0] if params else {})  # metadata keeps no key order
             if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1]
     usual = {}
     for key in keys:
@@ -72,10 +73,24 @@ def trial_labels(params: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[st
     rows = []
     for p in params:
         overrides = {k: p.get(k) for k in keys}
-        label = ", ".join(f"{k}={v}" for k, v in overrides.items()
+        label = ", ".join(f"{k}={_short(v)}" for k, v in overrides.items()
                           if json.dumps(v, sort_keys=True) != usual[k])
         rows.append((label or "base", overrides))
     return rows
+
+
+def _typed(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Train params with their own types back: KFP metadata turns ``320`` into ``320.0``."""
+    types = typing.get_type_hints(TrainParams)
+    return {k: int(v) if types.get(k) is int and isinstance(v, float) and v.is_integer() else v
+            for k, v in params.items()}
+
+
+def _short(value: Any) -> Any:
+    """A path or URL by its file name (a weights file's name says which it is)."""
+    if isinstance(value, str) and "/" in value:
+        return value.rstrip("/").rsplit("/", 1)[-1]
+    return value
 
 
 def rank_trials(metadatas: Sequence[Mapping[str, Any]], metric: str) -> list[Trial]:
@@ -87,7 +102,7 @@ def rank_trials(metadatas: Sequence[Mapping[str, Any]], metric: str) -> list[Tri
     if not metadatas:
         raise ValueError("the sweep produced no trained trials to choose from")
     key = f"{VAL_SCORE_PREFIX}{metric}"
-    labels = trial_labels([m.get(META_TRAIN_PARAMS) or {} for m in metadatas])
+    labels = trial_labels([_typed(m.get(META_TRAIN_PARAMS) or {}) for m in metadatas])
     trials = []
     for index, (meta, (label, overrides)) in enumerate(zip(metadatas, labels, strict=True)):
         value = meta.get(key)
