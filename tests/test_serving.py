@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer, images
 
 from pipeline.lib import images as image_lib
+from pipeline.lib import models
 from pipeline.lib.model_logging import log_model
 from pipeline.lib.serving import InvalidImageError
 from pipeline.lib.tracking import step_run
@@ -49,7 +50,8 @@ def b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def keras_model() -> keras.Model:
-    """Raw images of any size in, resize and rescale inside, like the pipeline's models."""
+    """Raw images of any size in, resize and rescale inside, like the pipeline's models, with
+    the default's 8 test-time views (a custom layer the served model must bring along)."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input(shape=(None, None, 3), name="image")
     x = image_lib.make_resizer(SIZE)(inputs)
@@ -57,7 +59,7 @@ def keras_model() -> keras.Model:
     x = keras.layers.Conv2D(4, 3, activation="relu")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
-    return keras.Model(inputs, outputs)
+    return models.with_test_time_views(keras.Model(inputs, outputs), 8)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,8 @@ def test_logged_model_is_named_documented_and_small(
     assert sum(p.stat().st_size for p in root.glob("*example*.json")) < 20_000
     requirements = (root / "requirements.txt").read_text().split()
     assert f"keras=={keras.__version__}" in requirements
-    assert {"serving.py", "images.py"} <= {p.name for p in (root / "code").rglob("*.py")}
+    assert {"serving.py", "images.py", "views.py"} <= {
+        p.name for p in (root / "code").rglob("*.py")}
 
 
 @pytest.mark.slow  # a fresh process imports TensorFlow and MLflow: tens of seconds on 2 cores

@@ -86,9 +86,11 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 # ----------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------
-#: Project files the logged model carries in its ``code/`` folder: the pyfunc class and the
-#: decoder it shares with training, with their package ``__init__`` files.
-SERVING_CODE = ("__init__.py", "lib/__init__.py", "lib/images.py", "lib/serving.py")
+#: Project files the logged model carries in its ``code/`` folder: the pyfunc class, the
+#: decoder it shares with training and the test-time views layer the Keras file may name,
+#: with their package ``__init__`` files.
+SERVING_CODE = ("__init__.py", "lib/__init__.py", "lib/images.py", "lib/serving.py",
+                "lib/views.py")
 
 
 def _pip_requirements() -> list[str]:

@@ -21,6 +21,7 @@ from pipeline.lib.contract import MODEL_FILE
 from pipeline.lib.files import file_sha256, normalize_sha256
 from pipeline.lib.inputs import RandomAugment, make_resizer
 from pipeline.lib.params import TTA_VIEWS, TrainParams
+from pipeline.lib.views import DihedralView
 
 logger = logging.getLogger(__name__)
 
@@ -223,39 +224,6 @@ def build_model(config: TrainParams, num_classes: int) -> keras.Model:
     if config.model == "mobilenet":
         return build_transfer(config, num_classes)
     raise ValueError(f"unknown model {config.model!r}; choose 'mobilenet' or 'seed_cnn'")
-
-
-@keras.saving.register_keras_serializable(package="iris")
-class DihedralView(keras.layers.Layer):
-    """One of the 8 flips and quarter turns of an image batch, by ``index`` (0: identity).
-
-    Bit 0 of ``index`` flips left-right, bit 1 flips upside down, bit 2 transposes first, so
-    indices 0-3 keep height and width and 0-7 are all symmetries of a square.
-    """
-
-    def __init__(self, index: int, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        if not 0 <= index < 8:
-            raise ValueError(f"view index must be in 0..7, got {index!r}")
-        self.index = int(index)
-
-    def call(self, images: keras.KerasTensor) -> keras.KerasTensor:
-        ops = keras.ops
-        if self.index & 4:
-            images = ops.transpose(images, (0, 2, 1, 3))
-        if self.index & 2:
-            images = ops.flip(images, axis=1)
-        if self.index & 1:
-            images = ops.flip(images, axis=2)
-        return images
-
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        if self.index & 4:
-            return (input_shape[0], input_shape[2], input_shape[1], input_shape[3])
-        return tuple(input_shape)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "index": self.index}
 
 
 #: Custom objects a saved model may reference; registered, listed here for safe-mode loading.

@@ -3,9 +3,10 @@
 ``ImageClassifier`` is the MLflow pyfunc model the train step logs (``model_logging``) and
 ``mlflow models serve`` / KServe run. It decodes and resizes images with the very functions
 the training and evaluation data went through (``pipeline.lib.images``), so a client sending
-the original file gets the answer the evaluate step scored. This module and ``images`` are
-shipped inside the logged model (its ``code/`` folder): they import nothing else from the
-project, so the model loads where only MLflow and TensorFlow are installed.
+the original file gets the answer the evaluate step scored. This module, ``images`` and
+``views`` (the test-time views layer) are shipped inside the logged model (its ``code/``
+folder): they import nothing else from the project, so the model loads where only MLflow and
+TensorFlow are installed.
 
 Accepted inputs, one image per row or list item:
 
@@ -142,7 +143,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         import keras
         import tensorflow as tf
 
-        from pipeline.lib import images
+        from pipeline.lib import images, views  # noqa: F401 (views registers DihedralView)
 
         config = json.loads(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
         self.classes = [str(c) for c in config["classes"]]
