@@ -81,7 +81,7 @@ TASK_RESOURCES: dict[str, Resources] = {
     "preprocess_dataset": Resources("1", "2", "1536Mi", "4Gi"),
     "train_model": Resources("4", "8", "6Gi", "16Gi"),
     "select_model": Resources("250m", "1", "1Gi", "2Gi"),
-    "evaluate_model": Resources("1", "2", "2Gi", "4Gi"),
+    "evaluate_model": Resources("1", "2", "3Gi", "6Gi"),  # 8 views at 320 px: 2.4 GB
     "register_model": Resources("250m", "1", "1536Mi", "3Gi"),
 }
 
