@@ -6,8 +6,9 @@ own browser download is not used)::
     python docs/screenshots.py --output-dir docs/
 
 Runs ``pipeline.py --local`` twice (two pooling settings, small images, epoch-by-epoch head so
-the charts have curves) against a fresh ``mlflow server`` on 127.0.0.1, then saves what a user
-sees: the experiment's run list, the train run's model metrics and the registered model. The
+the charts have curves) and once with a four-trial ``--sweep``, against a fresh ``mlflow
+server`` on 127.0.0.1, then saves what a user sees: the experiment's run list, the train run's
+model metrics, the registered model and MLflow's Compare view of the sweep's trials. The
 server and everything it stored live in a temporary folder (``--workdir`` keeps them). The data
 set and weights come from ``IRIS_DATA_SOURCE`` / ``IRIS_MODEL_WEIGHTS`` when set (offline),
 else the defaults are downloaded.
@@ -16,6 +17,7 @@ else the defaults are downloaded.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -41,6 +43,8 @@ COMMON = ("image_size=128", "head_feature_views=0", "epochs=8", "learning_rate=0
           "gate_threshold=0")
 #: What differs between the two runs, so the run list shows it in the names.
 RUNS = (("pooling=avg_max",), ("pooling=avg",))
+#: The sweep run's trials: a grid the Compare view shows as a table.
+SWEEP = "grid:\n  pooling: [avg_max, avg]\n  tta_views: [0, 8]\n"
 VIEWPORT = {"width": 1280, "height": 800}
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
@@ -51,16 +55,21 @@ PAGE_TIMEOUT_MS = 60_000
 
 
 def run_pipelines(workdir: Path, tracking_uri: str) -> list[dict]:
-    """Both local runs against ``tracking_uri``; their ``--summary`` JSONs."""
+    """Both local runs, then the sweep, against ``tracking_uri``; their ``--summary`` JSONs."""
     env = clean_env(**{k: v for k, v in os.environ.items() if k.startswith("IRIS_")},
                     PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                              os.environ.get("PYTHONPATH")])))
+    sweep = workdir / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    runs = [[flag for item in extra for flag in ("--set", item)] for extra in RUNS]
+    runs.append(["--sweep", str(sweep)])
     summaries = []
-    for index, extra in enumerate(RUNS, 1):
+    for index, extra in enumerate(runs, 1):
         args = ["--tracking-uri", tracking_uri, "--output-dir", str(workdir / "out")]
-        for item in (*COMMON, *extra):
+        for item in COMMON:
             args += ["--set", item]
-        logger.info("pipeline run %d/%d: %s", index, len(RUNS), " ".join(args))
+        args += extra
+        logger.info("pipeline run %d/%d: %s", index, len(runs), " ".join(args))
         summaries.append(succeeded(run_local_cli(workdir, *args, env=env, timeout=1800)))
     return summaries
 
@@ -76,8 +85,9 @@ def save_png(page: object, path: Path) -> Path:
     return path
 
 
-def take_screenshots(url: str, summary: dict, output_dir: Path) -> list[Path]:
-    """Run list, the train run's model metrics and the registered model, 1280x800 each."""
+def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> list[Path]:
+    """Run list, the train run's model metrics, the registered model and the sweep's trials
+    compared, 1280x800 each."""
     from mlflow import MlflowClient
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
@@ -88,10 +98,13 @@ def take_screenshots(url: str, summary: dict, output_dir: Path) -> list[Path]:
     # parameter, then the browser's last choice), not by the experiment's kind tag.
     ml = "workflowType=machine_learning"
     pages = [
-        ("mlflow-runs.png", f"{url}/#/experiments/{experiment_id}?{ml}", "mobilenet a0.25"),
+        ("mlflow-runs.png", f"{url}/#/experiments/{experiment_id}?{ml}", "mobilenet_v2 a0.5"),
         ("mlflow-train-metrics.png",
          f"{url}/#/experiments/{experiment_id}/runs/{train_id}/model-metrics?{ml}", "val_loss"),
         ("mlflow-registry.png", f"{url}/#/models/{MODEL_NAME}?{ml}", "Version 1"),
+        ("mlflow-sweep-compare.png",
+         f"{url}/#/compare-runs?runs={json.dumps([t['run_id'] for t in sweep['trials']])}"
+         f"&experiments={json.dumps([experiment_id])}", "model_val_balanced_accuracy"),
     ]
     written = []
     with sync_playwright() as playwright:
@@ -132,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with run_mlflow_server(workdir / "mlflow-server") as server:
             logger.info("mlflow server at %s", server.url)
             summaries = run_pipelines(workdir, server.url)
-            take_screenshots(server.url, summaries[-1], args.output_dir)
+            take_screenshots(server.url, summaries[1], summaries[2]["sweep"], args.output_dir)
     return 0
 
 
