@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -85,9 +86,19 @@ def save_png(page: object, path: Path) -> Path:
     return path
 
 
+def show_trial_differences(page: Any) -> None:
+    """Compare view: only the settings and metrics that differ, from the run names down."""
+    page.get_by_role("switch", name="Parameters - Show diff only").click()
+    page.get_by_role("switch", name="Metrics - Show diff only").click()
+    assistant = page.get_by_role("button", name="Close")  # MLflow 3.17's assistant panel
+    if assistant.count():
+        assistant.first.click()
+    page.get_by_text("Run Name:").first.evaluate("e => e.scrollIntoView({block: 'start'})")
+
+
 def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> list[Path]:
-    """Run list, the train run's model metrics, the registered model and the sweep's trials
-    compared, 1280x800 each."""
+    """Run list, the train run's model metrics and the registered model (1280x800), and the
+    sweep's trials compared (1280x1000)."""
     from mlflow import MlflowClient
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
@@ -97,14 +108,18 @@ def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> 
     # MLflow 3.17's UI picks GenAI or model-training pages by a global switch (this URL
     # parameter, then the browser's last choice), not by the experiment's kind tag.
     ml = "workflowType=machine_learning"
-    pages = [
-        ("mlflow-runs.png", f"{url}/#/experiments/{experiment_id}?{ml}", "mobilenet_v2 a0.5"),
+    trials = json.dumps([t["run_id"] for t in sweep["trials"]])
+    pages = [  # file, address, text that says the page is there, what to do first, height
+        ("mlflow-runs.png", f"{url}/#/experiments/{experiment_id}?{ml}", "mobilenet_v2 a0.5",
+         None, VIEWPORT["height"]),
         ("mlflow-train-metrics.png",
-         f"{url}/#/experiments/{experiment_id}/runs/{train_id}/model-metrics?{ml}", "val_loss"),
-        ("mlflow-registry.png", f"{url}/#/models/{MODEL_NAME}?{ml}", "Version 1"),
-        ("mlflow-sweep-compare.png",
-         f"{url}/#/compare-runs?runs={json.dumps([t['run_id'] for t in sweep['trials']])}"
-         f"&experiments={json.dumps([experiment_id])}", "model_val_balanced_accuracy"),
+         f"{url}/#/experiments/{experiment_id}/runs/{train_id}/model-metrics?{ml}", "val_loss",
+         None, VIEWPORT["height"]),
+        ("mlflow-registry.png", f"{url}/#/models/{MODEL_NAME}?{ml}", "Version 1", None,
+         VIEWPORT["height"]),
+        ("mlflow-sweep-compare.png", f"{url}/#/compare-runs?runs={trials}"
+         f"&experiments={json.dumps([experiment_id])}&{ml}", "model_val_balanced_accuracy",
+         show_trial_differences, 1000),
     ]
     written = []
     with sync_playwright() as playwright:
@@ -112,13 +127,16 @@ def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> 
         try:
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(PAGE_TIMEOUT_MS)
-            for name, address, expected_text in pages:
+            for name, address, expected_text, prepare, height in pages:
+                page.set_viewport_size({"width": VIEWPORT["width"], "height": height})
                 page.goto(address)
                 try:
                     page.get_by_text(expected_text).first.wait_for()
                 except PlaywrightTimeout:
                     save_png(page, output_dir / f"failed-{name}")  # what it showed instead
                     raise
+                if prepare is not None:
+                    prepare(page)
                 page.wait_for_timeout(3000)  # charts draw after their data arrives
                 written.append(save_png(page, output_dir / name))
         finally:
