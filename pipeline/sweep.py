@@ -167,11 +167,5 @@ def load_sweep(path: str | Path, base: PipelineConfig,
         raise ValueError(f"sweep file {str(path)!r}: {exc}") from exc
 
 
-def trial_configs(sweep: Sweep, base: PipelineConfig) -> list[PipelineConfig]:
-    """Each trial as a whole config (``base`` with the trial's values)."""
-    return [dataclasses.replace(base, **trial) for trial in sweep.trials]
-
-
-__all__ = ["MAX_TRIALS", "SWEEPABLE", "Sweep", "build_sweep", "expand_env", "load_sweep",
-           "trial_configs"]
+__all__ = ["MAX_TRIALS", "SWEEPABLE", "Sweep", "build_sweep", "expand_env", "load_sweep"]
 
