@@ -30,8 +30,14 @@ class StepParams:
         missing = [name for name in cls.field_names() if name not in values]
         if missing:
             raise KeyError(f"{cls.__name__} needs {', '.join(missing)}")
+        return cls(**cls.typed({name: values[name] for name in cls.field_names()}))
+
+    @classmethod
+    def typed(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` with this class's int fields whole again (:func:`_as_type`); other keys
+        pass through unchanged."""
         types = typing.get_type_hints(cls)
-        return cls(**{name: _as_type(values[name], types[name]) for name in cls.field_names()})
+        return {k: _as_type(v, types[k]) if k in types else v for k, v in values.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

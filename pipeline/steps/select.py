@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import shutil
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,13 +78,6 @@ def trial_labels(params: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[st
     return rows
 
 
-def _typed(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Train params with their own types back: KFP metadata turns ``320`` into ``320.0``."""
-    types = typing.get_type_hints(TrainParams)
-    return {k: int(v) if types.get(k) is int and isinstance(v, float) and v.is_integer() else v
-            for k, v in params.items()}
-
-
 def _short(value: Any) -> Any:
     """A path or URL by its file name (a weights file's name says which it is)."""
     if isinstance(value, str) and "/" in value:
@@ -102,7 +94,8 @@ def rank_trials(metadatas: Sequence[Mapping[str, Any]], metric: str) -> list[Tri
     if not metadatas:
         raise ValueError("the sweep produced no trained trials to choose from")
     key = f"{VAL_SCORE_PREFIX}{metric}"
-    labels = trial_labels([_typed(m.get(META_TRAIN_PARAMS) or {}) for m in metadatas])
+    # KFP metadata hands whole numbers back as floats (320.0)
+    labels = trial_labels([TrainParams.typed(m.get(META_TRAIN_PARAMS) or {}) for m in metadatas])
     trials = []
     for index, (meta, (label, overrides)) in enumerate(zip(metadatas, labels, strict=True)):
         value = meta.get(key)
