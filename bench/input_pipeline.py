@@ -9,7 +9,7 @@ rotation, shift, zoom, contrast) at image_size 256, steady state (decoded images
 first, cold epoch is reported separately). Also shown: a naive tf.data pipeline mapping the
 stock Keras layers (RandomFlip/Rotation/Translation/Zoom/Contrast) over batches.
 
-Run: ``python bench/input_pipeline.py [--rounds 5] [--batches 4]``; prints one JSON line last.
+Run: ``python -m bench.input_pipeline [--rounds 5] [--batches 4]``; prints one JSON line last.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 import zipfile
@@ -28,7 +27,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -6,8 +6,8 @@ is the CLI with kfp.local (a process per step, executor JSON, artifact folders),
 so both do all the work. Each gets a fresh MLflow sqlite store. Target: ratio <= 1.15.
 Prints one JSON line last.
 
-    python bench/local_overhead.py                      # default config, shared data
-    python bench/local_overhead.py --set epochs=5 --set image_size=128
+    python -m bench.local_overhead                      # default config, shared data
+    python -m bench.local_overhead --set epochs=5 --set image_size=128
 """
 
 from __future__ import annotations
@@ -28,20 +28,18 @@ from typing import Any
 
 from kfp import dsl
 
+from components.download_dataset import download_dataset
+from components.evaluate_model import evaluate_model
+from components.preprocess_dataset import preprocess_dataset
+from components.register_model import register_model
+from components.train_model import train_model
+from pipeline.cli import resolve_config
+from pipeline.config import PipelineConfig
+from pipeline.dag import PIPELINE_NAME
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 TARGET_RATIO = 1.15
-
-sys.path.insert(0, str(PROJECT_ROOT))
-
-from components.download_dataset import download_dataset  # noqa: E402
-from components.evaluate_model import evaluate_model  # noqa: E402
-from components.preprocess_dataset import preprocess_dataset  # noqa: E402
-from components.register_model import register_model  # noqa: E402
-from components.train_model import train_model  # noqa: E402
-from pipeline.cli import resolve_config  # noqa: E402
-from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.dag import PIPELINE_NAME  # noqa: E402
 
 
 def run_in_process(config: PipelineConfig, workdir: Path, tracking_uri: str) -> bool:

@@ -8,7 +8,7 @@ head on cached features of the images and augmented views) plus one fine-tune ep
 the feature extraction and the tf.data training/validation pipeline are exercised.
 Target: the peak RSS of the larger set at most 1.3x the smaller one's, per step.
 
-Run: ``python bench/scale.py [--sizes 1000 8000] [--views 1] [--fine-tune-epochs 1]``;
+Run: ``python -m bench.scale [--sizes 1000 8000] [--views 1] [--fine-tune-epochs 1]``;
 prints one JSON line last.
 """
 
@@ -52,7 +52,6 @@ def generate(folder: Path, count: int, seed: int = 0) -> Path:
 
 def worker(step: str, args: list[str]) -> None:
     """One step in this (child) process; prints its wall time as JSON."""
-    sys.path.insert(0, str(ROOT))
     from pipeline.config import PipelineConfig
     from pipeline.lib.params import PreprocessParams, TrainParams
 
@@ -71,8 +70,8 @@ def worker(step: str, args: list[str]) -> None:
 
 def run_step(step: str, *args: str) -> dict[str, float]:
     """Run ``step`` in a child process; its wall seconds and peak RSS (MiB)."""
-    process = subprocess.Popen([sys.executable, __file__, "--worker", step, *args],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "bench.scale", "--worker", step, *args],
+                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     out = process.stdout.read() if process.stdout else ""
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)

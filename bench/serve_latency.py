@@ -14,7 +14,7 @@ Target: REST p50 of one image within 2x of in-process and <= 100 ms (2 cores).
 Prints one JSON line last.
 
     python pipeline.py --local          # registers models:/iris-image-classifier@champion
-    python bench/serve_latency.py --tracking-uri "sqlite:///$PWD/mlflow.db"
+    python -m bench.serve_latency --tracking-uri "sqlite:///$PWD/mlflow.db"
 """
 
 from __future__ import annotations
@@ -32,14 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import requests
+
+from tests.support.mlflow_server import serve_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
-from mlflow_server import serve_model  # noqa: E402
-
 SHARED = ROOT.parent / "shared" / "data" / "iris-image.zip"
 TARGET_RATIO = 2.0
 TARGET_P50_MS = 100.0

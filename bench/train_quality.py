@@ -28,7 +28,7 @@ labels them) the mean test / validation score, interval width and train seconds;
 test score of the picks ("sweep pick"), how often each trial was picked, and the first
 trial's (the default's) mean beside it. The test split never takes part in a pick.
 
-Run: ``python bench/train_quality.py [--seeds 5] [--skip-seed-cnn] [--set KEY=VALUE ...]
+Run: ``python -m bench.train_quality [--seeds 5] [--skip-seed-cnn] [--set KEY=VALUE ...]
 [--tta-views 8 | --sweep sweeps/default.yaml]``; one JSON line last.
 """
 
@@ -39,7 +39,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +46,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 

@@ -3,7 +3,7 @@
 Usage (needs ``pip install -e ".[dev,docs]"`` and Debian's ``chromium`` package; Playwright's
 own browser download is not used)::
 
-    python docs/screenshots.py --output-dir docs/
+    python -m docs.screenshots --output-dir docs/
 
 Runs ``pipeline.py --local`` twice (two pooling settings, small images, epoch-by-epoch head so
 the charts have curves) and once with a four-trial ``--sweep``, against a fresh ``mlflow
@@ -28,11 +28,10 @@ from typing import Any
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' server and CLI helpers, reused as is
+from tests.support.cli_helpers import clean_env, run_local_cli, succeeded
+from tests.support.mlflow_server import run_mlflow_server
 
-from cli_helpers import clean_env, run_local_cli, succeeded  # noqa: E402
-from mlflow_server import run_mlflow_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("screenshots")
 

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from diskfull import full_disk  # noqa: F401 (fixture)
-from mlflow_server import (  # noqa: F401 (fixtures)
+
+from tests.support.diskfull import full_disk  # noqa: F401 (fixture)
+from tests.support.mlflow_server import (  # noqa: F401 (fixtures)
     clean_mlflow_state,
     closed_port_uri,
     isolated_mlflow_globals,
@@ -48,9 +49,8 @@ def iris_data(tmp_path_factory: pytest.TempPathFactory, iris_zip: Path) -> Path:
 def reference_model(tmp_path_factory: pytest.TempPathFactory, iris_data: Path,
                     mobilenet_weights: Path) -> tuple[Path, dict]:
     """One real short training on the prepared iris set, shared by the test modules."""
-    from train_helpers import REFERENCE_OVERRIDES, small_train
-
     from pipeline.steps.train import train_model
+    from tests.support.train_helpers import REFERENCE_OVERRIDES, small_train
 
     model_dir = tmp_path_factory.mktemp("reference") / "model"
     return model_dir, train_model(iris_data, model_dir, small_train(**REFERENCE_OVERRIDES))

@@ -15,7 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from mlflow_server import MlflowServer
+
+from tests.support.mlflow_server import MlflowServer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

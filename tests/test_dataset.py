@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from imagegen import image_bytes, tar_entries, write_class_folders, zip_folder
 from PIL import Image
 
 from pipeline.config import PipelineConfig
@@ -20,6 +19,7 @@ from pipeline.lib import records
 from pipeline.lib.contract import DATA_REPORT_JSON, DATA_REPORT_MD
 from pipeline.lib.params import PreprocessParams
 from pipeline.steps.preprocess import load_report, prepare_dataset, split_sizes
+from tests.support.imagegen import image_bytes, tar_entries, write_class_folders, zip_folder
 
 SMALL = PipelineConfig(min_image_side=16, min_images_per_class=3).params_for(PreprocessParams)
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, set_flags
 from mlflow.tracking import MlflowClient
 
 from pipeline.lib.tracking import (
@@ -23,6 +22,7 @@ from pipeline.lib.tracking import (
     step_run,
 )
 from pipeline.runners.processes import descendants
+from tests.support.cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, set_flags
 
 # A step that logs under step_run and then works (sleeps) until it is stopped.
 STEP = textwrap.dedent("""

@@ -17,7 +17,6 @@ import pytest
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer, images
 
 from pipeline.cli import main
 from pipeline.lib import stats
@@ -34,6 +33,7 @@ from pipeline.steps.register import (
     register_model,
     restore_champion,
 )
+from tests.support.mlflow_server import MlflowServer, images
 
 pytestmark = pytest.mark.usefixtures("clean_mlflow_state")
 server = pytest.mark.mlflow_server

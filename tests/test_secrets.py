@@ -18,10 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from auth_servers import auth_proxy, file_server
-from cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, run_local_cli, set_flags, succeeded
 from kfp import dsl
-from mlflow_server import MlflowServer
 
 from components.download_dataset import download_dataset
 from components.register_model import register_model
@@ -38,6 +35,16 @@ from pipeline.lib.credentials import (
 from pipeline.lib.tracking import TrackingUriMissingError, resolve_tracking_uri
 from pipeline.runners import compile_pipeline
 from pipeline.steps.download import DownloadError, fetch_dataset
+from tests.support.auth_servers import auth_proxy, file_server
+from tests.support.cli_helpers import (
+    PROJECT_ROOT,
+    V1_BACKBONE,
+    clean_env,
+    run_local_cli,
+    set_flags,
+    succeeded,
+)
+from tests.support.mlflow_server import MlflowServer
 
 DATA_ENV = ("IRIS_DATA_USERNAME", "IRIS_DATA_PASSWORD")
 PAYLOAD = b"zip bytes " * 100
