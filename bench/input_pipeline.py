@@ -26,15 +26,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROOT = Path(__file__).resolve().parent.parent
+import keras
+import tensorflow as tf
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from pipeline.config import PipelineConfig
+from pipeline.lib import inputs, records
+from tests.support.paths import IRIS_ZIP
 
-from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.lib import inputs, records  # noqa: E402
-
-DEFAULT_ZIP = ROOT.parent / "shared" / "data" / "iris-image.zip"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 
 
@@ -98,7 +96,7 @@ def time_batches(iterator, count: int) -> tuple[int, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
+    parser.add_argument("--zip", type=Path, default=IRIS_ZIP)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=4, help="generator batches per round")
     parser.add_argument("--ours-batches", type=int, default=40, help="our batches per round")

@@ -36,9 +36,8 @@ from components.train_model import train_model
 from pipeline.cli import resolve_config
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME
+from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS, PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED = PROJECT_ROOT.parent / "shared" / "data"
 TARGET_RATIO = 1.15
 
 
@@ -86,14 +85,14 @@ def run_cli(argv: list[str], workdir: Path, tracking_uri: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SHARED / "iris-image.zip"))
+    parser.add_argument("--data", default=str(IRIS_ZIP))
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         metavar="KEY=VALUE")
     parser.add_argument("--repeat", type=int, default=1,
                         help="pairs of runs; the order alternates, the median ratio counts")
     args = parser.parse_args()
     # the default backbone's ImageNet weights (MobileNetV2-0.5), offline
-    weights = SHARED / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+    weights = MOBILENET_V2_WEIGHTS
     overrides = [f"weights={weights}", *args.overrides]
     config = resolve_config(None, args.data, overrides, environ={})
     cli_args = ["--data", args.data, *(x for item in overrides for x in ("--set", item))]

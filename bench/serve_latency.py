@@ -36,9 +36,8 @@ import numpy as np
 import requests
 
 from tests.support.mlflow_server import serve_model
+from tests.support.paths import IRIS_ZIP
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data" / "iris-image.zip"
 TARGET_RATIO = 2.0
 TARGET_P50_MS = 100.0
 BATCH = 16
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the model is registered (default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--model-uri", default="models:/iris-image-classifier@champion")
     parser.add_argument("--contract", choices=("base64", "uint8"), default="base64")
-    parser.add_argument("--archive", type=Path, default=SHARED, help="JPEGs to send")
+    parser.add_argument("--archive", type=Path, default=IRIS_ZIP, help="JPEGs to send")
     parser.add_argument("--repeats", type=int, default=100, help="single-image requests")
     parser.add_argument("--batches", type=int, default=10, help="requests of 16 images")
     args = parser.parse_args(argv)

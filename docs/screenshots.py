@@ -30,8 +30,7 @@ from PIL import Image
 
 from tests.support.cli_helpers import clean_env, run_local_cli, succeeded
 from tests.support.mlflow_server import run_mlflow_server
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import PROJECT_ROOT
 
 logger = logging.getLogger("screenshots")
 
@@ -57,7 +56,7 @@ PAGE_TIMEOUT_MS = 60_000
 def run_pipelines(workdir: Path, tracking_uri: str) -> list[dict]:
     """Both local runs, then the sweep, against ``tracking_uri``; their ``--summary`` JSONs."""
     env = clean_env(**{k: v for k, v in os.environ.items() if k.startswith("IRIS_")},
-                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                    PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                              os.environ.get("PYTHONPATH")])))
     sweep = workdir / "sweep.yaml"
     sweep.write_text(SWEEP)
@@ -146,7 +145,7 @@ def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the pipelines against a fresh server, save the screenshots."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, default=ROOT / "docs",
+    parser.add_argument("--output-dir", type=Path, default=PROJECT_ROOT / "docs",
                         help="where the PNGs go (default: docs/)")
     parser.add_argument("--workdir", type=Path,
                         help="keep the server's store and the runs' outputs here "

@@ -14,13 +14,7 @@ from tests.support.mlflow_server import (  # noqa: F401 (fixtures)
     isolated_mlflow_globals,
     mlflow_server,
 )
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-IRIS_ZIP = SHARED_DATA / "iris-image.zip"
-MOBILENET_WEIGHTS = SHARED_DATA / "mobilenet_2_5_224_tf_no_top.h5"
-MOBILENET_V2_WEIGHTS = (SHARED_DATA
-                        / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5")
+from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS, MOBILENET_WEIGHTS
 
 # TensorFlow is chatty and slow to pick threads; keep test logs readable.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

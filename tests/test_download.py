@@ -21,8 +21,8 @@ import fsspec
 import pytest
 
 from pipeline.steps.download import DownloadError, fetch_dataset
+from tests.support.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = b"PK-not-really-a-zip-but-bytes-are-bytes" * 1000
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 FAST = {"retries": 4, "backoff_s": 0.01, "timeout_s": 5.0}
