@@ -25,7 +25,13 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.lib.contract import META_PARAMS, META_PATH, META_SHA256, META_SOURCE
+from pipeline.lib.contract import (
+    META_PARAMS,
+    META_PATH,
+    META_SHA256,
+    META_SKIPPED,
+    META_SOURCE,
+)
 from pipeline.lib.credentials import (
     DATA_PASSWORD_ENV,
     DATA_USERNAME_ENV,
@@ -55,6 +61,9 @@ STALL_WINDOW_S = 30.0
 CACHE_ENV = "IRIS_CACHE_DIR"
 
 _CHUNK = 1 << 20
+#: Reasons a data folder's entry is not copied (the data report groups skipped files by them).
+SKIP_LINK = "symbolic link"
+SKIP_SPECIAL = "not a regular file"
 
 
 #: Appended to every failed remote fetch: the README's first command on a machine without
@@ -253,12 +262,20 @@ def _copy_verified(src: Path, dest: Path, expected: str | None, what: str) -> st
     return digest.hexdigest()
 
 
-def _copy_tree(src: Path, dest: Path) -> Path:
+def _copy_tree(src: Path, dest: Path, skipped: list[dict[str, str]] | None = None) -> Path:
     """Copy a folder of class folders into ``dest`` atomically; links are skipped, not followed.
 
     Following links could pull in files from anywhere on the machine, so only regular files
-    and real folders are copied.
+    and real folders are copied. What was left out (links, dangling links, FIFOs, sockets,
+    devices) is appended to ``skipped`` as ``{"path", "reason", "detail"}``, paths relative
+    to ``src``, for the data report.
     """
+    def skip(path: Path, reason: str, detail: str) -> None:
+        logger.warning("skipping %s: %s", path, detail)
+        if skipped is not None:
+            skipped.append({"path": path.relative_to(src).as_posix(), "reason": reason,
+                            "detail": detail})
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -268,14 +285,18 @@ def _copy_tree(src: Path, dest: Path) -> Path:
             rel = here.relative_to(src)
             for name in list(dirnames):
                 if (here / name).is_symlink():
-                    logger.warning("not following linked folder %s", here / name)
+                    skip(here / name, SKIP_LINK, "linked folder, not followed")
                     dirnames.remove(name)
                 else:
                     (staging / rel / name).mkdir()
             for name in filenames:
                 path = here / name
-                if path.is_symlink() or not path.is_file():
-                    logger.warning("skipping %s: not a regular file", path)
+                if path.is_symlink():
+                    skip(path, SKIP_LINK, "link, not followed" if path.exists()
+                         else "dangling link")
+                    continue
+                if not path.is_file():
+                    skip(path, SKIP_SPECIAL, "a FIFO, socket or device, not a regular file")
                     continue
                 shutil.copy2(path, staging / rel / name)
                 count += 1
@@ -471,7 +492,8 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
                   timeout_s: float = 60.0,
                   deadline_s: float = DEFAULT_DEADLINE_S,
                   min_bytes_per_s: float = DEFAULT_MIN_BYTES_PER_S,
-                  stall_window_s: float = STALL_WINDOW_S) -> Path:
+                  stall_window_s: float = STALL_WINDOW_S,
+                  skipped: list[dict[str, str]] | None = None) -> Path:
     """Bring the raw data set into ``dest_dir`` and return its path there.
 
     ``source`` is an http(s) URL (retried with exponential backoff on connection errors,
@@ -485,7 +507,7 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
     archive (told by its first bytes: an HTML error page, an image) is refused
     (:class:`NotAnArchiveError`) before anything is kept. Every write goes to a temporary file
     first and is renamed into place; the temporary file is removed on any failure, SIGTERM
-    included.
+    included. Entries of a folder source that are not copied are appended to ``skipped``.
     """
     if not isinstance(source, str) or not source.strip():
         raise ValueError("data source must be a non-empty URL or path")
@@ -501,7 +523,7 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
 
     with _sigterm_raises():
         if scheme in ("", "file"):
-            return _fetch_local(source, scheme, dest_dir, expected)
+            return _fetch_local(source, scheme, dest_dir, expected, skipped)
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         transfer = _Transfer(redact_uri(source), deadline_s, min_bytes_per_s, stall_window_s)
         try:
@@ -512,7 +534,8 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
             raise DownloadError(f"{exc}; {LOCAL_COPY_HINT}") from exc
 
 
-def _fetch_local(source: str, scheme: str, dest_dir: Path, expected: str | None) -> Path:
+def _fetch_local(source: str, scheme: str, dest_dir: Path, expected: str | None,
+                 skipped: list[dict[str, str]] | None = None) -> Path:
     """Copy a local archive or folder (``file://`` URL or path) into ``dest_dir``."""
     local = Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path)
                  if scheme == "file" else source).expanduser()
@@ -522,7 +545,7 @@ def _fetch_local(source: str, scheme: str, dest_dir: Path, expected: str | None)
                 f"data source {source!r} is a folder, which has no sha256 to check; "
                 "pass sha256='none' (IRIS_DATA_SHA256=none) for folder sources"
             )
-        return _copy_tree(local, dest_dir / local.name)
+        return _copy_tree(local, dest_dir / local.name, skipped)
     if not local.is_file():
         raise FileNotFoundError(f"data source not found: {source!r} (no such file or folder)")
     with open(local, "rb") as handle:
@@ -541,15 +564,18 @@ def run_step(params: DownloadParams, out_dir: str | Path) -> dict[str, str]:
 
     Returns the artifact metadata: the source and digest (for later steps' lineage, even
     when they are served from the cache), the step's params (the source without any
-    credentials) and the fetched entry's path inside ``out_dir``.
+    credentials), the fetched entry's path inside ``out_dir`` and what a folder source's
+    copy left out (links, FIFOs), which the data report lists.
     """
+    skipped: list[dict[str, str]] = []
     fetched = fetch_dataset(params.data_source, out_dir, params.data_sha256 or None,
                             deadline_s=params.download_deadline_s,
-                            min_bytes_per_s=params.download_min_bytes_per_s)
+                            min_bytes_per_s=params.download_min_bytes_per_s, skipped=skipped)
     # reports and MLflow records never hold a password
     recorded = {**params.to_dict(), "data_source": redact_uri(params.data_source)}
     return {META_SOURCE: recorded["data_source"], META_SHA256: params.data_sha256,
-            META_PATH: Path(fetched).relative_to(out_dir).as_posix(), META_PARAMS: recorded}
+            META_PATH: Path(fetched).relative_to(out_dir).as_posix(), META_PARAMS: recorded,
+            META_SKIPPED: skipped}
 
 
 __all__ = [
