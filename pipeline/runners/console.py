@@ -54,8 +54,12 @@ def step_result(task: str, executor_output: dict[str, Any]) -> str:
         sizes = meta.get("split_sizes", {})
         used = sum(int(n) for n in sizes.values())
         split = "/".join(str(int(n)) for n in sizes.values())
+        skipped = int(meta.get("files_skipped", 0))
+        named = meta.get(contract.META_SKIPPED_FILES) or []
+        more = " ..." if skipped > len(named) else ""
         return (f"{used} images used, train/val/test {split}, "
-                f"{int(meta.get('duplicates_dropped', 0))} duplicates dropped")
+                f"{int(meta.get('duplicates_dropped', 0))} duplicates dropped"
+                + (f", {skipped} skipped: {', '.join(named)}{more}" if skipped else ""))
     if task == "train-model":
         meta = _artifact_metadata(executor_output, "trained_model")
         scored = f"{contract.VAL_SCORE_PREFIX}balanced_accuracy"
