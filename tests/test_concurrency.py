@@ -74,26 +74,26 @@ REGISTER = textwrap.dedent("""
     import contextlib, json, os, sys, time
     from pathlib import Path
     from mlflow.tracking import MlflowClient
-    from pipeline.steps import register
+    from pipeline.lib import promotion, registry
     uri, go, value, delay = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
     name, experiment, mode = (sys.argv[5:] + ["iris", "race", ""][len(sys.argv) - 5:])[:3]
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.get_experiment_by_name(experiment).experiment_id).info.run_id
-    read_champion = register.champion_metric
+    read_champion = registry.champion_metric
 
     def slow_champion_metric(*args, **kwargs):
         found = read_champion(*args, **kwargs)
         time.sleep(delay)
         return found
 
-    register.champion_metric = slow_champion_metric
+    registry.champion_metric = slow_champion_metric
     if mode.startswith("nolease"):
-        register._server_lease = lambda client, name: contextlib.nullcontext(False)
+        promotion._server_lease = lambda client, name: contextlib.nullcontext(False)
     if ":" in mode:
         write_delay, set_alias = float(mode.split(":")[1]), client.set_registered_model_alias
 
         def held_set_alias(model, alias, version):
-            if alias == register.CHAMPION and not Path(f"{go}.{os.getpid()}.armed").exists():
+            if alias == registry.CHAMPION and not Path(f"{go}.{os.getpid()}.armed").exists():
                 Path(f"{go}.{os.getpid()}.armed").touch()
                 while len(list(go.parent.glob(f"{go.name}.*.armed"))) < 2:
                     time.sleep(0.01)
@@ -104,7 +104,7 @@ REGISTER = textwrap.dedent("""
     Path(f"{go}.{os.getpid()}.ready").touch()
     while not go.exists():
         time.sleep(0.01)
-    decision = register.register_model(f"runs:/{run_id}/model", name=name,
+    decision = registry.register_model(f"runs:/{run_id}/model", name=name,
                                        metric_name="accuracy", metric_value=value, client=client)
     print(json.dumps(decision))
 """)
@@ -114,7 +114,7 @@ REGISTER = textwrap.dedent("""
 def test_concurrent_register_steps_leave_the_better_model_champion(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.steps.register import CHAMPION, champion_metric
+    from pipeline.lib.registry import CHAMPION, champion_metric
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -170,7 +170,7 @@ def test_concurrent_register_steps_on_a_server_leave_the_better_model_champion(
         delays: tuple[str, str]) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.steps.register import CHALLENGER, CHAMPION, alias_history, champion_metric
+    from pipeline.lib.registry import CHALLENGER, CHAMPION, alias_history, champion_metric
 
     client = MlflowClient(tracking_uri=mlflow_server.url)
     suffix = uuid.uuid4().hex[:8]
@@ -213,10 +213,10 @@ def test_the_server_promotion_lease_admits_one_holder_at_a_time(
     """Three contenders at once: each gets the lease, never two together, none left behind."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.steps import register
+    from pipeline.lib import promotion
 
-    monkeypatch.setattr(register, "PROMOTION_SETTLE_S", 0.2)
-    monkeypatch.setattr(register, "LEASE_POLL_S", 0.1)
+    monkeypatch.setattr(promotion, "PROMOTION_SETTLE_S", 0.2)
+    monkeypatch.setattr(promotion, "LEASE_POLL_S", 0.1)
     name = f"lease-{uuid.uuid4().hex[:8]}"
     start, lock = threading.Barrier(3), threading.Lock()
     inside: list[int] = []
@@ -225,7 +225,7 @@ def test_the_server_promotion_lease_admits_one_holder_at_a_time(
     def contend(index: int) -> None:
         client = MlflowClient(tracking_uri=mlflow_server.url)
         start.wait()
-        with register.promotion_lock(client, name):
+        with promotion.promotion_lock(client, name):
             with lock:
                 inside.append(index)
                 entered = time.monotonic()
@@ -241,4 +241,4 @@ def test_the_server_promotion_lease_admits_one_holder_at_a_time(
     assert len(spans) == 3
     assert all(end <= later for (_, end), (later, _) in itertools.pairwise(spans)), spans
     tags = MlflowClient(tracking_uri=mlflow_server.url).get_registered_model(name).tags
-    assert register.LEASE_TAG not in tags, "the last holder releases the lease"
+    assert promotion.LEASE_TAG not in tags, "the last holder releases the lease"
