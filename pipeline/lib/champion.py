@@ -41,8 +41,9 @@ PREDICTIONS_TAG = "predictions_uri"
 CLASSES_TAG = "classes"
 #: Version tags of the comparison with the champion that decided the alias.
 COMPARISON_TAG_PREFIX = "compare."
-#: Test images per forward pass when the champion is scored on this run's test split.
-RESCORE_BATCH = 32
+#: Test images per forward pass when the champion is scored on this run's test split: few,
+#: so a model with test-time views fits the register step's memory.
+RESCORE_BATCH = 8
 
 
 class ClassMismatchError(ValueError):
