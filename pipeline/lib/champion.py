@@ -193,8 +193,9 @@ def compare_with_champion(
     now. Promote only when the lower end of the 95% interval of the difference exceeds
     ``margin``. Otherwise (the champion cannot be loaded) promote when the point estimates
     differ by more than ``margin``, and the reason says why the comparison was not paired.
+    ``tags`` are the champion version's; ``stored`` and ``why_not_stored`` come from
+    :func:`_stored_predictions`.
     """
-    tags = client.get_model_version(name, champion_version).tags or {}
     why_unpaired = _unpaired_reason(champion_version, tags, metric_name, evidence,
                                     why_not_stored)
     difference, basis = None, f"same data and split as champion v{champion_version}"
