@@ -442,7 +442,7 @@ def _configure_logging(verbose: bool) -> None:
 def _restore_champion(args: argparse.Namespace, config: PipelineConfig) -> int:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.lib.tracking import resolve_tracking_uri
+    from pipeline.lib.tracking_store import resolve_tracking_uri
     from pipeline.steps.register import restore_champion
 
     uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())

@@ -16,18 +16,15 @@ import pytest
 from cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, set_flags
 from mlflow.tracking import MlflowClient
 
-from pipeline.lib.tracking import (
-    TAG_FAILED_REASON,
-    check_tracking_server,
-    parent_run_id,
-    step_run,
-)
+from pipeline.lib.tracking_log import parent_run_id
+from pipeline.lib.tracking_runs import TAG_FAILED_REASON, step_run
+from pipeline.lib.tracking_store import check_tracking_server
 from pipeline.runners.processes import descendants
 
 # A step that logs under step_run and then works (sleeps) until it is stopped.
 STEP = textwrap.dedent("""
     import sys, time
-    from pipeline.lib.tracking import step_run
+    from pipeline.lib.tracking_runs import step_run
     with step_run("train", tracking_uri=sys.argv[1], experiment_name="signals",
                   pipeline_run_id="kfp-signals", pipeline_name="iris-test"):
         time.sleep(600)

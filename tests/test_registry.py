@@ -23,7 +23,7 @@ from pipeline.cli import main
 from pipeline.lib import stats
 from pipeline.lib.contract import PREDICTIONS_FILE
 from pipeline.lib.model_logging import log_model
-from pipeline.lib.tracking import step_run
+from pipeline.lib.tracking_runs import step_run
 from pipeline.steps import register as register_step
 from pipeline.steps.register import (
     CHALLENGER,

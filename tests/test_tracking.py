@@ -26,17 +26,15 @@ from mlflow_server import MlflowServer, images
 from pipeline import __version__
 from pipeline.config import PipelineConfig
 from pipeline.lib import images as image_lib
-from pipeline.lib import tracking
+from pipeline.lib import tracking_log, tracking_runs, tracking_store
 from pipeline.lib.model_logging import MlflowEpochLogger, log_model
 from pipeline.lib.params import TrainParams
-from pipeline.lib.tracking import (
+from pipeline.lib.tracking_log import log_artifacts, log_dataset_input, log_metrics
+from pipeline.lib.tracking_runs import step_run
+from pipeline.lib.tracking_store import (
     TrackingServerError,
     check_tracking_server,
-    log_artifacts,
-    log_dataset_input,
-    log_metrics,
     resolve_tracking_uri,
-    step_run,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -260,7 +258,7 @@ def test_parent_and_nested_step_runs_with_params_and_tags(mlflow_server: MlflowS
 ])
 def test_parent_run_name_says_what_differs(params: dict, expected: str) -> None:
     started = datetime.datetime(2026, 11, 27, 9, 5)
-    assert tracking.parent_run_name(params, "iris-test", started) == expected
+    assert tracking_runs.parent_run_name(params, "iris-test", started) == expected
 
 
 @pytest.mark.mlflow_server
@@ -280,7 +278,7 @@ def test_experiment_opens_on_training_runs_and_has_a_description(
     for name in (created, older):
         tags = client.get_experiment_by_name(name).tags
         assert tags["mlflow.experimentKind"] == "custom_model_development"
-        assert tags["mlflow.note.content"] == tracking.EXPERIMENT_DESCRIPTION
+        assert tags["mlflow.note.content"] == tracking_store.EXPERIMENT_DESCRIPTION
     assert client.get_experiment(older_id).tags["mlflow.experimentKind"] == (
         "custom_model_development")
     tags = client.get_experiment(edited_id).tags
@@ -492,7 +490,7 @@ def test_metrics_link_to_the_logged_model_and_its_dataset(mlflow_server: MlflowS
         info = log_model(model_dir, image_size=16, example_image=example_jpeg(), name="tiny")
     with step_run("evaluate", **run_kwargs(mlflow_server.url, kfp_id)) as run:
         log_metrics({"accuracy": 0.75, "balanced_accuracy": 0.5}, on_parent=True,
-                    model_id=info.model_id, dataset=(tracking.DATASET_NAME, digest))
+                    model_id=info.model_id, dataset=(tracking_log.DATASET_NAME, digest))
     model = client.get_logged_model(info.model_id)
     linked = {m.key: m for m in model.metrics}
     assert {k: m.value for k, m in linked.items()} == {"accuracy": 0.75, "balanced_accuracy": 0.5}
@@ -563,5 +561,5 @@ def test_unresolved_pipeline_run_id_is_rejected(tmp_path: Path) -> None:
 def test_numeric_metrics_keeps_finite_numbers_and_flattens() -> None:
     values = {"a": "text", "b": 2, "ok": True, "nan": float("nan"), "n": {"x": np.float32(0.5)},
               "f1 (iris-setosa)": 1, "matrix": [[1, 2]]}
-    assert tracking.numeric_metrics(values) == {"b": 2.0, "ok": 1.0, "n.x": 0.5,
+    assert tracking_log.numeric_metrics(values) == {"b": 2.0, "ok": 1.0, "n.x": 0.5,
                                                 "f1 _iris-setosa_": 1.0}

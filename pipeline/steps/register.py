@@ -51,7 +51,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.lib import stats, tracking
+from pipeline.lib import stats, tracking_runs, tracking_store
 from pipeline.lib.contract import (
     META_DATA_SHA256,
     META_MODEL_URI,
@@ -233,9 +233,9 @@ def promotion_lock(client: MlflowClient, name: str) -> Iterator[bool]:
     also compare-and-sets the champion alias there, in case the lease failed. Yields True
     when taking the lease created the registered model (a failed first registration removes it).
     """
-    if tracking.is_local_store(client.tracking_uri):
+    if tracking_store.is_local_store(client.tracking_uri):
         key = hashlib.sha256(name.encode()).hexdigest()[:16]  # any model name, a safe file name
-        with tracking.local_store_lock(client.tracking_uri, f"promote-{key}"):
+        with tracking_store.local_store_lock(client.tracking_uri, f"promote-{key}"):
             yield False
     else:
         with _server_lease(client, name) as created:
@@ -392,7 +392,7 @@ def register_model(
             if str(client.get_model_version(name, version).status) not in ("READY", "1"):
                 raise RuntimeError(f"model version {name} v{version} did not become READY")
             final = _move_alias(client, name, version, metric_name, decided, decide, moves,
-                                check=not tracking.is_local_store(client.tracking_uri))
+                                check=not tracking_store.is_local_store(client.tracking_uri))
             if final != decided:  # decided again against a champion that moved meanwhile
                 _retag_comparison(client, name, version, decided, final)
             decision.update(registered=True, decision=final.alias, reason=final.reason,
@@ -714,7 +714,7 @@ def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: 
     """Tag the logged model with its registered version, as ``mlflow.register_model`` does."""
     import json
 
-    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+    from pipeline.lib.mlflow_compat import MLFLOW_MODEL_VERSIONS
 
     try:
         model = client.get_logged_model(model_id)
@@ -736,7 +736,7 @@ def run_step(model_metadata: Mapping[str, Any], metrics_metadata: Mapping[str, A
     evaluation's Metrics metadata; the predictions themselves from its folder. Returns the
     decision and the run id.
     """
-    with tracking.tracked_step("register", tracking_params, params.to_dict()) as run:
+    with tracking_runs.tracked_step("register", tracking_params, params.to_dict()) as run:
         evidence = Evidence(
             predictions=Path(evaluation_dir) / PREDICTIONS_FILE,
             predictions_uri=str(metrics_metadata[META_PREDICTIONS_URI]),
