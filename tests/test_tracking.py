@@ -13,15 +13,17 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 import keras
 import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer, images
+from mlflow_server import MlflowServer, PortForward, images
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
@@ -199,6 +201,110 @@ def test_password_in_uri_is_not_shown(closed_port_uri: str) -> None:
 @pytest.mark.mlflow_server
 def test_reachable_server_passes_check(mlflow_server: MlflowServer) -> None:
     check_tracking_server(mlflow_server.url)
+
+
+@pytest.fixture
+def forwarded_server(mlflow_server: MlflowServer) -> Iterator[PortForward]:
+    """The session's tracking server behind a port the test can close and reopen."""
+    forward = PortForward(mlflow_server.url)
+    forward.start()
+    try:
+        yield forward
+    finally:
+        forward.stop()
+
+
+@pytest.mark.mlflow_server
+def test_a_server_lost_mid_step_fails_it_within_the_bound_naming_the_server(
+        forwarded_server: PortForward, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's own retries would wait minutes; the step gives up within its bound."""
+    monkeypatch.setenv(tracking_store.GIVE_UP_ENV, "6")
+    with pytest.raises(tracking_store.TrackingServerLostError) as raised, step_run(
+            "train", **run_kwargs(forwarded_server.url, f"lost-{uuid.uuid4().hex[:8]}")) as run:
+        log_metrics({"loss": 1.0}, step=1)
+        forwarded_server.stop()
+        started = time.monotonic()
+        log_metrics({"loss": 0.5}, step=2)
+    elapsed = time.monotonic() - started
+    assert elapsed < 6 + 5, f"gave up after {elapsed:.1f} s"  # the bound, and ending the runs
+    message = str(raised.value)
+    assert f"MLflow tracking server {forwarded_server.url} went away during step 'train'" in (
+        message)
+    assert f"run {run.info.run_id} of step 'train'" in message
+    assert "not logged" in message and "Rerun the same command" in message
+    forwarded_server.start()  # back: what was logged before the loss is there
+    history = MlflowClient(forwarded_server.url).get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0)]
+
+
+@pytest.mark.mlflow_server
+def test_a_server_back_within_the_bound_loses_nothing(forwarded_server: PortForward,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tracking_store.GIVE_UP_ENV, "60")  # retries over 30 s
+    with step_run("train", **run_kwargs(forwarded_server.url,
+                                        f"back-{uuid.uuid4().hex[:8]}")) as run:
+        forwarded_server.stop()
+        threading.Timer(1.0, forwarded_server.start).start()
+        log_metrics({"loss": 0.5})
+    client = MlflowClient(forwarded_server.url)
+    assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_request_bounds_keep_every_call_within_the_bound() -> None:
+    """Retries and backoff fill half the bound, attempts that never answer the other half."""
+    for bound in (6.0, 60.0, 120.0, 300.0):
+        settings = tracking_store.request_bounds(bound)
+        retries = int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+        factor = int(settings["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+        jitter = float(settings["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"])
+        timeout = int(settings["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+        # urllib3 waits 0 before the first retry, then factor * 2**(n - 1)
+        waits = sum(factor * 2 ** (n - 1) + jitter for n in range(2, retries + 1)) + jitter
+        assert waits + (retries + 1) * timeout <= bound * 1.05, (bound, settings)
+        assert waits >= bound / 2 - 1 or bound < 60, (bound, settings)
+    assert tracking_store.request_bounds(120.0)["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "2"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan", "inf"])
+def test_a_bad_give_up_setting_is_named(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tracking_store.GIVE_UP_ENV, value)
+    with pytest.raises(ValueError, match=f"{tracking_store.GIVE_UP_ENV} must be a number"):
+        tracking_store.give_up_s()
+
+
+def test_the_first_use_lock_of_a_local_store_is_mlflow_db_init_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README names it; the store check takes it; a second holder has to wait."""
+    uri = resolve_tracking_uri(None, tmp_path)
+    lock = tmp_path / "mlflow.db.init.lock"
+    taken: list[Path] = []
+
+    class Recording(filelock.FileLock):
+        def __init__(self, path: Path, *args: object, **kwargs: object) -> None:
+            taken.append(Path(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(tracking_store, "FileLock", Recording)
+    (tmp_path / "mlflow.db").write_bytes(b"not a database" * 100)  # fails fast, in the lock
+    with pytest.raises(TrackingServerError):
+        check_tracking_server(uri)
+    assert taken == [lock]
+    with tracking_store.local_store_lock(uri, "init"), pytest.raises(filelock.Timeout):
+        filelock.FileLock(lock, timeout=0).acquire()
+    assert tracking_store.lock_path("http://server:5000", "init") is None
+
+
+def test_mlflow_internals_are_where_the_adapter_expects() -> None:
+    """Fails on the MLflow upgrade that moves them: then update ``mlflow_compat`` only."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.lib import mlflow_compat
+
+    assert mlflow_compat.MLFLOW_MODEL_VERSIONS == "mlflow.modelVersions"
+    error = MlflowException("bad image", error_code=mlflow_compat.INVALID_PARAMETER_VALUE)
+    assert error.get_http_status_code() == 400
+    assert error.error_code == "INVALID_PARAMETER_VALUE"
 
 
 # ---------------------------------------------------------------------------------------

@@ -48,6 +48,15 @@ class Stop:
     ending: threading.Event = field(default_factory=threading.Event)
     terminated: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
+    watched: int | None = None
+
+    def cli_gone(self) -> bool:
+        """Whether the watched CLI has ended (recorded as the reason): the step's failure
+        may be its consequence (a write to the dead CLI's pipe) before the watcher saw it."""
+        if self.watched is None or process_alive(self.watched):
+            return False
+        self.reason = self.reason or _cli_gone_reason(self.watched)
+        return True
 
 
 def process_alive(pid: int) -> bool:
@@ -80,7 +89,7 @@ def stop_as_interrupt(watch_pid: int | None = None) -> Iterator[Stop]:
     it records the reason and sends this process SIGTERM, every 5 s until ``ending``.
     Signal handlers can only be set from the main thread: elsewhere nothing changes.
     """
-    stop = Stop()
+    stop = Stop(watched=watch_pid if watch_pid is not None else cli_pid())
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -91,17 +100,42 @@ def stop_as_interrupt(watch_pid: int | None = None) -> Iterator[Stop]:
         if not stop.ending.is_set():
             raise KeyboardInterrupt(stop.reason)
 
-    watched = watch_pid if watch_pid is not None else cli_pid()
     previous = signal.signal(signal.SIGTERM, interrupt)
     done = threading.Event()
-    if watched is not None:
-        threading.Thread(target=_watch, args=(watched, stop, done), daemon=True,
-                         name=f"watch-cli-{watched}").start()
+    if stop.watched is not None:
+        threading.Thread(target=_watch, args=(stop.watched, stop, done), daemon=True,
+                         name=f"watch-cli-{stop.watched}").start()
     try:
         yield stop
     finally:
         done.set()
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """:func:`stop_as_interrupt` ending in ``SystemExit(143)``, for steps without MLflow runs.
+
+    For code whose ``finally`` blocks remove partial files (a download): a stopped step
+    then ends as a plain termination, exit code 143. A handler already installed (the
+    tracked step's) is left alone, as are threads other than the main one.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    with stop_as_interrupt() as stop:
+        try:
+            yield
+        except KeyboardInterrupt:
+            if not stop.terminated.is_set():
+                raise
+            stop.ending.set()
+            raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def _cli_gone_reason(pid: int) -> str:
+    return f"the CLI that started this step (pid {pid}) ended; step stopped"
 
 
 def _watch(pid: int, stop: Stop, done: threading.Event) -> None:
@@ -111,11 +145,13 @@ def _watch(pid: int, stop: Stop, done: threading.Event) -> None:
             break
     else:
         return
-    stop.reason = f"the CLI that started this step (pid {pid}) ended; step stopped"
+    stop.reason = stop.reason or _cli_gone_reason(pid)
     logger.warning("%s", stop.reason)
     while not stop.ending.is_set() and not done.is_set():
         os.kill(os.getpid(), signal.SIGTERM)
         done.wait(REPEAT_S)
 
 
-__all__ = ["CLI_PID_ENV", "Stop", "cli_pid", "process_alive", "stop_as_interrupt"]
+__all__ = [
+    "CLI_PID_ENV", "Stop", "cli_pid", "process_alive", "sigterm_exits", "stop_as_interrupt",
+]

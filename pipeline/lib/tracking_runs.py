@@ -296,7 +296,8 @@ def _step_run(
         yield mlflow.active_run()
     except BaseException as exc:
         stop.ending.set()
-        killed = isinstance(exc, KeyboardInterrupt) or stop.terminated.is_set()
+        killed = (isinstance(exc, KeyboardInterrupt) or stop.terminated.is_set()
+                  or stop.cli_gone())
         status = RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED)
         lost = not killed and not server_answers(tracking_uri)
         if lost:
