@@ -475,7 +475,7 @@ def _restore_champion(args: argparse.Namespace, config: PipelineConfig) -> int:
     from mlflow.tracking import MlflowClient
 
     from pipeline.lib.registry import restore_champion
-    from pipeline.lib.tracking import resolve_tracking_uri
+    from pipeline.lib.tracking_store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
     try:

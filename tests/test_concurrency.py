@@ -29,7 +29,7 @@ FIRST_USE = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from mlflow.tracking import MlflowClient
-    from pipeline.lib.tracking import check_tracking_server, get_or_create_experiment
+    from pipeline.lib.tracking_store import check_tracking_server, get_or_create_experiment
     uri, go = sys.argv[1], Path(sys.argv[2])
     Path(f"{go}.{os.getpid()}.ready").touch()
     while not go.exists():

@@ -31,7 +31,7 @@ from pipeline.lib.registry import (
     register_model,
     restore_champion,
 )
-from pipeline.lib.tracking import step_run
+from pipeline.lib.tracking_runs import step_run
 from tests.support.mlflow_server import MlflowServer, images
 
 pytestmark = pytest.mark.usefixtures("clean_mlflow_state")

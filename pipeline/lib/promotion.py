@@ -28,7 +28,7 @@ from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.lib import tracking
+from pipeline.lib import tracking_store
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +81,14 @@ def is_write_conflict(exc: MlflowException) -> bool:
 
 def is_shared_store(client: MlflowClient) -> bool:
     """True for an MLflow server: no file lock reaches it, so the lease and re-checks apply."""
-    return not tracking.is_local_store(client.tracking_uri)
+    return not tracking_store.is_local_store(client.tracking_uri)
 
 
 def promotion_lock_path(tracking_uri: str, name: str) -> Path | None:
     """``<store>.promote-<hash>.lock`` beside a local store (any model name, a safe file
     name); None for a server."""
-    store = tracking._local_store_path(tracking_uri)
-    if store is None:
-        return None
     key = hashlib.sha256(name.encode()).hexdigest()[:16]
-    return store.parent / f"{store.name}.promote-{key}.lock"
+    return tracking_store.lock_path(tracking_uri, f"promote-{key}")
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.lib import tracking
+from pipeline.lib import tracking_runs
 from pipeline.lib.contract import (
     META_DATA_SHA256,
     META_MODEL_URI,
@@ -46,7 +46,7 @@ def run_step(model_metadata: Mapping[str, Any], metrics_metadata: Mapping[str, A
     The logged model's URI comes from the training artifact's metadata, the gate's value
     from the evaluation's Metrics metadata. Returns the decision and the run id.
     """
-    with tracking.tracked_step("register", tracking_params, params.to_dict()) as run:
+    with tracking_runs.tracked_step("register", tracking_params, params.to_dict()) as run:
         decision = register_model(
             model_metadata[META_MODEL_URI],
             name=params.registered_model_name,
