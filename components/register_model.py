@@ -20,9 +20,10 @@ def register_model(
     The returned decision (version, alias, the comparison, run id) is the task's output.
     """
     from pipeline.lib.params import RegisterParams, TrackingParams
+    from pipeline.lib.progress import report_step
     from pipeline.steps import register
 
     values = locals()
-    return register.run_step(trained_model.metadata, metrics.metadata, evaluation.path,
-                             RegisterParams.from_mapping(values),
-                             TrackingParams.from_mapping(values))
+    return report_step(register.run_step, trained_model.metadata, metrics.metadata,
+                       evaluation.path, RegisterParams.from_mapping(values),
+                       TrackingParams.from_mapping(values))
