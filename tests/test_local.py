@@ -139,6 +139,7 @@ def test_the_first_failed_or_unended_step_is_the_failure(tmp_path: Path) -> None
     assert first_failure(task_statuses(tmp_path)) is None
 
 
+@pytest.mark.slow  # runs the pipeline (a few seconds); the fast tests above cover the parts
 def test_a_failed_step_and_the_run_folder_are_found_with_kfps_output_discarded(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Everything kfp.local prints goes nowhere; the step lines, the failed step, its error
@@ -282,6 +283,31 @@ def test_kfp_local_condition_on_a_named_output_is_silently_skipped(tmp_path: Pat
 # --- end to end: python pipeline.py --local on the shared archive ---------------------------
 
 
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.slow  # a tiny pipeline end to end: about a minute on 2 cores
+def test_steps_progress_and_run_folder_are_shown_with_kfps_output_discarded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, iris_zip: Path,
+        mobilenet_weights: Path) -> None:
+    monkeypatch.setattr(StepConsole, "write", lambda self, text: len(text))
+    terminal = _Tty()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    config = PipelineConfig(data_source=str(iris_zip), epochs=2, image_size=32,
+                            head_feature_views=0, weights=str(mobilenet_weights),
+                            backbone="mobilenet", alpha=0.25, tta_views=0, gate_threshold=0.0)
+    result = run_local(config, output_dir=tmp_path / "out",
+                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.run_dir.parent == (tmp_path / "out").resolve()
+    assert result.registration["registered"] is True
+    text = terminal.getvalue()
+    for index, task in enumerate(TASKS, start=1):
+        assert re.search(rf"\[{index}/5\] {task} done in [0-9.]+ s · \S", text), task
+    assert re.search(r"head epochs: +[0-9]+%", text), text  # the bar, from the progress file
+
+
 def _fast_args(iris_zip: Path, weights: Path) -> list[str]:
     """Few epochs, small images, offline weights; threshold 0 so the gated step runs.
 
@@ -416,7 +442,8 @@ def test_each_steps_full_output_is_in_its_log_file(first_run: CliRun) -> None:
     assert "Executing task 'train-model'" in train
     assert re.search(r"epoch 1 .*loss [0-9.]+", train), "no per-epoch progress in the log"
     assert re.search(r"epoch 2 .*loss [0-9.]+", train)
-    assert '@@progress {"what": "head epochs", "done": 2' in train  # a bar on a terminal
+    progress = json.loads((logs.parent / "train-model" / STEP_PROGRESS_FILE).read_text())
+    assert progress == {"what": "head epochs", "done": 2, "total": 2}  # a bar on a terminal
     assert "Executing task 'train-model'" not in (logs / "evaluate-model.log").read_text()
 
 
