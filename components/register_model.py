@@ -23,10 +23,11 @@ def register_model(
     comparison, run id) is the task's output.
     """
     from pipeline.lib.params import RegisterParams, TrackingParams
+    from pipeline.lib.progress import report_step
     from pipeline.steps import register
 
     values = locals()
-    return register.run_step(trained_model.metadata, metrics.metadata, evaluation.path,
-                             RegisterParams.from_mapping(values),
-                             TrackingParams.from_mapping(values),
-                             data_dir=prepared_data.path if prepared_data else None)
+    return report_step(register.run_step, trained_model.metadata, metrics.metadata,
+                       evaluation.path, RegisterParams.from_mapping(values),
+                       TrackingParams.from_mapping(values),
+                       data_dir=prepared_data.path if prepared_data else None)

@@ -209,7 +209,7 @@ def resolve_config(config_file: Path | None = None, data: str | None = None,
 
     The default ``data_sha256`` is the digest of the default source only: when the layers
     change ``data_source`` without giving a digest, the check is off (the actual sha256 is
-    still recorded and :func:`_log_local_result` says how to pin it); a digest given in any
+    still recorded and :func:`closing_block` says how to pin it); a digest given in any
     layer is enforced.
     """
     layers: list[Mapping[str, Any]] = []

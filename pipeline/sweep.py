@@ -34,7 +34,8 @@ import yaml
 
 from pipeline.config import PipelineConfig
 from pipeline.lib.credentials import has_credentials
-from pipeline.lib.params import STEP_PARAMS, TrackingParams, TrainParams
+from pipeline.lib.params import TrackingParams, TrainParams
+from pipeline.stepspec import STEP_PARAMS
 
 #: Train-step settings no other step reads: the ones a trial may change.
 SWEEPABLE: frozenset[str] = frozenset(TrainParams.field_names()) - {

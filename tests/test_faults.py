@@ -26,9 +26,9 @@ from pipeline.config import RANGES, PipelineConfig
 from pipeline.lib.contract import EXECUTOR_OUTPUT, META_SKIPPED
 from pipeline.lib.params import DownloadParams, PreprocessParams
 from pipeline.runners import StepFailedError
-from pipeline.runners.console import step_result
 from pipeline.steps import download, preprocess
 from pipeline.steps.download import NotAnArchiveError, fetch_dataset
+from pipeline.stepspec import SPECS_BY_TASK
 from tests.support.imagegen import image_bytes, write_class_folders, zip_folder
 
 
@@ -332,8 +332,7 @@ def test_the_console_line_names_an_image_bomb_skipped_from_an_archive(tmp_path: 
     out = preprocess.run_step(raw, meta, tmp_path / "prepared", tmp_path / "report.md",
                               _preprocess_params())
 
-    executor_output = {"artifacts": {"prepared_data": {"artifacts": [{"metadata": out}]}}}
-    line = step_result("preprocess-dataset", executor_output)
+    line = SPECS_BY_TASK["preprocess-dataset"].show(out)
     assert line.endswith("1 skipped: a/bomb.png (too many pixels)"), line
 
 
@@ -341,8 +340,7 @@ def test_the_console_line_shows_the_first_skipped_files_and_says_there_are_more(
     meta = {"split_sizes": {"train": 4, "val": 1, "test": 1}, "duplicates_dropped": 0,
             "files_skipped": 5, "skipped_files": ["a/1.jpg (empty file)", "a/2.jpg (x)",
                                                   "b/3.jpg (y)"]}
-    line = step_result("preprocess-dataset",
-                       {"artifacts": {"prepared_data": {"artifacts": [{"metadata": meta}]}}})
+    line = SPECS_BY_TASK["preprocess-dataset"].show(meta)
     assert line.endswith("5 skipped: a/1.jpg (empty file), a/2.jpg (x), b/3.jpg (y) ...")
 
 
