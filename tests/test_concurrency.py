@@ -134,20 +134,20 @@ def test_concurrent_register_steps_leave_the_better_model_champion(tmp_path: Pat
 def test_identical_trainings_at_once_do_not_share_a_checkpoint_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.lib.contract import CHECKPOINT_ROOT_ENV
-    from pipeline.steps.train import checkpoint_dir
+    from pipeline.lib.training import checkpoint_folder
 
     monkeypatch.setenv(CHECKPOINT_ROOT_ENV, str(tmp_path / "root"))
-    first, lock = checkpoint_dir(tmp_path / "run1", "abc123")
-    assert first == tmp_path / "root" / "abc123" and lock is not None
-    second, second_lock = checkpoint_dir(tmp_path / "run2", "abc123")  # first still training
-    assert second == tmp_path / "run2" / "checkpoints" and second_lock is None
-    lock.close()  # the first one finished (or died): the next one resumes from the root
-    third, third_lock = checkpoint_dir(tmp_path / "run3", "abc123")
-    assert third == first and third_lock is not None
-    third_lock.close()
+    with checkpoint_folder(tmp_path / "run1", "abc123") as first:
+        assert first == (tmp_path / "root" / "abc123", True)
+        assert (tmp_path / "root" / "abc123.lock").exists()
+        with checkpoint_folder(tmp_path / "run2", "abc123") as second:  # first still training
+            assert second == (tmp_path / "run2" / "checkpoints", False)
+    # the first one finished (or died): the next one resumes from the root
+    with checkpoint_folder(tmp_path / "run3", "abc123") as third:
+        assert third == first
     monkeypatch.delenv(CHECKPOINT_ROOT_ENV)
-    assert checkpoint_dir(tmp_path / "run4", "abc123") == (tmp_path / "run4" / "checkpoints",
-                                                          None)
+    with checkpoint_folder(tmp_path / "run4", "abc123") as fourth:
+        assert fourth == (tmp_path / "run4" / "checkpoints", False)
 
 
 def _moves(history: list[str]) -> list[tuple[str, str | None, str]]:
