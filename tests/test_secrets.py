@@ -40,7 +40,7 @@ from pipeline.runners import compile_pipeline
 from pipeline.steps.download import DownloadError, fetch_dataset
 
 DATA_ENV = ("IRIS_DATA_USERNAME", "IRIS_DATA_PASSWORD")
-PAYLOAD = b"zip bytes " * 100
+PAYLOAD = b"PK\x03\x04zip bytes " * 100  # a zip's magic: the download step sniffs it
 
 
 def _password() -> str:
