@@ -474,8 +474,8 @@ def _configure_logging(verbose: bool) -> None:
 def _restore_champion(args: argparse.Namespace, config: PipelineConfig) -> int:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.lib.tracking import resolve_tracking_uri
-    from pipeline.steps.register import restore_champion
+    from pipeline.lib.registry import restore_champion
+    from pipeline.lib.tracking_store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
     try:

@@ -326,9 +326,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gate_on": ("point", "ci_low"),
 }
 
-#: Allowed ``tta_views``: the identity plus the first 1, 3 or 7 flips and turns (the dihedral
-#: group of the square, ordered so that the first four keep an image's height and width).
-
 
 def validate(config: PipelineConfig) -> None:
     """Reject values no step could use, naming the field, before any work starts."""

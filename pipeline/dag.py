@@ -118,7 +118,7 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
         # The verdict is evaluate's single parameter output, "Output": kfp.local (2.17)
         # cannot resolve a condition on a *named* output and silently skips the branch.
         with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
-            task("register_model", params, trained_model=trained,
+            task("register_model", params, trained_model=trained, prepared_data=prepared,
                  metrics=evaluate.outputs["metrics"], evaluation=evaluate.outputs["evaluation"])
         return PipelineOutputs(
             raw_data=download.outputs["raw_data"], prepared_data=prepared,

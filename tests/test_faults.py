@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from imagegen import image_bytes, write_class_folders, zip_folder
 
 from pipeline import sweep
 from pipeline.cli import main, resolve_config
@@ -30,6 +29,7 @@ from pipeline.runners import StepFailedError
 from pipeline.runners.console import step_result
 from pipeline.steps import download, preprocess
 from pipeline.steps.download import NotAnArchiveError, fetch_dataset
+from tests.support.imagegen import image_bytes, write_class_folders, zip_folder
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture) -> str:

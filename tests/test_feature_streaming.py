@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from train_helpers import small_train
 
 from pipeline.lib import inputs, models
 from pipeline.steps import train
+from tests.support.train_helpers import small_train
 
 NUM_IMAGES, SIZE, BATCH = 13, 32, 4
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from cli_helpers import V1_BACKBONE, CliRun, run_local_cli, set_flags, succeeded
 from kfp import dsl, local
 from kfp.dsl import Artifact, Output
 
@@ -16,6 +15,7 @@ from pipeline.lib.contract import EXECUTOR_OUTPUT
 from pipeline.runners import StepFailedError
 from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
 from pipeline.runners.local import FILE_OUTPUTS, verify_local_run, verify_trials
+from tests.support.cli_helpers import V1_BACKBONE, CliRun, run_local_cli, set_flags, succeeded
 
 CYAN, RED, RESET = "\x1b[96m", "\x1b[91m", "\x1b[0m"
 

@@ -30,14 +30,14 @@ import tensorflow as tf
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer, images, serve_model
 from PIL import Image
 
 from pipeline.lib import images as image_lib
 from pipeline.lib import models
 from pipeline.lib.model_logging import log_model
 from pipeline.lib.serving import MAX_PIXELS, InvalidImageError
-from pipeline.lib.tracking import step_run
+from pipeline.lib.tracking_runs import step_run
+from tests.support.mlflow_server import MlflowServer, images, serve_model
 
 pytestmark = pytest.mark.mlflow_server
 

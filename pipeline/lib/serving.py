@@ -34,7 +34,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from pipeline.lib.mlflow_compat import INVALID_PARAMETER_VALUE
 
 #: Input column (DataFrame) or key (dict) holding the images.
 IMAGE_COLUMN = "image"

@@ -175,6 +175,7 @@ def run_local(
     # the step processes inherit it: a rerun after a crash resumes the same training
     checkpoint_root = os.environ.get(CHECKPOINT_ROOT_ENV)
     os.environ[CHECKPOINT_ROOT_ENV] = checkpoint_root or str(output_dir / LOCAL_CHECKPOINT_ROOT)
+    os.environ["IRIS_CLI_PID"] = str(os.getpid())  # steps stop once it is gone (lib/interrupts)
     try:
         with warnings.catch_warnings():
             # Expected locally: resources and GPUs are cluster settings; our images are not

@@ -8,16 +8,13 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
 import tarfile
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 import fsspec
@@ -40,6 +37,7 @@ from pipeline.lib.credentials import (
     split_credentials,
 )
 from pipeline.lib.files import atomic_writer, file_sha256, normalize_sha256, replace_dir
+from pipeline.lib.interrupts import sigterm_exits
 from pipeline.lib.params import DownloadParams
 
 logger = logging.getLogger(__name__)
@@ -102,30 +100,6 @@ def _source_name(source: str) -> str:
 def _atomic_file(final: Path) -> contextlib.AbstractContextManager[IO[bytes]]:
     """A ``.part`` file next to ``final``, renamed onto it only if the block succeeds."""
     return atomic_writer(final, "w+b", suffix=".part")
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While fetching, turn SIGTERM into ``SystemExit(143)`` so partial files are removed.
-
-    SIGTERM's default action ends the process on the spot, skipping every ``finally`` and
-    leaving the ``.part`` file behind (a pod being stopped, ``kill``). A handler someone else
-    installed is left alone, as are threads other than the main one (which cannot install
-    handlers).
-    """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
-        yield
-        return
-
-    def terminate(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _Transfer:
@@ -521,7 +495,7 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
     dest_dir.mkdir(parents=True, exist_ok=True)
     scheme = urllib.parse.urlparse(source).scheme.lower() if "://" in source else ""
 
-    with _sigterm_raises():
+    with sigterm_exits():
         if scheme in ("", "file"):
             return _fetch_local(source, scheme, dest_dir, expected, skipped)
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

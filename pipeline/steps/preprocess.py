@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -488,17 +487,6 @@ def render_report_md(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_report(data_dir: str | Path) -> dict[str, Any]:
-    """The data report of a prepared data set; ``FileNotFoundError`` when there is none."""
-    path = Path(data_dir) / DATA_REPORT_JSON
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FileNotFoundError(
-            f"not a prepared data set: cannot read {str(path)!r} ({exc})"
-        ) from exc
-
-
 def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PreprocessParams, *,
                     source_info: Mapping[str, Any] | None = None,
                     skipped_upstream: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
@@ -601,7 +589,6 @@ __all__ = [
     "build_report",
     "inspect_image",
     "list_classes",
-    "load_report",
     "prepare_dataset",
     "render_report_md",
     "resolve_duplicates",

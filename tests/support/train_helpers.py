@@ -15,11 +15,8 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.lib.params import EvaluateParams, TrainParams
+from tests.support.paths import IRIS_ZIP, MOBILENET_WEIGHTS, PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-IRIS_ZIP = SHARED_DATA / "iris-image.zip"
-MOBILENET_WEIGHTS = SHARED_DATA / "mobilenet_2_5_224_tf_no_top.h5"
 
 def small_config(**overrides: object) -> PipelineConfig:
     """A fast but real training config: MobileNet-0.25 with the shared ImageNet weights, 64 px."""
