@@ -18,6 +18,7 @@ from kfp.dsl import ClassificationMetrics, Metrics
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME, PipelineOutputs, create_pipeline, pipeline_arguments
 from pipeline.lib.contract import CHECKPOINT_ROOT_ENV, EXECUTOR_OUTPUT, LOCAL_CHECKPOINT_ROOT
+from pipeline.lib.feature_cache import CACHE_ROOT_ENV, LOCAL_FEATURE_CACHE
 from pipeline.runners.console import StepConsole
 from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
 from pipeline.sweep import Sweep
@@ -175,6 +176,9 @@ def run_local(
     # the step processes inherit it: a rerun after a crash resumes the same training
     checkpoint_root = os.environ.get(CHECKPOINT_ROOT_ENV)
     os.environ[CHECKPOINT_ROOT_ENV] = checkpoint_root or str(output_dir / LOCAL_CHECKPOINT_ROOT)
+    # likewise the frozen-backbone feature cache: a rerun reads the features it computed
+    feature_cache = os.environ.get(CACHE_ROOT_ENV)
+    os.environ[CACHE_ROOT_ENV] = feature_cache or str(output_dir / LOCAL_FEATURE_CACHE)
     try:
         with warnings.catch_warnings():
             # Expected locally: resources and GPUs are cluster settings; our images are not
@@ -205,6 +209,8 @@ def run_local(
         console.close()
         if checkpoint_root is None:
             os.environ.pop(CHECKPOINT_ROOT_ENV, None)
+        if feature_cache is None:
+            os.environ.pop(CACHE_ROOT_ENV, None)
     return LocalRunResult(
         run_dir=console.run_dir,
         output_dir=output_dir,
