@@ -103,10 +103,9 @@ def test_the_cache_is_configured_by_the_environment(tmp_path: Path) -> None:
 def test_extraction_reads_cached_features_and_recomputes_a_changed_setting(tmp_path: Path) -> None:
     """A second extraction of the same split and views computes nothing; another seed's
     augmented views miss, while its plain view (seed-free) still hits."""
-    from train_helpers import tiny_prepared_data, tiny_train
-
     from pipeline.lib import inputs, models
     from pipeline.lib.feature_head import extract_features, plain_and_augmented
+    from tests.support.train_helpers import tiny_prepared_data, tiny_train
 
     data_dir = tiny_prepared_data(tmp_path, {"a": 4, "b": 4})
     config = tiny_train()

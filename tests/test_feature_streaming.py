@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from train_helpers import small_train
 
 from pipeline.lib import feature_head, inputs, models
+from tests.support.train_helpers import small_train
 
 NUM_IMAGES, SIZE, BATCH = 13, 32, 4
 

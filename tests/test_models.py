@@ -17,13 +17,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from train_helpers import small_train
 
 from pipeline.config import CHOICES, PipelineConfig
 from pipeline.lib import models
 from pipeline.lib.backbones import model_label
 from pipeline.lib.contract import SAVED_MODEL_DIR
 from pipeline.lib.training import export_model
+from tests.support.train_helpers import small_train
 
 
 def _odd_images(n: int = 2, h: int = 71, w: int = 53) -> np.ndarray:

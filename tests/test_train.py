@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
-from train_helpers import (
-    REFERENCE_OVERRIDES,
-    kill_training_after,
-    read_history,
-    run_python,
-    small_train,
-)
 
 from pipeline.lib import inputs, models, records
 from pipeline.lib.contract import CHECKPOINT_ROOT_ENV
 from pipeline.lib.model_logging import MlflowEpochLogger
 from pipeline.lib.training import config_fingerprint, data_identity
 from pipeline.steps.train import train_model
+from tests.support.train_helpers import (
+    REFERENCE_OVERRIDES,
+    kill_training_after,
+    read_history,
+    run_python,
+    small_train,
+)
 
 pytestmark = pytest.mark.slow
 

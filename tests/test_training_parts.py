@@ -10,7 +10,6 @@ from pathlib import Path
 import filelock
 import numpy as np
 import pytest
-from train_helpers import read_history, tiny_prepared_data, tiny_train
 
 from pipeline.lib import inputs, models
 from pipeline.lib.contract import CHECKPOINT_ROOT_ENV
@@ -18,6 +17,7 @@ from pipeline.lib.feature_head import probabilities_from_features
 from pipeline.lib.training import split_scores
 from pipeline.steps import train
 from pipeline.steps.train import TrainResult, train_model
+from tests.support.train_helpers import read_history, tiny_prepared_data, tiny_train
 
 #: Overfits noise within a few epochs (high learning rate, almost no L2): early stopping fires.
 STOPPING = {"epochs": 40, "learning_rate": 0.5, "head_c": 10_000.0,

@@ -28,7 +28,15 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline.lib import inputs, model_logging, models, records, tracking
+from pipeline.lib import (
+    credentials,
+    inputs,
+    model_logging,
+    models,
+    records,
+    tracking_log,
+    tracking_runs,
+)
 from pipeline.lib.backbones import model_label
 from pipeline.lib.contract import (
     CLASSES_FILE,
@@ -391,26 +399,26 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
                 "data_sha256": data_metadata[META_SHA256]}
     logged = {**DownloadParams.from_mapping(upstream).to_dict(),
               **PreprocessParams.from_mapping(upstream).to_dict(), **params.to_dict()}
-    with tracking.tracked_step("train", tracking_params, logged) as run:
+    with tracking_runs.tracked_step("train", tracking_params, logged) as run:
         report = read_json(data_dir / DATA_REPORT_JSON) or {}
-        digest = tracking.log_dataset_input(data_metadata[META_SOURCE],
-                                            (report.get("input") or {}).get("sha256", ""),
-                                            report)
+        digest = tracking_log.log_dataset_input(data_metadata[META_SOURCE],
+                                                (report.get("input") or {}).get("sha256", ""),
+                                                report)
         result = train_model(data_dir, model_dir, params,
                              callbacks=[model_logging.MlflowEpochLogger()])
-        tracking.log_metrics(result.metrics())
+        tracking_log.log_metrics(result.metrics())
         mlflow.set_tags({f"train.{k}": v if isinstance(v, str) else json.dumps(v)
                          for k, v in result.bookkeeping().items()})
-        tracking.log_artifacts(model_dir / PREVIEW_FILE)
+        tracking_log.log_artifacts(model_dir / PREVIEW_FILE)
         logged_model = model_logging.log_model(
             model_dir, image_size=params.image_size,
             example_image=records.read_split(data_dir, "test", limit=1)[0].image,
             name=f"iris-{result.label}-seed{params.seed}")
-        parent = tracking.parent_run_id()
+        parent = tracking_log.parent_run_id()
         uri = mlflow.get_tracking_uri()
     return {
         "framework": "keras",
-        META_TRACKING_URI: tracking.redact_uri(uri),
+        META_TRACKING_URI: credentials.redact_uri(uri),
         META_RUN_ID: run.info.run_id,
         META_EXPERIMENT_ID: run.info.experiment_id,
         META_PARENT_RUN_ID: parent or "",

@@ -15,11 +15,8 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.lib.params import EvaluateParams, TrainParams
+from tests.support.paths import IRIS_ZIP, MOBILENET_WEIGHTS, PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-IRIS_ZIP = SHARED_DATA / "iris-image.zip"
-MOBILENET_WEIGHTS = SHARED_DATA / "mobilenet_2_5_224_tf_no_top.h5"
 
 def small_config(**overrides: object) -> PipelineConfig:
     """A fast but real training config: MobileNet-0.25 with the shared ImageNet weights, 64 px."""
@@ -52,10 +49,9 @@ def small_eval(**overrides: object) -> EvaluateParams:
 
 def tiny_prepared_data(root: Path, counts: dict[str, int] | None = None) -> Path:
     """A prepared data set of a few generated noise images per class (fast trainings)."""
-    from imagegen import write_class_folders
-
     from pipeline.lib.params import PreprocessParams
     from pipeline.steps.preprocess import prepare_dataset
+    from tests.support.imagegen import write_class_folders
 
     folder = write_class_folders(root / "raw", counts or {"a": 12, "b": 6, "c": 6})
     params = PipelineConfig(min_image_side=16, min_images_per_class=3,
