@@ -304,8 +304,26 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
     if baseline:
         lines.append(row("majority baseline:", baseline))
     lines.append(f"{'':<22}(intervals: {summary.get('interval_method') or 'bootstrap'})")
+    cv = summary.get("cross_validation")
+    if cv:
+        lines.append(row(f"cross-validated ({int(cv['cv_images'])}):",
+                         {n.removeprefix("cv_"): v for n, v in cv.items()}, True))
+        lines.append(f"{'':<22}({int(cv['cv_folds'])} folds over train + validation, out of "
+                     f"fold; the model: {int(cv['cv_final_epochs'])} epochs on all of them)")
     sweep = summary.get("sweep")
-    if sweep:
+    if sweep and sweep.get("trials") and "cv_score" in sweep["trials"][0]:
+        lines.append(f"sweep: {sweep['summary']}")
+        for trial in sorted(sweep["trials"], key=lambda t: -t["cv_score"]):
+            chosen = ("  <- chosen, evaluated on test"
+                      if int(trial["trial"]) == int(sweep["winner"]) else "")
+            d = trial["difference"]
+            paired = ("leader" if d is None else
+                      f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+            lines.append(f"  {trial['cv_score']:.3f} [{trial['cv_ci_low']:.3f}, "
+                         f"{trial['cv_ci_high']:.3f}]  {paired}  "
+                         f"{trial['serving_ms_per_image']:.1f} ms  trial "
+                         f"{int(trial['trial']) + 1}: {trial['label']}{chosen}")
+    elif sweep:
         lines.append(f"sweep: {len(sweep['trials'])} trials ranked by {sweep['metric']} "
                      "(validation split):")
         for trial in sorted(sweep["trials"], key=lambda t: -t["val_score"]):

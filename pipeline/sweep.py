@@ -40,7 +40,9 @@ from pipeline.stepspec import STEP_PARAMS
 #: Train-step settings no other step reads: the ones a trial may change.
 SWEEPABLE: frozenset[str] = frozenset(TrainParams.field_names()) - {
     name for step, classes in STEP_PARAMS.items() if step != "train_model"
-    for cls in classes if cls is not TrackingParams for name in cls.field_names()}
+    for cls in classes if cls is not TrackingParams for name in cls.field_names()} - {
+    # the choice pairs the trials' out-of-fold predictions: all must hold out the same folds
+    "cv_folds"}
 #: More trials than this is almost surely a grid typo (and a very long local run).
 MAX_TRIALS = 64
 MAX_PARALLELISM = 32
