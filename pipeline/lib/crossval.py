@@ -128,19 +128,29 @@ def pooled_features(core: keras.Model, data_dir: Path, config: TrainParams,
 
 
 class _BestEpoch(keras.callbacks.Callback):
-    """Keep the weights of the epoch with the lowest val_loss (the first of equals)."""
+    """Early stopping on the held-out rows' loss, keeping the best epoch's weights.
 
-    def __init__(self) -> None:
+    The loss (cross-entropy plus the head's L2 penalty, as Keras' val_loss) is computed
+    eagerly on the few held-out rows: Keras' validation pass would trace an evaluation
+    function per fold and cost more than the epoch itself.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, patience: int) -> None:
         super().__init__()
+        self.x, self.y, self.patience = tf.constant(x, tf.float32), tf.constant(y), patience
         self.best_loss = np.inf
         self.best_epoch = 0
         self.weights: list[np.ndarray] | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        loss = float((logs or {}).get("val_loss", np.inf))
+        probabilities = self.model(self.x, training=False)
+        loss = float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            self.y, probabilities)) + sum(float(x) for x in self.model.losses))
         if loss < self.best_loss:
             self.best_loss, self.best_epoch = loss, epoch + 1
             self.weights = self.model.get_weights()
+        elif self.patience and epoch + 1 - self.best_epoch >= self.patience:
+            self.model.stop_training = True
 
 
 def fit_head(training: np.ndarray, labels: np.ndarray, config: TrainParams, num_classes: int,
@@ -163,22 +173,17 @@ def fit_head(training: np.ndarray, labels: np.ndarray, config: TrainParams, num_
     batches, steps = inputs.epoch_batches(examples, rows, config, first_epoch=0,
                                           last_epoch=epochs, augmenter=None)
     weights = class_weights_for(labels, num_classes) if config.class_weights else None
-    callbacks: list[keras.callbacks.Callback] = []
-    validation = None
-    best = _BestEpoch()
+    best = None
     if held_out is not None:
-        validation = ((held_out[0] - mean) / std, held_out[1])
-        callbacks.append(best)
-        if config.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=config.early_stopping_patience))
-    model.fit(batches, epochs=epochs, steps_per_epoch=steps, validation_data=validation,
-              class_weight=weights, callbacks=callbacks, shuffle=False, verbose=0)
-    if best.weights is not None:
+        best = _BestEpoch((held_out[0] - mean) / std, held_out[1],
+                          config.early_stopping_patience)
+    model.fit(batches, epochs=epochs, steps_per_epoch=steps, class_weight=weights,
+              callbacks=[best] if best else [], shuffle=False, verbose=0)
+    if best is not None and best.weights is not None:
         model.set_weights(best.weights)
     empty = (np.zeros((0, width), np.float32), np.zeros(0, np.int64))
     head = FeatureHead(model, batches, steps, empty, mean, std, rows, 0)
-    return head, best.best_epoch if held_out is not None else epochs
+    return head, best.best_epoch if best is not None else epochs
 
 
 def view_probabilities(head: FeatureHead, scoring: np.ndarray) -> np.ndarray:
@@ -186,8 +191,21 @@ def view_probabilities(head: FeatureHead, scoring: np.ndarray) -> np.ndarray:
     the head's softmax on each view, averaged over the views."""
     views, count, width = scoring.shape
     x = (scoring.reshape(-1, width) - head.mean) / head.std
-    probabilities = np.asarray(head.model.predict_on_batch(x.astype(np.float32)))
+    probabilities = np.asarray(head.model(x.astype(np.float32), training=False))
     return probabilities.reshape(views, count, -1).mean(axis=0)
+
+
+def fold_assignment(image_ids: Sequence[str], labels: np.ndarray, classes: Sequence[str],
+                    folds: int) -> np.ndarray:
+    """Each image's fold: from the contents and labels alone (:data:`FOLD_SEED`), never the
+    trial's settings, so every trial of a sweep holds out the same images.
+
+    ``ValueError`` naming the class when one has fewer distinct images than folds.
+    """
+    distinct = {name: len({d for d, y in zip(image_ids, labels, strict=True) if y == c})
+                for c, name in enumerate(classes)}
+    check_fold_count(folds, distinct)
+    return assign_folds(image_ids, labels, folds, FOLD_SEED)
 
 
 def cross_validate(features: PooledFeatures, classes: Sequence[str],
@@ -196,12 +214,10 @@ def cross_validate(features: PooledFeatures, classes: Sequence[str],
 
     ``ValueError`` (naming the limit) when a class has fewer distinct images than folds.
     """
+    keras.utils.set_random_seed(config.seed)  # the heads' initial weights: reproducible
     folds_wanted = config.cv_folds
     labels = features.labels
-    distinct = {name: len({d for d, y in zip(features.image_ids, labels, strict=True)
-                           if y == c}) for c, name in enumerate(classes)}
-    check_fold_count(folds_wanted, distinct)
-    folds = assign_folds(features.image_ids, labels, folds_wanted, FOLD_SEED)
+    folds = fold_assignment(features.image_ids, labels, classes, folds_wanted)
     num_classes = len(classes)
     probabilities = np.zeros((len(labels), num_classes), np.float32)
     fold_scores, best_epochs = [], []
@@ -243,4 +259,5 @@ def serving_cost_ms(model: keras.Model, data_dir: Path, config: TrainParams) -> 
 
 
 __all__ = ["FOLD_SEED", "CrossValidation", "PooledFeatures", "cross_validate", "fit_head",
+           "fold_assignment",
            "pooled_features", "serving_cost_ms", "view_probabilities"]

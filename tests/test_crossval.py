@@ -1,0 +1,203 @@
+"""Cross-validated training (``cv_folds``): the fold loop, the train step's records, the select
+step's paired cost-aware rule, and the refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import PipelineConfig
+from pipeline.lib import crossval, inputs, stats
+from pipeline.lib.contract import (
+    CROSS_VALIDATION_FILE,
+    META_RUN_ID,
+    META_SERVING_MS,
+    META_SWEEP,
+    META_TRAIN_PARAMS,
+    OOF_PREDICTIONS_FILE,
+)
+from pipeline.steps.select import SWEEP_FILE, select_trial
+from pipeline.sweep import build_sweep
+from tests.support.train_helpers import tiny_prepared_data, tiny_train
+
+CLASSES = ("a", "b", "c")
+
+
+def _features(count: int, width: int, seed: int, signal: float = 0.0
+              ) -> crossval.PooledFeatures:
+    """Random features of ``count`` images in two views; ``signal`` adds the label to one
+    coordinate per class (0: labels unrelated to the features)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % len(CLASSES)
+    x = rng.normal(size=(2, count, width)).astype(np.float32)
+    x[:, np.arange(count), labels] += signal
+    ids = tuple(hashlib.sha256(f"image{i}".encode()).hexdigest() for i in range(count))
+    return crossval.PooledFeatures(ids, labels, x, x[:1], 0)
+
+
+def _config(**overrides: object):
+    return tiny_train(**{"cv_folds": 3, "epochs": 20, "early_stopping_patience": 0,
+                         **overrides})
+
+
+def test_held_out_images_are_never_trained_on() -> None:
+    """Labels unrelated to the features: a head that memorizes its rows (weak penalty) scores
+    about chance out of fold, and near 1.0 only if a fold's images leaked into its own head."""
+    features = _features(30, 128, seed=0)
+    features = dataclasses.replace(
+        features, labels=np.random.default_rng(1).permutation(features.labels))
+    config = _config(head_c=1e4, learning_rate=0.05, epochs=10, seed=1)
+    cv = crossval.cross_validate(features, CLASSES, config)
+    assert cv.scores()["accuracy"] < 0.6
+    seen, _ = crossval.fit_head(features.training, features.labels, config, 3, 10)
+    memorized = crossval.view_probabilities(seen, features.scoring).argmax(axis=1)
+    assert (memorized == features.labels).mean() > 0.85  # what a leak would score
+    assert len(cv.fold_scores) == len(cv.best_epochs) == 3
+    assert sorted(cv.predictions.image_ids) == sorted(features.image_ids)
+    summary = cv.summary()
+    assert (summary["cv_accuracy_ci_low"] <= summary["cv_accuracy"]
+            <= summary["cv_accuracy_ci_high"])
+    assert len(summary["cv_fold_accuracy"]) == 3
+
+
+def test_two_trials_hold_out_the_same_images_whatever_their_seed_and_order() -> None:
+    """Folds follow the contents (no trial setting enters), so trials pair image by image."""
+    features = _features(18, 4, seed=2)
+    first = crossval.cross_validate(features, CLASSES, _config(cv_folds=2, epochs=2, seed=1))
+    order = np.random.default_rng(3).permutation(18)
+    shuffled = crossval.PooledFeatures(
+        tuple(features.image_ids[i] for i in order), features.labels[order],
+        features.training[:, order], features.scoring[:, order], 0)
+    second = crossval.cross_validate(shuffled, CLASSES,
+                                     _config(cv_folds=2, epochs=2, seed=2, head_c=0.1))
+    fold_of = dict(zip(first.predictions.image_ids, first.folds.tolist(), strict=True))
+    assert [fold_of[i] for i in second.predictions.image_ids] == second.folds.tolist()
+    assert sorted(np.bincount(first.folds).tolist()) == [9, 9]
+
+
+def test_more_folds_than_a_class_has_images_is_refused_naming_the_class() -> None:
+    features = _features(12, 4, seed=0)  # 4 images per class
+    with pytest.raises(ValueError, match=r"class 'a' has distinct .* \(4\).*cv_folds <= 4"):
+        crossval.cross_validate(features, CLASSES, _config(cv_folds=5))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"cv_folds": 1}, "needs 2 to 20 folds"),
+    ({"cv_folds": 21}, r"cv_folds must be in \[0, 20\]"),
+    ({"cv_folds": 5, "fine_tune_epochs": 2}, "each fold would be a full training"),
+    ({"cv_folds": 5, "head_feature_views": 0}, "frozen-backbone feature head"),
+    ({"cv_folds": 5, "model": "seed_cnn", "image_size": 128}, "frozen-backbone feature head"),
+])
+def test_cv_folds_the_pipeline_cannot_run_are_config_errors(overrides: dict,
+                                                            message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig(**overrides)
+
+
+def test_a_sweep_cannot_vary_cv_folds() -> None:
+    with pytest.raises(ValueError, match="cannot vary 'cv_folds'"):
+        build_sweep({"trials": [{"cv_folds": 0}, {"cv_folds": 3}]}, PipelineConfig())
+
+
+def test_out_of_fold_predictions_cover_train_and_val_once_and_no_test_image(
+        tmp_path: Path) -> None:
+    from pipeline.lib import models
+
+    data_dir = tiny_prepared_data(tmp_path)
+    config = tiny_train(cv_folds=3, early_stopping_patience=2, tta_views=2)
+    features = crossval.pooled_features(models.build_model(config, 3), data_dir, config,
+                                        inputs.build_augmenter(config), cache=None)
+    assert features.training.shape[:2] == (2, 20) and features.scoring.shape[:2] == (2, 20)
+    cv = crossval.cross_validate(features, ["a", "b", "c"], config)
+    expected = [*inputs.read_index(data_dir, "train")[0], *inputs.read_index(data_dir, "val")[0]]
+    assert sorted(cv.predictions.image_ids) == sorted(expected)  # each exactly once
+    assert not set(cv.predictions.image_ids) & set(inputs.read_index(data_dir, "test")[0])
+    for fold in range(3):  # every fold holds every class
+        assert set(cv.predictions.labels[cv.folds == fold].tolist()) == {0, 1, 2}
+
+
+@pytest.mark.slow  # a tiny training with its export: about 15 s on idle cores
+def test_the_train_step_records_the_cross_validation_in_the_model_folder(
+        tmp_path: Path) -> None:
+    from pipeline.steps.train import train_model
+
+    data_dir = tiny_prepared_data(tmp_path)
+    result = train_model(data_dir, tmp_path / "model",
+                         tiny_train(cv_folds=3, early_stopping_patience=2, tta_views=2))
+    oof = stats.Predictions.read_csv(tmp_path / "model" / OOF_PREDICTIONS_FILE)
+    expected = [*inputs.read_index(data_dir, "train")[0], *inputs.read_index(data_dir, "val")[0]]
+    assert sorted(oof.image_ids) == sorted(expected)
+    figures = json.loads((tmp_path / "model" / CROSS_VALIDATION_FILE).read_text())
+    assert figures["cv_folds"] == 3 and figures["cv_images"] == len(expected)
+    assert figures["cv_balanced_accuracy"] == pytest.approx(
+        stats.score(oof.labels, oof.predicted, 3)["balanced_accuracy"])
+    assert result.model_val_balanced_accuracy == pytest.approx(figures["cv_balanced_accuracy"])
+    assert figures[META_SERVING_MS] > 0
+    assert figures["cv_final_epochs"] == max(1, round(np.mean(figures["cv_best_epochs"])))
+
+
+# --- the select step on cross-validated trials -------------------------------------------
+def _oof_trial(folder: Path, correct: list[bool], cost: float, run: str,
+               **params: object) -> dict:
+    """A trial folder holding out-of-fold predictions (right where ``correct``) and metadata."""
+    folder.mkdir()
+    labels = np.arange(len(correct)) % 3
+    predicted = np.where(correct, labels, (labels + 1) % 3)
+    probabilities = np.eye(3)[predicted]
+    ids = tuple(hashlib.sha256(f"{i}".encode()).hexdigest() for i in range(len(correct)))
+    oof = stats.Predictions(ids, labels, predicted, probabilities, CLASSES)
+    oof.write_csv(folder / OOF_PREDICTIONS_FILE)
+    (folder / "model.keras").write_text(run)
+    score = stats.score(labels, predicted, 3)["balanced_accuracy"]
+    return {META_RUN_ID: run, "model_val_balanced_accuracy": score,
+            "cv_balanced_accuracy": score, META_SERVING_MS: cost,
+            META_TRAIN_PARAMS: {"tta_views": 8, **params}}
+
+
+def test_select_takes_the_cheaper_trial_within_noise_of_the_leader(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.random(120) < 0.7
+    slower = base.copy()
+    slower[np.flatnonzero(~base)[:3]] = True  # 3 more right: better, within noise
+    metas = [_oof_trial(tmp_path / "slow", list(slower), 40.0, "slow"),
+             _oof_trial(tmp_path / "fast", list(base), 10.0, "fast", tta_views=0)]
+    metadata, ranked = select_trial([tmp_path / "slow", tmp_path / "fast"], metas,
+                                    tmp_path / "out", "balanced_accuracy")
+    assert [t.run_id for t in ranked] == ["slow", "fast"]  # ranked by score
+    assert metadata[META_RUN_ID] == "fast"
+    assert (tmp_path / "out" / "model.keras").read_text() == "fast"
+    verdict = json.loads((tmp_path / "out" / SWEEP_FILE).read_text())
+    assert verdict == metadata[META_SWEEP]
+    assert verdict["metric"] == "cv_balanced_accuracy" and verdict["winner"] == 1
+    assert verdict["summary"].startswith("trial 1 leads")
+    assert "trial 2 is within noise" in verdict["summary"] and "4.0x cheaper" in verdict["summary"]
+    fast = verdict["trials"][1]
+    assert fast["difference"]["value"] < 0 <= fast["difference"]["ci_high"]
+    assert verdict["trials"][0]["difference"] is None
+
+
+def test_select_keeps_the_leader_when_the_cheaper_trial_is_shown_worse(tmp_path: Path) -> None:
+    good = [True] * 100 + [False] * 20
+    bad = [True] * 60 + [False] * 60
+    metas = [_oof_trial(tmp_path / "slow", good, 40.0, "slow"),
+             _oof_trial(tmp_path / "fast", bad, 10.0, "fast", tta_views=0)]
+    metadata, _ = select_trial([tmp_path / "slow", tmp_path / "fast"], metas,
+                               tmp_path / "out", "balanced_accuracy")
+    assert metadata[META_RUN_ID] == "slow"
+    assert not metadata[META_SWEEP]["trials"][1]["within_noise"]
+
+
+def test_select_refuses_a_sweep_where_only_some_trials_were_cross_validated(
+        tmp_path: Path) -> None:
+    metas = [_oof_trial(tmp_path / "a", [True] * 30, 10.0, "a"),
+             {META_RUN_ID: "b", "model_val_balanced_accuracy": 0.5,
+              META_TRAIN_PARAMS: {"tta_views": 0}}]
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match=r"trial\(s\) \[2\] have no out-of-fold predictions"):
+        select_trial([tmp_path / "a", tmp_path / "b"], metas, tmp_path / "out",
+                     "balanced_accuracy")
