@@ -201,3 +201,45 @@ def test_select_refuses_a_sweep_where_only_some_trials_were_cross_validated(
     with pytest.raises(ValueError, match=r"trial\(s\) \[2\] have no out-of-fold predictions"):
         select_trial([tmp_path / "a", tmp_path / "b"], metas, tmp_path / "out",
                      "balanced_accuracy")
+
+
+# --- end to end: a cross-validated two-trial sweep through kfp.local -----------------------
+@pytest.mark.slow  # two small cross-validated trainings plus the other steps: about 2 minutes
+def test_a_cross_validated_two_trial_sweep_registers_the_rules_choice(
+        tmp_path: Path, iris_zip: Path, mobilenet_weights: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from tests.support.cli_helpers import (
+        V1_BACKBONE,
+        clean_env,
+        run_local_cli,
+        set_flags,
+        succeeded,
+    )
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("trials:\n  - {tta_views: 2}\n  - {tta_views: 0}\n")
+    run = run_local_cli(
+        tmp_path, "--data", str(iris_zip), "--sweep", str(sweep), "--set", "epochs=5",
+        "--set", "image_size=64", "--set", f"weights={mobilenet_weights}",
+        *set_flags(*V1_BACKBONE), "--set", "head_feature_views=1", "--set", "cv_folds=3",
+        "--set", "gate_threshold=0", env=clean_env(TF_CPP_MIN_LOG_LEVEL="2"))
+    summary = succeeded(run)
+    verdict = summary["sweep"]
+    assert verdict["metric"] == "cv_balanced_accuracy"
+    chosen = verdict["trials"][int(verdict["winner"])]
+    assert verdict["summary"] in run.stdout  # the select step's line
+    assert summary["cross_validation"]["cv_folds"] == 3
+    assert "cross-validated" in run.stderr  # the closing block, beside the test score
+
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    winner = client.get_run(chosen["run_id"])
+    assert winner.data.tags["sweep.chosen"] == "true"
+    assert "cv_balanced_accuracy_ci_low" in winner.data.metrics
+    assert "serving_ms_per_image" in winner.data.metrics
+    assert OOF_PREDICTIONS_FILE in {a.path for a in client.list_artifacts(winner.info.run_id)}
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    settings = f"tta_views={chosen['overrides']['tta_views']}"
+    assert parent.info.run_name.startswith(f"sweep of 2: {settings}")
+    versions = client.search_model_versions(f"name = '{summary['registration']['name']}'")
+    assert [v.run_id for v in versions] == [winner.info.run_id]
