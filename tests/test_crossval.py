@@ -243,3 +243,43 @@ def test_a_cross_validated_two_trial_sweep_registers_the_rules_choice(
     assert parent.info.run_name.startswith(f"sweep of 2: {settings}")
     versions = client.search_model_versions(f"name = '{summary['registration']['name']}'")
     assert [v.run_id for v in versions] == [winner.info.run_id]
+
+
+# --- the terminal ------------------------------------------------------------------------------
+def test_cv_folds_of_one_exits_2_before_any_work(capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    assert main(["--compile", "--set", "cv_folds=1"]) == 2
+    assert "cv_folds=1: cross-validation needs 2 to 20 folds" in capsys.readouterr().err
+
+
+def test_the_closing_block_shows_the_cross_validated_estimate_and_the_paired_ranking() -> None:
+    from pipeline.cli import closing_block
+
+    sweep = {"metric": "cv_balanced_accuracy", "winner": 1, "summary": "trial 1 leads (...)",
+             "trials": [
+                 {"trial": 0, "label": "base", "cv_score": 0.70, "cv_ci_low": 0.6,
+                  "cv_ci_high": 0.8, "serving_ms_per_image": 40.0, "difference": None},
+                 {"trial": 1, "label": "tta_views=0", "cv_score": 0.68, "cv_ci_low": 0.58,
+                  "cv_ci_high": 0.78, "serving_ms_per_image": 10.0,
+                  "difference": {"value": -0.02, "ci_low": -0.06, "ci_high": 0.01}}]}
+    summary = {
+        "test_metrics": {"balanced_accuracy": 0.6, "balanced_accuracy_ci_low": 0.45,
+                         "balanced_accuracy_ci_high": 0.75, "test_examples": 59.0},
+        "majority_baseline": None, "interval_method": "stratified bootstrap",
+        "cross_validation": {"cv_folds": 5, "cv_images": 300, "cv_final_epochs": 12,
+                             "cv_balanced_accuracy": 0.68, "cv_balanced_accuracy_ci_low": 0.62,
+                             "cv_balanced_accuracy_ci_high": 0.73,
+                             "cv_fold_balanced_accuracy": [0.7] * 5},
+        "sweep": sweep,
+        "gate": {"metric": "balanced_accuracy", "value": 0.6, "threshold": 0.5, "passed": True},
+        "registration": None, "mlflow": {"run_id": "r", "experiment_name": "e",
+                                         "experiment_id": "1", "tracking_uri": "sqlite:///m.db"},
+        "data": {"sha256": "ab" * 32, "sha256_checked": True}, "run_dir": "/w",
+        "elapsed_s": 1.0, "cached_steps": [],
+    }
+    lines = closing_block(summary)
+    assert lines[1] == "cross-validated (300): balanced_accuracy 0.680 [0.620, 0.730]"
+    assert "sweep: trial 1 leads (...)" in lines
+    assert ("  0.680 [0.580, 0.780]  -0.020 [-0.060, +0.010]  10.0 ms  trial 2: tta_views=0"
+            "  <- chosen, evaluated on test") in lines
