@@ -343,10 +343,10 @@ def _lost_message(tracking_uri: str, step: str, bound: float, exc: BaseException
                   child_id: str = "", parent_id: str = "") -> str:
     """What a user needs when the server went away: which, what was logged, how to rerun."""
     shown = redact_uri(tracking_uri)
-    logged = (f"run {child_id} of step {step!r} (under pipeline run {parent_id}) holds what "
+    logged = (f"Run {child_id} of step {step!r} (under pipeline run {parent_id}) holds what "
               "the step logged before; its outcome, later metrics, artifacts and model were "
               "not logged, and the runs stay RUNNING until a later step on this host marks "
-              "them FAILED" if child_id else f"nothing of step {step!r} was logged")
+              "them FAILED" if child_id else f"Nothing of step {step!r} was logged")
     return (f"MLflow tracking server {shown} went away during step {step!r} and did not "
             f"answer again within {bound:g} s ({first_line(str(exc))}). {logged}; no model "
             "was registered by this step. Rerun the same command once "
