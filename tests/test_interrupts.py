@@ -14,15 +14,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, set_flags
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer
 
 from pipeline.lib.interrupts import CLI_PID_ENV
 from pipeline.lib.tracking_log import parent_run_id
 from pipeline.lib.tracking_runs import TAG_FAILED_REASON, step_run
 from pipeline.lib.tracking_store import check_tracking_server
 from pipeline.runners.processes import descendants
+from tests.support.cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, set_flags
+from tests.support.mlflow_server import MlflowServer
 
 # A step that logs under step_run and then works (sleeps) until it is stopped.
 STEP = textwrap.dedent("""

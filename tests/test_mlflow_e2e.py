@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_helpers import V1_BACKBONE, CliRun, clean_env, run_local_cli, succeeded
-from mlflow_server import MlflowServer
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
 from pipeline.lib import tracking_log, tracking_runs, tracking_store
+from tests.support.cli_helpers import V1_BACKBONE, CliRun, clean_env, run_local_cli, succeeded
+from tests.support.mlflow_server import MlflowServer
 
 #: The session's server is shared with other modules: this module's names are its own.
 SUFFIX = uuid.uuid4().hex[:8]

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer, PortForward, images
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
@@ -38,6 +37,7 @@ from pipeline.lib.tracking_store import (
     check_tracking_server,
     resolve_tracking_uri,
 )
+from tests.support.mlflow_server import MlflowServer, PortForward, images
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["iris-setosa", "iris-versicolour", "iris-virginica"]

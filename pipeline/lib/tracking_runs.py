@@ -116,7 +116,7 @@ def parent_run_name(params: Mapping[str, Any], pipeline_name: str,
     which is all the list shows.
     """
     model = str(params.get("model", "")).strip()
-    if model == "mobilenet" and params.get("backbone"):
+    if model in ("transfer", "mobilenet") and params.get("backbone"):
         model = str(params["backbone"])
     parts = [model] if model else [pipeline_name]
     if model.startswith("mobilenet") and "alpha" in params:
