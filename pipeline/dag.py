@@ -111,7 +111,7 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
         # The verdict is evaluate's single parameter output, "Output": kfp.local (2.17)
         # cannot resolve a condition on a *named* output and silently skips the branch.
         with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
-            task("register_model", params, trained_model=trained,
+            task("register_model", params, trained_model=trained, prepared_data=prepared,
                  metrics=evaluate.outputs["metrics"], evaluation=evaluate.outputs["evaluation"])
         produced = {**download.outputs, **prepare.outputs, **evaluate.outputs,
                     "trained_model": trained, "gate_passed": evaluate.outputs["Output"]}

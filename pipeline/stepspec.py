@@ -95,8 +95,12 @@ def _show_download(result: Mapping[str, Any]) -> str:
 def _show_preprocess(result: Mapping[str, Any]) -> str:
     sizes = result.get("split_sizes", {})
     split = "/".join(str(int(n)) for n in sizes.values())
+    skipped = int(result.get("files_skipped", 0))
+    named = result.get(contract.META_SKIPPED_FILES) or []
+    more = " ..." if skipped > len(named) else ""
     return (f"{sum(int(n) for n in sizes.values())} images used, train/val/test {split}, "
-            f"{int(result.get('duplicates_dropped', 0))} duplicates dropped")
+            f"{int(result.get('duplicates_dropped', 0))} duplicates dropped"
+            + (f", {skipped} skipped: {', '.join(named)}{more}" if skipped else ""))
 
 
 def _show_train(result: Mapping[str, Any]) -> str:

@@ -15,8 +15,8 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from pipeline.config import PipelineConfig, load_images
 from pipeline.dag import create_pipeline
 from pipeline.runners import compile_pipeline
-from pipeline.sweep import build_sweep
 from pipeline.stepspec import STEP_SPECS
+from pipeline.sweep import build_sweep
 from pipeline.tasks import (
     CACHED_STEPS,
     DOWNLOAD_RETRIES,

@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-from cli_helpers import V1_BACKBONE, CliRun, run_local_cli, set_flags, succeeded
 from kfp import dsl, local
 from kfp.dsl import Artifact, Output
 
@@ -31,6 +30,7 @@ from pipeline.runners import StepFailedError, run_local
 from pipeline.runners.console import StepConsole
 from pipeline.runners.local import FILE_OUTPUTS, verify_local_run, verify_trials
 from pipeline.runners.run_files import NO_END, find_run_dir, first_failure, task_statuses
+from tests.support.cli_helpers import V1_BACKBONE, CliRun, run_local_cli, set_flags, succeeded
 
 TOKEN = "this-run"
 

@@ -12,6 +12,9 @@ META_SOURCE = "source"
 META_SHA256 = "sha256"
 #: Metadata: the fetched archive or folder, relative to the artifact folder.
 META_PATH = "path"
+#: Metadata: entries of a data folder left out of the copy (links, FIFOs), each a
+#: ``{"path", "reason", "detail"}`` the data report lists among its skipped files.
+META_SKIPPED = "skipped"
 
 # --- prepared_data (preprocess_dataset) ----------------------------------------------------
 CLASSES_FILE = "classes.json"
@@ -20,6 +23,8 @@ DATA_REPORT_MD = "data_report.md"
 #: Metadata: the preprocess parameters (so uncached later steps can log them), and counts.
 META_PARAMS = "params"
 META_DATA_COUNTS = ("class_counts", "split_sizes", "files_skipped", "duplicates_dropped")
+#: Metadata: the first few skipped files as ``"<path> (<reason>)"``, for the console line.
+META_SKIPPED_FILES = "skipped_files"
 
 # --- trained_model (train_model) -----------------------------------------------------------
 MODEL_FILE = "model.keras"

@@ -24,6 +24,7 @@ from pipeline.lib.contract import (
     LOCAL_CHECKPOINT_ROOT,
     RUN_TOKEN_ENV,
 )
+from pipeline.lib.interrupts import CLI_PID_ENV
 from pipeline.lib.progress import StepStatus
 from pipeline.runners.console import StepConsole, strip_ansi
 from pipeline.runners.run_files import first_failure
@@ -184,7 +185,8 @@ def run_local(
     original, sys.stdout = sys.stdout, console  # type: ignore[assignment]
     # the step processes inherit these: a rerun after a crash resumes the same training
     environment = {RUN_TOKEN_ENV: token, CHECKPOINT_ROOT_ENV: os.environ.get(CHECKPOINT_ROOT_ENV)
-                   or str(output_dir / LOCAL_CHECKPOINT_ROOT)}
+                   or str(output_dir / LOCAL_CHECKPOINT_ROOT),
+                   CLI_PID_ENV: str(os.getpid())}  # steps stop once it is gone
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     try:
