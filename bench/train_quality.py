@@ -52,10 +52,11 @@ from pipeline.config import PipelineConfig
 from pipeline.lib import models
 from pipeline.lib.contract import META_TRAIN_PARAMS, VAL_SCORE_PREFIX
 from pipeline.lib.params import EvaluateParams, PreprocessParams, TrainParams
+from pipeline.lib.training import split_scores
 from pipeline.steps.evaluate import evaluate_model
 from pipeline.steps.preprocess import prepare_dataset
 from pipeline.steps.select import rank_trials, trial_labels
-from pipeline.steps.train import split_scores, train_model
+from pipeline.steps.train import train_model
 from pipeline.sweep import Sweep, load_sweep
 from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS
 
@@ -82,14 +83,14 @@ def train_and_evaluate(pipeline_config: PipelineConfig, data_dir: Path, work: Pa
         "balanced_accuracy": round(metrics[METRIC], 4),
         "balanced_accuracy_ci": [round(low, 4), round(high, 4)],
         "ci_width": round(high - low, 4),
-        "val_balanced_accuracy": round(summary["metrics"][VAL_KEY], 4),
+        "val_balanced_accuracy": round(getattr(summary, VAL_KEY), 4),
         "macro_f1": round(metrics["macro_f1"], 4),
         "accuracy": round(metrics["accuracy"], 4),
         "train_wall_seconds": round(trained - started, 1),
         "eval_wall_seconds": round(evaluated - trained, 1),
-        "epochs": summary["bookkeeping"]["epochs_run"],
-        "best_epoch": summary["bookkeeping"]["best_epoch"],
-        "best_val_accuracy": round(summary["metrics"]["best_val_accuracy"], 4),
+        "epochs": summary.epochs_run,
+        "best_epoch": summary.best_epoch,
+        "best_val_accuracy": round(summary.best_val_accuracy, 4),
     }
     return row, summary
 
@@ -118,7 +119,7 @@ def run_sweep(sweep: Sweep, labels: list[str], base: PipelineConfig, data_dir: P
         row = {"seed": seed, "trial": index + 1, "label": label, **row}
         rows.append(row)
         # what the select step reads from each trial's model metadata (unrounded)
-        metadatas.append({META_TRAIN_PARAMS: trial, VAL_KEY: summary["metrics"][VAL_KEY]})
+        metadatas.append({META_TRAIN_PARAMS: trial, VAL_KEY: getattr(summary, VAL_KEY)})
         print(json.dumps({"sweep_trial": row}), flush=True)
     seconds = time.perf_counter() - started
     chosen = rank_trials(metadatas, METRIC)[0]

@@ -62,7 +62,8 @@ def test_bad_sweeps_are_refused_naming_the_problem(spec: dict, message: str) -> 
 
 
 def test_only_train_settings_no_other_step_reads_are_sweepable() -> None:
-    from pipeline.lib.params import STEP_PARAMS, TrainParams
+    from pipeline.lib.params import TrainParams
+    from pipeline.stepspec import STEP_PARAMS
 
     others = {name for step, classes in STEP_PARAMS.items() if step != "train_model"
               for cls in classes for name in cls.field_names()}
