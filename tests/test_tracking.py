@@ -38,8 +38,8 @@ from pipeline.lib.tracking_store import (
     resolve_tracking_uri,
 )
 from tests.support.mlflow_server import MlflowServer, PortForward, images
+from tests.support.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["iris-setosa", "iris-versicolour", "iris-virginica"]
 SHA = "48a5f6b0ad1019f4f7ce2628e08e9f71104ae625db1b7e4c24eaf051133f4589"
 
