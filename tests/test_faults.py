@@ -30,6 +30,7 @@ from pipeline.steps import download, preprocess
 from pipeline.steps.download import NotAnArchiveError, fetch_dataset
 from pipeline.stepspec import SPECS_BY_TASK
 from tests.support.imagegen import image_bytes, write_class_folders, zip_folder
+from tests.support.prepared import load_report
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture) -> str:
@@ -295,7 +296,7 @@ def test_links_and_fifos_of_a_data_folder_are_in_the_data_report(tmp_path: Path)
     out = preprocess.run_step(raw, meta, tmp_path / "prepared", tmp_path / "report.md",
                               _preprocess_params())
 
-    report = preprocess.load_report(tmp_path / "prepared")
+    report = load_report(tmp_path / "prepared")
     skipped = {s["path"]: (s["reason"], s["detail"]) for s in report["skipped"]}
     assert skipped == {
         "a/link.jpg": ("symbolic link", "link, not followed"),
