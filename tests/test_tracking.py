@@ -28,6 +28,7 @@ from pipeline import __version__
 from pipeline.config import PipelineConfig
 from pipeline.lib import images as image_lib
 from pipeline.lib import tracking_log, tracking_runs, tracking_store
+from pipeline.lib.backbones import model_label
 from pipeline.lib.model_logging import MlflowEpochLogger, log_model
 from pipeline.lib.params import TrainParams
 from pipeline.lib.tracking_log import log_artifacts, log_dataset_input, log_metrics
@@ -38,8 +39,8 @@ from pipeline.lib.tracking_store import (
     resolve_tracking_uri,
 )
 from tests.support.mlflow_server import MlflowServer, PortForward, images
+from tests.support.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["iris-setosa", "iris-versicolour", "iris-virginica"]
 SHA = "48a5f6b0ad1019f4f7ce2628e08e9f71104ae625db1b7e4c24eaf051133f4589"
 
@@ -230,7 +231,7 @@ def test_a_server_lost_mid_step_fails_it_within_the_bound_naming_the_server(
     message = str(raised.value)
     assert f"MLflow tracking server {forwarded_server.url} went away during step 'train'" in (
         message)
-    assert f"run {run.info.run_id} of step 'train'" in message
+    assert f"Run {run.info.run_id} of step 'train'" in message
     assert "not logged" in message and "Rerun the same command" in message
     forwarded_server.start()  # back: what was logged before the loss is there
     history = MlflowClient(forwarded_server.url).get_metric_history(run.info.run_id, "loss")
@@ -240,11 +241,11 @@ def test_a_server_lost_mid_step_fails_it_within_the_bound_naming_the_server(
 @pytest.mark.mlflow_server
 def test_a_server_back_within_the_bound_loses_nothing(forwarded_server: PortForward,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(tracking_store.GIVE_UP_ENV, "60")  # retries over 30 s
+    monkeypatch.setenv(tracking_store.GIVE_UP_ENV, "60")  # retries at 0, 0, 2, 6, 14, 30 s
     with step_run("train", **run_kwargs(forwarded_server.url,
                                         f"back-{uuid.uuid4().hex[:8]}")) as run:
         forwarded_server.stop()
-        threading.Timer(1.0, forwarded_server.start).start()
+        threading.Timer(4.0, forwarded_server.start).start()  # longer than retries w/o backoff
         log_metrics({"loss": 0.5})
     client = MlflowClient(forwarded_server.url)
     assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
@@ -565,6 +566,20 @@ def test_the_pipelines_own_model_logs_and_predicts(mlflow_server: MlflowServer,
     odd = images(2, 45, 61, seed=3)
     predicted = mlflow.pyfunc.load_model(info.model_uri).predict(odd)[CLASSES].to_numpy()
     assert np.allclose(predicted, model.predict(fitted(odd, 96), verbose=0), atol=1e-5)
+
+
+@pytest.mark.mlflow_server
+def test_the_train_steps_model_names_are_logged(mlflow_server: MlflowServer,
+                                                tmp_path: Path) -> None:
+    """The train step names a model by its backbone and width (``...-a0.5-...``); MLflow
+    refuses "." (and "/", ":", "%", quotes) in a logged model's name."""
+    model_dir = save_model_dir(tiny_model(None, "uint8"), tmp_path / "model")
+    label = model_label("transfer", "mobilenet_v2", 0.5, 320)
+    with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")):
+        info = log_model(model_dir, image_size=16, example_image=example_jpeg(),
+                         name=f"iris-{label}-seed42")
+    logged = MlflowClient(mlflow_server.url).get_logged_model(info.model_id)
+    assert logged.name == "iris-mobilenet_v2-a0_5-320px-seed42"
 
 
 @pytest.mark.mlflow_server
