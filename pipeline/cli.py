@@ -306,10 +306,11 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
     lines.append(f"{'':<22}(intervals: {summary.get('interval_method') or 'bootstrap'})")
     cv = summary.get("cross_validation")
     if cv:
-        lines.append(row(f"cross-validated ({int(cv['cv_images'])}):",
-                         {n.removeprefix("cv_"): v for n, v in cv.items()}, True))
-        lines.append(f"{'':<22}({int(cv['cv_folds'])} folds over train + validation, out of "
-                     f"fold; the model: {int(cv['cv_final_epochs'])} epochs on all of them)")
+        lines.append(row("cross-validated:", {n.removeprefix("cv_"): v for n, v in cv.items()},
+                         True))
+        lines.append(f"{'':<22}(out of fold, {int(cv['cv_folds'])} folds over the "
+                     f"{int(cv['cv_images'])} train + validation images; the model: "
+                     f"{int(cv['cv_final_epochs'])} epochs on all of them)")
     sweep = summary.get("sweep")
     if sweep and sweep.get("trials") and "cv_score" in sweep["trials"][0]:
         lines.append(f"sweep: {sweep['summary']}")

@@ -279,7 +279,8 @@ def test_the_closing_block_shows_the_cross_validated_estimate_and_the_paired_ran
         "elapsed_s": 1.0, "cached_steps": [],
     }
     lines = closing_block(summary)
-    assert lines[1] == "cross-validated (300): balanced_accuracy 0.680 [0.620, 0.730]"
+    assert lines[2] == "cross-validated:      balanced_accuracy 0.680 [0.620, 0.730]"
+    assert "5 folds over the 300 train + validation images" in lines[3]
     assert "sweep: trial 1 leads (...)" in lines
     assert ("  0.680 [0.580, 0.780]  -0.020 [-0.060, +0.010]  10.0 ms  trial 2: tta_views=0"
             "  <- chosen, evaluated on test") in lines
