@@ -239,7 +239,7 @@ def test_a_cross_validated_two_trial_sweep_registers_the_rules_choice(
     assert "serving_ms_per_image" in winner.data.metrics
     assert OOF_PREDICTIONS_FILE in {a.path for a in client.list_artifacts(winner.info.run_id)}
     parent = client.get_run(summary["mlflow"]["run_id"])
-    settings = f"tta_views={chosen['overrides']['tta_views']}"
+    settings = f"tta_views={int(chosen['overrides']['tta_views'])}"
     assert parent.info.run_name.startswith(f"sweep of 2: {settings}")
     versions = client.search_model_versions(f"name = '{summary['registration']['name']}'")
     assert [v.run_id for v in versions] == [winner.info.run_id]

@@ -56,7 +56,7 @@ FOLD_SEED = 0
 #: The splits cross-validation folds over (never the test split).
 SPLITS = ("train", "val")
 #: Serving cost: images per timed batch and timed repeats (the minimum is kept).
-COST_BATCH = 8
+COST_BATCH = 16
 COST_REPEATS = 3
 
 
