@@ -51,9 +51,10 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.lib import stats, tracking
+from pipeline.lib import run_story, stats, tracking
 from pipeline.lib.contract import (
     META_DATA_SHA256,
+    META_MODEL_ID,
     META_MODEL_URI,
     META_PREDICTIONS_URI,
     META_SPLIT_DIGEST,
@@ -751,6 +752,7 @@ def run_step(model_metadata: Mapping[str, Any], metrics_metadata: Mapping[str, A
             evidence=evidence,
             margin=params.promotion_margin,
         )
+        run_story.tell_parent(run.info.run_id, decision, model_metadata.get(META_MODEL_ID))
     return {**decision, "mlflow_run_id": run.info.run_id}
 
 
