@@ -10,6 +10,8 @@ the parent run, so its Overview lists the model and the registered version under
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +30,18 @@ TAG_REASON = "registry.reason"
 #: The description's section this module owns (replaced, never appended twice).
 SECTION = "### Registry decision"
 _MAX_TAG = 5000  # MLflow's tag value limit on most stores
+
+
+def model_name(model: str, image_size: int, seed: int, settings: Mapping[str, Any]) -> str:
+    """The logged model's name: ``iris-<model>-<size>px-seed<seed>-<digest>``.
+
+    The digest (6 hex digits) covers every train setting but the weights file's path (it
+    differs per machine), so a sweep's trials, which share model, size and seed when they
+    differ in pooling, head or views, get models with distinct names.
+    """
+    kept = {k: v for k, v in settings.items() if k != "weights"}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    return f"iris-{model}-{image_size}px-seed{seed}-{digest[:6]}"
 
 
 def decision_markdown(decision: Mapping[str, Any]) -> str:
@@ -84,4 +98,4 @@ def tell_parent(step_run_id: str, decision: Mapping[str, Any], model_id: str | N
         logger.warning("could not put the registry decision on the pipeline run: %s", exc)
 
 
-__all__ = ["decision_markdown", "tell_parent", "with_section"]
+__all__ = ["decision_markdown", "model_name", "tell_parent", "with_section"]

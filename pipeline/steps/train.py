@@ -30,7 +30,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline.lib import inputs, model_logging, models, records, stats, tracking
+from pipeline.lib import inputs, model_logging, models, records, run_story, stats, tracking
 from pipeline.lib.contract import (
     CHECKPOINT_DIR,
     CHECKPOINT_ROOT_ENV,
@@ -697,7 +697,8 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
         logged_model = model_logging.log_model(
             model_dir, image_size=params.image_size,
             example_image=records.read_split(data_dir, "test", limit=1)[0].image,
-            name=f"iris-{params.model}-{params.image_size}px-seed{params.seed}")
+            name=run_story.model_name(params.model, params.image_size, params.seed,
+                                      params.to_dict()))
         parent = tracking.parent_run_id()
         uri = mlflow.get_tracking_uri()
     return {
