@@ -51,7 +51,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.lib import run_story, stats, tracking
+from pipeline.lib import model_card, run_story, stats, tracking
 from pipeline.lib.contract import (
     META_DATA_SHA256,
     META_MODEL_ID,
@@ -753,6 +753,7 @@ def run_step(model_metadata: Mapping[str, Any], metrics_metadata: Mapping[str, A
             margin=params.promotion_margin,
         )
         run_story.tell_parent(run.info.run_id, decision, model_metadata.get(META_MODEL_ID))
+        model_card.describe_version(decision, evaluation_dir, model_metadata)
     return {**decision, "mlflow_run_id": run.info.run_id}
 
 
