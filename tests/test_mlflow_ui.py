@@ -19,6 +19,8 @@ from mlflow_browser import (
     printed_mlflow_ui,
 )
 
+from pipeline.lib import gallery
+
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(chromium_missing() is not None,
                                  reason=chromium_missing() or "")]
@@ -47,29 +49,47 @@ def printed(tmp_path_factory: pytest.TempPathFactory, iris_zip: Path,
 def _open(page: Any, what: str) -> None:
     """Wait until ``what`` shows, then fail if any GenAI page or sidebar is on screen."""
     page.get_by_text(what, exact=True).first.wait_for()
-    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(1500)  # the sidebar and breadcrumbs settle after the content
     close_assistant(page)
     assert genai_markers_shown(page) == [], f"GenAI page at {page.url} ({what})"
 
 
-def test_clicks_from_the_printed_address_stay_on_model_training_pages(
-        printed: tuple[Path, str, str, dict[str, Any]]) -> None:
+def click_through(page: Any, address: str, summary: dict[str, Any]) -> None:
+    """Run list -> newest pipeline run -> its train run -> its registered version, by clicks."""
     from mlflow import MlflowClient
 
-    workdir, command, address, summary = printed
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     parent = client.get_run(summary["mlflow"]["run_id"])
     model = summary["registration"]
+    page.goto(address)
+    _open(page, parent.info.run_name)  # the run list, newest run first
+    page.get_by_role("link", name=parent.info.run_name).first.click()
+    _open(page, "Child runs")
+    assert f"/runs/{parent.info.run_id}" in page.url
+    # the registry decision is on the pipeline run: its description and its models
+    assert page.get_by_text("Registry decision").count()
+    assert page.locator(f"a[href$='/models/{model['name']}/versions/{model['version']}']").count()
+    page.get_by_role("link", name="train", exact=True).first.click()
+    _open(page, "Registered models")
+    assert f"/runs/{summary['mlflow']['step_run_ids']['train']}" in page.url
+    version_page = f"/models/{model['name']}/versions/{model['version']}"
+    page.locator(f"a[href$='{version_page}']").first.click()  # "<name> v<version>"
+    _open(page, f"Version {model['version']}")
+    assert version_page in page.url
+    assert page.get_by_text("Model card").count() and page.get_by_text("95% interval").count()
+
+
+def test_evaluate_run_holds_the_gallery(printed: tuple[Path, str, str, dict[str, Any]]) -> None:
+    from mlflow import MlflowClient
+
+    summary = printed[3]
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    files = {a.path for a in client.list_artifacts(summary["mlflow"]["step_run_ids"]["evaluate"])}
+    assert {"misclassified.png", gallery.CONFIDENT_PNG, "report.html"} <= files
+
+
+def test_clicks_from_the_printed_address_stay_on_model_training_pages(
+        printed: tuple[Path, str, str, dict[str, Any]]) -> None:
+    workdir, command, address, summary = printed
     with printed_mlflow_ui(command, workdir) as url, chromium_page() as page:
-        page.goto(address.replace(f"http://127.0.0.1:{PRINTED_PORT}", url))
-        _open(page, parent.info.run_name)  # the run list, newest run first
-        page.get_by_role("link", name=parent.info.run_name).first.click()
-        _open(page, "Child runs")
-        assert f"/runs/{parent.info.run_id}" in page.url
-        page.get_by_role("link", name="train", exact=True).first.click()
-        _open(page, "Registered models")
-        assert f"/runs/{summary['mlflow']['step_run_ids']['train']}" in page.url
-        page.get_by_role("link", name=re.compile(
-            rf"{re.escape(model['name'])}.*v{model['version']}")).first.click()
-        _open(page, f"Version {model['version']}")
-        assert f"/models/{model['name']}/versions/{model['version']}" in page.url
+        click_through(page, address.replace(f"http://127.0.0.1:{PRINTED_PORT}", url), summary)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline.lib import inputs, models, records, report, stats, tracking
+from pipeline.lib import gallery, inputs, models, records, report, stats, tracking
 from pipeline.lib.contract import (
     CLASSES_FILE,
     CONFUSION_PNG,
@@ -138,8 +138,7 @@ def evaluate_model(
         for i in np.flatnonzero(preds != labels_np):
             if len(wrong_images) < MAX_MISCLASSIFIED_SHOWN:
                 wrong_images.append(images[i].numpy())
-                wrong_titles.append(f"true: {classes[labels_np[i]]}\npred: {classes[preds[i]]} "
-                                    f"({probs[i, preds[i]]:.2f})")
+                wrong_titles.append(gallery.title(classes, int(labels_np[i]), probs[i]))
     if not labels_all:
         raise ValueError(f"the test split under {str(data_dir)!r} is empty")
     y_true = np.concatenate(labels_all)
@@ -204,6 +203,8 @@ def evaluate_model(
         "training_curves": report.plot_training_curves(history, out_dir / CURVES_PNG),
         "misclassified": report.plot_image_grid(wrong_images, wrong_titles,
                                                 out_dir / MISCLASSIFIED_PNG),
+        "confident_correct": gallery.confident_correct(
+            data_dir, trained_image_size(model_dir), predictions, out_dir / gallery.CONFIDENT_PNG),
     }
     report.render_html(metrics, data_report, figures, out_dir / REPORT_FILE)
 
