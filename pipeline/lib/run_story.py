@@ -32,8 +32,9 @@ SECTION = "### Registry decision"
 _MAX_TAG = 5000  # MLflow's tag value limit on most stores
 
 
-def model_name(model: str, image_size: int, seed: int, settings: Mapping[str, Any]) -> str:
-    """The logged model's name: ``iris-<model>-<size>px-seed<seed>-<digest>``.
+def model_name(label: str, seed: int, settings: Mapping[str, Any]) -> str:
+    """The logged model's name: ``iris-<label>-seed<seed>-<digest>`` (label: what the model
+    is, e.g. ``mobilenet_v2-a0.5-320px``).
 
     The digest (6 hex digits) covers every train setting but the weights file's path (it
     differs per machine), so a sweep's trials, which share model, size and seed when they
@@ -41,7 +42,7 @@ def model_name(model: str, image_size: int, seed: int, settings: Mapping[str, An
     """
     kept = {k: v for k, v in settings.items() if k != "weights"}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-    return f"iris-{model}-{image_size}px-seed{seed}-{digest[:6]}"
+    return f"iris-{label}-seed{seed}-{digest[:6]}"
 
 
 def decision_markdown(decision: Mapping[str, Any]) -> str:
