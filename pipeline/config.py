@@ -298,7 +298,7 @@ RANGES: dict[str, Bounds] = {
     "augment_zoom": Bounds(0.0, 1.0, high_open=True),  # the augmentation layer's own limits
     "augment_contrast": Bounds(0.0, 1.0, high_open=True),
     "alpha": Bounds(0.0, 2.0, low_open=True),
-    "dropout": Bounds(0.0, 1.0, high_open=True),
+    "dropout": Bounds(0, 1, high_open=True),
     "tta_views": Bounds(0, 8),  # and one of TTA_VIEWS
     "epochs": Bounds(1, MAX_EPOCHS),
     "steps_per_epoch": Bounds(0, 1_000_000_000),
@@ -310,7 +310,7 @@ RANGES: dict[str, Bounds] = {
     "head_feature_views": Bounds(0, 1024),  # cached features grow with it
     "head_c": Bounds(0.0, 1e6, low_open=True),
     "gate_threshold": Bounds(0.0, 1.0),  # every gate metric is a share in [0, 1]
-    "promotion_margin": Bounds(0.0, 1.0, high_open=True),
+    "promotion_margin": Bounds(0, 1, high_open=True),
 }
 #: val_fraction + test_fraction must stay below this, leaving at least 10% for training.
 MAX_HELD_OUT_FRACTION = 0.9

@@ -48,7 +48,7 @@ from tests.support.cli_helpers import (
 from tests.support.mlflow_server import MlflowServer
 
 DATA_ENV = ("IRIS_DATA_USERNAME", "IRIS_DATA_PASSWORD")
-PAYLOAD = b"zip bytes " * 100
+PAYLOAD = b"PK\x03\x04zip bytes " * 100  # a zip's magic: the download step sniffs it
 
 
 def _password() -> str:

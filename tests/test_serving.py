@@ -287,6 +287,15 @@ def png_bomb(side: int = 9000) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def jpeg_claiming(side: int) -> bytes:
+    """A small baseline JPEG whose frame header (SOF0) claims ``side`` x ``side`` pixels."""
+    data = bytearray(tf.io.encode_jpeg(images(1, 16, 16)[0], quality=90,
+                                       progressive=False).numpy())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5:frame + 9] = struct.pack(">HH", side, side)
+    return bytes(data)
+
+
 REFUSED_REQUESTS = {
     "gif": ({"inputs": [b64(pillow_file(images(1, 30, 30)[0], "GIF"))]},
             "image 0: a GIF file; only JPEG and PNG files are accepted"),
@@ -295,6 +304,8 @@ REFUSED_REQUESTS = {
     "wrong-column": ({"dataframe_records": [{"img": b64(jpeg(images(1, 30, 30)[0]))}]},
                      "expected a column 'image', got columns ['img']"),
     "png-bomb": ({"inputs": [b64(png_bomb())]}, "image 0: 9000x9000 is too many pixels"),
+    "jpeg-bomb": ({"inputs": [b64(jpeg_claiming(9000))]},
+                  "image 0: 9000x9000 is too many pixels"),
 }
 
 
