@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import V1_BACKBONE, clean_env, run_local_cli, succeeded
-from mlflow_browser import (
+
+from pipeline.lib import gallery
+from tests.support.cli_helpers import V1_BACKBONE, clean_env, run_local_cli, succeeded
+from tests.support.mlflow_browser import (
     PRINTED_PORT,
     chromium_missing,
     chromium_page,
@@ -18,8 +20,6 @@ from mlflow_browser import (
     genai_markers_shown,
     printed_mlflow_ui,
 )
-
-from pipeline.lib import gallery
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(chromium_missing() is not None,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlflow_server import MLFLOW_ENV, _stop, _wait_healthy, free_port
+from tests.support.mlflow_server import MLFLOW_ENV, _stop, _wait_healthy, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
