@@ -6,8 +6,8 @@ browser keeps (``localStorage["mlflow.workflowType_v1"]``, GenAI when unset) unl
 address carries ``?workflowType=machine_learning``. The experiment page adds that parameter
 from the experiment's kind tag, but the run list's links drop it, so in a fresh browser
 every run, and the registry behind it, opens on GenAI pages; picking *Model training* in
-the sidebar does not store the choice while the address already says so (MLflow issue
-#24498, fixed after 3.17). MLflow offers no server setting for this, so this page, served
+the sidebar does not store the choice while the address already says so (reported as
+MLflow issue #24498). MLflow offers no server setting for this, so this page, served
 from the UI's own origin, stores *Model training* as the browser's choice and forwards to
 the experiment. The plugin is registered under MLflow's ``mlflow.app`` entry points (the
 extension point its ``basic-auth`` app uses); everything else is MLflow's app unchanged.
