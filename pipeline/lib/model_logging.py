@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 # Keras callback
 # ----------------------------------------------------------------------------------------
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs loss/accuracy (train and validation) and the learning rate after every epoch.
+    """Logs loss/accuracy (train and validation) after every epoch, the learning rate where
+    it changes (the first epoch, then a new phase such as fine-tuning): a rate that stays put
+    would plot as a flat line on an axis around zero and says no more than the param.
 
     Explicit instead of ``mlflow.keras.autolog`` (untested on TF 2.21). One ``log_batch``
     per epoch with ``step`` = the 1-based epoch number, as in the logs and ``history.json``;
@@ -49,6 +51,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self._run_id = run_id
         self._client = client
         self._last_step = 0
+        self._last_rate: float | None = None
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         if self._run_id is None:
@@ -61,8 +64,9 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self._last_step = step
         values = numeric_metrics(dict(logs or {}))
         learning_rate = self._learning_rate()
-        if learning_rate is not None:
+        if learning_rate is not None and learning_rate != self._last_rate:
             values["learning_rate"] = learning_rate
+            self._last_rate = learning_rate
         missing = [k for k in EPOCH_KEYS if k not in values]
         if missing:
             logger.debug("epoch %d: Keras logs lack %s", epoch, missing)
