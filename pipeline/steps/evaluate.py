@@ -24,6 +24,7 @@ from sklearn.metrics import precision_recall_fscore_support
 from pipeline.lib import (
     gallery,
     inputs,
+    model_card,
     models,
     records,
     report,
@@ -51,7 +52,7 @@ from pipeline.lib.contract import (
     REPORT_FILE,
     TRAINING_SUMMARY_FILE,
 )
-from pipeline.lib.files import atomic_write_json, read_json
+from pipeline.lib.files import atomic_write_json, atomic_write_text, read_json
 from pipeline.lib.params import EvaluateParams, TrackingParams
 from pipeline.lib.stats import score
 
@@ -261,12 +262,13 @@ class Evaluation:
 
 def run_step(model_dir: str | Path, model_metadata: Mapping[str, Any], data_dir: str | Path,
              out_dir: str | Path, report_path: str | Path, params: EvaluateParams,
-             tracking_params: TrackingParams) -> Evaluation:
+             tracking_params: TrackingParams, card_path: str | Path | None = None) -> Evaluation:
     """The ``evaluate_model`` component's body: score inside the step's MLflow run.
 
     Test metrics and the majority baseline also go to the parent run, where pipeline runs
     are compared, and are linked to the logged model and its data set (the model's page in
-    MLflow lists them); the HTML report is copied to ``report_path`` for the KFP UI.
+    MLflow lists them); the HTML report is copied to ``report_path`` for the KFP UI, and the
+    model card (``card_path``, the KFP UI's Markdown) says what the model is and how it scored.
     """
     digest = model_metadata.get(META_DATASET_DIGEST)
     with tracking_runs.tracked_step("evaluate", tracking_params, params.to_dict()) as run:
@@ -276,6 +278,8 @@ def run_step(model_dir: str | Path, model_metadata: Mapping[str, Any], data_dir:
                                  dataset=(tracking_log.DATASET_NAME, digest) if digest else None)
         tracking_log.log_artifacts(out_dir)
     shutil.copyfile(Path(out_dir) / REPORT_FILE, report_path)
+    if card_path is not None:
+        atomic_write_text(card_path, model_card.card(metrics, model_metadata))
     return Evaluation(metrics, bool(metrics["gate_passed"]), run.info.run_id)
 
 
