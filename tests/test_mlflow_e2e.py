@@ -258,7 +258,7 @@ def test_model_is_logged_with_signature_and_registered_as_champion(
     info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}/1")
     assert info.signature.outputs.input_names() == ["label", *summary["classes"]]
     assert info.metadata["classes"] == summary["classes"]
-    assert re.fullmatch(r"iris-mobilenet-a0\.25-96px-seed42-[0-9a-f]{6}", logged.name)
+    assert re.fullmatch(r"iris-mobilenet-a0_25-96px-seed42-[0-9a-f]{6}", logged.name)
     # the evaluate step's test metrics are linked to the logged model, with the data set
     linked = {m.key: m for m in logged.metrics}
     for name, value in summary["test_metrics"].items():
