@@ -14,8 +14,7 @@ from pipeline.lib.contract import META_RUN_ID, META_SWEEP, META_TRAIN_PARAMS
 from pipeline.steps.select import SWEEP_FILE, rank_trials, select_trial, trial_labels
 from pipeline.sweep import MAX_TRIALS, SWEEPABLE, build_sweep, load_sweep
 from tests.support.cli_helpers import V1_BACKBONE, clean_env, run_local_cli, set_flags, succeeded
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import PROJECT_ROOT
 
 
 # --- the sweep file ----------------------------------------------------------------------------

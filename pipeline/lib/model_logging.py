@@ -122,6 +122,11 @@ def _stage_code(root: Path) -> Path:
     return root / "pipeline"
 
 
+#: Characters MLflow refuses in a logged model's name, and what they become: the train step's
+#: names carry a backbone's width ("mobilenet_v2-a0.5-320px").
+_LOGGED_NAME_REFUSED = str.maketrans({c: "_" for c in "/:.%\"'"})
+
+
 def log_model(
     model_dir: str | Path, *, image_size: int, example_image: bytes, name: str,
 ) -> ModelInfo:
@@ -135,13 +140,15 @@ def log_model(
     the size training resized to; ``example_image`` (an encoded JPEG/PNG) is the input
     example, and MLflow scores it once while logging. The code travels with the model, so it
     loads without this project installed; pip requirements are pinned explicitly (inferring
-    them would load TensorFlow in a subprocess).
+    them would load TensorFlow in a subprocess). Characters MLflow refuses in ``name`` ("/",
+    ":", ".", "%", quotes) become "_".
     """
     import tensorflow as tf
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     require_active_run("log_model")
+    name = name.translate(_LOGGED_NAME_REFUSED)
     model_dir = Path(model_dir)
     model_file = model_dir / MODEL_FILE
     classes_file = model_dir / CLASSES_FILE
