@@ -50,7 +50,7 @@ def test_parent_run_gets_tags_description_and_the_logged_model(tmp_path: Path) -
 def test_trials_differing_only_in_pooling_get_distinct_model_names() -> None:
     settings = {"pooling": "avg_max", "head_c": 0.003, "weights": "/a/w.h5"}
     first = run_story.model_name("mobilenet_v2-a0.5-320px", 42, settings)
-    assert re.fullmatch(r"iris-mobilenet_v2-a0_5-320px-seed42-[0-9a-f]{6}", first)  # no "."
+    assert re.fullmatch(r"iris-mobilenet_v2-a0\.5-320px-seed42-[0-9a-f]{6}", first)
     avg = {**settings, "pooling": "avg"}
     assert run_story.model_name("mobilenet_v2-a0.5-320px", 42, avg) != first
     # the weights file's path differs per machine: the name does not

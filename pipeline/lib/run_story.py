@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,14 +30,12 @@ TAG_REASON = "registry.reason"
 #: The description's section this module owns (replaced, never appended twice).
 SECTION = "### Registry decision"
 _MAX_TAG = 5000  # MLflow's tag value limit on most stores
-#: Characters MLflow refuses in a logged model's name.
-_NOT_IN_MODEL_NAMES = re.compile(r"[/:.%\"']")
 
 
 def model_name(label: str, seed: int, settings: Mapping[str, Any]) -> str:
     """The logged model's name: ``iris-<label>-seed<seed>-<digest>`` (label: what the model
-    is, e.g. ``mobilenet_v2-a0.5-320px``), with the characters MLflow refuses in logged model
-    names (``/ : . % " '``) as ``_``: ``iris-mobilenet_v2-a0_5-320px-seed42-1a2b3c``.
+    is, e.g. ``mobilenet_v2-a0.5-320px``; ``model_logging.log_model`` turns the "." MLflow
+    refuses into "_").
 
     The digest (6 hex digits) covers every train setting but the weights file's path (it
     differs per machine), so a sweep's trials, which share model, size and seed when they
@@ -46,7 +43,7 @@ def model_name(label: str, seed: int, settings: Mapping[str, Any]) -> str:
     """
     kept = {k: v for k, v in settings.items() if k != "weights"}
     digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-    return _NOT_IN_MODEL_NAMES.sub("_", f"iris-{label}-seed{seed}-{digest[:6]}")
+    return f"iris-{label}-seed{seed}-{digest[:6]}"
 
 
 def decision_markdown(decision: Mapping[str, Any]) -> str:
