@@ -94,7 +94,7 @@ class TrainResult:
     """
 
     model: str
-    label: str  # names the trained model, e.g. mobilenet_v2-a0.5-320px
+    label: str  # names the trained model, e.g. mobilenet_v2-a0_5-320px
     image_size: int
     classes: tuple[str, ...]
     best_val_loss: float | None
