@@ -49,6 +49,8 @@ def streamed_split(monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, list[in
             tf.TensorSpec((SIZE, SIZE, 3), tf.uint8), tf.TensorSpec((), tf.int32)))
 
     monkeypatch.setattr(inputs, "load_examples", load_examples)
+    monkeypatch.setattr(inputs, "read_index", lambda data_dir, split: (
+        [f"{i:07x}" + "0" * 57 for i in range(NUM_IMAGES)], np.arange(NUM_IMAGES) % 3))
     return images, seen
 
 
@@ -59,8 +61,11 @@ def test_extract_features_streams_batches_and_keeps_the_order(streamed_split):
     core = _core()
     built = CountingLayer.calls  # building the model calls the layer symbolically
     views = 2
-    features, labels = feature_head.extract_features(core, None, "train", config,
-                                              augmenter=augmenter, views=views)
+    extracted = feature_head.extract_features(
+        core, None, "train", config, feature_head.plain_and_augmented(views),
+        augmenter=augmenter)
+    features, labels = extracted.x, extracted.y
+    assert extracted.computed == NUM_IMAGES * (views + 1)
     assert len(seen) == NUM_IMAGES
     # the last batch's images are read after earlier batches went through the extractor
     assert seen[-1] > built, "every image was read before any feature was extracted"
@@ -68,11 +73,11 @@ def test_extract_features_streams_batches_and_keeps_the_order(streamed_split):
     extractor = keras.Model(core.inputs, core.get_layer(models.POOL).output)
     expected = []
     for view in range(views + 1):  # view-major: the images, then each augmented view
-        for step, start in enumerate(range(0, NUM_IMAGES, BATCH)):
-            batch = tf.constant(images[start:start + BATCH])
+        for i, image in enumerate(images):  # each image's view is seeded by its content
+            batch = tf.constant(image[None])
             if view:
-                seed = tf.constant([config.seed, view * 100_000 + step], tf.int64)
-                batch = augmenter.augment(batch, seed)
+                seed = np.array([[config.seed, view * 2**28 + i]], np.int64)
+                batch = augmenter.augment_each(batch, seed)
             expected.append(np.asarray(extractor(tf.cast(batch, tf.float32))))
     np.testing.assert_allclose(features, np.concatenate(expected), rtol=1e-6, atol=1e-6)
     assert labels.tolist() == [i % 3 for i in range(NUM_IMAGES)] * (views + 1)

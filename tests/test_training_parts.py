@@ -13,6 +13,8 @@ import pytest
 
 from pipeline.lib import inputs, models
 from pipeline.lib.contract import CHECKPOINT_ROOT_ENV
+from pipeline.lib.feature_head import probabilities_from_features
+from pipeline.lib.training import split_scores
 from pipeline.steps import train
 from pipeline.steps.train import TrainResult, train_model
 from tests.support.train_helpers import read_history, tiny_prepared_data, tiny_train
@@ -108,3 +110,19 @@ def test_the_checkpoint_lock_is_released_when_training_raises(tmp_path, monkeypa
     lock = filelock.FileLock(lock_file)
     lock.acquire(timeout=0)  # raises filelock.Timeout while the failed run still holds it
     lock.release()
+
+
+def test_validation_scores_from_features_are_the_exported_models(tiny):
+    """The val scores come from cached features, and they are the exported model's numbers."""
+    data_dir, model_dir, result = tiny
+    exported = models.load_model(model_dir)
+    images, labels = _val_set(data_dir)
+    from_model = np.asarray(exported(images.astype(np.float32), training=False))
+    core = exported.get_layer("mobilenet_classifier")
+    config = tiny_train(**STOPPING)
+    from_features, feature_labels, _ = probabilities_from_features(core, data_dir, "val",
+                                                                   config, None)
+    np.testing.assert_array_equal(feature_labels, labels)
+    np.testing.assert_allclose(from_features, from_model, rtol=1e-4, atol=1e-6)
+    expected = split_scores(exported, data_dir, "val", config)
+    assert {k: getattr(result, f"model_val_{k}") for k in expected} == pytest.approx(expected)

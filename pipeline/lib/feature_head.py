@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.lib import inputs, models
-from pipeline.lib.backbones import TRANSFER
+from pipeline.lib import inputs, models, stats
+from pipeline.lib.backbones import BACKBONES, TRANSFER
+from pipeline.lib.feature_cache import FeatureCache, feature_key
+from pipeline.lib.files import file_sha256
 from pipeline.lib.params import TrainParams
 from pipeline.lib.progress import report_progress
 from pipeline.lib.training import Phase
+from pipeline.lib.views import DihedralView
 
 logger = logging.getLogger(__name__)
 
@@ -30,36 +35,154 @@ def uses_feature_head(config: TrainParams, phase: Phase | None = None) -> bool:
     return on and (phase is None or phase.name == "head")
 
 
-def extract_features(
-    core: keras.Model, data_dir: Path, split: str, config: TrainParams, *,
-    augmenter: inputs.RandomAugment | None = None, views: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled backbone features of a split: the images, then ``views`` augmented copies of them.
+@dataclasses.dataclass(frozen=True)
+class View:
+    """One view of an image whose features are extracted: plain, augmented or flipped/turned.
 
-    Augmentation uses stateless seeds from (config.seed, view, batch), so features (and the
-    head trained on them) are reproducible, also after a restart. The split is decoded once
-    and streamed batch by batch, every view of a batch extracted at once: only features are
-    kept, so memory does not grow with the number of images times their decoded size.
+    ``augment`` views draw their transform from a seed of (config.seed, view index, image
+    content), so features are reproducible (also after a restart) and cacheable whatever
+    batch an image comes in; ``dihedral`` views are the exported model's test-time views.
     """
-    if views and augmenter is None:
-        raise ValueError(f"{views} augmented views of split {split!r} need an augmenter")
+
+    kind: str  # "plain", "augment" or "dihedral"
+    index: int = 0
+
+    def key(self, config: TrainParams) -> dict[str, Any]:
+        """Everything about this view that its features depend on (for the cache key)."""
+        if self.kind == "augment":
+            return {"kind": "augment", "index": self.index, "seed": config.seed,
+                    "augment": {name: getattr(config, f"augment_{name}")
+                                for name in ("flip", "rotation", "shift", "zoom", "contrast")}}
+        if self.kind == "dihedral" and self.index:
+            return {"kind": "dihedral", "index": self.index}
+        return {"kind": "plain"}
+
+    def apply(self, images: tf.Tensor, shas: Sequence[str], config: TrainParams,
+              augmenter: inputs.RandomAugment | None) -> tf.Tensor:
+        if self.kind == "augment":
+            if augmenter is None:
+                raise ValueError("augmented views need an augmenter")
+            seeds = [[config.seed, self.index * 2**28 + int(sha[:7], 16)] for sha in shas]
+            return augmenter.augment_each(images, np.asarray(seeds, np.int64))
+        if self.kind == "dihedral" and self.index:
+            return DihedralView(self.index)(tf.cast(images, tf.float32))
+        return tf.cast(images, tf.float32)
+
+
+def plain_and_augmented(count: int) -> list[View]:
+    """The image itself, then ``count`` augmented views of it."""
+    return [View("plain"), *(View("augment", i) for i in range(1, count + 1))]
+
+
+def test_time_views(config: TrainParams) -> list[View]:
+    """The views the exported model averages over (only the image itself without them)."""
+    return [View("dihedral", i) for i in range(max(1, config.tta_views))]
+
+
+def backbone_key(config: TrainParams) -> dict[str, Any] | None:
+    """What determines the backbone's features besides the view and image; None: not cached.
+
+    Random weights (``weights=none``) are not cached: they are the experiment, not a fixture.
+    """
+    weights = models.resolve_weights(config.weights, config.weights_sha256)
+    if weights is None:
+        return None
+    spec = BACKBONES[config.backbone]
+    return {"weights": weights if weights == "imagenet" else file_sha256(weights),
+            "backbone": config.backbone, "alpha": config.alpha if spec.takes_alpha else None,
+            "image_size": config.image_size, "pooling": config.pooling}
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """Features of a split, view-major (all images in view 0, then view 1...), and labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+    computed: int  # images that went through the backbone (the rest came from the cache)
+
+
+def pooled_forward(core: keras.Model, image_size: int) -> Any:
+    """The backbone up to its pooled features as one graph function of a float image batch.
+
+    A graph, not Keras' eager call: eagerly, a functional model keeps every layer's output
+    of the batch alive until the call returns (gigabytes for MobileNetV2 at 320 px and batch
+    32), and runs op by op; the graph frees each activation after its last use.
+    """
     extractor = keras.Model(core.inputs, core.get_layer(models.POOL).output)
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
+    return tf.function(lambda images: extractor(images, training=False), input_signature=[spec])
+
+
+def extract_features(core: keras.Model, data_dir: Path | None, split: str,
+                     config: TrainParams, views: Sequence[View], *,
+                     augmenter: inputs.RandomAugment | None = None,
+                     cache: FeatureCache | None = None) -> Features:
+    """Pooled backbone features of every image of a split in each of ``views``.
+
+    Entries of ``cache`` are read first; the rest is computed with the split streamed batch
+    by batch (decoded once, only features kept, so memory does not grow with the images'
+    decoded size), the missing views of consecutive images pooled into full batches of
+    ``config.batch_size`` for the backbone, and stored.
+    """
+    shas, labels = inputs.read_index(data_dir, split)
+    key = backbone_key(config) if cache is not None else None
+    keys = ([[feature_key(key, view.key(config), sha) for sha in shas] for view in views]
+            if key is not None else None)
+    found: dict[tuple[int, int], np.ndarray] = {}
+    if keys is not None:
+        for v, row in enumerate(keys):
+            for i, k in enumerate(row):
+                if (hit := cache.get(k)) is not None:
+                    found[v, i] = hit
+    computed = _compute_missing(core, data_dir, split, config, views, shas, found, augmenter)
+    if keys is not None and computed:
+        for v, i in computed:
+            cache.put(keys[v][i], found[v, i])
+        cache.evict()
+    x = np.stack([found[v, i] for v in range(len(views)) for i in range(len(shas))])
+    return Features(x, np.tile(np.asarray(labels), len(views)), len(computed))
+
+
+def _compute_missing(core: keras.Model, data_dir: Path | None, split: str, config: TrainParams,
+                     views: Sequence[View], shas: Sequence[str],
+                     found: dict[tuple[int, int], np.ndarray],
+                     augmenter: inputs.RandomAugment | None) -> list[tuple[int, int]]:
+    """Fill ``found`` with the (view, image) features it lacks; returns those computed."""
+    missing = [(v, i) for v in range(len(views)) for i in range(len(shas)) if (v, i) not in found]
+    if not missing:
+        return []
+    wanted = set(missing)
+    forward = pooled_forward(core, config.image_size)
     examples = inputs.load_examples(data_dir, split, config.image_size, cache=False)
-    features: list[list[np.ndarray]] = [[] for _ in range(views + 1)]
-    labels = []
+    pending: list[tf.Tensor] = []
+    slots: list[tuple[int, int]] = []
+
+    def flush(count: int) -> None:
+        images = tf.concat(pending, 0)
+        rows = np.asarray(forward(images[:count]))
+        for slot, row in zip(slots[:count], rows, strict=True):
+            found[slot] = row
+        del slots[:count]
+        pending[:] = [images[count:]] if count < len(images) else []
+
+    position = 0
     # prefetch: the next batch is decoded while this one goes through the backbone
-    for step, (batch, label) in enumerate(examples.batch(config.batch_size).prefetch(1)):
-        labels.append(label.numpy())
-        for view in range(views + 1):
-            images = batch
-            if view:
-                seed = tf.constant([config.seed, view * 100_000 + step], tf.int64)
-                images = augmenter.augment(batch, seed)
-            features[view].append(
-                np.asarray(extractor(tf.cast(images, tf.float32), training=False)))
+    for step, (batch, _) in enumerate(examples.batch(config.batch_size).prefetch(1)):
+        indices = range(position, position + len(batch))
+        position += len(batch)
+        for v, view in enumerate(views):
+            need = [j for j, i in enumerate(indices) if (v, i) in wanted]
+            if need:
+                pending.append(view.apply(tf.gather(batch, need), [shas[indices[j]] for j in need],
+                                          config, augmenter))
+                slots.extend((v, indices[j]) for j in need)
+            while len(slots) >= config.batch_size:
+                flush(config.batch_size)
         report_progress(f"{split} feature batches", step + 1)
-    return (np.concatenate([row for view in features for row in view]),
-            np.concatenate(labels * (views + 1)))
+    if slots:
+        flush(len(slots))
+    return missing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,17 +207,22 @@ class FeatureHead:
     mean: np.ndarray
     std: np.ndarray
     rows: int
+    computed: int  # images that went through the backbone (the rest came from the cache)
 
     @classmethod
     def build(cls, core: keras.Model, data_dir: Path, config: TrainParams,
-              augmenter: inputs.RandomAugment, first_epoch: int, last_epoch: int) -> FeatureHead:
-        x_train, y_train = extract_features(core, data_dir, "train", config, augmenter=augmenter,
-                                            views=config.head_feature_views)
+              augmenter: inputs.RandomAugment, first_epoch: int, last_epoch: int,
+              cache: FeatureCache | None) -> FeatureHead:
+        train = extract_features(core, data_dir, "train", config,
+                                 plain_and_augmented(config.head_feature_views),
+                                 augmenter=augmenter, cache=cache)
+        x_train, y_train = train.x, train.y
         num_classes = int(core.get_layer(models.HEAD).units)
         missing = sorted(set(range(num_classes)) - set(y_train.tolist()))
         if missing:
             raise ValueError(f"every class needs training images; classes {missing} have none")
-        x_val, y_val = extract_features(core, data_dir, "val", config)
+        val = extract_features(core, data_dir, "val", config, [View("plain")], cache=cache)
+        x_val, y_val = val.x, val.y
         mean = x_train.mean(axis=0)
         std = x_train.std(axis=0) + 1e-6
         rows = len(y_train)
@@ -104,11 +232,12 @@ class FeatureHead:
             kernel_regularizer=keras.regularizers.L2(1.0 / (2.0 * config.head_c * rows)))
         model = keras.Model(features, dense(features), name="feature_head")
         examples = tf.data.Dataset.from_tensor_slices(((x_train - mean) / std, y_train))
-        train, steps = inputs.epoch_batches(examples, rows, config, first_epoch=first_epoch,
+        batches, steps = inputs.epoch_batches(examples, rows, config, first_epoch=first_epoch,
                                             last_epoch=last_epoch, augmenter=None)
         logger.info("head trains on %d cached feature rows (%d augmented views per image)",
                     rows, config.head_feature_views)
-        return cls(model, train, steps, ((x_val - mean) / std, y_val), mean, std, rows)
+        return cls(model, batches, steps, ((x_val - mean) / std, y_val), mean, std, rows,
+                   train.computed + val.computed)
 
     def fold_into(self, core: keras.Model) -> None:
         """Set ``core``'s Dense head to this head composed with the standardization."""
@@ -117,3 +246,33 @@ class FeatureHead:
         bias = bias - self.mean @ kernel
         core.get_layer(models.HEAD).set_weights([kernel.astype(np.float32),
                                                  bias.astype(np.float32)])
+
+
+def probabilities_from_features(core: keras.Model, data_dir: Path, split: str,
+                                config: TrainParams, cache: FeatureCache | None
+                                ) -> tuple[np.ndarray, np.ndarray, int]:
+    """What the exported model returns for a split's images, computed from backbone features.
+
+    With a frozen backbone, the exported model's output for an image is the mean over its
+    test-time views of the softmax head on that view's pooled features: the same numbers
+    from the features the head already has (cached) and those of the flipped views, without
+    a second pass of the images through a second model. Returns the probabilities, the
+    labels and the images computed.
+    """
+    views = test_time_views(config)
+    features = extract_features(core, data_dir, split, config, views, cache=cache)
+    kernel, bias = (np.asarray(w, np.float32) for w in core.get_layer(models.HEAD).get_weights())
+    logits = features.x @ kernel + bias
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    count = len(features.y) // len(views)
+    averaged = probabilities.reshape(len(views), count, -1).mean(axis=0)
+    return averaged, features.y[:count], features.computed
+
+
+def scores_from_features(core: keras.Model, data_dir: Path, config: TrainParams,
+                         cache: FeatureCache | None) -> tuple[dict[str, float], int]:
+    """The exported model's validation scores (see :func:`probabilities_from_features`)."""
+    probabilities, labels, computed = probabilities_from_features(core, data_dir, "val", config,
+                                                                  cache)
+    return stats.score(labels, probabilities.argmax(axis=1), probabilities.shape[1]), computed

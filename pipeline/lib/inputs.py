@@ -137,6 +137,21 @@ class RandomAugment(keras.layers.Layer):
         matrices, factors = self.sample(shape[0], shape[1], shape[2], seed)
         return _warp_batch(images, matrices, factors)
 
+    def augment_each(self, images: tf.Tensor, seeds: np.ndarray) -> tf.Tensor:
+        """Augment each image with its own stateless seed (``seeds`` [n, 2]), in one batch.
+
+        An image's augmented view then depends on its seed only, not on which batch or
+        position it came in, so its features can be cached and reused across runs and folds.
+        """
+        images = tf.convert_to_tensor(images)
+        if not self.active:
+            return tf.cast(images, tf.float32)
+        shape = tf.shape(images)
+        drawn = [self.sample(1, shape[1], shape[2], tf.constant(seed, tf.int64))
+                 for seed in np.asarray(seeds)]
+        return _warp_batch(images, tf.concat([m for m, _ in drawn], 0),
+                           tf.concat([f for _, f in drawn], 0))
+
     def sample(
         self, n: tf.Tensor, h: tf.Tensor, w: tf.Tensor, seed: tf.Tensor
     ) -> tuple[tf.Tensor, tf.Tensor]:

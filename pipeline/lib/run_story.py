@@ -34,7 +34,7 @@ _MAX_TAG = 5000  # MLflow's tag value limit on most stores
 
 def model_name(label: str, seed: int, settings: Mapping[str, Any]) -> str:
     """The logged model's name: ``iris-<label>-seed<seed>-<digest>`` (label: what the model
-    is, e.g. ``mobilenet_v2-a0.5-320px``; ``model_logging.log_model`` turns the "." MLflow
+    is, e.g. ``mobilenet_v2-a0_5-320px``; ``model_logging.log_model`` also turns any "." MLflow
     refuses into "_").
 
     The digest (6 hex digits) covers every train setting but the weights file's path (it

@@ -24,6 +24,7 @@ from pipeline.lib.contract import (
     LOCAL_CHECKPOINT_ROOT,
     RUN_TOKEN_ENV,
 )
+from pipeline.lib.feature_cache import CACHE_ROOT_ENV, LOCAL_FEATURE_CACHE
 from pipeline.lib.interrupts import CLI_PID_ENV
 from pipeline.lib.progress import StepStatus
 from pipeline.runners.console import StepConsole, strip_ansi, without_tracebacks
@@ -186,7 +187,10 @@ def run_local(
     # the step processes inherit these: a rerun after a crash resumes the same training
     environment = {RUN_TOKEN_ENV: token, CHECKPOINT_ROOT_ENV: os.environ.get(CHECKPOINT_ROOT_ENV)
                    or str(output_dir / LOCAL_CHECKPOINT_ROOT),
-                   CLI_PID_ENV: str(os.getpid())}  # steps stop once it is gone
+                   CLI_PID_ENV: str(os.getpid()),  # steps stop once it is gone
+                   # a rerun reads the frozen-backbone features an earlier run computed
+                   CACHE_ROOT_ENV: os.environ.get(CACHE_ROOT_ENV)
+                   or str(output_dir / LOCAL_FEATURE_CACHE)}
     saved = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     try:

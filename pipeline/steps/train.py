@@ -58,7 +58,8 @@ from pipeline.lib.contract import (
     TRAINING_SUMMARY_FILE,
     VAL_SCORE_PREFIX,
 )
-from pipeline.lib.feature_head import FeatureHead, uses_feature_head
+from pipeline.lib.feature_cache import FeatureCache
+from pipeline.lib.feature_head import FeatureHead, scores_from_features, uses_feature_head
 from pipeline.lib.files import atomic_write_json, read_json
 from pipeline.lib.params import DownloadParams, PreprocessParams, TrackingParams, TrainParams
 from pipeline.lib.training import (
@@ -94,7 +95,7 @@ class TrainResult:
     """
 
     model: str
-    label: str  # names the trained model, e.g. mobilenet_v2-a0.5-320px
+    label: str  # names the trained model, e.g. mobilenet_v2-a0_5-320px
     image_size: int
     classes: tuple[str, ...]
     best_val_loss: float | None
@@ -154,6 +155,7 @@ class Training:
     class_weights: dict[int, float] | None
     phases: list[Phase]
     cache_dir: str
+    feature_cache: FeatureCache
     fit_seconds: float = 0.0
     feature_rows: int | None = None
     backbone_images: int = 0
@@ -196,9 +198,11 @@ def _set_up(data_dir: Path, model_dir: Path, config: TrainParams, classes: list[
         "the model" if in_model else "tf.data",
     )
     weights = class_weights_for(train_labels, len(classes)) if config.class_weights else None
+    # without a shared cache, one for this run: its features are still computed only once
+    feature_cache = FeatureCache.from_env() or FeatureCache(Path(cache_dir) / "features")
     return Training(data_dir, model_dir, config, classes, train_labels, checkpoints, state,
                     resumed_from, devices, strategy, in_model, mixed, weights,
-                    plan_phases(config), cache_dir)
+                    plan_phases(config), cache_dir, feature_cache)
 
 
 def _build(run: Training) -> tuple[keras.Model, inputs.RandomAugment, keras.Model]:
@@ -224,10 +228,11 @@ def _phase_data(run: Training, phase: Phase, core: keras.Model, trainer: keras.M
         started = time.perf_counter()
         with run.strategy.scope():
             head = FeatureHead.build(core, run.data_dir, config, augmenter,
-                                     offset + finished, offset + phase.epochs)
+                                     offset + finished, offset + phase.epochs,
+                                     run.feature_cache)
         run.state.train_seconds += time.perf_counter() - started  # committed by the epochs
         run.feature_rows = head.rows
-        run.backbone_images += head.rows + len(head.val[1])
+        run.backbone_images += head.computed
         return head.model, head.train, head.steps, head.val, head
     train_data, steps = inputs.make_train_dataset(
         run.data_dir, config, first_epoch=offset + finished, last_epoch=offset + phase.epochs,
@@ -290,9 +295,13 @@ def _export(run: Training, core: keras.Model) -> dict[str, float]:
     config = run.config
     exported = export_model(core, config, len(run.classes), run.model_dir,
                             mixed_precision=run.mixed)
-    scores = split_scores(exported, run.data_dir, "val", config)
-    run.backbone_images += (len(inputs.read_labels(run.data_dir, "val"))
-                            * max(1, config.tta_views))
+    if uses_feature_head(config) and run.phases[-1].name == "head":  # backbone never trained
+        scores, computed = scores_from_features(core, run.data_dir, config, run.feature_cache)
+        run.backbone_images += computed
+    else:
+        scores = split_scores(exported, run.data_dir, "val", config)
+        run.backbone_images += (len(inputs.read_labels(run.data_dir, "val"))
+                                * max(1, config.tta_views))
     atomic_write_json(run.model_dir / CLASSES_FILE, run.classes)
     atomic_write_json(run.model_dir / HISTORY_FILE, run.state.history)
     inputs.save_augmentation_preview(run.data_dir, config, run.model_dir / PREVIEW_FILE)
