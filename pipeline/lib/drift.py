@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.lib.files import atomic_path
+
 #: Fewest images on each side for a verdict: below it a test has little power and its
 #: p-value says little, so the report says so instead of guessing.
 MIN_IMAGES = 20
@@ -100,13 +102,12 @@ class Reference:
         return (features - self.mean) @ self.components.T.astype(np.float64)
 
     def save(self, path: str | Path) -> Path:
-        """Write an ``.npz`` (no pickles: loading it runs no code)."""
-        path = Path(path)
-        with path.open("wb") as handle:
+        """Write an ``.npz`` atomically (no pickles: loading it runs no code)."""
+        with atomic_path(path) as tmp, tmp.open("wb") as handle:
             np.savez_compressed(handle, mean=self.mean, components=self.components,
                                 projected=self.projected, labels=self.labels, stats=self.stats,
                                 classes=np.asarray(self.classes, dtype=str))
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Reference:
