@@ -75,6 +75,7 @@ META_PREDICTIONS_URI = "predictions_uri"
 #: Per new image: file name, content sha256, label, one probability per class, model version.
 BATCH_PREDICTIONS_FILE = "predictions.csv"
 DRIFT_REPORT_JSON = "drift_report.json"
+DRIFT_REPORT_MD = "drift_report.md"
 #: Metadata: counts, the drift verdict, the model version and the MLflow run.
 META_PREDICTED_COUNTS = "predicted_counts"
 META_FILES_SKIPPED = "files_skipped"

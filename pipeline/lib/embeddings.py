@@ -25,19 +25,22 @@ BATCH_SIZE = 32
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:
-    """Image (uint8/float 0..255, any size) -> the features the head of ``model`` reads.
+    """Image (uint8/float 0..255, any size) -> the features the head of ``model`` reads, and
+    the head's probabilities on them (the identity view's).
 
     An exported model with test-time views wraps the classifier as a nested model (whose
     ``probabilities`` layer is the Dense head); without views the model is the classifier.
     """
     core = next((layer for layer in model.layers if isinstance(layer, keras.Model)
                  and any(inner.name == models.HEAD for inner in layer.layers)), model)
-    return keras.Model(core.inputs, core.get_layer(models.HEAD).input, name="features")
+    head = core.get_layer(models.HEAD)
+    return keras.Model(core.inputs, [head.input, head.output], name="features")
 
 
 class Describer:
-    """Decodes encoded images like the served model does and returns their features and
-    image statistics (:func:`pipeline.lib.drift.image_statistics`)."""
+    """Decodes encoded images like the served model does and returns their features, the
+    identity view's predicted class and image statistics
+    (:func:`pipeline.lib.drift.image_statistics`)."""
 
     def __init__(self, model: keras.Model, image_size: int) -> None:
         extractor = feature_extractor(model)
@@ -48,34 +51,38 @@ class Describer:
             lambda batch: extractor(tf.cast(batch, tf.float32), training=False),
             input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
 
-    def __call__(self, encoded: Sequence[bytes],
-                 sizes: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, encoded: Sequence[bytes], sizes: Sequence[tuple[int, int]]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pixels = np.stack([self._decode(item).numpy() for item in encoded])
-        return (np.asarray(self._features(pixels), np.float32),
+        features, probabilities = self._features(pixels)
+        return (np.asarray(features, np.float32), np.asarray(probabilities).argmax(axis=1),
                 drift.image_statistics(pixels, sizes))
 
 
 def describe_all(describer: Describer, encoded: Sequence[bytes],
-                 sizes: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+                 sizes: Sequence[tuple[int, int]]) -> tuple[np.ndarray, ...]:
     """:class:`Describer` over any number of images, :data:`BATCH_SIZE` at a time."""
     parts = [describer(encoded[i:i + BATCH_SIZE], sizes[i:i + BATCH_SIZE])
              for i in range(0, len(encoded), BATCH_SIZE)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
 def write_reference(model_dir: str | Path, data_dir: str | Path, image_size: int) -> Path:
     """Summarise the training split under the exported model in ``model_dir`` into
-    ``model_dir/drift_reference.npz`` (per class of the training labels)."""
+    ``model_dir/drift_reference.npz``.
+
+    Each image is filed under the class the model predicts for it, as new images are, so a
+    class's comparison is like with like; the identity view's prediction stands in for the
+    test-time views' (one backbone pass instead of one per view)."""
     model_dir = Path(model_dir)
     examples = records.read_split(data_dir, "train", limit=drift.MAX_REFERENCE_IMAGES)
     sizes = []
     for example in examples:
         with Image.open(io.BytesIO(example.image)) as image:
             sizes.append(image.size)
-    features, stats = describe_all(Describer(models.load_model(model_dir), image_size),
-                                   [e.image for e in examples], sizes)
-    reference = drift.Reference.build(features, np.array([e.label for e in examples]), stats,
-                                      records.load_classes(data_dir))
+    features, labels, stats = describe_all(Describer(models.load_model(model_dir), image_size),
+                                           [e.image for e in examples], sizes)
+    reference = drift.Reference.build(features, labels, stats, records.load_classes(data_dir))
     return reference.save(model_dir / DRIFT_REFERENCE_FILE)
 
 
