@@ -75,15 +75,20 @@ class ModelVersion:
         return f"{self.name} v{self.version}"
 
 
-def resolve_model_version(model_uri: str, client: Any) -> ModelVersion:
-    """The registered version ``model_uri`` names, or a one-line error saying why not."""
-    from mlflow.exceptions import MlflowException
-
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     match = _REGISTRY_URI.match(model_uri.strip())
     if match is None:
         raise ValueError(f"model URI {model_uri!r} must be models:/NAME@ALIAS or "
                          "models:/NAME/VERSION")
-    name, alias, version = match["name"], match["alias"], match["version"]
+    return match["name"], match["alias"], match["version"]
+
+
+def resolve_model_version(model_uri: str, client: Any) -> ModelVersion:
+    """The registered version ``model_uri`` names, or a one-line error saying why not."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_model_uri(model_uri)
     try:
         found = (client.get_model_version_by_alias(name, alias) if alias
                  else client.get_model_version(name, version))
@@ -325,5 +330,5 @@ def run_step(raw_dir: str | Path, raw_metadata: Mapping[str, Any], out_dir: str 
 
 
 __all__ = ["COLUMNS", "LoadedModel", "ModelNotFoundError", "ModelVersion", "NewImages",
-           "predict_images", "render_report", "resolve_model_version", "run_step",
-           "scan_new_images", "score_images", "write_predictions"]
+           "parse_model_uri", "predict_images", "render_report", "resolve_model_version",
+           "run_step", "scan_new_images", "score_images", "write_predictions"]
