@@ -5,6 +5,7 @@ evaluate step's on the test images."""
 from __future__ import annotations
 
 import csv
+import json
 import types
 from pathlib import Path
 from typing import Any
@@ -242,45 +243,98 @@ def test_empty_or_all_bad_sources_are_one_line_errors(tmp_path: Path, files: dic
 
 
 # ---------------------------------------------------------------------------------------
-# slow: the same labels as the evaluate step, from a registered model
+# slow: a registered model (the shared reference model with its drift reference)
 # ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory, iris_data: Path,
+               reference_model: tuple[Path, dict]) -> dict[str, Any]:
+    """The reference model logged and registered @champion in a sqlite store of its own."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.lib import embeddings, model_logging, records
+
+    model_dir, summary = reference_model
+    embeddings.write_reference(model_dir, iris_data, summary["image_size"])
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment("registry")
+        tests = records.read_split(iris_data, "test")
+        with mlflow.start_run():
+            info = model_logging.log_model(model_dir, image_size=summary["image_size"],
+                                           example_image=tests[0].image, name="m")
+        version = mlflow.register_model(info.model_uri, "iris-image-classifier").version
+        MlflowClient().set_registered_model_alias("iris-image-classifier", "champion", version)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return {"uri": uri, "version": str(version), "tests": tests, "model_dir": model_dir}
+
+
+def _write_tests(folder: Path, tests: list[Any]) -> Path:
+    folder.mkdir()
+    for example in tests:
+        (folder / Path(example.path).name).write_bytes(example.image)
+    return folder
+
+
 @pytest.mark.slow
 def test_batch_labels_equal_the_evaluate_steps_on_the_test_images(
-        tmp_path: Path, iris_data: Path, reference_model: tuple[Path, dict],
-        clean_mlflow_state: None) -> None:
+        tmp_path: Path, iris_data: Path, registered: dict[str, Any]) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
     from train_helpers import small_eval
 
-    from pipeline.lib import embeddings, model_logging, records
     from pipeline.steps.evaluate import evaluate_model
 
-    model_dir, summary = reference_model
-    embeddings.write_reference(model_dir, iris_data, summary["image_size"])
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    tests = records.read_split(iris_data, "test")
-    with mlflow.start_run():
-        info = model_logging.log_model(model_dir, image_size=summary["image_size"],
-                                       example_image=tests[0].image, name="m")
-    registered = mlflow.register_model(info.model_uri, "iris-image-classifier")
-    client = MlflowClient()
-    client.set_registered_model_alias("iris-image-classifier", "champion", registered.version)
-
-    new = tmp_path / "new"
-    new.mkdir()
-    for example in tests:
-        (new / Path(example.path).name).write_bytes(example.image)
-    version = predict.resolve_model_version(DEFAULT_MODEL_URI, client)
+    mlflow.set_tracking_uri(registered["uri"])
+    tests = registered["tests"]
+    version = predict.resolve_model_version(DEFAULT_MODEL_URI, MlflowClient())
     model = predict.LoadedModel.download(version, tmp_path / "download")
     assert model.reference is not None  # the drift reference travels with the model
-    result = predict.predict_images(new, tmp_path / "out", model, _params(batch_size=16))
+    result = predict.predict_images(_write_tests(tmp_path / "new", tests), tmp_path / "out",
+                                    model, _params(batch_size=16))
 
-    evaluated = evaluate_model(model_dir, iris_data, tmp_path / "eval", small_eval())
+    evaluated = evaluate_model(registered["model_dir"], iris_data, tmp_path / "eval",
+                               small_eval())
     with (tmp_path / "eval" / "predictions.csv").open() as handle:
         expected = {row["image_id"]: row["predicted_label"] for row in csv.DictReader(handle)}
     with (tmp_path / "out" / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(expected) == evaluated["test_examples"] == len(tests)
     assert {row["sha256"]: row["label"] for row in rows} == expected
-    assert {row["model_version"] for row in rows} == {str(registered.version)}
+    assert {row["model_version"] for row in rows} == {registered["version"]}
     assert result["drift"]["overall"]["images"] == len(tests)
+
+
+@pytest.mark.slow
+def test_cli_predict_runs_locally_and_logs_under_the_model_version(
+        tmp_path: Path, registered: dict[str, Any],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    source = _write_tests(tmp_path / "new", registered["tests"][:25])
+    (source / "broken.jpg").write_bytes(b"not a jpeg")
+    common = ["--tracking-uri", registered["uri"], "--output-dir", str(tmp_path / "out")]
+    assert main(["--predict", str(source), *common, "--summary", str(tmp_path / "s.json")]) == 0
+    err = capsys.readouterr().err
+    assert "predicted 25 images with iris-image-classifier v" in err
+    assert "skipped 1 file: 1 not an image" in err
+    assert "drift: " in err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert Path(summary["predictions"]).is_file()
+    client = MlflowClient(registered["uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["model.version"] == registered["version"]
+    assert run.data.metrics["images_scored"] == 25
+    version = client.get_model_version("iris-image-classifier", registered["version"])
+    assert version.tags["batch_predictions.last_run"] == run.info.run_id
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--predict", str(empty), *common]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("batch predictions failed: step 'predict-images' failed: ")
+    assert "no files in the source" in lines[-1]

@@ -291,7 +291,8 @@ def run_step(raw_dir: str | Path, raw_metadata: Mapping[str, Any], out_dir: str 
 
     The run carries the counts and the drift numbers as metrics (linked to the version's
     logged model), the predictions CSV and the drift report as artifacts (one file each: a
-    rerun replaces them, it adds no rows) and the model's name and version as tags.
+    rerun replaces them, it adds no rows) and the model's name and version as tags; the
+    version gets a tag naming this run.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -321,6 +322,9 @@ def run_step(raw_dir: str | Path, raw_metadata: Mapping[str, Any], out_dir: str 
         tracking.log_artifacts(out_dir / DRIFT_REPORT_JSON)
         tracking.log_artifacts(out_dir / DRIFT_REPORT_MD)
         mlflow.set_tag("drift.verdict", overall.get("verdict") or overall["message"])
+        # the version's page in the registry points at its latest batch predictions
+        MlflowClient().set_model_version_tag(version.name, version.version,
+                                             "batch_predictions.last_run", run.info.run_id)
     return {META_SOURCE: source, META_MODEL_VERSION: version.label, META_RUN_ID: run.info.run_id,
             META_PREDICTED_COUNTS: result["predicted_counts"],
             META_FILES_SKIPPED: len(result["skipped"]),
