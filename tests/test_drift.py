@@ -42,6 +42,22 @@ def test_does_not_flag_a_sample_of_the_same_distribution() -> None:
     assert verdicts.count(drift.VERDICT_NONE) >= 4  # alpha 0.05: at most a rare false alarm
 
 
+def test_false_alarms_stay_rare_with_more_dimensions_than_images() -> None:
+    """Embeddings have more dimensions than a training set has images: principal axes fitted
+    on the reference alone would overfit it, and every same-distribution set would differ."""
+    rng = np.random.default_rng(0)
+    pool = rng.normal(size=(480, 400)) * np.linspace(1.5, 0.5, 400)
+    alarms = 0
+    for seed in range(4):
+        order = np.random.default_rng(seed).permutation(len(pool))
+        first, second = order[:120], order[120:240]
+        reference = drift.Reference.build(pool[first], np.zeros(120, int), _stats(120), ["a"])
+        report = drift.compare(reference, pool[second], np.zeros(120, int), _stats(120),
+                               seed=seed)
+        alarms += report["overall"]["verdict"] == drift.VERDICT_DRIFT
+    assert alarms <= 1
+
+
 def test_small_sets_get_a_message_instead_of_a_verdict() -> None:
     report = drift.compare(_reference(), _features(12, 1, shift=5.0), np.zeros(12, int),
                            _stats(12))
@@ -65,15 +81,15 @@ def test_reference_round_trips_and_stays_small(tmp_path: Path) -> None:
                                       _stats(600), ["a", "b", "c"])
     path = reference.save(tmp_path / "drift_reference.npz")
     loaded = drift.Reference.load(path)
-    assert len(loaded.projected) == drift.MAX_REFERENCE_IMAGES
+    assert len(loaded.features) == drift.MAX_REFERENCE_IMAGES
     assert loaded.classes == ("a", "b", "c")
-    np.testing.assert_array_equal(loaded.projected, reference.projected)
-    assert path.stat().st_size < 500_000
+    np.testing.assert_array_equal(loaded.features, reference.features)
+    assert path.stat().st_size < 1_100_000  # 400 images x 1280 features as float16
 
 
 def test_features_of_another_backbone_are_refused() -> None:
     with pytest.raises(ValueError, match="not the same backbone"):
-        _reference().project(np.zeros((3, DIM + 1)))
+        _reference().check(np.zeros((3, DIM + 1)))
 
 
 def test_image_statistics() -> None:

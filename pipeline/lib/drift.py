@@ -1,13 +1,15 @@
 """Has the data drifted? A two-sample test of new images' features against the training set's.
 
-At training time :meth:`Reference.build` condenses the training images' backbone features
-(the pooled features the model's head reads) into a small file stored with the model: the
-mean and top principal components of the features, every reference image projected onto
-them, its predicted label and simple image statistics (size, brightness, colour). At
-prediction time :func:`compare` projects the new images the same way and runs a kernel
-two-sample test, MMD with an RBF kernel whose p-value comes from permutations: a test that
-needs no distributional assumption about embeddings and has a known false-positive rate
-(the threshold ``alpha``). Per predicted class the same test runs on that class's images.
+At training time :meth:`Reference.build` keeps the backbone features (the pooled features
+the model's head reads, as float16) of up to :data:`MAX_REFERENCE_IMAGES` training images,
+their predicted labels and simple image statistics (size, brightness, colour): about a
+megabyte, stored with the model. At prediction time :func:`compare` runs a kernel two-sample
+test on the new images' features: MMD with an RBF kernel on the top principal components of
+the pooled reference and new features, its p-value from permutations. The principal axes
+are fitted on both samples together (never on the reference alone, which would make its
+own points look more spread out than any new ones and the test flag every set), so the
+permutation p-value is exact and the false-positive rate is the threshold ``alpha``. Per
+predicted class the same test runs on that class's images.
 
 Only NumPy: no TensorFlow, so the test and its tests are fast and run anywhere.
 """
@@ -31,10 +33,10 @@ MIN_IMAGES = 20
 ALPHA = 0.05
 #: Permutations of the pooled sample (the p-value's resolution is 1 / (PERMUTATIONS + 1)).
 PERMUTATIONS = 500
-#: Principal components of the reference features kept (the kernel's input dimension).
+#: Principal components of the pooled features the kernel works on (its input dimension).
 COMPONENTS = 32
 #: Most reference images stored (a random subsample of larger training sets).
-MAX_REFERENCE_IMAGES = 500
+MAX_REFERENCE_IMAGES = 400
 #: Most new images one test uses (a random subsample): the kernel matrix grows with n^2.
 MAX_TEST_IMAGES = 1000
 #: Columns of the image statistics, per image.
@@ -64,9 +66,7 @@ def image_statistics(pixels: np.ndarray, sizes: Sequence[tuple[int, int]]) -> np
 class Reference:
     """What a model version remembers of its training images (a few hundred kB)."""
 
-    mean: np.ndarray  # (d,) feature mean
-    components: np.ndarray  # (k, d) principal axes
-    projected: np.ndarray  # (n, k) reference images on those axes
+    features: np.ndarray  # (n, d) float16
     labels: np.ndarray  # (n,) predicted class index of each reference image
     stats: np.ndarray  # (n, len(STAT_NAMES))
     classes: tuple[str, ...]
@@ -74,8 +74,8 @@ class Reference:
     @classmethod
     def build(cls, features: np.ndarray, labels: np.ndarray, stats: np.ndarray,
               classes: Sequence[str], *, seed: int = 0) -> Reference:
-        """Subsample to :data:`MAX_REFERENCE_IMAGES`, fit the principal axes, project."""
-        features = np.asarray(features, np.float64)
+        """Subsample to :data:`MAX_REFERENCE_IMAGES`."""
+        features = np.asarray(features, np.float32)
         if features.ndim != 2 or len(features) < 2:
             raise ValueError(f"a reference needs features of at least 2 images, got shape "
                              f"{features.shape}")
@@ -85,35 +85,29 @@ class Reference:
         if len(keep) > MAX_REFERENCE_IMAGES:
             keep = np.sort(np.random.default_rng(seed).choice(keep, MAX_REFERENCE_IMAGES,
                                                                replace=False))
-        features = features[keep]
-        mean = features.mean(axis=0)
-        _, _, axes = np.linalg.svd(features - mean, full_matrices=False)
-        components = axes[:min(COMPONENTS, len(features) - 1)]
-        return cls(mean.astype(np.float32), components.astype(np.float32),
-                   ((features - mean) @ components.T).astype(np.float32),
-                   np.asarray(labels, np.int32)[keep], np.asarray(stats, np.float32)[keep],
-                   tuple(str(c) for c in classes))
+        return cls(features[keep].astype(np.float16), np.asarray(labels, np.int32)[keep],
+                   np.asarray(stats, np.float32)[keep], tuple(str(c) for c in classes))
 
-    def project(self, features: np.ndarray) -> np.ndarray:
+    def check(self, features: np.ndarray) -> np.ndarray:
+        """``features`` as float64, or a ``ValueError`` when they are not this backbone's."""
         features = np.asarray(features, np.float64)
-        if features.ndim != 2 or features.shape[1] != self.mean.shape[0]:
+        if features.ndim != 2 or features.shape[1] != self.features.shape[1]:
             raise ValueError(f"features have shape {features.shape}, the reference has "
-                             f"{self.mean.shape[0]} dimensions: not the same backbone")
-        return (features - self.mean) @ self.components.T.astype(np.float64)
+                             f"{self.features.shape[1]} dimensions: not the same backbone")
+        return features
 
     def save(self, path: str | Path) -> Path:
         """Write an ``.npz`` atomically (no pickles: loading it runs no code)."""
         with atomic_path(path) as tmp, tmp.open("wb") as handle:
-            np.savez_compressed(handle, mean=self.mean, components=self.components,
-                                projected=self.projected, labels=self.labels, stats=self.stats,
-                                classes=np.asarray(self.classes, dtype=str))
+            np.savez_compressed(handle, features=self.features, labels=self.labels,
+                                stats=self.stats, classes=np.asarray(self.classes, dtype=str))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Reference:
         with np.load(Path(path), allow_pickle=False) as data:
-            return cls(data["mean"], data["components"], data["projected"], data["labels"],
-                       data["stats"], tuple(str(c) for c in data["classes"]))
+            return cls(data["features"], data["labels"], data["stats"],
+                       tuple(str(c) for c in data["classes"]))
 
 
 def _squared_distances(x: np.ndarray) -> np.ndarray:
@@ -144,14 +138,22 @@ class TestResult:
     p_interval: tuple[float, float]  # 95% Monte Carlo interval of the p-value
 
 
+def principal_components(pooled: np.ndarray, components: int = COMPONENTS) -> np.ndarray:
+    """``pooled`` centred and projected on its own top principal axes."""
+    centred = pooled - pooled.mean(axis=0)
+    _, _, axes = np.linalg.svd(centred, full_matrices=False)
+    return centred @ axes[:min(components, len(pooled) - 1)].T
+
+
 def mmd_test(x: np.ndarray, y: np.ndarray, *, permutations: int = PERMUTATIONS,
              seed: int = 0) -> TestResult:
-    """Unbiased MMD^2 of samples ``x`` and ``y`` (RBF kernel, median-distance bandwidth)
-    with a permutation p-value, ``(count + 1) / (permutations + 1)``."""
+    """Unbiased MMD^2 of samples ``x`` and ``y`` (RBF kernel, median-distance bandwidth, on
+    the pooled samples' principal components) with a permutation p-value,
+    ``(count + 1) / (permutations + 1)``."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) < 2 or len(y) < 2:
         raise ValueError(f"MMD needs at least 2 points per sample, got {len(x)} and {len(y)}")
-    pooled = np.concatenate([x, y])
+    pooled = principal_components(np.concatenate([x, y]))
     distances = _squared_distances(pooled)
     off_diagonal = distances[~np.eye(len(pooled), dtype=bool)]
     bandwidth = float(np.median(off_diagonal)) or 1.0
@@ -205,23 +207,23 @@ def compare(reference: Reference, features: np.ndarray, labels: Sequence[int],
             seed: int = 0) -> dict[str, Any]:
     """The drift report of new images (their features, predicted labels, statistics)
     against ``reference``: the overall test, one per predicted class, and image statistics."""
-    projected = reference.project(features)
+    features = reference.check(features)
+    known = reference.features.astype(np.float64)
     labels = np.asarray(labels, np.int64)
     report: dict[str, Any] = {
-        "method": (f"MMD^2 (RBF kernel, median bandwidth) on {reference.components.shape[0]} "
-                   f"principal components of the backbone features, {PERMUTATIONS} "
-                   "permutations"),
+        "method": (f"MMD^2 (RBF kernel, median bandwidth) on the top {COMPONENTS} principal "
+                   "components of the pooled backbone features, "
+                   f"{PERMUTATIONS} permutations"),
         "alpha": alpha, "min_images": min_images,
-        "overall": verdict(reference.projected, projected, alpha=alpha,
-                           min_images=min_images, seed=seed),
+        "overall": verdict(known, features, alpha=alpha, min_images=min_images, seed=seed),
         "per_class": {},
         "image_statistics": _statistics(reference.stats, np.asarray(stats, np.float64)),
     }
     for index, name in enumerate(reference.classes):
         mine = labels == index
         if mine.any():
-            report["per_class"][name] = verdict(reference.projected[reference.labels == index],
-                                                projected[mine], alpha=alpha,
+            report["per_class"][name] = verdict(known[reference.labels == index],
+                                                features[mine], alpha=alpha,
                                                 min_images=min_images, seed=seed)
     return report
 
@@ -276,5 +278,5 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 __all__ = ["ALPHA", "COMPONENTS", "MAX_REFERENCE_IMAGES", "MIN_IMAGES", "PERMUTATIONS",
            "STAT_NAMES", "VERDICT_DRIFT", "VERDICT_NONE", "Reference", "TestResult",
-           "compare", "describe", "image_statistics", "mmd_test", "render_markdown",
-           "verdict"]
+           "compare", "describe", "image_statistics", "mmd_test", "principal_components",
+           "render_markdown", "verdict"]
