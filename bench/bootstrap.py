@@ -7,7 +7,7 @@ On synthetic predictions shaped like the iris test split (11/38/10 images per cl
   seeds on the same predictions, for the default and a few other resample counts;
 - coverage of the 95% interval over simulated test sets with known true metrics.
 
-Run: ``python bench/bootstrap.py [--sets 1000]``; one JSON line last.
+Run: ``python -m bench.bootstrap [--sets 1000]``; one JSON line last.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ rotation, shift, zoom, contrast) at image_size 256, steady state (decoded images
 first, cold epoch is reported separately). Also shown: a naive tf.data pipeline mapping the
 stock Keras layers (RandomFlip/Rotation/Translation/Zoom/Contrast) over batches.
 
-Run: ``python bench/input_pipeline.py [--rounds 5] [--batches 4]``; prints one JSON line last.
+Run: ``python -m bench.input_pipeline [--rounds 5] [--batches 4]``; prints one JSON line last.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 import zipfile
@@ -27,16 +26,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import keras
+import tensorflow as tf
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from pipeline.config import PipelineConfig
+from pipeline.lib import inputs, records
+from tests.support.paths import IRIS_ZIP
 
-from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.lib import inputs, records  # noqa: E402
-
-DEFAULT_ZIP = ROOT.parent / "shared" / "data" / "iris-image.zip"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 
 
@@ -100,7 +96,7 @@ def time_batches(iterator, count: int) -> tuple[int, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
+    parser.add_argument("--zip", type=Path, default=IRIS_ZIP)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=4, help="generator batches per round")
     parser.add_argument("--ours-batches", type=int, default=40, help="our batches per round")

@@ -6,8 +6,8 @@ is the CLI with kfp.local (a process per step, executor JSON, artifact folders),
 so both do all the work. Each gets a fresh MLflow sqlite store. Target: ratio <= 1.15.
 Prints one JSON line last.
 
-    python bench/local_overhead.py                      # default config, shared data
-    python bench/local_overhead.py --set epochs=5 --set image_size=128
+    python -m bench.local_overhead                      # default config, shared data
+    python -m bench.local_overhead --set epochs=5 --set image_size=128
 """
 
 from __future__ import annotations
@@ -28,20 +28,17 @@ from typing import Any
 
 from kfp import dsl
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED = PROJECT_ROOT.parent / "shared" / "data"
+from components.download_dataset import download_dataset
+from components.evaluate_model import evaluate_model
+from components.preprocess_dataset import preprocess_dataset
+from components.register_model import register_model
+from components.train_model import train_model
+from pipeline.cli import resolve_config
+from pipeline.config import PipelineConfig
+from pipeline.dag import PIPELINE_NAME
+from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS, PROJECT_ROOT
+
 TARGET_RATIO = 1.15
-
-sys.path.insert(0, str(PROJECT_ROOT))
-
-from components.download_dataset import download_dataset  # noqa: E402
-from components.evaluate_model import evaluate_model  # noqa: E402
-from components.preprocess_dataset import preprocess_dataset  # noqa: E402
-from components.register_model import register_model  # noqa: E402
-from components.train_model import train_model  # noqa: E402
-from pipeline.cli import resolve_config  # noqa: E402
-from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.dag import PIPELINE_NAME  # noqa: E402
 
 
 def run_in_process(config: PipelineConfig, workdir: Path, tracking_uri: str) -> bool:
@@ -88,14 +85,14 @@ def run_cli(argv: list[str], workdir: Path, tracking_uri: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SHARED / "iris-image.zip"))
+    parser.add_argument("--data", default=str(IRIS_ZIP))
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         metavar="KEY=VALUE")
     parser.add_argument("--repeat", type=int, default=1,
                         help="pairs of runs; the order alternates, the median ratio counts")
     args = parser.parse_args()
     # the default backbone's ImageNet weights (MobileNetV2-0.5), offline
-    weights = SHARED / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+    weights = MOBILENET_V2_WEIGHTS
     overrides = [f"weights={weights}", *args.overrides]
     config = resolve_config(None, args.data, overrides, environ={})
     cli_args = ["--data", args.data, *(x for item in overrides for x in ("--set", item))]

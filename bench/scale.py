@@ -8,7 +8,7 @@ head on cached features of the images and augmented views) plus one fine-tune ep
 the feature extraction and the tf.data training/validation pipeline are exercised.
 Target: the peak RSS of the larger set at most 1.3x the smaller one's, per step.
 
-Run: ``python bench/scale.py [--sizes 1000 8000] [--views 1] [--fine-tune-epochs 1]``;
+Run: ``python -m bench.scale [--sizes 1000 8000] [--views 1] [--fine-tune-epochs 1]``;
 prints one JSON line last.
 """
 
@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support.paths import MOBILENET_WEIGHTS, PROJECT_ROOT
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
 CLASSES = ("setosa", "versicolor", "virginica")
 COLOURS = ((200, 80, 80), (80, 200, 80), (80, 80, 200))
 TARGET_RATIO = 1.3
@@ -52,7 +52,6 @@ def generate(folder: Path, count: int, seed: int = 0) -> Path:
 
 def worker(step: str, args: list[str]) -> None:
     """One step in this (child) process; prints its wall time as JSON."""
-    sys.path.insert(0, str(ROOT))
     from pipeline.config import PipelineConfig
     from pipeline.lib.params import PreprocessParams, TrainParams
 
@@ -71,8 +70,8 @@ def worker(step: str, args: list[str]) -> None:
 
 def run_step(step: str, *args: str) -> dict[str, float]:
     """Run ``step`` in a child process; its wall seconds and peak RSS (MiB)."""
-    process = subprocess.Popen([sys.executable, __file__, "--worker", step, *args],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "bench.scale", "--worker", step, *args],
+                               cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     out = process.stdout.read() if process.stdout else ""
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -88,7 +87,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--views", type=int, default=1, help="head_feature_views")
     parser.add_argument("--fine-tune-epochs", type=int, default=1)
-    parser.add_argument("--weights", default=str(SHARED / "mobilenet_2_5_224_tf_no_top.h5"))
+    parser.add_argument("--weights", default=str(MOBILENET_WEIGHTS))
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -14,7 +14,7 @@ Target: REST p50 of one image within 2x of in-process and <= 100 ms (2 cores).
 Prints one JSON line last.
 
     python pipeline.py --local          # registers models:/iris-image-classifier@champion
-    python bench/serve_latency.py --tracking-uri "sqlite:///$PWD/mlflow.db"
+    python -m bench.serve_latency --tracking-uri "sqlite:///$PWD/mlflow.db"
 """
 
 from __future__ import annotations
@@ -32,15 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+import numpy as np
+import requests
 
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
-from mlflow_server import serve_model  # noqa: E402
+from tests.support.mlflow_server import serve_model
+from tests.support.paths import IRIS_ZIP
 
-SHARED = ROOT.parent / "shared" / "data" / "iris-image.zip"
 TARGET_RATIO = 2.0
 TARGET_P50_MS = 100.0
 BATCH = 16
@@ -128,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the model is registered (default: $MLFLOW_TRACKING_URI)")
     parser.add_argument("--model-uri", default="models:/iris-image-classifier@champion")
     parser.add_argument("--contract", choices=("base64", "uint8"), default="base64")
-    parser.add_argument("--archive", type=Path, default=SHARED, help="JPEGs to send")
+    parser.add_argument("--archive", type=Path, default=IRIS_ZIP, help="JPEGs to send")
     parser.add_argument("--repeats", type=int, default=100, help="single-image requests")
     parser.add_argument("--batches", type=int, default=10, help="requests of 16 images")
     args = parser.parse_args(argv)

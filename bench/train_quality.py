@@ -28,7 +28,7 @@ labels them) the mean test / validation score, interval width and train seconds;
 test score of the picks ("sweep pick"), how often each trial was picked, and the first
 trial's (the default's) mean beside it. The test split never takes part in a pick.
 
-Run: ``python bench/train_quality.py [--seeds 5] [--skip-seed-cnn] [--set KEY=VALUE ...]
+Run: ``python -m bench.train_quality [--seeds 5] [--skip-seed-cnn] [--set KEY=VALUE ...]
 [--tta-views 8 | --sweep sweeps/default.yaml]``; one JSON line last.
 """
 
@@ -39,31 +39,27 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from pipeline.cli import parse_overrides
+from pipeline.config import PipelineConfig
+from pipeline.lib import models
+from pipeline.lib.contract import META_TRAIN_PARAMS, VAL_SCORE_PREFIX
+from pipeline.lib.params import EvaluateParams, PreprocessParams, TrainParams
+from pipeline.lib.training import split_scores
+from pipeline.steps.evaluate import evaluate_model
+from pipeline.steps.preprocess import prepare_dataset
+from pipeline.steps.select import rank_trials, trial_labels
+from pipeline.steps.train import train_model
+from pipeline.sweep import Sweep, load_sweep
+from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS
 
-from pipeline.cli import parse_overrides  # noqa: E402
-from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.lib import models  # noqa: E402
-from pipeline.lib.contract import META_TRAIN_PARAMS, VAL_SCORE_PREFIX  # noqa: E402
-from pipeline.lib.params import EvaluateParams, PreprocessParams, TrainParams  # noqa: E402
-from pipeline.steps.evaluate import evaluate_model  # noqa: E402
-from pipeline.steps.preprocess import prepare_dataset  # noqa: E402
-from pipeline.steps.select import rank_trials, trial_labels  # noqa: E402
-from pipeline.steps.train import split_scores, train_model  # noqa: E402
-from pipeline.sweep import Sweep, load_sweep  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "data"
-DEFAULT_WEIGHTS = SHARED / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 METRIC = "balanced_accuracy"  # the sweep's rule: the pipeline's default gate metric
 VAL_KEY = f"{VAL_SCORE_PREFIX}{METRIC}"  # in the training summary's metrics
 
@@ -87,14 +83,14 @@ def train_and_evaluate(pipeline_config: PipelineConfig, data_dir: Path, work: Pa
         "balanced_accuracy": round(metrics[METRIC], 4),
         "balanced_accuracy_ci": [round(low, 4), round(high, 4)],
         "ci_width": round(high - low, 4),
-        "val_balanced_accuracy": round(summary["metrics"][VAL_KEY], 4),
+        "val_balanced_accuracy": round(getattr(summary, VAL_KEY), 4),
         "macro_f1": round(metrics["macro_f1"], 4),
         "accuracy": round(metrics["accuracy"], 4),
         "train_wall_seconds": round(trained - started, 1),
         "eval_wall_seconds": round(evaluated - trained, 1),
-        "epochs": summary["bookkeeping"]["epochs_run"],
-        "best_epoch": summary["bookkeeping"]["best_epoch"],
-        "best_val_accuracy": round(summary["metrics"]["best_val_accuracy"], 4),
+        "epochs": summary.epochs_run,
+        "best_epoch": summary.best_epoch,
+        "best_val_accuracy": round(summary.best_val_accuracy, 4),
     }
     return row, summary
 
@@ -123,7 +119,7 @@ def run_sweep(sweep: Sweep, labels: list[str], base: PipelineConfig, data_dir: P
         row = {"seed": seed, "trial": index + 1, "label": label, **row}
         rows.append(row)
         # what the select step reads from each trial's model metadata (unrounded)
-        metadatas.append({META_TRAIN_PARAMS: trial, VAL_KEY: summary["metrics"][VAL_KEY]})
+        metadatas.append({META_TRAIN_PARAMS: trial, VAL_KEY: getattr(summary, VAL_KEY)})
         print(json.dumps({"sweep_trial": row}), flush=True)
     seconds = time.perf_counter() - started
     chosen = rank_trials(metadatas, METRIC)[0]
@@ -175,8 +171,8 @@ def mean(rows: list[dict], key: str) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--zip", type=Path, default=SHARED / "iris-image.zip")
-    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+    parser.add_argument("--zip", type=Path, default=IRIS_ZIP)
+    parser.add_argument("--weights", default=str(MOBILENET_V2_WEIGHTS),
                         help="weights file of the default backbone (MobileNetV2-0.5)")
     parser.add_argument("--skip-seed-cnn", action="store_true")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],

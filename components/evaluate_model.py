@@ -25,12 +25,13 @@ def evaluate_model(
     ``dsl.If`` on that name but silently treats a named output as False (see pipeline/dag.py).
     """
     from pipeline.lib.params import EvaluateParams, TrackingParams
+    from pipeline.lib.progress import report_step
     from pipeline.steps import evaluate
 
     values = locals()
-    result = evaluate.run_step(trained_model.path, trained_model.metadata, prepared_data.path,
-                               evaluation.path, report.path, EvaluateParams.from_mapping(values),
-                               TrackingParams.from_mapping(values))
+    result = report_step(evaluate.run_step, trained_model.path, trained_model.metadata,
+                         prepared_data.path, evaluation.path, report.path,
+                         EvaluateParams.from_mapping(values), TrackingParams.from_mapping(values))
     for name, value in result.scalars().items():
         metrics.log_metric(name, value)
     metrics.metadata.update(result.metadata())

@@ -23,9 +23,10 @@ def predict_images(
     """Score every image of ``raw_data`` with ``model_uri``; write the predictions CSV into
     ``predictions`` and the drift report (for the KFP UI) into ``drift_report``."""
     from pipeline.lib.params import PredictParams, TrackingParams
+    from pipeline.lib.progress import report_step
     from pipeline.steps import predict
 
     values = locals()
-    predictions.metadata.update(predict.run_step(
-        raw_data.path, raw_data.metadata, predictions.path, drift_report.path,
+    predictions.metadata.update(report_step(
+        predict.run_step, raw_data.path, raw_data.metadata, predictions.path, drift_report.path,
         PredictParams.from_mapping(values), TrackingParams.from_mapping(values)))

@@ -20,8 +20,9 @@ def preprocess_dataset(
 ) -> None:
     """Turn the raw data set into TFRecord splits; the Markdown report is what the KFP UI shows."""
     from pipeline.lib.params import PreprocessParams
+    from pipeline.lib.progress import report_step
     from pipeline.steps import preprocess
 
-    prepared_data.metadata.update(preprocess.run_step(
-        raw_data.path, raw_data.metadata, prepared_data.path, data_report.path,
-        PreprocessParams.from_mapping(locals())))
+    prepared_data.metadata.update(report_step(
+        preprocess.run_step, raw_data.path, raw_data.metadata, prepared_data.path,
+        data_report.path, PreprocessParams.from_mapping(locals())))

@@ -19,10 +19,12 @@ def select_model(
     The test split is not read: evaluation scores only the model chosen here.
     """
     from pipeline.lib.params import SelectParams, TrackingParams
+    from pipeline.lib.progress import report_step
     from pipeline.steps import select
 
     values = locals()
-    selected_model.metadata.update(select.run_step(
-        [model.path for model in trained_models], [model.metadata for model in trained_models],
+    selected_model.metadata.update(report_step(
+        select.run_step, [model.path for model in trained_models],
+        [model.metadata for model in trained_models],
         selected_model.path, SelectParams.from_mapping(values),
         TrackingParams.from_mapping(values)))

@@ -46,9 +46,10 @@ def train_model(
     The artifact's metadata carries the MLflow ids on to the register step and the summary.
     """
     from pipeline.lib.params import TrackingParams, TrainParams
+    from pipeline.lib.progress import report_step
     from pipeline.steps import train
 
     values = locals()
-    trained_model.metadata.update(train.run_step(
-        prepared_data.path, prepared_data.metadata, trained_model.path,
+    trained_model.metadata.update(report_step(
+        train.run_step, prepared_data.path, prepared_data.metadata, trained_model.path,
         TrainParams.from_mapping(values), TrackingParams.from_mapping(values)))

@@ -3,7 +3,7 @@
 Usage (needs ``pip install -e ".[dev,docs]"`` and Debian's ``chromium`` package; Playwright's
 own browser download is not used)::
 
-    python docs/screenshots.py --output-dir docs/
+    python -m docs.screenshots --output-dir docs/
 
 Runs ``pipeline.py --local`` twice (two pooling settings, small images, epoch-by-epoch head so
 the charts have curves) and once with a four-trial ``--sweep``, against a fresh ``mlflow
@@ -28,11 +28,9 @@ from typing import Any
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' server and CLI helpers, reused as is
-
-from cli_helpers import clean_env, run_local_cli, succeeded  # noqa: E402
-from mlflow_server import run_mlflow_server  # noqa: E402
+from tests.support.cli_helpers import clean_env, run_local_cli, succeeded
+from tests.support.mlflow_server import run_mlflow_server
+from tests.support.paths import PROJECT_ROOT
 
 logger = logging.getLogger("screenshots")
 
@@ -58,7 +56,7 @@ PAGE_TIMEOUT_MS = 60_000
 def run_pipelines(workdir: Path, tracking_uri: str) -> list[dict]:
     """Both local runs, then the sweep, against ``tracking_uri``; their ``--summary`` JSONs."""
     env = clean_env(**{k: v for k, v in os.environ.items() if k.startswith("IRIS_")},
-                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                    PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                              os.environ.get("PYTHONPATH")])))
     sweep = workdir / "sweep.yaml"
     sweep.write_text(SWEEP)
@@ -147,7 +145,7 @@ def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the pipelines against a fresh server, save the screenshots."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, default=ROOT / "docs",
+    parser.add_argument("--output-dir", type=Path, default=PROJECT_ROOT / "docs",
                         help="where the PNGs go (default: docs/)")
     parser.add_argument("--workdir", type=Path,
                         help="keep the server's store and the runs' outputs here "

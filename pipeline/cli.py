@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from pipeline.config import (
     read_yaml_mapping,
 )
 from pipeline.dag import PIPELINE_NAME, refuse_credentials
+from pipeline.lib.contract import EXECUTOR_OUTPUT
 from pipeline.lib.credentials import (
     DATA_PASSWORD_ENV,
     DATA_SECRET_KEYS,
@@ -50,9 +52,12 @@ from pipeline.runners import (
 )
 from pipeline.runners.processes import stop_steps_on_signals
 from pipeline.sweep import Sweep, load_sweep
-from pipeline.tasks import MLFLOW_SECRET_KEYS
+from pipeline.tasks import MLFLOW_SECRET_KEYS, TASK_NAMES
 
 logger = logging.getLogger("pipeline")
+
+#: kfp.local's task names (and folder names in a run folder) of the two data steps.
+DOWNLOAD_TASK, PREPROCESS_TASK = TASK_NAMES["download_dataset"], TASK_NAMES["preprocess_dataset"]
 
 #: Exit codes: 0 success, 1 a step / the run / the server failed, 2 bad usage or config,
 #: 130 interrupted (Ctrl-C), as shells report SIGINT.
@@ -214,7 +219,7 @@ def resolve_config(config_file: Path | None = None, data: str | None = None,
 
     The default ``data_sha256`` is the digest of the default source only: when the layers
     change ``data_source`` without giving a digest, the check is off (the actual sha256 is
-    still recorded and :func:`_log_local_result` says how to pin it); a digest given in any
+    still recorded and :func:`closing_block` says how to pin it); a digest given in any
     layer is enforced.
     """
     layers: list[Mapping[str, Any]] = []
@@ -362,9 +367,24 @@ def _path_problem(path: Path, folder: bool) -> str | None:
         parent = parent.parent
     if not parent.is_dir():
         return f"cannot be created: {str(parent)!r} is a file"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be written: {str(parent)!r} is not writable"
+    # permission bits do not tell (root passes os.access, /proc and read-only mounts refuse
+    # anyway): create and remove a file where the writes will start
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        return f"cannot be written: {str(parent)!r} refuses new files ({exc.strerror or exc})"
     return None
+
+
+def _local_store(args: argparse.Namespace) -> Path | None:
+    """The sqlite file a ``--local`` run tracks to (``mlflow.db`` in the working folder by
+    default, its artifacts beside it), or None for a tracking server."""
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.strip():
+        return Path.cwd() / "mlflow.db"  # tracking.LOCAL_DB_NAME (importing it loads MLflow)
+    prefix = "sqlite:///"
+    return Path(uri.strip()[len(prefix):]) if uri.strip().startswith(prefix) else None
 
 
 def _output_problem(args: argparse.Namespace) -> str | None:
@@ -373,6 +393,7 @@ def _output_problem(args: argparse.Namespace) -> str | None:
         ("--output-dir", args.output_dir if args.local else None, True),
         ("--summary", args.summary, False),
         ("-o/--output", args.output, False),
+        ("the MLflow store", _local_store(args) if args.local else None, False),
     ]
     for flag, path, folder in outputs:
         problem = _path_problem(path, folder) if path is not None else None
@@ -406,6 +427,9 @@ def _run_local(args: argparse.Namespace, config: PipelineConfig, sweep: Sweep | 
                          "\n".join(f"  {line}" for line in error.tail))
         if error.log:
             logger.error("full log: %s", error.log)
+        if _from_cached_download(error, args):
+            logger.error("the raw data came from kfp.local's cache of an earlier download: if "
+                         "the data source has changed since, rerun with --no-cache")
         if args.summary:
             atomic_write_json(args.summary, failure_summary(error, config), default=str)
         return EXIT_FAILED
@@ -415,6 +439,14 @@ def _run_local(args: argparse.Namespace, config: PipelineConfig, sweep: Sweep | 
     if args.summary:
         logger.info("summary: %s", atomic_write_json(args.summary, summary, default=str))
     return EXIT_OK
+
+
+def _from_cached_download(error: StepFailedError, args: argparse.Namespace) -> bool:
+    """Whether preprocess failed on a download kfp.local took from its cache (it left no
+    task folder in this run), the one failure a rerun with ``--no-cache`` may cure."""
+    return (error.step == PREPROCESS_TASK and not args.no_cache
+            and (error.run_dir is None
+                 or not (error.run_dir / DOWNLOAD_TASK / EXECUTOR_OUTPUT).exists()))
 
 
 def _submit(args: argparse.Namespace, config: PipelineConfig, sweep: Sweep | None) -> int:
@@ -452,8 +484,8 @@ def _configure_logging(verbose: bool) -> None:
 def _restore_champion(args: argparse.Namespace, config: PipelineConfig) -> int:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.lib.tracking import resolve_tracking_uri
-    from pipeline.steps.register import restore_champion
+    from pipeline.lib.registry import restore_champion
+    from pipeline.lib.tracking_store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, Path.cwd())
     try:

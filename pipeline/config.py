@@ -18,6 +18,7 @@ from pipeline.lib.archive import (
     DEFAULT_MAX_ENTRY_RATIO,
     DEFAULT_MAX_IMAGE_BYTES,
 )
+from pipeline.lib.backbones import BACKBONES, MODELS, canonical_model
 from pipeline.lib.params import TTA_VIEWS, StepParams
 
 P = typing.TypeVar("P", bound=StepParams)
@@ -83,8 +84,10 @@ class PipelineConfig:
     augment_placement: str = "auto"  # "auto": in the model on GPU, in tf.data on CPU
 
     # --- model ------------------------------------------------------------------------
-    model: str = "mobilenet"  # "mobilenet" (transfer learning on `backbone`) or "seed_cnn"
-    # keras.applications backbone of model=mobilenet (CHOICES; "mobilenet" is v1): MobileNetV2
+    # "transfer" (transfer learning on `backbone`) or "seed_cnn"; "mobilenet" is the old,
+    # deprecated spelling of "transfer"
+    model: str = "transfer"
+    # keras.applications backbone of model=transfer (BACKBONES; "mobilenet" is v1): MobileNetV2
     # at alpha 0.5, 320 px with 8 test-time views was the best of sweeps/default.yaml on both
     # the validation and the test split over 5 seeds (README: Sweeps)
     backbone: str = "mobilenet_v2"
@@ -132,6 +135,7 @@ class PipelineConfig:
     experiment_name: str = "iris-image-classification"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "model", canonical_model(self.model))
         validate(self)
 
     # ----------------------------------------------------------------------------------
@@ -176,21 +180,52 @@ class PipelineConfig:
         return cls.from_mapping(read_yaml_mapping(path), base)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The ``key: value`` mapping of a YAML config file; ``ValueError`` names a bad file."""
+    """The ``key: value`` mapping of a YAML config file; ``ValueError`` names a bad file.
+
+    A key given twice, a file that is not UTF-8 or not YAML, and a top level that is not a
+    mapping are refused, naming the file (and the line of a repeated key).
+    """
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"cannot read config file {str(path)!r}: not UTF-8 text "
+                         f"(byte {exc.start}: {exc.reason})") from exc
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"cannot read config file {str(path)!r}: {exc}") from exc
+        problem = " ".join(str(exc).split())  # one line: PyYAML's marks span several
+        raise ValueError(f"cannot read config file {str(path)!r}: {problem}") from exc
     if not isinstance(loaded, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of key: value")
     return loaded
 
 
 def coerce(key: str, value: Any, target: type) -> Any:
-    """Convert ``value`` (often a CLI string) to ``target``; ``ValueError`` names the key."""
-    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+    """Convert ``value`` (often a CLI string) to ``target``; ``ValueError`` names the key.
+
+    YAML's ``null`` and booleans are no number or string (``epochs: true`` is not 1,
+    ``data_source: null`` is not "None"), nor is a list or mapping.
+    """
+    if value is None or isinstance(value, (list, dict)) or (
+            isinstance(value, bool) and target is not bool):
+        hint = (" (YAML reads yes/no/on/off/true/false as booleans: quote it)"
+                if isinstance(value, bool) and target is str else "")
+        raise ValueError(f"config key {key!r} expects {target.__name__}, got {value!r}{hint}")
+    if isinstance(value, target):
         return value
     try:
         if target is bool:
@@ -212,18 +247,73 @@ def coerce(key: str, value: Any, target: type) -> Any:
             return float(value)
         if target is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     raise ValueError(f"config key {key!r} expects {target.__name__}, got {value!r}")
 
 
-#: Inclusive [low, high] of the bounded numeric fields, checked before any work starts.
-RANGES: dict[str, tuple[float, float]] = {
-    "seed": (0, 2**32 - 1),  # what NumPy and TensorFlow seeding accept
-    "image_size": (32, 1024),  # MobileNet's smallest input; larger only costs memory
-    "max_entry_compression_ratio": (1.0, 1e6),
-    "max_archive_compression_ratio": (1.0, 1e6),
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a numeric field may take: ``low`` to ``high``, each end in or out."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return (f"{'(' if self.low_open else '['}{self.low!r}, {self.high!r}"
+                f"{')' if self.high_open else ']'}")
+
+
+#: Largest integer a KFP parameter (a JSON number, a double) and an MLflow param hold exactly.
+MAX_EXACT_INT = 2**53
+#: Most epochs (or steps) any training here could run; also far inside TensorFlow's int64.
+MAX_EPOCHS = 100_000
+#: Every numeric field's range, checked before any work starts, so that a value no step (or
+#: TensorFlow, KFP, MLflow) could hold fails here naming the field instead of deep in a step.
+RANGES: dict[str, Bounds] = {
+    "seed": Bounds(0, 2**32 - 1),  # what NumPy and TensorFlow seeding accept
+    "split_seed": Bounds(0, 2**32 - 1),  # recorded in reports: kept to the seed's range
+    "val_fraction": Bounds(0.0, 1.0, low_open=True, high_open=True),
+    "test_fraction": Bounds(0.0, 1.0, low_open=True, high_open=True),
+    "min_images_per_class": Bounds(1, 1_000_000),
+    "min_image_side": Bounds(1, 65_535),  # the largest side a JPEG can have
+    "max_archive_bytes": Bounds(1, MAX_EXACT_INT),
+    "max_archive_entries": Bounds(1, 1_000_000_000),
+    "max_entry_compression_ratio": Bounds(1.0, 1e6),
+    "max_archive_compression_ratio": Bounds(1.0, 1e6),
+    "max_image_bytes": Bounds(1, MAX_EXACT_INT),
+    "download_deadline_s": Bounds(0.0, 1e7, low_open=True),  # about 4 months
+    "download_min_bytes_per_s": Bounds(0.0, 1e12),
+    "image_size": Bounds(32, 1024),  # MobileNet's smallest input; larger only costs memory
+    "batch_size": Bounds(1, 65_536),
+    "augment_rotation": Bounds(0.0, 1.0),  # a fraction of a full turn
+    "augment_shift": Bounds(0.0, 1.0),  # a fraction of the width
+    "augment_zoom": Bounds(0.0, 1.0, high_open=True),  # the augmentation layer's own limits
+    "augment_contrast": Bounds(0.0, 1.0, high_open=True),
+    "alpha": Bounds(0.0, 2.0, low_open=True),
+    "dropout": Bounds(0, 1, high_open=True),
+    "tta_views": Bounds(0, 8),  # and one of TTA_VIEWS
+    "epochs": Bounds(1, MAX_EPOCHS),
+    "steps_per_epoch": Bounds(0, 1_000_000_000),
+    "learning_rate": Bounds(0.0, 10.0, low_open=True),
+    "fine_tune_epochs": Bounds(0, MAX_EPOCHS),
+    "fine_tune_learning_rate": Bounds(0.0, 10.0, low_open=True),
+    "fine_tune_layers": Bounds(0, 100_000),
+    "early_stopping_patience": Bounds(0, MAX_EPOCHS),
+    "head_feature_views": Bounds(0, 1024),  # cached features grow with it
+    "head_c": Bounds(0.0, 1e6, low_open=True),
+    "gate_threshold": Bounds(0.0, 1.0),  # every gate metric is a share in [0, 1]
+    "promotion_margin": Bounds(0, 1, high_open=True),
 }
+#: val_fraction + test_fraction must stay below this, leaving at least 10% for training.
+MAX_HELD_OUT_FRACTION = 0.9
 
 #: Smallest image_size the notebook's CNN can take: five valid 3x3 convolutions, each
 #: followed by 2x2 pooling, leave nothing of a smaller image.
@@ -231,17 +321,13 @@ SEED_CNN_MIN_IMAGE_SIZE = 94
 
 #: Allowed values of the enumerated fields.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model": ("mobilenet", "seed_cnn"),
-    "backbone": ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-                 "efficientnet_v2_b0", "convnext_tiny"),
+    "model": MODELS,
+    "backbone": tuple(BACKBONES),
     "pooling": ("avg", "avg_max"),
     "gate_metric": ("accuracy", "balanced_accuracy", "macro_f1"),
     "augment_placement": ("auto", "model", "data"),
     "gate_on": ("point", "ci_low"),
 }
-
-#: Allowed ``tta_views``: the identity plus the first 1, 3 or 7 flips and turns (the dihedral
-#: group of the square, ordered so that the first four keep an image's height and width).
 
 
 def validate(config: PipelineConfig) -> None:
@@ -262,37 +348,20 @@ def validate(config: PipelineConfig) -> None:
                  if target is float and not math.isfinite(getattr(config, name))]
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
-    for name, (low, high) in RANGES.items():
-        value = getattr(config, name)
-        if not low <= value <= high:
-            problems.append(f"{name} must be in [{low!r}, {high!r}], got {value!r}")
+    problems += [f"{name} must be in {bounds}, got {getattr(config, name)!r}"
+                 for name, bounds in RANGES.items() if getattr(config, name) not in bounds]
     if config.model == "seed_cnn" and config.image_size < SEED_CNN_MIN_IMAGE_SIZE:
         problems.append(f"model=seed_cnn needs image_size in [{SEED_CNN_MIN_IMAGE_SIZE}, "
-                        f"{RANGES['image_size'][1]!r}], got {config.image_size!r}")
+                        f"{RANGES['image_size'].high!r}], got {config.image_size!r}")
     for name, allowed in CHOICES.items():
         if getattr(config, name) not in allowed:
             problems.append(f"{name}={getattr(config, name)!r} is not one of {list(allowed)}")
     if config.tta_views not in TTA_VIEWS:
         problems.append(f"tta_views={config.tta_views!r} is not one of {list(TTA_VIEWS)}")
-    if not 0 < config.val_fraction < 1 or not 0 < config.test_fraction < 1:
-        problems.append("val_fraction and test_fraction must be between 0 and 1")
-    elif config.val_fraction + config.test_fraction >= 0.9:
-        problems.append("val_fraction + test_fraction must leave at least 10% for training")
-    positive = ("image_size", "batch_size", "epochs", "min_images_per_class", "min_image_side",
-                "max_archive_bytes", "max_archive_entries", "max_image_bytes", "learning_rate",
-                "fine_tune_learning_rate", "alpha", "head_c", "download_deadline_s")
-    problems += [f"{n} must be > 0, got {getattr(config, n)!r}" for n in positive
-                 if getattr(config, n) <= 0]
-    non_negative = ("steps_per_epoch", "fine_tune_epochs", "fine_tune_layers",
-                    "head_feature_views", "download_min_bytes_per_s",
-                    "early_stopping_patience",
-                    "augment_rotation", "augment_shift", "augment_zoom", "augment_contrast")
-    problems += [f"{n} must be >= 0, got {getattr(config, n)!r}" for n in non_negative
-                 if getattr(config, n) < 0]
-    if not 0 <= config.promotion_margin < 1:
-        problems.append(f"promotion_margin must be in [0, 1), got {config.promotion_margin!r}")
-    if not 0 <= config.dropout < 1:
-        problems.append(f"dropout must be in [0, 1), got {config.dropout!r}")
+    if config.val_fraction + config.test_fraction >= MAX_HELD_OUT_FRACTION:
+        problems.append(f"val_fraction + test_fraction must stay below {MAX_HELD_OUT_FRACTION} "
+                        "(at least 10% for training), got "
+                        f"{config.val_fraction + config.test_fraction:g}")
     if not config.data_source.strip():
         problems.append("data_source must not be empty")
     for name in ("data_sha256", "weights_sha256"):
@@ -352,9 +421,11 @@ __all__ = [
     "DEFAULT_DATA_SOURCE",
     "ENV_OVERRIDES",
     "IMAGES_FILE",
+    "MAX_HELD_OUT_FRACTION",
     "RANGES",
     "SEED_CNN_MIN_IMAGE_SIZE",
     "TTA_VIEWS",
+    "Bounds",
     "PipelineConfig",
     "coerce",
     "env_overrides",

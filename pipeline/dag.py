@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from kfp import dsl, kubernetes
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Markdown, Metrics, Model
+from kfp.dsl import Dataset, Markdown
 
 from pipeline.config import PipelineConfig, load_images
 from pipeline.lib.credentials import (
@@ -22,13 +22,13 @@ from pipeline.lib.credentials import (
     has_credentials,
     redact_uri,
 )
+from pipeline.stepspec import STEP_SPECS, Resources, outputs_type
 from pipeline.sweep import Sweep
 from pipeline.tasks import (
     DOWNLOAD_RETRIES,
     MLFLOW_CONFIG_MAP_KEYS,
     MLFLOW_SECRET_KEYS,
     TRACKING_URI_PARAM,
-    Resources,
     TaskFactory,
 )
 
@@ -38,18 +38,11 @@ DESCRIPTION = ("Download, validate and split the iris image set, train a classif
 D = PipelineConfig()  # the defaults of every parameter
 
 
-class PipelineOutputs(NamedTuple):
-    """What a run hands back (the local runner reads these to verify and summarise it)."""
-
-    raw_data: Dataset
-    prepared_data: Dataset
-    data_report: Markdown
-    trained_model: Model
-    metrics: Metrics
-    classification_metrics: ClassificationMetrics
-    report: HTML
-    evaluation: Artifact
-    gate_passed: bool
+#: The training DAG's steps (select_model only in a sweep).
+TRAINING_STEPS = tuple(STEP_SPECS)
+#: What a run hands back, the steps' declared outputs (the local runner verifies and
+#: summarises them).
+PipelineOutputs = outputs_type("PipelineOutputs", TRAINING_STEPS)
 
 
 def create_pipeline(images: Mapping[str, str] | None = None, *,
@@ -125,16 +118,11 @@ def create_pipeline(images: Mapping[str, str] | None = None, *,
         # The verdict is evaluate's single parameter output, "Output": kfp.local (2.17)
         # cannot resolve a condition on a *named* output and silently skips the branch.
         with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
-            task("register_model", params, trained_model=trained,
+            task("register_model", params, trained_model=trained, prepared_data=prepared,
                  metrics=evaluate.outputs["metrics"], evaluation=evaluate.outputs["evaluation"])
-        return PipelineOutputs(
-            raw_data=download.outputs["raw_data"], prepared_data=prepared,
-            data_report=prepare.outputs["data_report"], trained_model=trained,
-            metrics=evaluate.outputs["metrics"],
-            classification_metrics=evaluate.outputs["classification_metrics"],
-            report=evaluate.outputs["report"], evaluation=evaluate.outputs["evaluation"],
-            gate_passed=evaluate.outputs["Output"],
-        )
+        produced = {**download.outputs, **prepare.outputs, **evaluate.outputs,
+                    "trained_model": trained, "gate_passed": evaluate.outputs["Output"]}
+        return PipelineOutputs(**{name: produced[name] for name in PipelineOutputs._fields})
 
     return iris_image_pipeline
 
@@ -282,6 +270,17 @@ def predict_arguments(config: PipelineConfig, model_uri: str = DEFAULT_MODEL_URI
             TRACKING_URI_PARAM: tracking_uri}
 
 
-__all__ = ["DEFAULT_MODEL_URI", "DESCRIPTION", "PIPELINE_NAME", "PREDICT_PIPELINE_NAME",
-           "PipelineOutputs", "PredictOutputs", "create_pipeline", "create_predict_pipeline",
-           "pipeline_arguments", "predict_arguments", "refuse_credentials"]
+__all__ = [
+    "DEFAULT_MODEL_URI",
+    "DESCRIPTION",
+    "PIPELINE_NAME",
+    "PREDICT_PIPELINE_NAME",
+    "TRAINING_STEPS",
+    "PipelineOutputs",
+    "PredictOutputs",
+    "create_pipeline",
+    "create_predict_pipeline",
+    "pipeline_arguments",
+    "predict_arguments",
+    "refuse_credentials",
+]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -33,7 +34,8 @@ import yaml
 
 from pipeline.config import PipelineConfig
 from pipeline.lib.credentials import has_credentials
-from pipeline.lib.params import STEP_PARAMS, TrackingParams, TrainParams
+from pipeline.lib.params import TrackingParams, TrainParams
+from pipeline.stepspec import STEP_PARAMS
 
 #: Train-step settings no other step reads: the ones a trial may change.
 SWEEPABLE: frozenset[str] = frozenset(TrainParams.field_names()) - {
@@ -97,6 +99,20 @@ def _grid(grid: Any) -> list[dict[str, Any]]:
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
+def _check_size(trials: int, grid: Any) -> None:
+    """Refuse more than :data:`MAX_TRIALS` from the value counts alone, before expanding any.
+
+    A grid of a few keys with long value lists has more combinations than memory can hold,
+    so its product is counted, not built.
+    """
+    counts = [len(values) for values in grid.values() if isinstance(values, list)] if (
+        isinstance(grid, dict)) else []
+    total = math.prod(counts) * trials
+    if total > MAX_TRIALS:
+        sizes = " x ".join(map(str, ([trials] if trials > 1 else []) + counts))
+        raise ValueError(f"the sweep has {total} trials ({sizes}); at most {MAX_TRIALS}")
+
+
 def build_sweep(spec: Mapping[str, Any], base: PipelineConfig,
                 environ: Mapping[str, str] | None = None) -> Sweep:
     """Trials of ``spec`` (a sweep file's mapping) on top of ``base``, each one validated.
@@ -114,10 +130,9 @@ def build_sweep(spec: Mapping[str, Any], base: PipelineConfig,
             or not 1 <= parallelism <= MAX_PARALLELISM):
         raise ValueError(f"parallelism must be an integer in [1, {MAX_PARALLELISM}], "
                          f"got {parallelism!r}")
-    combined = [{**trial, **point} for trial in _overrides(spec.get("trials"), "trials")
-                for point in _grid(spec.get("grid"))]
-    if len(combined) > MAX_TRIALS:
-        raise ValueError(f"the sweep has {len(combined)} trials; at most {MAX_TRIALS}")
+    overrides, grid = _overrides(spec.get("trials"), "trials"), spec.get("grid")
+    _check_size(len(overrides), grid)
+    combined = [{**trial, **point} for trial in overrides for point in _grid(grid)]
     keys = sorted({key for trial in combined for key in trial})
     fixed = [key for key in keys if key not in SWEEPABLE]
     if fixed:

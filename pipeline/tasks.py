@@ -1,55 +1,41 @@
 """Task settings of the DAG: the components, images, resources, caching, retries, secrets.
 
 Kept apart from ``dag.py`` so the DAG itself reads in one screen; everything here is how a
-task runs on a cluster, not what the pipeline computes.
+task runs on a cluster, not what the pipeline computes. What each step needs (resources,
+cache, GPU, MLflow, data access) is its entry in ``pipeline/stepspec.py``; this module turns
+those entries into KFP task settings.
 """
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from kfp import dsl, kubernetes
 
-from components.download_dataset import download_dataset
-from components.evaluate_model import evaluate_model
-from components.preprocess_dataset import preprocess_dataset
-from components.register_model import register_model
-from components.select_model import select_model
-from components.train_model import train_model
 from pipeline.config import load_images
 from pipeline.lib.credentials import DATA_SECRET_KEYS, MLFLOW_CONFIG_MAP
+from pipeline.stepspec import STEP_SPECS, Resources
 
-#: Component bodies in DAG order; each becomes a component at pipeline-construction time.
-STEP_FUNCTIONS: tuple[Callable[..., Any], ...] = (
-    download_dataset,
-    preprocess_dataset,
-    train_model,
-    select_model,  # sweeps only: the trial with the best validation score
-    evaluate_model,
-    register_model,
-)
-STEPS: tuple[str, ...] = tuple(f.__name__ for f in STEP_FUNCTIONS)
-#: Steps only a sweep's DAG has.
-SWEEP_STEPS = frozenset({"select_model"})
+#: Component bodies in step order; each becomes a component at pipeline-construction time.
+STEP_FUNCTIONS: tuple[Callable[..., Any], ...] = tuple(s.component for s in STEP_SPECS.values())
+STEPS: tuple[str, ...] = tuple(STEP_SPECS)
 #: KFP task names (component names, dashed) by step.
-TASK_NAMES: dict[str, str] = {step: step.replace("_", "-") for step in STEPS}
+TASK_NAMES: dict[str, str] = {name: spec.task for name, spec in STEP_SPECS.items()}
+TASK_RESOURCES: dict[str, Resources] = {name: spec.resources for name, spec in STEP_SPECS.items()}
 
 #: The one step that wants the GPU image and an NVIDIA GPU.
-GPU_STEP = "train_model"
+(GPU_STEP,) = (name for name, spec in STEP_SPECS.items() if spec.gpu)
 GPU_RESOURCE = "nvidia.com/gpu"
 
 #: Steps whose outputs depend only on their inputs: safe to serve from the cache. Training,
 #: evaluation and registration stay uncached: each pipeline run must log its own MLflow runs,
 #: and registration compares against whatever the registry's champion is *now*.
-CACHED_STEPS = frozenset({"download_dataset", "preprocess_dataset"})
+CACHED_STEPS = frozenset(name for name, spec in STEP_SPECS.items() if spec.cached)
 
 #: Steps that talk to MLflow and so get its settings (ConfigMap) and credentials (Secret).
-TRACKING_STEPS = frozenset({"train_model", "select_model", "evaluate_model", "register_model"})
+TRACKING_STEPS = frozenset(name for name, spec in STEP_SPECS.items() if spec.tracking)
 
 #: Pipeline parameters that are not config fields: where MLflow lives.
 TRACKING_URI_PARAM = "tracking_uri"
-#: Run-context inputs the DAG fills in itself (never pipeline parameters).
-CONTEXT_INPUTS = ("pipeline_run_id", "pipeline_name")
 
 #: Task-level retries of the download (pod eviction, node loss, registry hiccups). Transient
 #: network errors are already retried inside ``fetch_dataset``; these re-run the whole pod.
@@ -63,27 +49,9 @@ MLFLOW_CONFIG_MAP_KEYS = ("MLFLOW_TRACKING_URI",)
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
-@dataclasses.dataclass(frozen=True)
-class Resources:
-    """Kubernetes requests and limits of one task (KFP quantity strings)."""
-
-    cpu_request: str
-    cpu_limit: str
-    memory_request: str
-    memory_limit: str
-
-
-#: Requests cover each step's peak RSS in a CPU ``--local`` run at the default settings (see
-#: the README's measured results) with room; limits leave headroom for larger data sets and,
-#: on the GPU node, the CUDA libraries in host memory.
-TASK_RESOURCES: dict[str, Resources] = {
-    "download_dataset": Resources("250m", "1", "256Mi", "1Gi"),
-    "preprocess_dataset": Resources("1", "2", "1536Mi", "4Gi"),
-    "train_model": Resources("4", "8", "6Gi", "16Gi"),
-    "select_model": Resources("250m", "1", "1Gi", "2Gi"),
-    "evaluate_model": Resources("1", "2", "3Gi", "6Gi"),  # 8 views at 320 px: 2.4 GB
-    "register_model": Resources("250m", "1", "1536Mi", "3Gi"),
-}
+def context_inputs(pipeline_name: str) -> dict[str, Any]:
+    """Run-context inputs the DAG fills in itself (never pipeline parameters)."""
+    return {"pipeline_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "pipeline_name": pipeline_name}
 
 
 def build_components(images: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -94,35 +62,33 @@ def build_components(images: Mapping[str, str] | None = None) -> dict[str, Any]:
     """
     images = dict(images) if images is not None else load_images()
     return {
-        func.__name__: dsl.component(
-            func,
-            base_image=images["gpu"] if func.__name__ == GPU_STEP else images["cpu"],
-            install_kfp_package=False,
-        )
-        for func in STEP_FUNCTIONS
+        name: dsl.component(spec.component, base_image=images["gpu" if spec.gpu else "cpu"],
+                            install_kfp_package=False)
+        for name, spec in STEP_SPECS.items()
     }
 
 
 def configure_task(task: dsl.PipelineTask, step: str, *, download_retries: int,
                    mlflow_secret: str | None, mlflow_config_map: str | None,
                    data_secret: str | None = None) -> None:
-    resources = TASK_RESOURCES[step]
+    spec = STEP_SPECS[step]
+    resources = spec.resources
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
     task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
-    task.set_caching_options(enable_caching=step in CACHED_STEPS)
+    task.set_caching_options(enable_caching=spec.cached)
     # Stream Python output (Keras progress, logs) as it happens, locally and in pod logs.
     task.set_env_variable("PYTHONUNBUFFERED", "1")
-    if step == GPU_STEP:
+    if spec.gpu:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
-    if step == "download_dataset" and download_retries > 0:
+    if spec.fetches and download_retries > 0:
         task.set_retry(num_retries=download_retries, backoff_duration=RETRY_BACKOFF,
                        backoff_factor=RETRY_BACKOFF_FACTOR, backoff_max_duration=RETRY_BACKOFF_MAX)
-    if step == "download_dataset" and data_secret:
+    if spec.fetches and data_secret:
         # optional: a Secret holds basic auth or object-store keys, rarely both.
         kubernetes.use_secret_as_env(task, data_secret, {key: key for key in DATA_SECRET_KEYS},
                                      optional=True)
-    if step in TRACKING_STEPS:
+    if spec.tracking:
         if mlflow_config_map:
             kubernetes.use_config_map_as_env(
                 task, mlflow_config_map, {key: key for key in MLFLOW_CONFIG_MAP_KEYS}, optional=True
@@ -131,8 +97,6 @@ def configure_task(task: dsl.PipelineTask, step: str, *, download_retries: int,
             kubernetes.use_secret_as_env(
                 task, mlflow_secret, {key: key for key in MLFLOW_SECRET_KEYS}
             )
-
-
 
 
 class TaskFactory:
@@ -156,8 +120,7 @@ class TaskFactory:
 
     def __call__(self, step: str, params: Mapping[str, Any], **artifacts: Any) -> dsl.PipelineTask:
         component = self.components[step]
-        context = {"pipeline_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                   "pipeline_name": self.pipeline_name}
+        context = context_inputs(self.pipeline_name)
         arguments = dict(artifacts)
         for name in component.component_spec.inputs or {}:
             if name in artifacts:
@@ -176,14 +139,12 @@ class TaskFactory:
 
 __all__ = [
     "CACHED_STEPS",
-    "CONTEXT_INPUTS",
     "DOWNLOAD_RETRIES",
     "GPU_STEP",
     "MLFLOW_CONFIG_MAP",
     "MLFLOW_SECRET_KEYS",
     "STEPS",
     "STEP_FUNCTIONS",
-    "SWEEP_STEPS",
     "TASK_NAMES",
     "TASK_RESOURCES",
     "TRACKING_STEPS",
@@ -192,4 +153,5 @@ __all__ = [
     "TaskFactory",
     "build_components",
     "configure_task",
+    "context_inputs",
 ]

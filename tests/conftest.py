@@ -6,20 +6,15 @@ import os
 from pathlib import Path
 
 import pytest
-from diskfull import full_disk  # noqa: F401 (fixture)
-from mlflow_server import (  # noqa: F401 (fixtures)
+
+from tests.support.diskfull import full_disk  # noqa: F401 (fixture)
+from tests.support.mlflow_server import (  # noqa: F401 (fixtures)
     clean_mlflow_state,
     closed_port_uri,
     isolated_mlflow_globals,
     mlflow_server,
 )
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-IRIS_ZIP = SHARED_DATA / "iris-image.zip"
-MOBILENET_WEIGHTS = SHARED_DATA / "mobilenet_2_5_224_tf_no_top.h5"
-MOBILENET_V2_WEIGHTS = (SHARED_DATA
-                        / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5")
+from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS, MOBILENET_WEIGHTS
 
 # TensorFlow is chatty and slow to pick threads; keep test logs readable.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -48,9 +43,8 @@ def iris_data(tmp_path_factory: pytest.TempPathFactory, iris_zip: Path) -> Path:
 def reference_model(tmp_path_factory: pytest.TempPathFactory, iris_data: Path,
                     mobilenet_weights: Path) -> tuple[Path, dict]:
     """One real short training on the prepared iris set, shared by the test modules."""
-    from train_helpers import REFERENCE_OVERRIDES, small_train
-
     from pipeline.steps.train import train_model
+    from tests.support.train_helpers import REFERENCE_OVERRIDES, small_train
 
     model_dir = tmp_path_factory.mktemp("reference") / "model"
     return model_dir, train_model(iris_data, model_dir, small_train(**REFERENCE_OVERRIDES))

@@ -20,8 +20,7 @@ from pipeline.config import (
 )
 from pipeline.lib.files import file_sha256
 from pipeline.steps.download import fetch_dataset
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import PROJECT_ROOT
 
 
 def _defaults(path: Path) -> dict:

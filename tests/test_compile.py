@@ -15,6 +15,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from pipeline.config import PipelineConfig, load_images
 from pipeline.dag import create_pipeline
 from pipeline.runners import compile_pipeline
+from pipeline.stepspec import STEP_SPECS
 from pipeline.sweep import build_sweep
 from pipeline.tasks import (
     CACHED_STEPS,
@@ -24,7 +25,6 @@ from pipeline.tasks import (
     MLFLOW_SECRET_KEYS,
     STEP_FUNCTIONS,
     STEPS,
-    SWEEP_STEPS,
     TASK_NAMES,
     TASK_RESOURCES,
     TRACKING_STEPS,
@@ -32,6 +32,9 @@ from pipeline.tasks import (
 )
 
 SECRET = "mlflow-credentials"
+#: Steps only a sweep's DAG has: those whose component takes a list of trained models.
+SWEEP_STEPS = frozenset({name for name, spec in STEP_SPECS.items()
+                         if "trained_models" in inspect.signature(spec.component).parameters})
 ROOT_TASKS = {"download-dataset", "preprocess-dataset", "train-model", "evaluate-model"}
 KFP_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN"}
 

@@ -12,10 +12,14 @@ import textwrap
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from mlflow_server import MlflowServer
+from mlflow.tracking import MlflowClient
+
+from tests.support.mlflow_server import MlflowServer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +29,7 @@ FIRST_USE = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from mlflow.tracking import MlflowClient
-    from pipeline.lib.tracking import check_tracking_server, get_or_create_experiment
+    from pipeline.lib.tracking_store import check_tracking_server, get_or_create_experiment
     uri, go = sys.argv[1], Path(sys.argv[2])
     Path(f"{go}.{os.getpid()}.ready").touch()
     while not go.exists():
@@ -74,26 +78,26 @@ REGISTER = textwrap.dedent("""
     import contextlib, json, os, sys, time
     from pathlib import Path
     from mlflow.tracking import MlflowClient
-    from pipeline.steps import register
+    from pipeline.lib import promotion, registry
     uri, go, value, delay = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
     name, experiment, mode = (sys.argv[5:] + ["iris", "race", ""][len(sys.argv) - 5:])[:3]
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.get_experiment_by_name(experiment).experiment_id).info.run_id
-    read_champion = register.champion_metric
+    read_champion = registry.champion_metric
 
     def slow_champion_metric(*args, **kwargs):
         found = read_champion(*args, **kwargs)
         time.sleep(delay)
         return found
 
-    register.champion_metric = slow_champion_metric
+    registry.champion_metric = slow_champion_metric
     if mode.startswith("nolease"):
-        register._server_lease = lambda client, name: contextlib.nullcontext(False)
+        promotion._server_lease = lambda client, name: contextlib.nullcontext(False)
     if ":" in mode:
         write_delay, set_alias = float(mode.split(":")[1]), client.set_registered_model_alias
 
         def held_set_alias(model, alias, version):
-            if alias == register.CHAMPION and not Path(f"{go}.{os.getpid()}.armed").exists():
+            if alias == registry.CHAMPION and not Path(f"{go}.{os.getpid()}.armed").exists():
                 Path(f"{go}.{os.getpid()}.armed").touch()
                 while len(list(go.parent.glob(f"{go.name}.*.armed"))) < 2:
                     time.sleep(0.01)
@@ -104,7 +108,7 @@ REGISTER = textwrap.dedent("""
     Path(f"{go}.{os.getpid()}.ready").touch()
     while not go.exists():
         time.sleep(0.01)
-    decision = register.register_model(f"runs:/{run_id}/model", name=name,
+    decision = registry.register_model(f"runs:/{run_id}/model", name=name,
                                        metric_name="accuracy", metric_value=value, client=client)
     print(json.dumps(decision))
 """)
@@ -112,9 +116,7 @@ REGISTER = textwrap.dedent("""
 
 @pytest.mark.slow  # two registry processes on a sqlite store take about half a minute
 def test_concurrent_register_steps_leave_the_better_model_champion(tmp_path: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.steps.register import CHAMPION, champion_metric
+    from pipeline.lib.registry import CHAMPION, champion_metric
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -132,20 +134,20 @@ def test_concurrent_register_steps_leave_the_better_model_champion(tmp_path: Pat
 def test_identical_trainings_at_once_do_not_share_a_checkpoint_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.lib.contract import CHECKPOINT_ROOT_ENV
-    from pipeline.steps.train import checkpoint_dir
+    from pipeline.lib.training import checkpoint_folder
 
     monkeypatch.setenv(CHECKPOINT_ROOT_ENV, str(tmp_path / "root"))
-    first, lock = checkpoint_dir(tmp_path / "run1", "abc123")
-    assert first == tmp_path / "root" / "abc123" and lock is not None
-    second, second_lock = checkpoint_dir(tmp_path / "run2", "abc123")  # first still training
-    assert second == tmp_path / "run2" / "checkpoints" and second_lock is None
-    lock.close()  # the first one finished (or died): the next one resumes from the root
-    third, third_lock = checkpoint_dir(tmp_path / "run3", "abc123")
-    assert third == first and third_lock is not None
-    third_lock.close()
+    with checkpoint_folder(tmp_path / "run1", "abc123") as first:
+        assert first == (tmp_path / "root" / "abc123", True)
+        assert (tmp_path / "root" / "abc123.lock").exists()
+        with checkpoint_folder(tmp_path / "run2", "abc123") as second:  # first still training
+            assert second == (tmp_path / "run2" / "checkpoints", False)
+    # the first one finished (or died): the next one resumes from the root
+    with checkpoint_folder(tmp_path / "run3", "abc123") as third:
+        assert third == first
     monkeypatch.delenv(CHECKPOINT_ROOT_ENV)
-    assert checkpoint_dir(tmp_path / "run4", "abc123") == (tmp_path / "run4" / "checkpoints",
-                                                          None)
+    with checkpoint_folder(tmp_path / "run4", "abc123") as fourth:
+        assert fourth == (tmp_path / "run4" / "checkpoints", False)
 
 
 def _moves(history: list[str]) -> list[tuple[str, str | None, str]]:
@@ -168,9 +170,7 @@ def _moves(history: list[str]) -> list[tuple[str, str | None, str]]:
 def test_concurrent_register_steps_on_a_server_leave_the_better_model_champion(
         mlflow_server: MlflowServer, tmp_path: Path, modes: tuple[str, str],
         delays: tuple[str, str]) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.steps.register import CHALLENGER, CHAMPION, alias_history, champion_metric
+    from pipeline.lib.registry import CHALLENGER, CHAMPION, alias_history, champion_metric
 
     client = MlflowClient(tracking_uri=mlflow_server.url)
     suffix = uuid.uuid4().hex[:8]
@@ -211,12 +211,10 @@ def test_concurrent_register_steps_on_a_server_leave_the_better_model_champion(
 def test_the_server_promotion_lease_admits_one_holder_at_a_time(
         mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three contenders at once: each gets the lease, never two together, none left behind."""
-    from mlflow.tracking import MlflowClient
+    from pipeline.lib import promotion
 
-    from pipeline.steps import register
-
-    monkeypatch.setattr(register, "PROMOTION_SETTLE_S", 0.2)
-    monkeypatch.setattr(register, "LEASE_POLL_S", 0.1)
+    monkeypatch.setattr(promotion, "PROMOTION_SETTLE_S", 0.2)
+    monkeypatch.setattr(promotion, "LEASE_POLL_S", 0.1)
     name = f"lease-{uuid.uuid4().hex[:8]}"
     start, lock = threading.Barrier(3), threading.Lock()
     inside: list[int] = []
@@ -225,7 +223,7 @@ def test_the_server_promotion_lease_admits_one_holder_at_a_time(
     def contend(index: int) -> None:
         client = MlflowClient(tracking_uri=mlflow_server.url)
         start.wait()
-        with register.promotion_lock(client, name):
+        with promotion.promotion_lock(client, name):
             with lock:
                 inside.append(index)
                 entered = time.monotonic()
@@ -241,4 +239,185 @@ def test_the_server_promotion_lease_admits_one_holder_at_a_time(
     assert len(spans) == 3
     assert all(end <= later for (_, end), (later, _) in itertools.pairwise(spans)), spans
     tags = MlflowClient(tracking_uri=mlflow_server.url).get_registered_model(name).tags
-    assert register.LEASE_TAG not in tags, "the last holder releases the lease"
+    assert promotion.LEASE_TAG not in tags, "the last holder releases the lease"
+
+
+# --- fast: the promotion lock, the server lease and compare-and-set, in one process ---------
+class ServerLikeClient(MlflowClient):
+    """A client on a local sqlite store that reports a server URI, so the registry takes its
+    server path (the lease and the champion's compare-and-set); ``after_read`` runs once
+    after the first champion read and ``after_move`` once after the first champion move,
+    standing in for another process acting at that moment."""
+
+    def __init__(self, uri: str, after_read: Callable[[], None] | None = None,
+                 after_move: Callable[[], None] | None = None) -> None:
+        super().__init__(uri)
+        self.hooks = {"read": after_read, "move": after_move}
+
+    @property
+    def tracking_uri(self) -> str:
+        return "http://mlflow.invalid:5000"
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> Any:
+        found = super().get_model_version_by_alias(name, alias)
+        if alias == "champion" and (hook := self.hooks.pop("read", None)):
+            hook()
+        return found
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        super().set_registered_model_alias(name, alias, version)
+        if alias == "champion" and (hook := self.hooks.pop("move", None)):
+            hook()
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(tracking URI, experiment id) of a sqlite store shared by the fast tests below."""
+    root = tmp_path_factory.mktemp("promotion")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    experiment = MlflowClient(uri).create_experiment(
+        "promotion", artifact_location=(root / "artifacts").as_uri())
+    return uri, experiment
+
+
+@pytest.fixture
+def quick_server_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.lib import promotion
+
+    monkeypatch.setattr(promotion, "PROMOTION_SETTLE_S", 0.01)
+    monkeypatch.setattr(promotion, "LEASE_POLL_S", 0.02)
+    monkeypatch.setattr(promotion, "LEASE_WAIT_S", 3.0)
+
+
+def _register(store: tuple[str, str], name: str, value: float, client: Any = None) -> dict:
+    from pipeline.lib.registry import register_model
+
+    plain = MlflowClient(store[0])
+    run_id = plain.create_run(store[1]).info.run_id
+    return register_model(f"runs:/{run_id}/model", name=name, metric_name="accuracy",
+                          metric_value=value, client=client or plain)
+
+
+def _rival(store: tuple[str, str], name: str, value: float) -> Any:
+    """Another process's registration landing now: a new version made champion directly."""
+    def land() -> None:
+        client = MlflowClient(store[0])
+        run_id = client.create_run(store[1]).info.run_id
+        version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id,
+                                              tags={"metric.accuracy": repr(value)}).version
+        client.set_registered_model_alias(name, "champion", str(version))
+    return land
+
+
+def test_the_promotion_lock_is_a_file_beside_the_store_named_after_the_model(
+        local_store: tuple[str, str]) -> None:
+    """The README's lock file name: ``mlflow.db.promote-<hash>.lock`` next to ``mlflow.db``."""
+    import hashlib
+
+    from filelock import FileLock, Timeout
+
+    from pipeline.lib.promotion import promotion_lock
+
+    name = f"iris-{uuid.uuid4().hex[:8]}"
+    store = Path(local_store[0].removeprefix("sqlite:///"))
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    expected = store.parent / f"mlflow.db.promote-{digest}.lock"
+    with promotion_lock(MlflowClient(local_store[0]), name), \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert expected.is_file(), sorted(p.name for p in store.parent.glob("*.lock"))
+        with pytest.raises(Timeout):  # another holder must wait
+            pool.submit(FileLock(expected).acquire, timeout=0.1).result()
+
+
+def test_local_promotions_take_turns_and_the_worse_model_never_ends_champion(
+        local_store: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worse model reads the champion first and moves the alias last: under the lock the
+    better one waits and then compares with it."""
+    from pipeline.lib import registry
+
+    name = f"lock-{uuid.uuid4().hex[:8]}"
+    read_champion, inside = registry.champion_metric, threading.Event()
+    reads: dict[str, float] = {}
+
+    def slow_for_the_worse(*args: Any, **kwargs: Any) -> Any:
+        found = read_champion(*args, **kwargs)
+        reads.setdefault(threading.current_thread().name, time.monotonic())
+        if threading.current_thread().name == "worse":
+            inside.set()
+            time.sleep(0.5)
+        return found
+
+    monkeypatch.setattr(registry, "champion_metric", slow_for_the_worse)
+    results: dict[str, dict] = {}
+
+    def run(value: float) -> None:
+        results[threading.current_thread().name] = _register(local_store, name, value)
+
+    worse = threading.Thread(target=run, args=(0.7,), name="worse")
+    worse.start()
+    assert inside.wait(30)
+    better = threading.Thread(target=run, args=(0.9,), name="better")
+    better.start()
+    worse.join(60)
+    better.join(60)
+    assert set(results) == {"worse", "better"}, "a registration failed"
+    assert reads["better"] >= reads["worse"] + 0.5, "the better one read while the worse decided"
+    client = MlflowClient(local_store[0])
+    assert registry.champion_metric(client, name, "accuracy") == (
+        results["better"]["version"], 0.9)
+    assert results["better"]["previous_champion_version"] == results["worse"]["version"]
+
+
+@pytest.mark.usefixtures("quick_server_timing")
+def test_a_dead_holders_server_lease_is_taken_over_once_it_expired(
+        local_store: tuple[str, str]) -> None:
+    from pipeline.lib import promotion
+
+    name = f"lease-{uuid.uuid4().hex[:8]}"
+    client = ServerLikeClient(local_store[0])
+    client.create_registered_model(name)
+    expiry = time.time() + 0.5
+    client.set_registered_model_tag(name, promotion.LEASE_TAG,
+                                    f"deadtoken {expiry:.3f} gone-host:4242")
+    with promotion.promotion_lock(client, name):
+        entered = time.time()
+        held = client.get_registered_model(name).tags[promotion.LEASE_TAG]
+    assert entered >= expiry, "the lease was taken before it expired"
+    assert not held.startswith("deadtoken"), held
+    assert promotion.LEASE_TAG not in client.get_registered_model(name).tags
+
+
+@pytest.mark.usefixtures("quick_server_timing")
+def test_server_champion_moved_between_read_and_write_is_compared_again(
+        local_store: tuple[str, str]) -> None:
+    """A better version became champion right after our read: ours (better than the champion
+    we read) must not overwrite it, and ends challenger."""
+    from pipeline.lib.registry import CHALLENGER, CHAMPION, champion_metric
+
+    name = f"cas-{uuid.uuid4().hex[:8]}"
+    _register(local_store, name, 0.5, ServerLikeClient(local_store[0]))
+    ours = _register(local_store, name, 0.7, ServerLikeClient(
+        local_store[0], after_read=_rival(local_store, name, 0.9)))
+    assert ours["alias"] == CHALLENGER and "does not beat" in ours["reason"], ours
+    version, value = champion_metric(MlflowClient(local_store[0]), name, "accuracy")
+    assert value == 0.9 and version not in ("1", ours["version"])
+    assert ours["previous_champion_version"] == version, "decided against the new champion"
+    assert CHAMPION not in MlflowClient(local_store[0]).get_model_version(
+        name, ours["version"]).aliases
+
+
+@pytest.mark.usefixtures("quick_server_timing")
+def test_server_champion_overwritten_by_a_worse_one_right_after_our_move_is_taken_back(
+        local_store: tuple[str, str]) -> None:
+    """A worse version, decided on a stale read, writes the champion alias just after ours:
+    the check after the settle delay compares again and the better one ends champion."""
+    from pipeline.lib.registry import CHAMPION, champion_metric
+
+    name = f"cas-{uuid.uuid4().hex[:8]}"
+    _register(local_store, name, 0.5, ServerLikeClient(local_store[0]))
+    ours = _register(local_store, name, 0.9, ServerLikeClient(
+        local_store[0], after_move=_rival(local_store, name, 0.7)))
+    assert ours["alias"] == CHAMPION, ours
+    client = MlflowClient(local_store[0])
+    assert champion_metric(client, name, "accuracy") == (ours["version"], 0.9)
+    assert ours["previous_champion_version"] == "3", "decided again against the worse one"

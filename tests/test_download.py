@@ -21,9 +21,9 @@ import fsspec
 import pytest
 
 from pipeline.steps.download import DownloadError, fetch_dataset
+from tests.support.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PAYLOAD = b"PK-not-really-a-zip-but-bytes-are-bytes" * 1000
+PAYLOAD = b"PK\x03\x04not-really-a-zip-but-the-magic-is-right" * 1000  # passes the archive sniff
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 FAST = {"retries": 4, "backoff_s": 0.01, "timeout_s": 5.0}
 
@@ -36,8 +36,14 @@ class Server:
     fail_first: int = 0
     stall_first: float = 0.0  # seconds the first request hangs before answering
     status_after: int = 200
-    mode: str = ""  # "trickle": 1 byte per 0.05 s; "silent": never answers; "loop": redirects
-    trickle_s: float = 3.0  # how long a trickle lasts before the server hangs up
+    mode: str = ""  # "trickle": see below; "silent": never answers; "loop": redirects
+    #: A trickle sends the payload ``trickle_bytes`` at a time, waiting ``trickle_every_s``
+    #: before each piece, and hangs up after ``trickle_s`` (or when ``trickle_length`` bytes,
+    #: its Content-Length, are sent).
+    trickle_bytes: int = 1
+    trickle_every_s: float = 0.05
+    trickle_s: float = 3.0
+    trickle_length: int = len(PAYLOAD)
     requests: list[str] = field(default_factory=list)
     bytes_sent: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
@@ -61,15 +67,20 @@ def server() -> Iterator[Server]:
                 return
             if state.mode == "trickle":
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.send_header("Content-Length", str(state.trickle_length))
                 self.end_headers()
+                self.wfile.flush()
                 ends = time.monotonic() + state.trickle_s
+                sent = 0
                 with contextlib.suppress(OSError):
-                    while time.monotonic() < ends and not state.stop.is_set():
-                        self.wfile.write(PAYLOAD[:1])
+                    while (sent < state.trickle_length and not state.stop.is_set()
+                           and not state.stop.wait(state.trickle_every_s)
+                           and time.monotonic() < ends):
+                        piece = PAYLOAD[sent:min(sent + state.trickle_bytes, state.trickle_length)]
+                        self.wfile.write(piece)
                         self.wfile.flush()
-                        state.bytes_sent += 1
-                        time.sleep(0.05)
+                        sent += len(piece)
+                        state.bytes_sent += len(piece)
                 return
             if len(state.requests) == 1 and state.stall_first:
                 time.sleep(state.stall_first)  # then answer with the wrong bytes: a client
@@ -249,14 +260,48 @@ def test_s3_without_the_extra_names_it(tmp_path: Path) -> None:
 
 
 def test_a_trickling_server_fails_at_the_overall_deadline(server: Server, tmp_path: Path) -> None:
-    """1 byte per 0.05 s never trips a read timeout; only the deadline ends the transfer."""
+    """1 byte per 0.05 s never trips a read timeout; only the deadline ends the transfer.
+
+    The server would trickle for 20 s: ending within a second or two of the 1 s deadline
+    shows the deadline is checked while bytes arrive, not only between attempts.
+    """
     server.mode = "trickle"
+    server.trickle_s = 20.0
+    started = time.monotonic()
     with pytest.raises(DownloadError, match=re.escape(server.url)
                        + r" within download_deadline_s=1 s"):
         fetch_dataset(server.url, tmp_path / "d", None, cache_dir=tmp_path / "c", retries=3,
                       backoff_s=0.01, timeout_s=5.0, deadline_s=1.0, min_bytes_per_s=0)
+    ended = time.monotonic() - started
+    assert 1.0 <= ended < 4.0, f"the fetch ended after {ended:.1f} s (deadline 1 s)"
+    assert server.bytes_sent > 5, "bytes arrived until the deadline"
     assert len(server.requests) == 1
     assert list((tmp_path / "d").iterdir()) == []  # no .part file left
+
+
+def test_a_slow_but_steady_transfer_is_not_a_stall(server: Server, tmp_path: Path) -> None:
+    """400 B/s against a 150 B/s floor: fewer bytes than 150 in one 0.2 s window, but the
+    floor is a rate, so bytes are measured against the time they took (about 80 in 0.2 s)."""
+    server.mode = "trickle"
+    server.trickle_bytes, server.trickle_every_s, server.trickle_length = 40, 0.1, 400
+    path = fetch_dataset(server.url, tmp_path / "d", hashlib.sha256(PAYLOAD[:400]).hexdigest(),
+                         cache_dir=tmp_path / "c", retries=0, timeout_s=5.0,
+                         min_bytes_per_s=150, stall_window_s=0.2)
+    assert path.read_bytes() == PAYLOAD[:400]
+    assert len(server.requests) == 1
+
+
+def test_a_stall_is_judged_over_the_time_the_bytes_took(server: Server, tmp_path: Path) -> None:
+    """120 bytes every 1.6 s (75 B/s) against a 100 B/s floor and a 0.3 s window: the first
+    piece arrives 1.6 s into the window, more bytes than the floor's one second or one window
+    would ask for, yet fewer than 100 B/s over the 1.6 s they took, so the transfer stalled."""
+    server.mode = "trickle"
+    server.trickle_bytes, server.trickle_every_s = 120, 1.6
+    with pytest.raises(DownloadError, match=r"after 1 attempt\(s\): transfer stalled: 120 "
+                       r"bytes in 1\.\d s, below download_min_bytes_per_s=100"):
+        fetch_dataset(server.url, tmp_path / "d", None, cache_dir=tmp_path / "c", retries=0,
+                      timeout_s=5.0, min_bytes_per_s=100, stall_window_s=0.3)
+    assert list((tmp_path / "d").iterdir()) == []
 
 
 def test_a_stalled_transfer_is_retried_then_reported(server: Server, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-from train_helpers import small_eval, small_train
 
 from pipeline.lib import inputs, report, stats
 from pipeline.lib.stats import score
@@ -19,6 +18,7 @@ from pipeline.steps.evaluate import (
     split_digest,
 )
 from pipeline.steps.train import train_model
+from tests.support.train_helpers import small_eval, small_train
 
 
 def test_score_counts_every_class():

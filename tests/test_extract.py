@@ -8,13 +8,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from imagegen import image_bytes, tar_entries, zip_entries
 
 from pipeline.lib.archive import (
     ArchiveTooLargeError,
     UnsafeArchiveError,
     safe_extract,
 )
+from tests.support.imagegen import image_bytes, tar_entries, zip_entries
 
 LIMITS = {"max_bytes": 10_000_000, "max_entries": 1000}
 

@@ -6,10 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from train_helpers import small_train
 
-from pipeline.lib import inputs, models
-from pipeline.steps import train
+from pipeline.lib import feature_head, inputs, models
+from tests.support.train_helpers import small_train
 
 NUM_IMAGES, SIZE, BATCH = 13, 32, 4
 
@@ -60,7 +59,7 @@ def test_extract_features_streams_batches_and_keeps_the_order(streamed_split):
     core = _core()
     built = CountingLayer.calls  # building the model calls the layer symbolically
     views = 2
-    features, labels = train.extract_features(core, None, "train", config,
+    features, labels = feature_head.extract_features(core, None, "train", config,
                                               augmenter=augmenter, views=views)
     assert len(seen) == NUM_IMAGES
     # the last batch's images are read after earlier batches went through the extractor

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.lib.files import WriteError, atomic_write_bytes, atomic_write_json, atomic_writer
+from pipeline.lib.files import WriteError, atomic_write_json, atomic_writer
 
 
 def test_atomic_writes_name_the_path_and_leave_nothing(tmp_path: Path,
@@ -18,8 +18,9 @@ def test_atomic_writes_name_the_path_and_leave_nothing(tmp_path: Path,
     with pytest.raises(WriteError, match=r"cannot write '.*out/metrics\.json': No space left") as e:
         atomic_write_json(target, {"accuracy": 0.5, "padding": "x" * 100})
     assert e.value.errno == errno.ENOSPC
-    with pytest.raises(WriteError, match=r"blob\.bin"):
-        atomic_write_bytes(tmp_path / "out" / "blob.bin", b"0" * 100)
+    with pytest.raises(WriteError, match=r"blob\.bin"), \
+            atomic_writer(tmp_path / "out" / "blob.bin", "wb") as handle:
+        handle.write(b"0" * 100)
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
-from train_helpers import small_train
 
 from pipeline.lib import inputs
+from tests.support.train_helpers import small_train
 
 
 @pytest.fixture(scope="module")

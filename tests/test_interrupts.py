@@ -10,24 +10,24 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, set_flags
 from mlflow.tracking import MlflowClient
 
-from pipeline.lib.tracking import (
-    TAG_FAILED_REASON,
-    check_tracking_server,
-    parent_run_id,
-    step_run,
-)
+from pipeline.lib.interrupts import CLI_PID_ENV
+from pipeline.lib.tracking_log import parent_run_id
+from pipeline.lib.tracking_runs import TAG_FAILED_REASON, step_run
+from pipeline.lib.tracking_store import check_tracking_server
 from pipeline.runners.processes import descendants
+from tests.support.cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, set_flags
+from tests.support.mlflow_server import MlflowServer
 
 # A step that logs under step_run and then works (sleeps) until it is stopped.
 STEP = textwrap.dedent("""
     import sys, time
-    from pipeline.lib.tracking import step_run
+    from pipeline.lib.tracking_runs import step_run
     with step_run("train", tracking_uri=sys.argv[1], experiment_name="signals",
                   pipeline_run_id="kfp-signals", pipeline_name="iris-test"):
         time.sleep(600)
@@ -156,3 +156,103 @@ def test_a_sigterm_turned_into_another_error_still_ends_the_runs_killed(tmp_path
             raise RuntimeError("wrapped") from exc
     statuses = {name: status for name, (status, _) in _runs(uri, "wrapped").items()}
     assert len(statuses) == 2 and set(statuses.values()) == {"KILLED"}, statuses
+
+
+@pytest.mark.mlflow_server
+def test_a_tracked_step_turns_sigterm_into_an_interrupt_that_ends_its_runs_killed(
+        mlflow_server: MlflowServer) -> None:
+    """The step's own SIGTERM handler is in place while it runs, and only then."""
+    uri, experiment = mlflow_server.url, f"sigterm-{uuid.uuid4().hex[:8]}"
+    reached: list[int] = []
+
+    def ours(signum: int, frame: object) -> None:  # would swallow the signal: no interrupt
+        reached.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        with pytest.raises(KeyboardInterrupt), step_run(
+                "train", tracking_uri=uri, experiment_name=experiment,
+                pipeline_run_id="kfp-sigterm", pipeline_name="iris-test"):
+            assert signal.getsignal(signal.SIGTERM) is not ours
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        assert signal.getsignal(signal.SIGTERM) is ours  # put back on the way out
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not reached, "SIGTERM reached the handler that was there before the step"
+    runs = _runs(uri, experiment)
+    assert {name: status for name, (status, _) in runs.items()} == {
+        "train": "KILLED", next(n for n in runs if n != "train"): "KILLED"}
+    tags = MlflowClient(tracking_uri=uri).get_run(runs["train"][1]).data.tags
+    assert tags[TAG_FAILED_REASON] == "stopped by SIGTERM"
+
+
+@pytest.mark.mlflow_server
+def test_a_step_whose_cli_died_stops_and_says_why(mlflow_server: MlflowServer,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kill -9`` of the CLI: its step notices within seconds and ends its runs KILLED.
+
+    The "CLI" is a sleeping process named in ``$IRIS_CLI_PID``; killed and not yet reaped
+    (a zombie, as a killed CLI is until its shell reaps it), it counts as gone.
+    """
+    uri, experiment = mlflow_server.url, f"orphan-{uuid.uuid4().hex[:8]}"
+    cli = subprocess.Popen(["sleep", "600"])
+    monkeypatch.setenv(CLI_PID_ENV, str(cli.pid))
+    try:
+        with pytest.raises(KeyboardInterrupt), step_run(
+                "train", tracking_uri=uri, experiment_name=experiment,
+                pipeline_run_id="kfp-orphan", pipeline_name="iris-test"):
+            time.sleep(1.5)  # alive: the step goes on
+            cli.kill()
+            killed_at = time.monotonic()
+            time.sleep(30)  # the watcher interrupts this within about a second
+        assert time.monotonic() - killed_at < 5
+    finally:
+        cli.kill()
+        cli.wait()
+    runs = _runs(uri, experiment)
+    assert {status for status, _ in runs.values()} == {"KILLED"}, runs
+    tags = MlflowClient(tracking_uri=uri).get_run(runs["train"][1]).data.tags
+    assert tags[TAG_FAILED_REASON] == (
+        f"the CLI that started this step (pid {cli.pid}) ended; step stopped")
+
+
+@pytest.mark.slow
+def test_steps_of_a_killed_cli_stop_within_seconds_and_say_why(
+        tmp_path: Path, iris_zip: Path, mobilenet_weights: Path) -> None:
+    """``kill -9`` of ``--local``: nothing is forwarded, the steps notice the CLI is gone."""
+    proc = subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "pipeline.py"), "--local", "--data", str(iris_zip),
+         "--set", "epochs=500", "--set", "image_size=64", "--set", "head_feature_views=0",
+         "--set", f"weights={mobilenet_weights}", *set_flags(*V1_BACKBONE)],
+        cwd=tmp_path, env=clean_env(PYTHONPATH=str(PROJECT_ROOT)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    steps: list[int] = []
+    try:
+        deadline = time.monotonic() + 600
+        while not (tmp_path / "mlflow.db").exists() or not any(
+                _runs(uri, name).get("train", ("",))[0] == "RUNNING"
+                for name in _experiments(uri)):
+            assert proc.poll() is None, "the CLI ended before training started"
+            assert time.monotonic() < deadline, "the train step never started"
+            time.sleep(2)
+        steps = descendants(proc.pid)
+        assert steps
+        proc.kill()
+        proc.wait()
+        killed_at = time.monotonic()
+        while [pid for pid in steps if _live(pid)] and time.monotonic() - killed_at < 30:
+            time.sleep(0.5)
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        left = [pid for pid in steps if _live(pid)]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not left, f"step processes {left} outlived the CLI by 30 s"
+    assert stopped_after < 15
+    runs = {name: run for experiment in _experiments(uri)
+            for name, run in _runs(uri, experiment).items()}
+    assert {status for status, _ in runs.values()} == {"KILLED"}, runs
+    tags = MlflowClient(tracking_uri=uri).get_run(runs["train"][1]).data.tags
+    assert f"the CLI that started this step (pid {proc.pid}) ended" in tags[TAG_FAILED_REASON]

@@ -1,78 +1,163 @@
 """``--local``: failure detection (fast) and end-to-end runs on the shared iris archive (slow)."""
 
 import concurrent.futures
+import dataclasses
+import io
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
-from cli_helpers import V1_BACKBONE, CliRun, run_local_cli, set_flags, succeeded
 from kfp import dsl, local
 from kfp.dsl import Artifact, Output
 
 from pipeline.config import DEFAULT_DATA_SHA256, PipelineConfig
-from pipeline.lib.contract import EXECUTOR_OUTPUT
-from pipeline.runners import StepFailedError
-from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
+from pipeline.lib.contract import (
+    EXECUTOR_OUTPUT,
+    RUN_TOKEN_ENV,
+    STATE_FAILED,
+    STATE_STARTED,
+    STATE_SUCCEEDED,
+    STEP_PROGRESS_FILE,
+    STEP_RESULT_FILE,
+    STEP_STATUS_FILE,
+)
+from pipeline.lib.progress import read_status, report_progress, report_step, task_dir_from_argv
+from pipeline.runners import StepFailedError, run_local
+from pipeline.runners.console import StepConsole
 from pipeline.runners.local import FILE_OUTPUTS, verify_local_run, verify_trials
+from pipeline.runners.run_files import NO_END, find_run_dir, first_failure, task_statuses
+from tests.support.cli_helpers import V1_BACKBONE, CliRun, run_local_cli, set_flags, succeeded
 
-CYAN, RED, RESET = "\x1b[96m", "\x1b[91m", "\x1b[0m"
-
-# What kfp.local 2.17 streams for a failing step (copied from a real run, shortened).
-FAILED_STEP_OUTPUT = f"""\
-23:25:57.554 - INFO - Executing task {CYAN}'download-dataset'{RESET}
-23:25:57.555 - INFO - Streamed logs:
-
-    [KFP Executor 2026-11-26 23:25:57,728 INFO]: Looking for component `download_dataset`
-    Traceback (most recent call last):
-      File "<frozen runpy>", line 198, in _run_module_as_main
-      File "/tmp/tmp.FfJwb5Lk65/ephemeral_component.py", line 18, in download_dataset
-        fetched = fetch_dataset(data_source, raw_data.path, data_sha256 or None)
-                  ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
-      File "/work/main/pipeline/steps/download.py", line 322, in fetch_dataset
-        raise FileNotFoundError(f"data source not found: {{source!r}}")
-    FileNotFoundError: data source not found: '/nonexistent/iris.zip' (no such file or folder)
+TOKEN = "this-run"
 
 
-23:25:58.165 - ERROR - Task {CYAN}'download-dataset'{RESET} finished with status {RED}FAILURE{RESET}
---------------------------------------------------------------------------------
-"""
+@dataclasses.dataclass(frozen=True)
+class _Result:
+    score: float
+    history: tuple[dict, ...]
+    where: Path
 
 
-def test_failed_step_and_its_error_are_read_from_the_streamed_output() -> None:
-    lines = FAILED_STEP_OUTPUT.splitlines()
-    assert failed_tasks(lines) == ["download-dataset"]
-    assert task_error(lines, "download-dataset") == (
-        "FileNotFoundError: data source not found: '/nonexistent/iris.zip' "
-        "(no such file or folder)")
+def _executor_argv(task_dir: Path) -> list[str]:
+    """The step process's command line as kfp.local starts it (``executor_main``)."""
+    executor_input = {"inputs": {}, "outputs": {"outputFile": str(task_dir / EXECUTOR_OUTPUT)}}
+    return ["-m", "kfp.dsl.executor_main", "--executor_input", json.dumps(executor_input),
+            "--function_to_execute", "train_model"]
 
 
-def test_the_last_traceback_and_multi_line_messages_win() -> None:
-    lines = [
-        "Executing task 'train-model'",
-        "    Traceback (most recent call last):",
-        '      File "a.py", line 1, in f',
-        "    KeyError: 'x'",
-        "",
-        "    During handling of the above exception, another exception occurred:",
-        "    Traceback (most recent call last):",
-        '      File "b.py", line 2, in g',
-        "    ValueError: invalid config: epochs must be > 0",
-        "    and a second line",
-        "Task 'train-model' finished with status FAILURE",
-    ]
-    assert task_error(lines, "train-model") == (
-        "ValueError: invalid config: epochs must be > 0 and a second line")
-    assert task_error(["Executing task 'x'", "    Killed"], "x") == "Killed"
-    assert task_error([], "x") == "no error output captured"
+def test_the_task_folder_comes_from_the_executor_command_line(tmp_path: Path) -> None:
+    task_dir = tmp_path / "run" / "for-loop-2-iteration-1" / "train-model"
+    assert task_dir_from_argv(_executor_argv(task_dir)) == task_dir
+    assert task_dir_from_argv(["pytest", "-q"]) is None
+    assert task_dir_from_argv(["--executor_input", "{not json"]) is None
 
 
-def test_innermost_task_is_taken_from_kfps_exception() -> None:
-    exc = RuntimeError(f"Pipeline 'p' finished with status FAILURE. Inner task failed: "
-                       f"{CYAN}'register-model'{RESET} inside {CYAN}'condition-1'{RESET}.")
-    assert failed_task_from_exception(exc) == "register-model"
-    assert failed_task_from_exception(RuntimeError("something else")) is None
+def test_a_step_leaves_its_status_result_and_progress_in_its_task_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    task_dir = tmp_path / "train-model"
+    monkeypatch.setattr(sys, "argv", _executor_argv(task_dir))
+    monkeypatch.setenv(RUN_TOKEN_ENV, TOKEN)
+    seen = []
+
+    def step(epochs: int) -> _Result:
+        seen.append(read_status(task_dir))
+        for epoch in range(epochs):
+            report_progress("head epochs", epoch + 1, epochs)
+        return _Result(0.75, ({"epoch": 1, "loss": np.float32(0.5)},), tmp_path)
+
+    result = report_step(step, 3)
+    assert result.score == 0.75
+    assert seen[0].state == STATE_STARTED and seen[0].run_token == TOKEN
+    status = read_status(task_dir)
+    assert (status.task, status.state, status.error) == ("train-model", STATE_SUCCEEDED, None)
+    assert status.ended_at >= status.started_at
+    assert status.result() == {"score": 0.75, "history": [{"epoch": 1, "loss": 0.5}],
+                               "where": str(tmp_path)}
+    assert status.progress() == {"what": "head epochs", "done": 3, "total": 3}
+    assert sorted(p.name for p in task_dir.iterdir()) == [
+        STEP_PROGRESS_FILE, STEP_RESULT_FILE, STEP_STATUS_FILE]  # no temporary files left
+
+
+def test_a_failing_step_records_its_error_and_raises_it_again(tmp_path: Path) -> None:
+    def step() -> None:
+        raise FileNotFoundError("data source not found: '/nonexistent/iris.zip'")
+
+    with pytest.raises(FileNotFoundError):
+        report_step(step, task_dir=tmp_path / "download-dataset")
+    status = read_status(tmp_path / "download-dataset")
+    assert status.state == STATE_FAILED
+    assert status.error == "FileNotFoundError: data source not found: '/nonexistent/iris.zip'"
+    assert status.result() is None
+    with pytest.raises(KeyboardInterrupt):
+        report_step(lambda: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")),
+                    task_dir=tmp_path / "train-model")
+    assert read_status(tmp_path / "train-model").error == "KeyboardInterrupt: SIGTERM"
+
+
+def _write_status(task_dir: Path, state: str, started: float, token: str = TOKEN,
+                  error: str | None = None) -> None:
+    task_dir.mkdir(parents=True, exist_ok=True)
+    (task_dir / STEP_STATUS_FILE).write_text(json.dumps(
+        {"state": state, "started_at": started, "ended_at": None if state == STATE_STARTED
+         else started + 1, "error": error, "run_token": token}))
+
+
+def test_the_run_folder_is_the_new_one_holding_this_runs_token(tmp_path: Path) -> None:
+    """Two runs in one output folder: each finds its own folder, not the newest one."""
+    old = tmp_path / "iris-image-pipeline-1"
+    _write_status(old / "train-model", STATE_SUCCEEDED, 1.0)  # an earlier run, same token
+    existing = {p.name for p in tmp_path.iterdir()}
+    ours, theirs = tmp_path / "iris-image-pipeline-2", tmp_path / "iris-image-pipeline-3"
+    assert find_run_dir(tmp_path, TOKEN, existing) is None  # nothing new yet
+    (tmp_path / ".kfp_cache").mkdir()
+    ours.mkdir()
+    assert find_run_dir(tmp_path, TOKEN, existing) is None  # no step has started
+    _write_status(ours / "for-loop-2-iteration-0" / "train-model", STATE_STARTED, 5.0)
+    _write_status(theirs / "download-dataset", STATE_STARTED, 6.0, token="another-run")
+    assert find_run_dir(tmp_path, TOKEN, existing) == ours
+    assert find_run_dir(tmp_path, "another-run", existing) == theirs
+
+
+def test_the_first_failed_or_unended_step_is_the_failure(tmp_path: Path) -> None:
+    _write_status(tmp_path / "download-dataset", STATE_SUCCEEDED, 1.0)
+    _write_status(tmp_path / "train-model", STATE_STARTED, 3.0)  # killed: no end recorded
+    assert [s.task for s in task_statuses(tmp_path)] == ["download-dataset", "train-model"]
+    status, error = first_failure(task_statuses(tmp_path))
+    assert (status.task, error) == ("train-model", NO_END)
+    _write_status(tmp_path / "preprocess-dataset", STATE_FAILED, 2.0, error="ValueError: few")
+    status, error = first_failure(task_statuses(tmp_path))
+    assert (status.task, error) == ("preprocess-dataset", "ValueError: few")
+    (tmp_path / "evaluate-model").mkdir()
+    (tmp_path / "evaluate-model" / STEP_STATUS_FILE).write_text("{half a fi")  # unreadable
+    assert len(task_statuses(tmp_path)) == 3
+    for name in ("train-model", "preprocess-dataset"):
+        _write_status(tmp_path / name, STATE_SUCCEEDED, 2.0)
+    assert first_failure(task_statuses(tmp_path)) is None
+
+
+@pytest.mark.slow  # runs the pipeline (a few seconds); the fast tests above cover the parts
+def test_a_failed_step_and_the_run_folder_are_found_with_kfps_output_discarded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything kfp.local prints goes nowhere; the step lines, the failed step, its error
+    and the run folder all come from the files the step left."""
+    monkeypatch.setattr(StepConsole, "write", lambda self, text: len(text))
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    output_dir = tmp_path / "out"
+    config = PipelineConfig(data_source=str(tmp_path / "missing.zip"))
+    with pytest.raises(StepFailedError) as err:
+        run_local(config, output_dir=output_dir, enable_cache=False)
+    assert err.value.step == "download-dataset"
+    assert err.value.error.startswith("FileNotFoundError: data source not found")
+    assert err.value.run_dir.parent == output_dir.resolve()
+    assert (err.value.run_dir / "download-dataset" / STEP_STATUS_FILE).is_file()
+    lines = terminal.getvalue().splitlines()
+    assert lines[0] == "[1/5] download-dataset ..."
+    assert re.fullmatch(r"\[1/5\] download-dataset FAILED after [0-9.]+ s", lines[1])
 
 
 # --- the checks behind "kfp.local said SUCCESS" ---------------------------------------------
@@ -196,6 +281,31 @@ def test_kfp_local_condition_on_a_named_output_is_silently_skipped(tmp_path: Pat
 
 
 # --- end to end: python pipeline.py --local on the shared archive ---------------------------
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.slow  # a tiny pipeline end to end: about a minute on 2 cores
+def test_steps_progress_and_run_folder_are_shown_with_kfps_output_discarded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, iris_zip: Path,
+        mobilenet_weights: Path) -> None:
+    monkeypatch.setattr(StepConsole, "write", lambda self, text: len(text))
+    terminal = _Tty()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    config = PipelineConfig(data_source=str(iris_zip), epochs=2, image_size=32,
+                            head_feature_views=0, weights=str(mobilenet_weights),
+                            backbone="mobilenet", alpha=0.25, tta_views=0, gate_threshold=0.0)
+    result = run_local(config, output_dir=tmp_path / "out",
+                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.run_dir.parent == (tmp_path / "out").resolve()
+    assert result.registration["registered"] is True
+    text = terminal.getvalue()
+    for index, task in enumerate(TASKS, start=1):
+        assert re.search(rf"\[{index}/5\] {task} done in [0-9.]+ s · \S", text), task
+    assert re.search(r"head epochs: +[0-9]+%", text), text  # the bar, from the progress file
 
 
 def _fast_args(iris_zip: Path, weights: Path) -> list[str]:
@@ -332,7 +442,8 @@ def test_each_steps_full_output_is_in_its_log_file(first_run: CliRun) -> None:
     assert "Executing task 'train-model'" in train
     assert re.search(r"epoch 1 .*loss [0-9.]+", train), "no per-epoch progress in the log"
     assert re.search(r"epoch 2 .*loss [0-9.]+", train)
-    assert '@@progress {"what": "head epochs", "done": 2' in train  # a bar on a terminal
+    progress = json.loads((logs.parent / "train-model" / STEP_PROGRESS_FILE).read_text())
+    assert progress == {"what": "head epochs", "done": 2, "total": 2}  # a bar on a terminal
     assert "Executing task 'train-model'" not in (logs / "evaluate-model.log").read_text()
 
 

@@ -29,9 +29,9 @@ from urllib.parse import urlparse
 import kubernetes_validate
 import pytest
 import yaml
-from mlflow_server import MlflowServer
 
 from pipeline.config import PipelineConfig, load_images
+from tests.support.mlflow_server import MlflowServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"

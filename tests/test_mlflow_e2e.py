@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_helpers import V1_BACKBONE, CliRun, clean_env, run_local_cli, succeeded
-from mlflow_server import MlflowServer
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
-from pipeline.lib import tracking
+from pipeline.lib import tracking_log, tracking_runs, tracking_store
+from tests.support.cli_helpers import V1_BACKBONE, CliRun, clean_env, run_local_cli, succeeded
+from tests.support.mlflow_server import MlflowServer
 
 #: The session's server is shared with other modules: this module's names are its own.
 SUFFIX = uuid.uuid4().hex[:8]
@@ -103,8 +103,8 @@ def second_run(first_run: CliRun, mlflow_server: MlflowServer, workdir: Path, cl
 def _child_runs(client: Any, parent_id: str) -> dict[str, Any]:
     runs = client.search_runs(
         [client.get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent_id}'")
-    return {run.data.tags[tracking.TAG_STEP]: run for run in runs}
+        filter_string=f"tags.`{tracking_log.TAG_PARENT}` = '{parent_id}'")
+    return {run.data.tags[tracking_runs.TAG_STEP]: run for run in runs}
 
 
 def _gate_value(client: Any, run: CliRun) -> float:
@@ -121,13 +121,13 @@ def test_parent_run_is_tagged_and_has_every_config_param(first_run: CliRun, clie
     summary = succeeded(first_run)
     parent = client.get_run(summary["mlflow"]["run_id"])
     tags = parent.data.tags
-    assert tracking.TAG_PARENT not in tags  # a top-level run
-    assert tags[tracking.TAG_RUN_KIND] == "pipeline"
-    assert tags[tracking.TAG_PIPELINE_NAME] == summary["pipeline"]
-    assert tags[tracking.TAG_PACKAGE_VERSION] == __version__
-    kfp_run_id = tags[tracking.TAG_PIPELINE_RUN_ID]
+    assert tracking_log.TAG_PARENT not in tags  # a top-level run
+    assert tags[tracking_runs.TAG_RUN_KIND] == "pipeline"
+    assert tags[tracking_runs.TAG_PIPELINE_NAME] == summary["pipeline"]
+    assert tags[tracking_runs.TAG_PACKAGE_VERSION] == __version__
+    kfp_run_id = tags[tracking_runs.TAG_PIPELINE_RUN_ID]
     assert kfp_run_id and "{{" not in kfp_run_id  # the placeholder was filled in locally
-    assert re.fullmatch(r"[0-9a-f]{40}", tags.get(tracking.TAG_GIT_COMMIT, "")), tags
+    assert re.fullmatch(r"[0-9a-f]{40}", tags.get(tracking_runs.TAG_GIT_COMMIT, "")), tags
     assert client.get_experiment(parent.info.experiment_id).name == EXPERIMENT
     assert parent.info.status == "FINISHED"
 
@@ -145,18 +145,18 @@ def test_one_nested_run_per_tracked_step(first_run: CliRun, client: Any) -> None
     parent_id = summary["mlflow"]["run_id"]
     children = _child_runs(client, parent_id)
     assert set(children) == TRACKED_STEPS
-    kfp_run_id = client.get_run(parent_id).data.tags[tracking.TAG_PIPELINE_RUN_ID]
+    kfp_run_id = client.get_run(parent_id).data.tags[tracking_runs.TAG_PIPELINE_RUN_ID]
     for step, run in children.items():
-        assert run.data.tags[tracking.TAG_PIPELINE_RUN_ID] == kfp_run_id, step
-        assert run.data.tags[tracking.TAG_RUN_KIND] == "step", step
+        assert run.data.tags[tracking_runs.TAG_PIPELINE_RUN_ID] == kfp_run_id, step
+        assert run.data.tags[tracking_runs.TAG_RUN_KIND] == "step", step
         assert run.info.status == "FINISHED", step
     assert {step: children[step].info.run_id for step in TRACKED_STEPS} == \
         summary["mlflow"]["step_run_ids"]
     # exactly one parent for this KFP run id: the steps found it instead of each making one
     parents = client.search_runs(
         [client.get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_PIPELINE_RUN_ID}` = '{kfp_run_id}' "
-                      f"AND tags.`{tracking.TAG_RUN_KIND}` = 'pipeline'")
+        filter_string=f"tags.`{tracking_runs.TAG_PIPELINE_RUN_ID}` = '{kfp_run_id}' "
+                      f"AND tags.`{tracking_runs.TAG_RUN_KIND}` = 'pipeline'")
     assert [run.info.run_id for run in parents] == [parent_id]
 
 
@@ -186,7 +186,7 @@ def test_what_the_mlflow_ui_shows(first_run: CliRun, client: Any) -> None:
     summary = succeeded(first_run)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert experiment.tags["mlflow.note.content"] == tracking.EXPERIMENT_DESCRIPTION
+    assert experiment.tags["mlflow.note.content"] == tracking_store.EXPERIMENT_DESCRIPTION
 
     parent = client.get_run(summary["mlflow"]["run_id"])
     assert re.fullmatch(r"mobilenet a0\.25 96px avg_max · iris-image\.zip · "
@@ -330,7 +330,7 @@ def test_lower_scoring_second_run_is_challenger_and_champion_stays(
     # both pipeline runs are top-level runs of the experiment, each with its config and
     # test metrics: what the MLflow UI compares side by side
     top = {run.info.run_id: run for run in client.search_runs([second_run.experiment_id])
-           if tracking.TAG_PARENT not in run.data.tags}
+           if tracking_log.TAG_PARENT not in run.data.tags}
     assert set(top) == {first["mlflow"]["run_id"], second["mlflow"]["run_id"]}
     for summary in (first, second):
         data = top[summary["mlflow"]["run_id"]].data
@@ -379,17 +379,18 @@ def test_plugin_environment_nests_steps_under_the_given_run(
     assert set(children) == TRACKED_STEPS
     assert {s: r.info.run_id for s, r in children.items()} == summary["mlflow"]["step_run_ids"]
     assert {r.info.experiment_id for r in children.values()} == {second_run.experiment_id}
-    kfp_run_id = children["train"].data.tags[tracking.TAG_PIPELINE_RUN_ID]
-    assert {r.data.tags[tracking.TAG_PIPELINE_RUN_ID] for r in children.values()} == {kfp_run_id}
+    kfp_run_id = children["train"].data.tags[tracking_runs.TAG_PIPELINE_RUN_ID]
+    assert {r.data.tags[tracking_runs.TAG_PIPELINE_RUN_ID]
+            for r in children.values()} == {kfp_run_id}
     # no parent of our own for this KFP run: the given run played it
     own = client.search_runs(
         [second_run.experiment_id],
-        filter_string=f"tags.`{tracking.TAG_PIPELINE_RUN_ID}` = '{kfp_run_id}' "
-                      f"AND tags.`{tracking.TAG_RUN_KIND}` = 'pipeline'")
+        filter_string=f"tags.`{tracking_runs.TAG_PIPELINE_RUN_ID}` = '{kfp_run_id}' "
+                      f"AND tags.`{tracking_runs.TAG_RUN_KIND}` = 'pipeline'")
     assert own == []
     given_run = client.get_run(given)
-    assert given_run.data.tags[tracking.TAG_PIPELINE_RUN_ID] == kfp_run_id
-    assert given_run.data.tags[tracking.TAG_PACKAGE_VERSION] == __version__
+    assert given_run.data.tags[tracking_runs.TAG_PIPELINE_RUN_ID] == kfp_run_id
+    assert given_run.data.tags[tracking_runs.TAG_PACKAGE_VERSION] == __version__
     assert not set(PipelineConfig.field_names()) - set(given_run.data.params)
     assert given_run.data.params["epochs"] == "1"
     train_id = children["train"].info.run_id

@@ -17,11 +17,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from train_helpers import small_train
 
 from pipeline.config import CHOICES, PipelineConfig
 from pipeline.lib import models
-from pipeline.steps.train import SAVED_MODEL_DIR, export_model
+from pipeline.lib.backbones import model_label
+from pipeline.lib.contract import SAVED_MODEL_DIR
+from pipeline.lib.training import export_model
+from tests.support.train_helpers import small_train
 
 
 def _odd_images(n: int = 2, h: int = 71, w: int = 53) -> np.ndarray:
@@ -307,7 +309,7 @@ def test_export_serves_test_time_views(tmp_path, mobilenet_weights):
     """model.keras and the SavedModel both average the views: serving = what evaluate scores."""
     config = small_train(weights=str(mobilenet_weights), tta_views=8)
     core = models.build_model(config, 3)
-    exported = export_model(core, config, 3, tmp_path)
+    exported = export_model(core, config, 3, tmp_path, mixed_precision=False)
     images = _odd_images(2, 71, 53)
     expected = np.mean([np.asarray(core(np.ascontiguousarray(view(images)), training=False))
                         for view in NUMPY_VIEWS], axis=0)
@@ -316,3 +318,19 @@ def test_export_serves_test_time_views(tmp_path, mobilenet_weights):
     from_saved = serving(images=tf.constant(images))["probabilities"].numpy()
     for got in (np.asarray(exported(images, training=False)), from_keras, from_saved):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_model_mobilenet_is_the_deprecated_spelling_of_transfer(caplog):
+    assert PipelineConfig().model == "transfer"
+    with caplog.at_level("WARNING"):
+        config = PipelineConfig(model="mobilenet")
+    assert config.model == "transfer"
+    assert "model='mobilenet' is deprecated: use model='transfer'" in caplog.text
+    with pytest.raises(ValueError, match="model='resnet' is not one of"):
+        PipelineConfig(model="resnet")
+
+
+def test_trained_models_are_named_by_their_backbone():
+    assert model_label("transfer", "mobilenet_v2", 0.5, 320) == "mobilenet_v2-a0.5-320px"
+    assert model_label("transfer", "convnext_tiny", 0.5, 224) == "convnext_tiny-224px"
+    assert model_label("seed_cnn", "mobilenet_v2", 0.5, 128) == "seed_cnn-128px"

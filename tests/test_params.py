@@ -13,8 +13,9 @@ import pytest
 from pipeline import dag
 from pipeline.config import PipelineConfig
 from pipeline.lib import params as params_module
-from pipeline.lib.params import STEP_PARAMS, StepParams, TrainParams
-from pipeline.tasks import CONTEXT_INPUTS, STEP_FUNCTIONS, TRACKING_URI_PARAM
+from pipeline.lib.params import StepParams, TrainParams
+from pipeline.stepspec import STEP_PARAMS
+from pipeline.tasks import STEP_FUNCTIONS, TRACKING_URI_PARAM, context_inputs
 
 PACKAGE = Path(params_module.__file__).resolve().parents[1]
 PARAM_CLASSES = {cls.__name__: cls for classes in STEP_PARAMS.values() for cls in classes}
@@ -120,4 +121,4 @@ def test_pipeline_signature_is_the_config_plus_the_tracking_uri() -> None:
         parameter = signature.parameters[name]
         assert parameter.annotation in (kind, kind.__name__), name
         assert parameter.default == getattr(defaults, name), name
-    assert not set(CONTEXT_INPUTS) & set(expected)
+    assert not set(context_inputs(dag.PIPELINE_NAME)) & set(expected)

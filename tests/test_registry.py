@@ -17,15 +17,12 @@ import pytest
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer, images
 
 from pipeline.cli import main
-from pipeline.lib import stats
+from pipeline.lib import promotion, stats
 from pipeline.lib.contract import PREDICTIONS_FILE
 from pipeline.lib.model_logging import log_model
-from pipeline.lib.tracking import step_run
-from pipeline.steps import register as register_step
-from pipeline.steps.register import (
+from pipeline.lib.registry import (
     CHALLENGER,
     CHAMPION,
     Evidence,
@@ -34,6 +31,8 @@ from pipeline.steps.register import (
     register_model,
     restore_champion,
 )
+from pipeline.lib.tracking_runs import step_run
+from tests.support.mlflow_server import MlflowServer, images
 
 pytestmark = pytest.mark.usefixtures("clean_mlflow_state")
 server = pytest.mark.mlflow_server
@@ -43,7 +42,7 @@ server = pytest.mark.mlflow_server
 def quick_promotion_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """One registration at a time here: the server's lease and alias re-reads need not wait
     the real settle delay (tests/test_concurrency.py races them with it)."""
-    monkeypatch.setattr(register_step, "PROMOTION_SETTLE_S", 0.1)
+    monkeypatch.setattr(promotion, "PROMOTION_SETTLE_S", 0.1)
 
 CLASSES = ["iris-setosa", "iris-versicolour", "iris-virginica"]
 

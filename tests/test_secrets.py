@@ -10,6 +10,7 @@ greps every file the run left and every MLflow entity for it.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import uuid
@@ -18,10 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from auth_servers import auth_proxy, file_server
-from cli_helpers import PROJECT_ROOT, V1_BACKBONE, clean_env, run_local_cli, set_flags, succeeded
 from kfp import dsl
-from mlflow_server import MlflowServer
 
 from components.download_dataset import download_dataset
 from components.register_model import register_model
@@ -35,12 +33,22 @@ from pipeline.lib.credentials import (
     redact_uri,
     split_credentials,
 )
-from pipeline.lib.tracking import TrackingUriMissingError, resolve_tracking_uri
-from pipeline.runners import compile_pipeline
+from pipeline.lib.tracking_store import TrackingUriMissingError, resolve_tracking_uri
+from pipeline.runners import StepFailedError, compile_pipeline
 from pipeline.steps.download import DownloadError, fetch_dataset
+from tests.support.auth_servers import auth_proxy, file_server
+from tests.support.cli_helpers import (
+    PROJECT_ROOT,
+    V1_BACKBONE,
+    clean_env,
+    run_local_cli,
+    set_flags,
+    succeeded,
+)
+from tests.support.mlflow_server import MlflowServer
 
 DATA_ENV = ("IRIS_DATA_USERNAME", "IRIS_DATA_PASSWORD")
-PAYLOAD = b"zip bytes " * 100
+PAYLOAD = b"PK\x03\x04zip bytes " * 100  # a zip's magic: the download step sniffs it
 
 
 def _password() -> str:
@@ -144,6 +152,36 @@ def test_compile_and_submit_refuse_credentials_in_urls(
     assert "carries credentials" in err and "Kubernetes Secret" in err and secret_flag in err
     assert password not in err
     assert not list(tmp_path.iterdir()), "compile wrote something"
+
+
+def test_local_parameters_carry_no_credentials_the_environment_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--local`` with passwords in ``--data`` and ``--tracking-uri``: every parameter the run
+    would get (name and value) is scanned for them; they reach the steps' environment."""
+    passwords = {"data": _password(), "tracking": _password()}
+    for var in (*DATA_ENV, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(var, "placeholder")  # so monkeypatch removes what the CLI sets
+        monkeypatch.delenv(var)
+    parameters: list[dict[str, Any]] = []
+
+    def record_parameters(config: PipelineConfig, *, tracking_uri: str, **_: object) -> None:
+        parameters.append(pipeline_arguments(config, tracking_uri))  # what run_local passes
+        raise StepFailedError("download-dataset", "stopped by the test before any work")
+
+    monkeypatch.setattr("pipeline.cli.run_local", record_parameters)
+    code = main(["--local", "--data", f"https://reader:{passwords['data']}@data.example/x.zip",
+                 "--tracking-uri", f"http://tracker:{passwords['tracking']}@127.0.0.1:9",
+                 "--output-dir", str(tmp_path / "out")])
+    assert code == 1 and len(parameters) == 1, "the CLI never reached the runner"
+    produced = parameters[0]
+    for name, value in produced.items():
+        for password in passwords.values():
+            assert password not in name and password not in str(value), name
+    assert produced["data_source"] == "https://data.example/x.zip"
+    assert produced["tracking_uri"] == "http://127.0.0.1:9"
+    assert (os.environ["IRIS_DATA_USERNAME"], os.environ["IRIS_DATA_PASSWORD"]) == (
+        "reader", passwords["data"])
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == passwords["tracking"]
 
 
 def test_data_secret_reaches_the_download_step_only(tmp_path: Path) -> None:

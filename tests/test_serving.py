@@ -9,11 +9,14 @@ without a server process (the slow parity test runs a real one).
 from __future__ import annotations
 
 import base64
+import io
 import json
+import struct
 import subprocess
 import sys
 import textwrap
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +25,19 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer, images
+from PIL import Image
 
 from pipeline.lib import images as image_lib
 from pipeline.lib import models
 from pipeline.lib.model_logging import log_model
-from pipeline.lib.serving import InvalidImageError
-from pipeline.lib.tracking import step_run
+from pipeline.lib.serving import MAX_PIXELS, InvalidImageError
+from pipeline.lib.tracking_runs import step_run
+from tests.support.mlflow_server import MlflowServer, images, serve_model
 
 pytestmark = pytest.mark.mlflow_server
 
@@ -256,3 +261,89 @@ def test_rest_refusals_are_http_400_with_one_clear_line(
     assert status == 400
     assert message.startswith(says), message
     assert "\n" not in message and len(message) < 200, message
+
+
+# --- what the README says is refused: other formats, other columns, too many pixels ----------
+
+
+def pillow_file(pixels: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def png_bomb(side: int = 9000) -> bytes:
+    """A valid 1-bit grey PNG of ``side`` x ``side`` zeros: about 10 kB of file that would
+    decode to ``side``² RGB pixels (243 MB at 9000), more than ``MAX_PIXELS``."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))
+
+
+def jpeg_claiming(side: int) -> bytes:
+    """A small baseline JPEG whose frame header (SOF0) claims ``side`` x ``side`` pixels."""
+    data = bytearray(tf.io.encode_jpeg(images(1, 16, 16)[0], quality=90,
+                                       progressive=False).numpy())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5:frame + 9] = struct.pack(">HH", side, side)
+    return bytes(data)
+
+
+REFUSED_REQUESTS = {
+    "gif": ({"inputs": [b64(pillow_file(images(1, 30, 30)[0], "GIF"))]},
+            "image 0: a GIF file; only JPEG and PNG files are accepted"),
+    "bmp": ({"inputs": [b64(pillow_file(images(1, 30, 30)[0], "BMP"))]},
+            "image 0: a BMP file; only JPEG and PNG files are accepted"),
+    "wrong-column": ({"dataframe_records": [{"img": b64(jpeg(images(1, 30, 30)[0]))}]},
+                     "expected a column 'image', got columns ['img']"),
+    "png-bomb": ({"inputs": [b64(png_bomb())]}, "image 0: 9000x9000 is too many pixels"),
+    "jpeg-bomb": ({"inputs": [b64(jpeg_claiming(9000))]},
+                  "image 0: 9000x9000 is too many pixels"),
+}
+
+
+def test_the_bomb_is_small_and_over_the_limit() -> None:
+    bomb = png_bomb()
+    assert len(bomb) < 100_000 and MAX_PIXELS < 9000 * 9000
+    assert Image.open(io.BytesIO(bomb)).size == (9000, 9000)  # a well-formed PNG
+
+
+@pytest.mark.parametrize("case", list(REFUSED_REQUESTS))
+def test_other_formats_columns_and_bombs_are_http_400(
+        served: mlflow.pyfunc.PyFuncModel, case: str) -> None:
+    payload, says = REFUSED_REQUESTS[case]
+    status, message = rest_error(served, payload)
+    assert status == 400
+    assert message.startswith(says), message
+    assert "\n" not in message and len(message) < 200, message
+
+
+def test_uint8_pixels_over_the_limit_are_refused_unread(
+        served: mlflow.pyfunc.PyFuncModel) -> None:
+    too_many = np.broadcast_to(np.uint8(0), (1, 1, MAX_PIXELS + 1, 3))  # a view: no memory
+    with pytest.raises(InvalidImageError, match=r"image 0: \d+x1 is too many pixels"):
+        served.predict(list(too_many))
+
+
+@pytest.mark.slow  # starts `mlflow models serve` (TensorFlow and MLflow in a fresh process)
+def test_the_scoring_server_refuses_what_the_readme_says(
+        logged: dict[str, Any], mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """Where users meet the contract: a real ``mlflow models serve`` process over HTTP."""
+    with serve_model(logged["info"].model_uri, mlflow_server.url, tmp_path) as url:
+        answers = {case: requests.post(f"{url}/invocations", json=payload, timeout=120)
+                   for case, (payload, _) in REFUSED_REQUESTS.items()}
+        record = {"image": b64(jpeg(images(1, 30, 30)[0]))}
+        good = requests.post(f"{url}/invocations", json={"dataframe_records": [record]},
+                             timeout=120)
+    assert good.status_code == 200, good.text[:500]
+    for case, response in answers.items():
+        says = REFUSED_REQUESTS[case][1]
+        assert response.status_code == 400, (case, response.text[:300])
+        assert response.json()["message"].startswith(says), (case, response.text[:300])

@@ -21,8 +21,16 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from cli_helpers import PROJECT_ROOT, V1_BACKBONE, CliRun, clean_env, run_local_cli, succeeded
-from mlflow_server import serve_model
+
+from tests.support.cli_helpers import (
+    PROJECT_ROOT,
+    V1_BACKBONE,
+    CliRun,
+    clean_env,
+    run_local_cli,
+    succeeded,
+)
+from tests.support.mlflow_server import serve_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_mlflow_state")]
 

@@ -73,6 +73,38 @@ def test_intervals_hold_the_point_estimate_are_seeded_and_name_absent_classes() 
     assert ci != stats.bootstrap_intervals(labels, predictions, 3, seed=1)
 
 
+@pytest.mark.parametrize("compare", [False, True], ids=["intervals", "paired"])
+def test_every_resample_keeps_each_classs_image_count(
+        monkeypatch: pytest.MonkeyPatch, compare: bool) -> None:
+    """Stratified: each resampled confusion matrix weighs every true class as the test set does.
+
+    The labels are shuffled (grouping must go by class, not by position) and one class has a
+    single image (drawn once, weight 1).
+    """
+    rng = np.random.default_rng(13)
+    labels, predictions = simulate(rng, (0.8, 0.5, 0.7, 0.5), counts=(*TEST_COUNTS, 1))
+    order = rng.permutation(labels.size)
+    labels, predictions = labels[order], predictions[order]
+    scored: list[np.ndarray] = []
+
+    def recording(confusion: np.ndarray) -> dict[str, np.ndarray]:
+        if np.ndim(confusion) == 3:  # a stack of resamples (point estimates are 2-D)
+            scored.append(np.asarray(confusion))
+        return confusion_metrics(confusion)
+
+    confusion_metrics = stats.confusion_metrics
+    monkeypatch.setattr(stats, "confusion_metrics", recording)
+    monkeypatch.setattr(stats, "_CHUNK_CELLS", 2_000)  # several chunks
+    if compare:
+        stats.paired_difference(labels, predictions, labels, 4, "accuracy", resamples=300)
+    else:
+        stats.bootstrap_intervals(labels, predictions, 4, resamples=300)
+    resampled = np.concatenate(scored)
+    assert resampled.shape[0] == 300 * (2 if compare else 1)
+    np.testing.assert_allclose(resampled.sum(axis=-1),
+                               np.broadcast_to([*TEST_COUNTS, 1], resampled.shape[:2]))
+
+
 def test_large_test_sets_are_resampled_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(9)
     labels, predictions = simulate(rng, (0.7, 0.7, 0.7), counts=(400, 400, 400))

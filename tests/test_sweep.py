@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-from cli_helpers import V1_BACKBONE, clean_env, run_local_cli, set_flags, succeeded
 
 from pipeline.cli import main
 from pipeline.config import PipelineConfig
 from pipeline.lib.contract import META_RUN_ID, META_SWEEP, META_TRAIN_PARAMS
 from pipeline.steps.select import SWEEP_FILE, rank_trials, select_trial, trial_labels
 from pipeline.sweep import MAX_TRIALS, SWEEPABLE, build_sweep, load_sweep
+from tests.support.cli_helpers import V1_BACKBONE, clean_env, run_local_cli, set_flags, succeeded
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,8 @@ def test_bad_sweeps_are_refused_naming_the_problem(spec: dict, message: str) -> 
 
 
 def test_only_train_settings_no_other_step_reads_are_sweepable() -> None:
-    from pipeline.lib.params import STEP_PARAMS, TrainParams
+    from pipeline.lib.params import TrainParams
+    from pipeline.stepspec import STEP_PARAMS
 
     others = {name for step, classes in STEP_PARAMS.items() if step != "train_model"
               for cls in classes for name in cls.field_names()}

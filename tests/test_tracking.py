@@ -13,31 +13,31 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 import keras
 import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer, images
 
 from pipeline import __version__
 from pipeline.config import PipelineConfig
 from pipeline.lib import images as image_lib
-from pipeline.lib import tracking
+from pipeline.lib import tracking_log, tracking_runs, tracking_store
 from pipeline.lib.model_logging import MlflowEpochLogger, log_model
 from pipeline.lib.params import TrainParams
-from pipeline.lib.tracking import (
+from pipeline.lib.tracking_log import log_artifacts, log_dataset_input, log_metrics
+from pipeline.lib.tracking_runs import step_run
+from pipeline.lib.tracking_store import (
     TrackingServerError,
     check_tracking_server,
-    log_artifacts,
-    log_dataset_input,
-    log_metrics,
     resolve_tracking_uri,
-    step_run,
 )
+from tests.support.mlflow_server import MlflowServer, PortForward, images
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["iris-setosa", "iris-versicolour", "iris-virginica"]
@@ -203,6 +203,110 @@ def test_reachable_server_passes_check(mlflow_server: MlflowServer) -> None:
     check_tracking_server(mlflow_server.url)
 
 
+@pytest.fixture
+def forwarded_server(mlflow_server: MlflowServer) -> Iterator[PortForward]:
+    """The session's tracking server behind a port the test can close and reopen."""
+    forward = PortForward(mlflow_server.url)
+    forward.start()
+    try:
+        yield forward
+    finally:
+        forward.stop()
+
+
+@pytest.mark.mlflow_server
+def test_a_server_lost_mid_step_fails_it_within_the_bound_naming_the_server(
+        forwarded_server: PortForward, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's own retries would wait minutes; the step gives up within its bound."""
+    monkeypatch.setenv(tracking_store.GIVE_UP_ENV, "6")
+    with pytest.raises(tracking_store.TrackingServerLostError) as raised, step_run(
+            "train", **run_kwargs(forwarded_server.url, f"lost-{uuid.uuid4().hex[:8]}")) as run:
+        log_metrics({"loss": 1.0}, step=1)
+        forwarded_server.stop()
+        started = time.monotonic()
+        log_metrics({"loss": 0.5}, step=2)
+    elapsed = time.monotonic() - started
+    assert elapsed < 6 + 5, f"gave up after {elapsed:.1f} s"  # the bound, and ending the runs
+    message = str(raised.value)
+    assert f"MLflow tracking server {forwarded_server.url} went away during step 'train'" in (
+        message)
+    assert f"run {run.info.run_id} of step 'train'" in message
+    assert "not logged" in message and "Rerun the same command" in message
+    forwarded_server.start()  # back: what was logged before the loss is there
+    history = MlflowClient(forwarded_server.url).get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0)]
+
+
+@pytest.mark.mlflow_server
+def test_a_server_back_within_the_bound_loses_nothing(forwarded_server: PortForward,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tracking_store.GIVE_UP_ENV, "60")  # retries over 30 s
+    with step_run("train", **run_kwargs(forwarded_server.url,
+                                        f"back-{uuid.uuid4().hex[:8]}")) as run:
+        forwarded_server.stop()
+        threading.Timer(1.0, forwarded_server.start).start()
+        log_metrics({"loss": 0.5})
+    client = MlflowClient(forwarded_server.url)
+    assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_request_bounds_keep_every_call_within_the_bound() -> None:
+    """Retries and backoff fill half the bound, attempts that never answer the other half."""
+    for bound in (6.0, 60.0, 120.0, 300.0):
+        settings = tracking_store.request_bounds(bound)
+        retries = int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+        factor = int(settings["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+        jitter = float(settings["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"])
+        timeout = int(settings["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+        # urllib3 waits 0 before the first retry, then factor * 2**(n - 1)
+        waits = sum(factor * 2 ** (n - 1) + jitter for n in range(2, retries + 1)) + jitter
+        assert waits + (retries + 1) * timeout <= bound * 1.05, (bound, settings)
+        assert waits >= bound / 2 - 1 or bound < 60, (bound, settings)
+    assert tracking_store.request_bounds(120.0)["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "2"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan", "inf"])
+def test_a_bad_give_up_setting_is_named(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tracking_store.GIVE_UP_ENV, value)
+    with pytest.raises(ValueError, match=f"{tracking_store.GIVE_UP_ENV} must be a number"):
+        tracking_store.give_up_s()
+
+
+def test_the_first_use_lock_of_a_local_store_is_mlflow_db_init_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README names it; the store check takes it; a second holder has to wait."""
+    uri = resolve_tracking_uri(None, tmp_path)
+    lock = tmp_path / "mlflow.db.init.lock"
+    taken: list[Path] = []
+
+    class Recording(filelock.FileLock):
+        def __init__(self, path: Path, *args: object, **kwargs: object) -> None:
+            taken.append(Path(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(tracking_store, "FileLock", Recording)
+    (tmp_path / "mlflow.db").write_bytes(b"not a database" * 100)  # fails fast, in the lock
+    with pytest.raises(TrackingServerError):
+        check_tracking_server(uri)
+    assert taken == [lock]
+    with tracking_store.local_store_lock(uri, "init"), pytest.raises(filelock.Timeout):
+        filelock.FileLock(lock, timeout=0).acquire()
+    assert tracking_store.lock_path("http://server:5000", "init") is None
+
+
+def test_mlflow_internals_are_where_the_adapter_expects() -> None:
+    """Fails on the MLflow upgrade that moves them: then update ``mlflow_compat`` only."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.lib import mlflow_compat
+
+    assert mlflow_compat.MLFLOW_MODEL_VERSIONS == "mlflow.modelVersions"
+    error = MlflowException("bad image", error_code=mlflow_compat.INVALID_PARAMETER_VALUE)
+    assert error.get_http_status_code() == 400
+    assert error.error_code == "INVALID_PARAMETER_VALUE"
+
+
 # ---------------------------------------------------------------------------------------
 # Parent and child runs against the real server
 # ---------------------------------------------------------------------------------------
@@ -260,7 +364,7 @@ def test_parent_and_nested_step_runs_with_params_and_tags(mlflow_server: MlflowS
 ])
 def test_parent_run_name_says_what_differs(params: dict, expected: str) -> None:
     started = datetime.datetime(2026, 11, 27, 9, 5)
-    assert tracking.parent_run_name(params, "iris-test", started) == expected
+    assert tracking_runs.parent_run_name(params, "iris-test", started) == expected
 
 
 @pytest.mark.mlflow_server
@@ -280,7 +384,7 @@ def test_experiment_opens_on_training_runs_and_has_a_description(
     for name in (created, older):
         tags = client.get_experiment_by_name(name).tags
         assert tags["mlflow.experimentKind"] == "custom_model_development"
-        assert tags["mlflow.note.content"] == tracking.EXPERIMENT_DESCRIPTION
+        assert tags["mlflow.note.content"] == tracking_store.EXPERIMENT_DESCRIPTION
     assert client.get_experiment(older_id).tags["mlflow.experimentKind"] == (
         "custom_model_development")
     tags = client.get_experiment(edited_id).tags
@@ -492,7 +596,7 @@ def test_metrics_link_to_the_logged_model_and_its_dataset(mlflow_server: MlflowS
         info = log_model(model_dir, image_size=16, example_image=example_jpeg(), name="tiny")
     with step_run("evaluate", **run_kwargs(mlflow_server.url, kfp_id)) as run:
         log_metrics({"accuracy": 0.75, "balanced_accuracy": 0.5}, on_parent=True,
-                    model_id=info.model_id, dataset=(tracking.DATASET_NAME, digest))
+                    model_id=info.model_id, dataset=(tracking_log.DATASET_NAME, digest))
     model = client.get_logged_model(info.model_id)
     linked = {m.key: m for m in model.metrics}
     assert {k: m.value for k, m in linked.items()} == {"accuracy": 0.75, "balanced_accuracy": 0.5}
@@ -563,5 +667,5 @@ def test_unresolved_pipeline_run_id_is_rejected(tmp_path: Path) -> None:
 def test_numeric_metrics_keeps_finite_numbers_and_flattens() -> None:
     values = {"a": "text", "b": 2, "ok": True, "nan": float("nan"), "n": {"x": np.float32(0.5)},
               "f1 (iris-setosa)": 1, "matrix": [[1, 2]]}
-    assert tracking.numeric_metrics(values) == {"b": 2.0, "ok": 1.0, "n.x": 0.5,
+    assert tracking_log.numeric_metrics(values) == {"b": 2.0, "ok": 1.0, "n.x": 0.5,
                                                 "f1 _iris-setosa_": 1.0}

@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
-from train_helpers import (
-    REFERENCE_OVERRIDES,
-    kill_training_after,
-    run_python,
-    small_train,
-)
 
 from pipeline.lib import inputs, models, records
 from pipeline.lib.contract import CHECKPOINT_ROOT_ENV
 from pipeline.lib.model_logging import MlflowEpochLogger
-from pipeline.steps.train import config_fingerprint, data_identity, train_model
+from pipeline.lib.training import config_fingerprint, data_identity
+from pipeline.steps.train import train_model
+from tests.support.train_helpers import (
+    REFERENCE_OVERRIDES,
+    kill_training_after,
+    read_history,
+    run_python,
+    small_train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +47,7 @@ def test_training_writes_every_output(root, reference_model):
                  "training_summary.json", "saved_model/saved_model.pb", "checkpoints/state.json"):
         assert (model_dir / name).exists(), name
     history = json.loads((model_dir / "history.json").read_text())
-    assert len(history) == summary["bookkeeping"]["epochs_run"] == 5
+    assert len(history) == summary.epochs_run == 5
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
     assert [h["phase_epoch"] for h in history] == [1, 2, 3, 4, 1]
     assert [h["phase"] for h in history] == ["head"] * 4 + ["fine_tune"]
@@ -55,13 +57,13 @@ def test_training_writes_every_output(root, reference_model):
         assert entry["loss"] > 0
     assert history[-1]["learning_rate"] == pytest.approx(1e-4)
     assert history[0]["learning_rate"] == pytest.approx(1e-3)
-    assert summary["bookkeeping"]["devices"] and summary["metrics"]["train_seconds"] > 0
+    assert summary.devices and summary.train_seconds > 0
     # one phase of fine-tuning: its only epoch is the best; the head's best is its lowest
     head = [h for h in history if h["phase"] == "head"]
-    assert summary["bookkeeping"]["phase_best_epochs"] == [
+    assert summary.phase_best_epochs == [
         min(head, key=lambda h: h["val_loss"])["epoch"], 5]
-    assert summary["metrics"]["best_val_loss"] == history[-1]["val_loss"]
-    assert json.loads((model_dir / "classes.json").read_text()) == summary["classes"]
+    assert summary.best_val_loss == history[-1]["val_loss"]
+    assert json.loads((model_dir / "classes.json").read_text()) == list(summary.classes)
     assert not list(model_dir.glob(".tmp*"))
 
 
@@ -81,9 +83,9 @@ def test_exported_models_take_uint8_of_odd_sizes(root, reference_model):
 
 
 def test_same_seed_gives_same_training(root, iris_data, reference_model):
-    reference_dir, reference = reference_model
-    again = train_model(iris_data, root / "again", small_train(**REFERENCE_OVERRIDES))
-    for a, b in zip(reference["history"], again["history"], strict=True):
+    reference_dir, _ = reference_model
+    train_model(iris_data, root / "again", small_train(**REFERENCE_OVERRIDES))
+    for a, b in zip(read_history(reference_dir), read_history(root / "again"), strict=True):
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
     images = _odd_uint8(4, 64, 64)
@@ -93,23 +95,24 @@ def test_same_seed_gives_same_training(root, iris_data, reference_model):
 
 
 def test_resume_after_kill_continues_from_last_finished_epoch(root, iris_data, reference_model):
-    _, reference = reference_model
+    reference_dir, _ = reference_model
+    reference = read_history(reference_dir)
     data_dir = iris_data
     model_dir = root / "killed"
     before = kill_training_after(iris_data, model_dir, REFERENCE_OVERRIDES, epoch=2)
     assert len(before) == 2
 
     summary = train_model(data_dir, model_dir, small_train(**REFERENCE_OVERRIDES))
-    assert summary["bookkeeping"]["resumed_from_epoch"] == len(before)
-    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4, 5]
-    assert summary["history"][: len(before)] == before  # finished epochs were not re-run
+    assert summary.resumed_from_epoch == len(before)
+    assert [h["epoch"] for h in read_history(model_dir)] == [1, 2, 3, 4, 5]
+    assert read_history(model_dir)[: len(before)] == before  # finished epochs were not re-run
     # it continued from the checkpoint instead of starting over: its first new epoch is
     # closer to the uninterrupted run's same epoch than to a fresh run's first epoch
     # (not bit-identical: dropout's random state is not part of the checkpoint)
     k = len(before)
-    resumed_val = summary["history"][k]["val_loss"]
-    reference_val = reference["history"][k]["val_loss"]
-    fresh_val = reference["history"][0]["val_loss"]
+    resumed_val = read_history(model_dir)[k]["val_loss"]
+    reference_val = reference[k]["val_loss"]
+    fresh_val = reference[0]["val_loss"]
     assert abs(resumed_val - reference_val) < abs(fresh_val - reference_val)
     assert (model_dir / "model.keras").is_file()
 
@@ -126,8 +129,8 @@ def test_a_rerun_in_a_new_model_folder_resumes_from_the_shared_checkpoint_root(
 
     monkeypatch.setenv(CHECKPOINT_ROOT_ENV, str(checkpoint_root))
     summary = train_model(iris_data, root / "rerun", small_train(**REFERENCE_OVERRIDES))
-    assert summary["bookkeeping"]["resumed_from_epoch"] == len(before)
-    assert summary["history"][: len(before)] == before
+    assert summary.resumed_from_epoch == len(before)
+    assert read_history(root / "rerun")[: len(before)] == before
     assert (root / "rerun" / "model.keras").is_file()
     assert not (checkpoint_root / fingerprint).exists()  # finished: nothing left to resume
 
@@ -173,10 +176,10 @@ def _cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def test_feature_head_trains_epochs_and_stops_early(feature_run):
-    _, summary, *_ = feature_run
-    history, book = summary["history"], summary["bookkeeping"]
-    assert book["head_training"] == "features"
-    assert book["head_feature_rows"] == 3 * book["train_examples"]  # images + 2 views
+    model_dir, summary, *_ = feature_run
+    history = read_history(model_dir)
+    assert summary.head_training == "features"
+    assert summary.head_feature_rows == 3 * summary.train_examples  # images + 2 views
     assert {h["phase"] for h in history} == {"head"}
     for entry in history:
         assert set(entry) >= HISTORY_KEYS
@@ -184,15 +187,15 @@ def test_feature_head_trains_epochs_and_stops_early(feature_run):
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
     # stopped by early stopping: exactly `patience` epochs after the best, none of them better
     assert 5 <= len(history) < 60
-    best = book["best_epoch"]
+    best = summary.best_epoch
     assert best == min(history, key=lambda h: h["val_loss"])["epoch"]
     assert history[-1]["epoch"] - best == 3
-    assert summary["metrics"]["best_val_loss"] == history[best - 1]["val_loss"]
+    assert summary.best_val_loss == history[best - 1]["val_loss"]
 
 
 def test_feature_head_epochs_are_mlflow_curves_with_1_based_steps(feature_run):
-    _, summary, client, run_id = feature_run
-    history = summary["history"]
+    model_dir, _, client, run_id = feature_run
+    history = read_history(model_dir)
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
         points = sorted(client.get_metric_history(run_id, key), key=lambda p: p.step)
         assert [p.step for p in points] == [h["epoch"] for h in history], key
@@ -202,8 +205,8 @@ def test_feature_head_epochs_are_mlflow_curves_with_1_based_steps(feature_run):
 def test_feature_head_exports_the_best_epoch_not_the_last(root, feature_run, iris_data):
     """The exported model scores the best epoch's validation loss (standardization folded in)."""
     model_dir, summary, *_ = feature_run
-    best = summary["history"][summary["bookkeeping"]["best_epoch"] - 1]
-    last = summary["history"][-1]
+    best = read_history(model_dir)[summary.best_epoch - 1]
+    last = read_history(model_dir)[-1]
     assert last["val_loss"] > 1.1 * best["val_loss"]  # restoring makes a visible difference
     images, labels = _val_set(iris_data)
     probabilities = np.asarray(models.load_model(model_dir).predict(images, verbose=0))
@@ -219,44 +222,45 @@ def test_class_weights_are_inverse_frequency_and_change_training(root, feature_r
     _, weighted, *_ = feature_run
     data_dir = iris_data
     labels = inputs.read_labels(data_dir, "train")
-    counts = {c: int((labels == i).sum()) for i, c in enumerate(weighted["classes"])}
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(weighted.classes)}
     assert len(set(counts.values())) > 1  # the iris split is imbalanced
     expected = {c: len(labels) / (3 * n) for c, n in counts.items()}
-    assert weighted["bookkeeping"]["class_weights"] == pytest.approx(expected)
+    assert weighted.class_weights == pytest.approx(expected)
     unweighted = train_model(data_dir, root / "unweighted",
                              small_train(**{**FEATURE_OVERRIDES, "epochs": 1},
                                           class_weights=False))
-    assert unweighted["bookkeeping"]["class_weights"] == {}
+    assert unweighted.class_weights == {}
     # same data, seed and batches: only the loss weighting differs
-    assert unweighted["history"][0]["loss"] != pytest.approx(weighted["history"][0]["loss"],
-                                                             rel=1e-3)
+    assert read_history(root / "unweighted")[0]["loss"] != pytest.approx(
+        read_history(feature_run[0])[0]["loss"], rel=1e-3)
 
 
 def test_feature_head_resumes_after_kill_exactly(root, feature_run, iris_data):
     """Killed after epoch 3, it continues with the same batches, optimizer state and early
     stopping counters, so it ends exactly as the uninterrupted run."""
-    _, reference, *_ = feature_run
+    reference = read_history(feature_run[0])
     model_dir = root / "feature-killed"
     before = kill_training_after(iris_data, model_dir, FEATURE_OVERRIDES, epoch=3)
     assert [h["epoch"] for h in before] == [1, 2, 3]
     summary = train_model(iris_data, model_dir, small_train(**FEATURE_OVERRIDES))
-    assert summary["bookkeeping"]["resumed_from_epoch"] == 3
-    assert summary["history"][:3] == before
-    assert len(summary["history"]) == len(reference["history"])
-    for a, b in zip(summary["history"], reference["history"], strict=True):
+    assert summary.resumed_from_epoch == 3
+    assert read_history(model_dir)[:3] == before
+    assert len(read_history(model_dir)) == len(reference)
+    for a, b in zip(read_history(model_dir), reference, strict=True):
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
-    assert summary["bookkeeping"]["best_epoch"] == reference["bookkeeping"]["best_epoch"]
+    assert summary.best_epoch == feature_run[1].best_epoch
 
 
 def test_finished_run_killed_before_export_exports_trained_weights(root, feature_run, iris_data):
     """A run killed after its last epoch but before the export exports the trained model."""
     model_dir, summary, *_ = feature_run
+    history = read_history(model_dir)
     images, _ = _val_set(iris_data)
     expected = models.load_model(model_dir).predict(images, verbose=0)
     (model_dir / "model.keras").unlink()
     again = train_model(iris_data, model_dir, small_train(**FEATURE_OVERRIDES))
-    assert again["history"] == summary["history"]
+    assert again.epochs_run == summary.epochs_run and read_history(model_dir) == history
     np.testing.assert_allclose(models.load_model(model_dir).predict(images, verbose=0),
                                expected, rtol=1e-5, atol=1e-6)
 
@@ -270,8 +274,8 @@ def test_other_backbone_trains_and_exports_test_time_views(root, mobilenet_v2_we
     config = small_train(backbone="mobilenet_v2", alpha=0.5, weights=str(mobilenet_v2_weights),
                           head_feature_views=1, fine_tune_epochs=1, tta_views=4)
     summary = train_model(data_dir, model_dir, config)
-    assert summary["bookkeeping"]["head_training"] == "features"
-    phases = [h["phase"] for h in summary["history"]]
+    assert summary.head_training == "features"
+    phases = [h["phase"] for h in read_history(model_dir)]
     assert phases[-1] == "fine_tune" and set(phases) == {"head", "fine_tune"}
     exported = models.load_model(model_dir)
     assert [layer.name for layer in exported.layers
@@ -304,7 +308,7 @@ from pipeline.lib.params import TrainParams
 from pipeline.steps.train import train_model
 summary = train_model({str(data_dir)!r}, {str(root / "mirrored")!r},
                       TrainParams.from_mapping(json.loads({config!r})))
-print("SUMMARY " + json.dumps({{k: summary["bookkeeping"][k] for k in
+print("SUMMARY " + json.dumps({{k: getattr(summary, k) for k in
       ("replicas", "strategy", "devices", "augmentation_in", "epochs_run")}}))
 """
     result = run_python(code, timeout=300)
@@ -314,7 +318,7 @@ print("SUMMARY " + json.dumps({{k: summary["bookkeeping"][k] for k in
     assert summary["replicas"] == 2 and summary["strategy"] == "MirroredStrategy"
     assert len(summary["devices"]) == 2 and summary["augmentation_in"] == "model"
     assert summary["epochs_run"] == 1
-    assert "training mobilenet on /device:CPU:0, /device:CPU:1" in result.stderr
+    assert "training mobilenet-a0.25-64px on /device:CPU:0, /device:CPU:1" in result.stderr
     assert (root / "mirrored" / "saved_model" / "saved_model.pb").is_file()
 
 

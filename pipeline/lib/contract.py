@@ -12,6 +12,9 @@ META_SOURCE = "source"
 META_SHA256 = "sha256"
 #: Metadata: the fetched archive or folder, relative to the artifact folder.
 META_PATH = "path"
+#: Metadata: entries of a data folder left out of the copy (links, FIFOs), each a
+#: ``{"path", "reason", "detail"}`` the data report lists among its skipped files.
+META_SKIPPED = "skipped"
 
 # --- prepared_data (preprocess_dataset) ----------------------------------------------------
 CLASSES_FILE = "classes.json"
@@ -20,6 +23,8 @@ DATA_REPORT_MD = "data_report.md"
 #: Metadata: the preprocess parameters (so uncached later steps can log them), and counts.
 META_PARAMS = "params"
 META_DATA_COUNTS = ("class_counts", "split_sizes", "files_skipped", "duplicates_dropped")
+#: Metadata: the first few skipped files as ``"<path> (<reason>)"``, for the console line.
+META_SKIPPED_FILES = "skipped_files"
 
 # --- trained_model (train_model) -----------------------------------------------------------
 MODEL_FILE = "model.keras"
@@ -82,6 +87,16 @@ META_FILES_SKIPPED = "files_skipped"
 META_DRIFT_VERDICT = "drift_verdict"
 META_MODEL_VERSION = "model_version"
 
-# --- kfp.local task folders ----------------------------------------------------------------
+# --- task folders (kfp.local: <run folder>/[for-loop-N-iteration-I/]<task>/) ---------------
 #: A kfp task that finished writes this into its task folder.
 EXECUTOR_OUTPUT = "executor_output.json"
+#: What every step leaves in its task folder (pipeline/lib/progress.py writes them, the local
+#: runner reads them): its state, its result's key figures, its progress in a long loop.
+STEP_STATUS_FILE = "step_status.json"
+STEP_RESULT_FILE = "step_result.json"
+STEP_PROGRESS_FILE = "step_progress.json"
+#: ``state`` values of the status file, in the order a step passes through them.
+STATE_STARTED, STATE_SUCCEEDED, STATE_FAILED = "started", "succeeded", "failed"
+#: Environment: a token the local runner makes per run; its steps write it into their status,
+#: which tells two runs sharing an output folder apart.
+RUN_TOKEN_ENV = "IRIS_RUN_TOKEN"

@@ -93,13 +93,6 @@ def atomic_writer(path: str | Path, mode: str = "wb", *,
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
-    with atomic_writer(path, "wb") as handle:
-        handle.write(data)
-    return Path(path)
-
-
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_writer`)."""
     with atomic_writer(path, "w") as handle:
@@ -185,6 +178,6 @@ def normalize_sha256(sha256: str | None) -> str | None:
     return digest
 
 
-__all__ = ["WriteError", "atomic_path", "atomic_write_bytes", "atomic_write_json",
+__all__ = ["WriteError", "atomic_path", "atomic_write_json",
            "atomic_write_text", "atomic_writer", "file_sha256", "normalize_sha256", "read_json",
            "replace_dir"]

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.lib import serving
 from pipeline.lib.contract import CLASSES_FILE, DRIFT_REFERENCE_FILE, MODEL_FILE
-from pipeline.lib.tracking import EPOCH_KEYS, numeric_metrics, require_active_run
+from pipeline.lib.tracking_log import EPOCH_KEYS, numeric_metrics, require_active_run
 
 logger = logging.getLogger(__name__)
 

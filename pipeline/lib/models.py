@@ -7,7 +7,6 @@ rescaling are layers of the model itself, so serving cannot drift from training.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import urllib.error
@@ -17,6 +16,7 @@ from urllib.parse import urlparse
 
 import keras
 
+from pipeline.lib.backbones import BACKBONES, SEED_CNN, TRANSFER, BackboneSpec, canonical_model
 from pipeline.lib.contract import MODEL_FILE
 from pipeline.lib.files import file_sha256, normalize_sha256
 from pipeline.lib.inputs import RandomAugment, make_resizer
@@ -130,31 +130,6 @@ def build_seed_cnn(image_size: int, num_classes: int) -> keras.Model:
     return keras.Model(inputs, outputs, name="seed_cnn")
 
 
-@dataclasses.dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one ``keras.applications`` backbone and feed it raw 0..255 pixels.
-
-    ``rescale`` (scale, offset) is applied by our own ``rescale`` layer for backbones that
-    expect preprocessed input; None means the application's own preprocessing layers
-    (``include_preprocessing``) take 0..255 pixels, so either way it lives in the model.
-    """
-
-    application: str  # attribute of keras.applications
-    takes_alpha: bool
-    rescale: tuple[float, float] | None
-
-
-#: Every ``config.backbone`` (see ``CHOICES["backbone"]``) and how it is built.
-BACKBONES: dict[str, BackboneSpec] = {
-    "mobilenet": BackboneSpec("MobileNet", True, (1.0 / 127.5, -1.0)),  # [-1, 1]
-    "mobilenet_v2": BackboneSpec("MobileNetV2", True, (1.0 / 127.5, -1.0)),
-    "mobilenet_v3_small": BackboneSpec("MobileNetV3Small", True, None),
-    "mobilenet_v3_large": BackboneSpec("MobileNetV3Large", True, None),
-    "efficientnet_v2_b0": BackboneSpec("EfficientNetV2B0", False, None),
-    "convnext_tiny": BackboneSpec("ConvNeXtTiny", False, None),
-}
-
-
 def build_backbone(config: TrainParams) -> keras.Model:
     """``config.backbone`` without its top, at ``config.image_size``, with ``config.weights``.
 
@@ -219,11 +194,12 @@ def build_model(config: TrainParams, num_classes: int) -> keras.Model:
     """The model ``config.model`` names, taking raw 0..255 RGB images of any size."""
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
-    if config.model == "seed_cnn":
+    model = canonical_model(config.model)
+    if model == SEED_CNN:
         return build_seed_cnn(config.image_size, num_classes)
-    if config.model == "mobilenet":
+    if model == TRANSFER:
         return build_transfer(config, num_classes)
-    raise ValueError(f"unknown model {config.model!r}; choose 'mobilenet' or 'seed_cnn'")
+    raise ValueError(f"unknown model {config.model!r}; choose {TRANSFER!r} or {SEED_CNN!r}")
 
 
 #: Custom objects a saved model may reference; registered, listed here for safe-mode loading.

@@ -5,7 +5,8 @@ rebuilds that config from the few parameters it declares silently fills the rest
 defaults. Each step therefore takes one of these; its fields are the step component's
 parameters (``tests/test_params.py`` checks both directions from the code), and reading a
 field the object lacks raises ``AttributeError`` instead of returning a default.
-``PipelineConfig.params_for`` builds them from the config in one place.
+``PipelineConfig.params_for`` builds them from the config in one place; which step takes
+which is its entry in ``pipeline/stepspec.py``.
 """
 
 from __future__ import annotations
@@ -160,19 +161,7 @@ def _as_type(value: Any, target: Any) -> Any:
     return value
 
 
-#: The params object(s) each step component builds from its parameters, by component name.
-STEP_PARAMS: dict[str, tuple[type[StepParams], ...]] = {
-    "download_dataset": (DownloadParams,),
-    "preprocess_dataset": (PreprocessParams,),
-    "train_model": (TrainParams, TrackingParams),
-    "select_model": (SelectParams, TrackingParams),
-    "evaluate_model": (EvaluateParams, TrackingParams),
-    "register_model": (RegisterParams, TrackingParams),
-    "predict_images": (PredictParams, TrackingParams),
-}
-
 __all__ = [
-    "STEP_PARAMS",
     "TTA_VIEWS",
     "DownloadParams",
     "EvaluateParams",

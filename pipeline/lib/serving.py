@@ -16,7 +16,9 @@ Accepted inputs, one image per row or list item:
   ``{"inputs": [[[[r, g, b], ...]]]}``; in process a uint8 ``(n, height, width, 3)`` array).
 
 Anything else (float pixels, values outside 0..255, other channel counts, bytes that are not
-an image) is refused with ``InvalidImageError``: HTTP 400 and one line naming the image.
+a JPEG or PNG file, such as GIF or BMP, images over :data:`MAX_PIXELS`, a DataFrame without
+an ``image`` column) is refused with ``InvalidImageError``: HTTP 400 and one line naming the
+image.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from pipeline.lib.mlflow_compat import INVALID_PARAMETER_VALUE
 
 #: Input column (DataFrame) or key (dict) holding the images.
 IMAGE_COLUMN = "image"
@@ -40,6 +44,13 @@ LABEL_COLUMN = "label"
 #: Artifact keys of the logged model: the Keras file and the serving config (classes, size).
 MODEL_ARTIFACT = "keras_model"
 CONFIG_ARTIFACT = "serving_config"
+#: Largest image accepted (width x height): a 64-megapixel photo decodes to 192 MiB of uint8
+#: pixels, while a small PNG claiming 50,000 x 50,000 (a decompression bomb) would need 7 GiB.
+MAX_PIXELS = 1 << 26
+#: Leading bytes of the two accepted file formats.
+JPEG_MAGIC, PNG_MAGIC = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+#: Other formats TensorFlow would decode, named in the refusal.
+OTHER_FORMATS = {b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP", b"RIFF": "WebP"}
 
 
 class InvalidImageError(MlflowException):
@@ -72,9 +83,9 @@ def _items(model_input: Any) -> list[Any]:
     """The images of a request, one entry each (encoded string/bytes or a pixel array)."""
     if isinstance(model_input, pd.DataFrame):
         columns = list(model_input.columns)
-        if IMAGE_COLUMN in columns:
+        if columns == [IMAGE_COLUMN]:
             return list(model_input[IMAGE_COLUMN])
-        if len(columns) == 1:
+        if columns == [0]:  # a bare list of images, as MLflow's REST parser frames it
             return list(model_input.iloc[:, 0])
         raise InvalidImageError(f"expected a column {IMAGE_COLUMN!r}, got columns {columns}")
     if isinstance(model_input, dict):
@@ -106,6 +117,39 @@ def _from_base64(index: int, text: str) -> bytes:
         raise InvalidImageError(f"image {index}: not base64-encoded JPEG/PNG ({exc})") from None
 
 
+def _check_pixel_count(index: int, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise InvalidImageError(
+            f"image {index}: {width}x{height} is too many pixels (at most {MAX_PIXELS:,}); "
+            "send a smaller image")
+
+
+def _check_encoded(index: int, data: bytes, jpeg_shape: Any) -> None:
+    """Refuse what is not a JPEG or PNG file, or is too many pixels, before decoding it.
+
+    ``jpeg_shape`` reads a JPEG's (height, width, channels) from its header only; a PNG's
+    size is in its first chunk (IHDR), at bytes 16..24.
+    """
+    if data.startswith(PNG_MAGIC):
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])
+            _check_pixel_count(index, width, height)
+        return
+    if data.startswith(JPEG_MAGIC):
+        try:
+            height, width = (int(n) for n in np.asarray(jpeg_shape(data))[:2])
+        except Exception:  # a broken header: the decoder below names the problem
+            return
+        _check_pixel_count(index, width, height)
+        return
+    kind = next((name for magic, name in OTHER_FORMATS.items() if data.startswith(magic)), None)
+    if kind:
+        raise InvalidImageError(f"image {index}: a {kind} file; only JPEG and PNG files are "
+                                "accepted (or uint8 pixels)")
+    raise InvalidImageError(f"image {index}: {len(data)} bytes that do not decode as a JPEG or PNG "
+                            "image")
+
+
 def _pixels(index: int, value: Any) -> np.ndarray:
     """``value`` as uint8 (height, width, 3) pixels, or ``InvalidImageError`` saying why not."""
     try:
@@ -125,6 +169,7 @@ def _pixels(index: int, value: Any) -> np.ndarray:
             f"{array.shape}")
     if array.size == 0:
         raise InvalidImageError(f"image {index}: empty image, shape {array.shape}")
+    _check_pixel_count(index, array.shape[1], array.shape[0])
     low, high = int(array.min()), int(array.max())
     if low < 0 or high > 255:
         raise InvalidImageError(f"image {index}: pixel values must be in 0..255, got "
@@ -152,6 +197,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                                         compile=False)
         resizer = images.make_resizer(size)
         self._decode_error = tf.errors.InvalidArgumentError
+        self._jpeg_shape = tf.io.extract_jpeg_shape
         self._decode = tf.function(
             lambda encoded: images.decode_image(encoded, resizer),
             input_signature=[tf.TensorSpec([], tf.string)])
@@ -171,6 +217,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if isinstance(item, (bytes, bytearray)):
             if not item:
                 raise InvalidImageError(f"image {index}: empty")
+            _check_encoded(index, bytes(item), self._jpeg_shape)
             try:
                 return self._decode(bytes(item)).numpy()
             except self._decode_error:
@@ -198,5 +245,5 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return frame
 
 
-__all__ = ["CONFIG_ARTIFACT", "IMAGE_COLUMN", "LABEL_COLUMN", "MODEL_ARTIFACT",
+__all__ = ["CONFIG_ARTIFACT", "IMAGE_COLUMN", "LABEL_COLUMN", "MAX_PIXELS", "MODEL_ARTIFACT",
            "ImageClassifier", "InvalidImageError", "write_config"]

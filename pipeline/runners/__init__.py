@@ -1,6 +1,6 @@
 """Runners of the one DAG: locally with kfp.local, compiled to IR YAML, or submitted to KFP.
 
-``local`` runs and verifies a local run (``kfp_output`` reads kfp.local's stream),
+``local`` runs and verifies a local run (``run_files`` reads the status files its steps leave),
 ``summary`` turns it into the ``--summary`` JSON, ``cluster`` compiles and submits.
 """
 

@@ -1,125 +1,100 @@
 """What a local run shows: a line per step on the terminal, everything else in per-step logs.
 
-kfp.local streams every step's output (executor input dumps, TensorFlow start-up noise,
-artifact listings) to ``sys.stdout``. :class:`StepConsole` stands in for ``sys.stdout``
-during a run: it writes each task's full output to ``<run folder>/logs/<task>.log``, prints
-``[3/5] train-model ...`` when a step starts and ``... done in 38.2 s · <key result>`` when it
-ends, turns the steps' progress lines into a bar on a terminal, and keeps each task's last
-lines for the error report. ``verbose`` passes everything through as kfp.local prints it.
-A task run once per sweep trial (``repeats``) shows and logs each run apart:
-``[3/6] train-model 2/4`` in ``logs/train-model-2.log``.
+The terminal follows the files the steps leave in their task folders (``run_files.py``):
+:meth:`StepConsole.poll`, called from a watcher thread, prints ``[3/5] train-model ...`` when
+a step's status says it started and ``... done in 38.2 s · <key result>`` when it ended (the
+result shown by the step's :attr:`~pipeline.stepspec.StepSpec.show`), and turns the step's
+progress file into a bar on a terminal. kfp.local's console text (executor input dumps,
+TensorFlow start-up noise, artifact listings) is only a log: :class:`StepConsole` stands in
+for ``sys.stdout`` during a run and writes it to ``<run folder>/logs/<task>.log``, starting
+a task's log at kfp.local's "Executing task" line, and keeps each task's last lines for the
+error report. ``verbose`` passes the stream through instead of the step lines. A task run
+once per sweep trial (``repeats``) shows and logs each run apart: ``[3/6] train-model 2/4``
+in ``logs/train-model-2.log``.
 """
 
 from __future__ import annotations
 
 import collections
-import json
+import contextlib
 import re
-import time
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipeline.lib import contract
-from pipeline.lib.progress import PROGRESS_PREFIX
-from pipeline.runners.kfp_output import strip_ansi
+from pipeline.lib.contract import STATE_STARTED, STATE_SUCCEEDED
+from pipeline.lib.progress import StepStatus
+from pipeline.runners.run_files import find_run_dir, task_statuses
+from pipeline.stepspec import SPECS_BY_TASK
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: Where kfp.local's stream moves on to another task (used for the logs only).
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
-_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
-_EXECUTOR_OUTPUT_FILE = re.compile(r'"outputFile":\s*"([^"]+/' + re.escape(contract.EXECUTOR_OUTPUT)
-                                   + r')"')
 LOGS_DIR = "logs"
-#: The executor input's key naming where the running task writes (inside this run's folder).
-_OUTPUT_FILE = '"outputFile"'
 #: Lines of a failed step's log shown on the terminal.
 TAIL_LINES = 15
+#: Seconds between looks at the task folders while a run goes on.
+POLL_S = 0.25
 
 
-def _artifact_metadata(executor_output: dict[str, Any], name: str) -> dict[str, Any]:
-    artifacts = executor_output.get("artifacts", {}).get(name, {}).get("artifacts", [])
-    return dict(artifacts[0].get("metadata", {})) if artifacts else {}
+def strip_ansi(text: str) -> str:
+    """``text`` without the colour codes kfp.local puts around task names."""
+    return _ANSI.sub("", text)
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def step_result(task: str, executor_output: dict[str, Any]) -> str:
-    """The one thing worth knowing about a finished step, read from its executor output."""
-    if task == "download-dataset":
-        meta = _artifact_metadata(executor_output, "raw_data")
-        return f"fetched {meta.get(contract.META_PATH, '?')}"
-    if task == "preprocess-dataset":
-        meta = _artifact_metadata(executor_output, "prepared_data")
-        sizes = meta.get("split_sizes", {})
-        used = sum(int(n) for n in sizes.values())
-        split = "/".join(str(int(n)) for n in sizes.values())
-        return (f"{used} images used, train/val/test {split}, "
-                f"{int(meta.get('duplicates_dropped', 0))} duplicates dropped")
-    if task == "train-model":
-        meta = _artifact_metadata(executor_output, "trained_model")
-        scored = f"{contract.VAL_SCORE_PREFIX}balanced_accuracy"
-        return (f"val balanced_accuracy {_fmt(meta.get(scored))} "
-                f"(best epoch {_fmt(meta.get('best_epoch'))} of {_fmt(meta.get('epochs_run'))})")
-    if task == "select-model":
-        sweep = _artifact_metadata(executor_output, "selected_model").get(contract.META_SWEEP, {})
-        trials = sweep.get("trials") or []
-        winner = next((t for t in trials if t.get("trial") == sweep.get("winner")), None)
-        if winner is None:
-            return ""
-        return (f"trial {int(winner['trial']) + 1} of {len(trials)} ({winner['label']}) chosen on "
-                f"validation, {sweep.get('metric')} {_fmt(winner['val_score'])}")
-    if task == "evaluate-model":
-        meta = _artifact_metadata(executor_output, "metrics")
-        gate = meta.get(contract.META_GATE_METRIC, "balanced_accuracy")
-        verdict = "gate passed" if meta.get(contract.META_GATE_PASSED) else "gate failed"
-        return (f"test {gate} {_fmt(meta.get(gate))} (majority baseline "
-                f"{_fmt(meta.get(f'majority_baseline_{gate}'))}), {verdict}")
-    if task == "register-model":
-        decision = executor_output.get("parameterValues", {}).get("Output") or {}
-        if decision.get("registered"):
-            return f"{decision['name']} v{decision['version']} @{decision['alias']}"
-        return str(decision.get("reason", "not registered"))
-    return ""
+def step_result(status: StepStatus) -> str:
+    """The one thing worth knowing about a finished step, read from its recorded result."""
+    spec = SPECS_BY_TASK.get(status.task)
+    try:
+        return spec.show(status.result() or {}) if spec else ""
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return ""
 
 
 class StepConsole:
-    """A ``sys.stdout`` stand-in for a local run (see the module docstring)."""
+    """A ``sys.stdout`` stand-in for a local run (see the module docstring).
 
-    def __init__(self, stream: TextIO, output_dir: Path, tasks: Sequence[str], *,
-                 verbose: bool = False, pipeline_name: str = "",
-                 repeats: Mapping[str, int] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    ``token`` and ``existing`` (the output folder's entries before the run) find the run
+    folder (:func:`~pipeline.runners.run_files.find_run_dir`).
+    """
+
+    def __init__(self, stream: TextIO, output_dir: Path, tasks: Sequence[str], *, token: str,
+                 existing: Collection[str] = (), verbose: bool = False,
+                 repeats: Mapping[str, int] | None = None) -> None:
         self._stream = stream
+        self._output_dir = output_dir
+        self._token = token
+        self._existing = frozenset(existing)
         self._tasks = list(tasks)
         self._repeats = dict(repeats or {})
-        self._runs: collections.Counter[str] = collections.Counter()  # starts per task
-        self._executor_outputs: dict[str, Path] = {}  # task -> where its current run writes
         self._verbose = verbose
-        self._clock = clock
         self._tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._run_dir_re = re.compile(re.escape(str(output_dir)) + "/"
-                                      + re.escape(pipeline_name) + r"-[\w.-]+")
+        self._lock = threading.RLock()
         self._partial = ""
-        self._pending: list[tuple[str, str]] = []  # (task, line) until the run folder is known
+        self._pending: list[tuple[str, str]] = []  # (log, line) until the run folder is known
         self._files: dict[str, TextIO] = {}
+        self._log_runs: collections.Counter[str] = collections.Counter()  # stream's starts
+        self._current: str | None = None  # the task the stream is on
+        self._runs: dict[Path, int] = {}  # task folder -> its task's run number (1, 2, ...)
+        self._shown_end: set[Path] = set()
         self._bar: Any = None
         self.run_dir: Path | None = None
-        self.current: str | None = None
-        self.started: dict[str, float] = {}
-        self.finished: dict[str, str] = {}  # task -> status
+        self.statuses: list[StepStatus] = []
+        self.started: set[str] = set()
+        self.finished: dict[str, str] = {}  # task -> state, or "cached"
         self.tails: dict[str, collections.deque[str]] = collections.defaultdict(
             lambda: collections.deque(maxlen=TAIL_LINES))
-        self.lines: collections.deque[str] = collections.deque(maxlen=20_000)
 
-    # --- file protocol -------------------------------------------------------------------
+    # --- file protocol: kfp.local's stream, a log --------------------------------------------
     def write(self, text: str) -> int:
-        if self._verbose:
-            self._stream.write(text)
-        pieces = (self._partial + text).split("\n")
-        self._partial = pieces.pop()
-        for piece in pieces:
-            self._line(strip_ansi(piece))
+        with self._lock:
+            if self._verbose:
+                self._stream.write(text)
+            pieces = (self._partial + text).split("\n")
+            self._partial = pieces.pop()
+            for piece in pieces:
+                self._line(strip_ansi(piece))
         return len(text)
 
     def flush(self) -> None:
@@ -131,98 +106,113 @@ class StepConsole:
     def __getattr__(self, name: str) -> Any:  # fileno, encoding, ...
         return getattr(self._stream, name)
 
-    # --- routing ---------------------------------------------------------------------------
     def _line(self, line: str) -> None:
-        self.lines.append(line)
-        # the run folder is where a task of this run writes its outputs (its inputs may come
-        # from an earlier run's folder through the cache)
-        if (self.run_dir is None and _OUTPUT_FILE in line
-                and (match := self._run_dir_re.search(line))):
-            self.run_dir = Path(match.group(0))
         if match := _EXECUTING.search(line):
-            self._start(match.group(1))
-        if self.current and (match := _EXECUTOR_OUTPUT_FILE.search(line)):
-            self._executor_outputs[self.current] = Path(match.group(1))
-        task = self.instance(self.current) if self.current else "pipeline"
-        self._log(task, line)
-        if self.current:
-            self.tails[task].append(line)
-            if line.strip().startswith(PROGRESS_PREFIX):
-                self._progress(line.strip()[len(PROGRESS_PREFIX):])
-        if match := _FINISHED.search(line):
-            self._finish(match.group(1), match.group(2))
-
-    def _log(self, task: str, line: str) -> None:
+            self._current = match.group(1)
+            self._log_runs[self._current] += 1
+        log = self.instance(self._current) if self._current else "pipeline"
+        if self._current:
+            self.tails[log].append(line)
         if self.run_dir is None:
-            self._pending.append((task, line))
-            return
-        for pending_task, pending in self._pending:
-            self._file(pending_task).write(pending + "\n")
-        self._pending.clear()
-        self._file(task).write(line + "\n")
+            self._pending.append((log, line))
+        else:
+            self._file(log).write(line + "\n")
 
-    def _file(self, task: str) -> TextIO:
-        if task not in self._files:
+    def _file(self, log: str) -> TextIO:
+        if log not in self._files:
             assert self.run_dir is not None
-            path = self.run_dir / LOGS_DIR / f"{task}.log"
+            path = self.run_dir / LOGS_DIR / f"{log}.log"
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._files[task] = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        return self._files[task]
+            self._files[log] = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        return self._files[log]
 
     def instance(self, task: str) -> str:
         """The log name of ``task``'s latest run: ``train-model-2`` for a sweep's 2nd trial."""
-        return f"{task}-{self._runs[task]}" if self._repeats.get(task, 1) > 1 else task
+        return f"{task}-{self._log_runs[task]}" if self._repeats.get(task, 1) > 1 else task
 
     def log_path(self, task: str) -> Path | None:
         return self.run_dir / LOGS_DIR / f"{self.instance(task)}.log" if self.run_dir else None
 
-    # --- terminal --------------------------------------------------------------------------
+    # --- the task folders: the terminal --------------------------------------------------------
+    def poll(self) -> None:
+        """Look at the task folders; print what started or ended since, update the bar."""
+        with self._lock:
+            if self.run_dir is None:
+                self.run_dir = find_run_dir(self._output_dir, self._token, self._existing)
+                if self.run_dir is None:
+                    return
+                for log, line in self._pending:
+                    self._file(log).write(line + "\n")
+                self._pending.clear()
+            self.statuses = task_statuses(self.run_dir)
+            for status in self.statuses:
+                if status.task_dir not in self._runs:
+                    self._start(status)
+                if status.state != STATE_STARTED and status.task_dir not in self._shown_end:
+                    self._finish(status)
+            running = [status for status in self.statuses if status.state == STATE_STARTED]
+            if running:
+                self._progress(running[-1].progress())
+
+    @contextlib.contextmanager
+    def watching(self, interval_s: float = POLL_S) -> Iterator[None]:
+        """Poll in a thread while the block runs, and once more after it."""
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(interval_s):
+                self.poll()
+
+        thread = threading.Thread(target=watch, name="step-console", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.poll()
+
     def _say(self, text: str) -> None:
         if not self._verbose:
             self._close_bar()
             self._stream.write(text + "\n")
             self._stream.flush()
 
-    def _label(self, task: str) -> str:
+    def _label(self, task: str, run: int = 1) -> str:
         index = self._tasks.index(task) + 1 if task in self._tasks else 0
         repeats = self._repeats.get(task, 1)
-        run = f" {max(self._runs[task], 1)}/{repeats}" if repeats > 1 else ""
-        return f"[{index}/{len(self._tasks)}] {task}{run}"
+        return f"[{index}/{len(self._tasks)}] {task}" + (f" {run}/{repeats}" if repeats > 1 else "")
 
-    def _start(self, task: str) -> None:
+    def _start(self, status: StepStatus) -> None:
+        task = status.task
         for earlier in self._tasks[:self._tasks.index(task)] if task in self._tasks else []:
             if earlier not in self.started:  # kfp.local served it from its cache
-                self.started[earlier] = self._clock()
-                self.finished[earlier] = "CACHED"
-                self._say(f"{self._label(earlier)} ... cached")
-        self.current = task
-        self._runs[task] += 1
-        self.started[task] = self._clock()
-        self._say(f"{self._label(task)} ...")
+                self._cached(earlier)
+        self._runs[status.task_dir] = sum(1 for d in self._runs if d.name == task) + 1
+        self.started.add(task)
+        self._say(f"{self._label(task, self._runs[status.task_dir])} ...")
 
-    def _finish(self, task: str, status: str) -> None:
-        self.finished[task] = status
-        self.current = None
-        seconds = self._clock() - self.started.get(task, self._clock())
-        if status != "SUCCESS":
-            self._say(f"{self._label(task)} FAILED after {seconds:.1f} s")
+    def _cached(self, task: str) -> None:
+        self.started.add(task)
+        self.finished[task] = "cached"
+        self._say(f"{self._label(task)} ... cached")
+
+    def _finish(self, status: StepStatus) -> None:
+        self._shown_end.add(status.task_dir)
+        self.finished[status.task] = status.state
+        label = self._label(status.task, self._runs[status.task_dir])
+        seconds = (status.ended_at or status.started_at) - status.started_at
+        if status.state != STATE_SUCCEEDED:
+            self._say(f"{label} FAILED after {seconds:.1f} s")
             return
-        result = ""
-        if self.run_dir is not None:
-            path = self._executor_outputs.get(task, self.run_dir / task / contract.EXECUTOR_OUTPUT)
-            try:
-                result = step_result(task, json.loads(path.read_text()))
-            except (OSError, ValueError, KeyError, TypeError):
-                result = ""
-        self._say(f"{self._label(task)} done in {seconds:.1f} s"
-                  + (f" · {result}" if result else ""))
+        result = step_result(status)
+        self._say(f"{label} done in {seconds:.1f} s" + (f" · {result}" if result else ""))
 
-    def _progress(self, payload: str) -> None:
-        """A step's ``@@progress {"what": ..., "done": n, "total": m}`` line: a bar on a TTY."""
-        if self._verbose or not self._tty:
+    def _progress(self, data: Mapping[str, Any] | None) -> None:
+        """A step's progress file ``{"what": ..., "done": n, "total": m}``: a bar on a TTY."""
+        if self._verbose or not self._tty or not data:
             return
         try:
-            data = json.loads(payload)
             done, what = int(data["done"]), str(data["what"])
             total = int(data["total"]) if data.get("total") is not None else None
         except (ValueError, KeyError, TypeError):
@@ -242,25 +232,26 @@ class StepConsole:
 
     def report_unstarted(self, skipped: Sequence[str] = ()) -> None:
         """After a successful run: steps never started were cached, or skipped by the gate."""
-        for task in self._tasks:
-            if task in self.started:
-                continue
-            self.started[task] = self._clock()
-            if task in skipped:
-                self._say(f"{self._label(task)} skipped: the evaluation gate failed")
-            else:
-                self.finished[task] = "CACHED"
-                self._say(f"{self._label(task)} ... cached")
+        with self._lock:
+            for task in self._tasks:
+                if task in self.started:
+                    continue
+                if task in skipped:
+                    self.started.add(task)
+                    self._say(f"{self._label(task)} skipped: the evaluation gate failed")
+                else:
+                    self._cached(task)
 
     def close(self) -> None:
         """Write out what is left of the stream and close the log files."""
-        if self._partial:
-            self._line(strip_ansi(self._partial))
-            self._partial = ""
-        self._close_bar()
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        with self._lock:
+            if self._partial:
+                self._line(strip_ansi(self._partial))
+                self._partial = ""
+            self._close_bar()
+            for handle in self._files.values():
+                handle.close()
+            self._files.clear()
 
 
-__all__ = ["LOGS_DIR", "StepConsole", "step_result"]
+__all__ = ["LOGS_DIR", "POLL_S", "StepConsole", "step_result", "strip_ansi"]

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import typing
+import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,9 +18,16 @@ from kfp.dsl import ClassificationMetrics, Metrics
 
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME, PipelineOutputs, create_pipeline, pipeline_arguments
-from pipeline.lib.contract import CHECKPOINT_ROOT_ENV, EXECUTOR_OUTPUT, LOCAL_CHECKPOINT_ROOT
-from pipeline.runners.console import StepConsole
-from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
+from pipeline.lib.contract import (
+    CHECKPOINT_ROOT_ENV,
+    EXECUTOR_OUTPUT,
+    LOCAL_CHECKPOINT_ROOT,
+    RUN_TOKEN_ENV,
+)
+from pipeline.lib.interrupts import CLI_PID_ENV
+from pipeline.lib.progress import StepStatus
+from pipeline.runners.console import StepConsole, strip_ansi
+from pipeline.runners.run_files import first_failure
 from pipeline.sweep import Sweep
 from pipeline.tasks import STEPS, TASK_NAMES
 
@@ -168,15 +176,22 @@ def run_local(
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir),
                enable_caching=enable_cache)
     started = time.monotonic()
+    # the run folder is the new one whose steps carry this token (see run_files.py)
+    token = uuid.uuid4().hex
     console = StepConsole(sys.stdout, output_dir, spec_tasks(pipeline_func.pipeline_spec),
-                          verbose=verbose, pipeline_name=PIPELINE_NAME,
+                          token=token, existing={p.name for p in output_dir.iterdir()},
+                          verbose=verbose,
                           repeats={TRAIN_TASK: len(sweep.trials)} if sweep else None)
     original, sys.stdout = sys.stdout, console  # type: ignore[assignment]
-    # the step processes inherit it: a rerun after a crash resumes the same training
-    checkpoint_root = os.environ.get(CHECKPOINT_ROOT_ENV)
-    os.environ[CHECKPOINT_ROOT_ENV] = checkpoint_root or str(output_dir / LOCAL_CHECKPOINT_ROOT)
+    # the step processes inherit these: a rerun after a crash resumes the same training
+    environment = {RUN_TOKEN_ENV: token, CHECKPOINT_ROOT_ENV: os.environ.get(CHECKPOINT_ROOT_ENV)
+                   or str(output_dir / LOCAL_CHECKPOINT_ROOT),
+                   CLI_PID_ENV: str(os.getpid())}  # steps stop once it is gone
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     try:
-        with warnings.catch_warnings():
+        error: RuntimeError | None = None
+        with warnings.catch_warnings(), console.watching():
             # Expected locally: resources and GPUs are cluster settings; our images are not
             # named "python"; steps run in this environment, not in the image.
             warnings.filterwarnings("ignore", message=r".*no effect in the current local runner")
@@ -184,14 +199,13 @@ def run_local(
                                     category=RuntimeWarning)
             try:
                 task = pipeline_func(**pipeline_arguments(config, tracking_uri))
-            except RuntimeError as exc:
-                failed = (failed_task_from_exception(exc)
-                          or next(iter(failed_tasks(console.lines)), None))
-                if failed is None:
-                    raise
-                raise _failure(console, failed) from None
-        if silent := failed_tasks(console.lines):
-            raise _failure(console, silent[0])
+            except RuntimeError as exc:  # kfp.local's word for a failed task
+                error = exc
+        # judged by the steps' status files, whatever kfp.local said
+        if failure := first_failure(console.statuses):
+            raise _failure(console, *failure)
+        if error is not None:
+            raise _unexplained(console, error) from None
         if console.run_dir is None:
             raise StepFailedError(PIPELINE_NAME,
                                   f"kfp.local created no run folder in {output_dir}")
@@ -203,8 +217,11 @@ def run_local(
     finally:
         sys.stdout = original
         console.close()
-        if checkpoint_root is None:
-            os.environ.pop(CHECKPOINT_ROOT_ENV, None)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return LocalRunResult(
         run_dir=console.run_dir,
         output_dir=output_dir,
@@ -216,11 +233,21 @@ def run_local(
     )
 
 
-def _failure(console: StepConsole, task: str) -> StepFailedError:
+def _failure(console: StepConsole, status: StepStatus, error: str) -> StepFailedError:
     """The error of a failed task, with its last output lines and its log file."""
-    return StepFailedError(task, task_error(console.lines, task), console.run_dir,
-                           tail=list(console.tails.get(console.instance(task), [])),
-                           log=console.log_path(task))
+    return StepFailedError(status.task, error, console.run_dir,
+                           tail=list(console.tails.get(console.instance(status.task), [])),
+                           log=console.log_path(status.task))
+
+
+def _unexplained(console: StepConsole, error: RuntimeError) -> StepFailedError:
+    """kfp.local failed the run while every step that reported says it succeeded: the task
+    whose step returned but whose executor wrote no outputs, or else the run as a whole."""
+    for status in console.statuses:
+        if not (status.task_dir / EXECUTOR_OUTPUT).is_file():
+            return _failure(console, status, "its step returned but kfp's executor wrote no "
+                            f"outputs: {strip_ansi(str(error))}")
+    return StepFailedError(PIPELINE_NAME, strip_ansi(str(error)), console.run_dir)
 
 
 __all__ = [

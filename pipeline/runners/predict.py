@@ -7,9 +7,11 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,12 +24,13 @@ from pipeline.dag import (
     create_predict_pipeline,
     predict_arguments,
 )
-from pipeline.lib.contract import DRIFT_REPORT_JSON, EXECUTOR_OUTPUT
+from pipeline.lib.contract import DRIFT_REPORT_JSON, EXECUTOR_OUTPUT, RUN_TOKEN_ENV
 from pipeline.lib.files import atomic_path, read_json
+from pipeline.lib.interrupts import CLI_PID_ENV
 from pipeline.runners.cluster import SubmitResult, _find_version
 from pipeline.runners.console import StepConsole
-from pipeline.runners.kfp_output import failed_task_from_exception, failed_tasks, task_error
-from pipeline.runners.local import StepFailedError
+from pipeline.runners.local import StepFailedError, _failure, _unexplained
+from pipeline.runners.run_files import first_failure
 from pipeline.tasks import MLFLOW_CONFIG_MAP
 
 PREDICT_TASKS = ("download-dataset", "predict-images")
@@ -59,24 +62,27 @@ def run_predict_local(config: PipelineConfig, *, model_uri: str = DEFAULT_MODEL_
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir),
                enable_caching=False)
     started = time.monotonic()
-    console = StepConsole(sys.stdout, output_dir, PREDICT_TASKS, verbose=verbose,
-                          pipeline_name=PREDICT_PIPELINE_NAME)
+    token = uuid.uuid4().hex  # as run_local: the run folder is the one its steps mark
+    console = StepConsole(sys.stdout, output_dir, PREDICT_TASKS, token=token,
+                          existing={p.name for p in output_dir.iterdir()}, verbose=verbose)
     original, sys.stdout = sys.stdout, console  # type: ignore[assignment]
+    environment = {RUN_TOKEN_ENV: token, CLI_PID_ENV: str(os.getpid())}
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     try:
-        with warnings.catch_warnings():
+        error: RuntimeError | None = None
+        with warnings.catch_warnings(), console.watching():
             warnings.filterwarnings("ignore", message=r".*no effect in the current local runner")
             warnings.filterwarnings("ignore", message=r".*non-Python base image",
                                     category=RuntimeWarning)
             try:
                 task = pipeline_func(**predict_arguments(config, model_uri, tracking_uri))
-            except RuntimeError as exc:
-                failed = (failed_task_from_exception(exc)
-                          or next(iter(failed_tasks(console.lines)), None))
-                if failed is None:
-                    raise
-                raise _failure(console, failed) from None
-        if silent := failed_tasks(console.lines):
-            raise _failure(console, silent[0])
+            except RuntimeError as exc:  # kfp.local's word for a failed task
+                error = exc
+        if failure := first_failure(console.statuses):
+            raise _failure(console, *failure)
+        if error is not None:
+            raise _unexplained(console, error) from None
         if console.run_dir is None:
             raise StepFailedError(PREDICT_PIPELINE_NAME,
                                   f"kfp.local created no run folder in {output_dir}")
@@ -88,18 +94,17 @@ def run_predict_local(config: PipelineConfig, *, model_uri: str = DEFAULT_MODEL_
     finally:
         sys.stdout = original
         console.close()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     predictions = Path(task.outputs["predictions"].path)
     metadata = executor["artifacts"]["predictions"]["artifacts"][0].get("metadata", {})
     return PredictRunResult(console.run_dir, predictions / "predictions.csv",
                             Path(task.outputs["drift_report"].path), metadata,
                             read_json(predictions / DRIFT_REPORT_JSON) or {},
                             time.monotonic() - started)
-
-
-def _failure(console: StepConsole, task: str) -> StepFailedError:
-    return StepFailedError(task, task_error(console.lines, task), console.run_dir,
-                           tail=list(console.tails.get(console.instance(task), [])),
-                           log=console.log_path(task))
 
 
 def compile_predict(package_path: str | Path = DEFAULT_PREDICT_PACKAGE, *,

@@ -4,9 +4,9 @@ kfp.local starts each step as ``sh -c ... python -m kfp.dsl.executor_main`` with
 ``subprocess.Popen`` and no process group of its own: a SIGTERM to the CLI alone (a job
 scheduler, ``kill``, a container stop) used to end the CLI while the running step carried on
 for minutes, logged a model and marked its MLflow runs FINISHED. The CLI sends SIGTERM
-to every process below it (found through ``/proc``, so the shell's Python grandchild is
-reached too), waits a bounded time for them to end their MLflow runs KILLED, and kills what
-is left.
+to every process below it (found with ``psutil``, so the shell's Python grandchild is
+reached too), waits a bounded time for them to end their MLflow runs KILLED, repeating the
+signal meanwhile, and kills what is left.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import FrameType
+
+import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -26,60 +27,43 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 60.0
 #: Seconds between repeats of the signal to step processes still running.
 RESEND_S = 5.0
-_PROC = Path("/proc")
-
-
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every live process, from ``/proc/<pid>/stat``."""
-    parents: dict[int, int] = {}
-    for entry in _PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # ended while we looked
-            continue
-        # "pid (comm) state ppid ...": comm may contain spaces and parentheses
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z":
-            parents[int(entry.name)] = int(fields[1])
-    return parents
+#: Seconds between looks at whether they ended.
+POLL_S = 0.1
 
 
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (children first), zombies excluded."""
-    children: dict[int, list[int]] = {}
-    for child, parent in _parents().items():
-        children.setdefault(parent, []).append(child)
-    found: list[int] = []
-    queue = list(children.get(pid, []))
-    while queue:
-        current = queue.pop(0)
-        found.append(current)
-        queue.extend(children.get(current, []))
-    return found
+    try:
+        return _alive([child.pid for child in psutil.Process(pid).children(recursive=True)])
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _alive(pids: list[int]) -> list[int]:
-    live = _parents()
-    return [pid for pid in pids if pid in live]
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+    return alive
 
 
-def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> list[int]:
+def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S,
+                   resend_s: float = RESEND_S) -> list[int]:
     """Wait up to ``grace_s`` for ``pids`` to end, then SIGKILL the rest; returns those.
 
-    SIGTERM is sent again every :data:`RESEND_S` seconds meanwhile: Python swallows an
+    SIGTERM is sent again every ``resend_s`` seconds meanwhile: Python swallows an
     interrupt that lands in a finaliser, and a step ignores repeats once it is ending its runs.
     """
     deadline = time.monotonic() + grace_s
-    resend = time.monotonic() + RESEND_S
+    resend = time.monotonic() + resend_s
     while (alive := _alive(pids)) and time.monotonic() < deadline:
         if time.monotonic() >= resend:
-            resend = time.monotonic() + RESEND_S
+            resend = time.monotonic() + resend_s
             for pid in alive:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-        time.sleep(0.1)
+        time.sleep(POLL_S)
     left = _alive(pids)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
@@ -91,15 +75,17 @@ def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> list[int]:
 
 
 @contextlib.contextmanager
-def stop_steps_on_signals(grace_s: float = STOP_GRACE_S) -> Iterator[list[int]]:
+def stop_steps_on_signals(grace_s: float = STOP_GRACE_S,
+                          resend_s: float = RESEND_S) -> Iterator[list[int]]:
     """On SIGINT/SIGTERM in the body: SIGTERM all descendants, raise KeyboardInterrupt.
 
     The steps always get SIGTERM, which they turn into one interrupt and then ignore while
     ending their MLflow runs (a repeated SIGINT would break that off). Yields the list of
-    signals received (the caller's exit code is ``128 + signal``). On
-    the way out, the processes signalled get ``grace_s`` seconds to end (a step ends its
-    MLflow runs KILLED on either signal) before they are killed, so none outlives the CLI.
-    Must be entered in the main thread (Python delivers signals there only).
+    signals received (the caller's exit code is ``128 + signal``). On the way out, the
+    processes signalled get ``grace_s`` seconds to end (a step ends its MLflow runs KILLED
+    on either signal; the signal is repeated every ``resend_s`` seconds) before they are
+    killed, so none outlives the CLI. Must be entered in the main thread (Python delivers
+    signals there only).
     """
     received: list[int] = []
     signalled: list[int] = []
@@ -119,7 +105,7 @@ def stop_steps_on_signals(grace_s: float = STOP_GRACE_S) -> Iterator[list[int]]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if signalled:
-            stop_processes(signalled, grace_s)
+            stop_processes(signalled, grace_s, resend_s)
 
 
 __all__ = ["RESEND_S", "STOP_GRACE_S", "descendants", "stop_processes", "stop_steps_on_signals"]

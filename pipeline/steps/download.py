@@ -8,15 +8,13 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
+import tarfile
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 import fsspec
@@ -24,7 +22,13 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.lib.contract import META_PARAMS, META_PATH, META_SHA256, META_SOURCE
+from pipeline.lib.contract import (
+    META_PARAMS,
+    META_PATH,
+    META_SHA256,
+    META_SKIPPED,
+    META_SOURCE,
+)
 from pipeline.lib.credentials import (
     DATA_PASSWORD_ENV,
     DATA_USERNAME_ENV,
@@ -33,6 +37,7 @@ from pipeline.lib.credentials import (
     split_credentials,
 )
 from pipeline.lib.files import atomic_writer, file_sha256, normalize_sha256, replace_dir
+from pipeline.lib.interrupts import sigterm_exits
 from pipeline.lib.params import DownloadParams
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,9 @@ STALL_WINDOW_S = 30.0
 CACHE_ENV = "IRIS_CACHE_DIR"
 
 _CHUNK = 1 << 20
+#: Reasons a data folder's entry is not copied (the data report groups skipped files by them).
+SKIP_LINK = "symbolic link"
+SKIP_SPECIAL = "not a regular file"
 
 
 #: Appended to every failed remote fetch: the README's first command on a machine without
@@ -92,30 +100,6 @@ def _source_name(source: str) -> str:
 def _atomic_file(final: Path) -> contextlib.AbstractContextManager[IO[bytes]]:
     """A ``.part`` file next to ``final``, renamed onto it only if the block succeeds."""
     return atomic_writer(final, "w+b", suffix=".part")
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While fetching, turn SIGTERM into ``SystemExit(143)`` so partial files are removed.
-
-    SIGTERM's default action ends the process on the spot, skipping every ``finally`` and
-    leaving the ``.part`` file behind (a pod being stopped, ``kill``). A handler someone else
-    installed is left alone, as are threads other than the main one (which cannot install
-    handlers).
-    """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
-        yield
-        return
-
-    def terminate(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class _Transfer:
@@ -171,6 +155,76 @@ def _check_digest(actual: str, expected: str | None, what: str) -> None:
         )
 
 
+#: Leading bytes of the archives preprocess can open (zip, gzip, bzip2, xz); an uncompressed
+#: tar is told by ``ustar`` at offset 257 (or, for an old tar without it, by ``tarfile``).
+ARCHIVE_MAGIC: dict[bytes, str] = {
+    b"PK\x03\x04": "zip", b"PK\x05\x06": "zip", b"PK\x07\x08": "zip",
+    b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+}
+#: What some common non-archives start with, to say what was received instead.
+_OTHER_MAGIC: dict[bytes, str] = {
+    b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+    b"%PDF": "a PDF document", b"Rar!": "a RAR archive", b"7z\xbc\xaf": "a 7z archive",
+}
+_TAR_MAGIC_OFFSET = 257
+
+
+class NotAnArchiveError(ValueError):
+    """The fetched file is no zip or tar archive (an HTML error page, an image...)."""
+
+
+def archive_kind(handle: IO[bytes]) -> str | None:
+    """``zip``, ``gzip``, ``bzip2``, ``xz`` or ``tar`` from ``handle``'s content, else None."""
+    handle.seek(0)
+    head = handle.read(_TAR_MAGIC_OFFSET + 8)
+    handle.seek(0)
+    for magic, kind in ARCHIVE_MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    if head[_TAR_MAGIC_OFFSET:_TAR_MAGIC_OFFSET + 5] == b"ustar":
+        return "tar"
+    try:
+        with tarfile.open(fileobj=handle, mode="r:") as tar:  # a pre-POSIX tar
+            kind = "tar" if tar.next() is not None else None
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        kind = None
+    handle.seek(0)
+    return kind
+
+
+def _describe_content(head: bytes) -> str:
+    """A few words on what ``head`` (a file's first bytes) looks like."""
+    for magic, what in _OTHER_MAGIC.items():
+        if head.startswith(magic):
+            return what
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "an HTML page"
+    if text.startswith((b"<?xml", b"<")):
+        return "an XML or HTML document"
+    if text.startswith((b"{", b"[")):
+        return "JSON"
+    if not head:
+        return "an empty file"
+    return "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head[:64]) else "unknown bytes"
+
+
+def _check_archive(handle: IO[bytes], what: str, content_type: str | None = None) -> None:
+    """Refuse ``handle``'s content unless it is an archive preprocess can open.
+
+    Done before the file is kept, so an HTTP 200 serving an error page never reaches the
+    download cache or kfp.local's (whose cached copy a later run would reuse).
+    """
+    if archive_kind(handle) is not None:
+        return
+    head = handle.read(512)
+    handle.seek(0)
+    served = f" (served as {content_type})" if content_type else ""
+    raise NotAnArchiveError(
+        f"{what} is {_describe_content(head)}{served}, not a zip or tar(.gz/.bz2/.xz) archive "
+        "of class folders; nothing was kept (check the URL or path)")
+
+
 def _copy_verified(src: Path, dest: Path, expected: str | None, what: str) -> str:
     """Copy ``src`` to ``dest`` atomically, hashing on the way; a bad digest leaves nothing."""
     digest = hashlib.sha256()
@@ -182,12 +236,20 @@ def _copy_verified(src: Path, dest: Path, expected: str | None, what: str) -> st
     return digest.hexdigest()
 
 
-def _copy_tree(src: Path, dest: Path) -> Path:
+def _copy_tree(src: Path, dest: Path, skipped: list[dict[str, str]] | None = None) -> Path:
     """Copy a folder of class folders into ``dest`` atomically; links are skipped, not followed.
 
     Following links could pull in files from anywhere on the machine, so only regular files
-    and real folders are copied.
+    and real folders are copied. What was left out (links, dangling links, FIFOs, sockets,
+    devices) is appended to ``skipped`` as ``{"path", "reason", "detail"}``, paths relative
+    to ``src``, for the data report.
     """
+    def skip(path: Path, reason: str, detail: str) -> None:
+        logger.warning("skipping %s: %s", path, detail)
+        if skipped is not None:
+            skipped.append({"path": path.relative_to(src).as_posix(), "reason": reason,
+                            "detail": detail})
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -197,14 +259,18 @@ def _copy_tree(src: Path, dest: Path) -> Path:
             rel = here.relative_to(src)
             for name in list(dirnames):
                 if (here / name).is_symlink():
-                    logger.warning("not following linked folder %s", here / name)
+                    skip(here / name, SKIP_LINK, "linked folder, not followed")
                     dirnames.remove(name)
                 else:
                     (staging / rel / name).mkdir()
             for name in filenames:
                 path = here / name
-                if path.is_symlink() or not path.is_file():
-                    logger.warning("skipping %s: not a regular file", path)
+                if path.is_symlink():
+                    skip(path, SKIP_LINK, "link, not followed" if path.exists()
+                         else "dangling link")
+                    continue
+                if not path.is_file():
+                    skip(path, SKIP_SPECIAL, "a FIFO, socket or device, not a regular file")
                     continue
                 shutil.copy2(path, staging / rel / name)
                 count += 1
@@ -258,13 +324,14 @@ def _with_retries(url: str, attempt_fn: Callable[[], Any], retries: int, backoff
 
 
 def _http_attempt(url: str, tmp: IO[bytes], timeout_s: float, transfer: _Transfer,
-                  auth: tuple[str, str] | None = None) -> None:
+                  auth: tuple[str, str] | None = None,
+                  content_types: list[str] | None = None) -> None:
     """One GET into ``tmp`` (truncated first); transient failures raise ``_Transient``.
 
     Chunks are read as they arrive (``read1``), not in fixed 1 MiB blocks, so a server
     trickling bytes is seen by the deadline and stall checks instead of blocking a read.
     ``requests`` drops ``auth`` on a redirect to another host, so credentials stay with the
-    server they are for.
+    server they are for. The response's Content-Type is appended to ``content_types``.
     """
     tmp.seek(0)
     tmp.truncate()
@@ -283,6 +350,8 @@ def _http_attempt(url: str, tmp: IO[bytes], timeout_s: float, transfer: _Transfe
                     "the Secret named by --data-secret)")
             if status >= 400:
                 raise DownloadError(f"could not fetch {url}: HTTP {status} {response.reason}")
+            if content_types is not None:
+                content_types.append(response.headers.get("Content-Type", ""))
             total = int(response.headers.get("Content-Length") or 0)
             received = 0
             with tqdm(total=total or None, unit="B", unit_scale=True, desc=_source_name(url),
@@ -344,11 +413,13 @@ def _fetch_remote(url: str, dest: Path, expected: str | None, cache_dir: Path, *
 
     Logs and errors name the URL without its credentials.
     """
+    content_types: list[str] = []
     if use_fsspec:
         shown, attempt_fn = redact_uri(url), _fsspec_attempt
     else:
         url, auth = _http_auth(url)
-        shown, attempt_fn = url, functools.partial(_http_attempt, auth=auth)
+        shown, attempt_fn = url, functools.partial(_http_attempt, auth=auth,
+                                                   content_types=content_types)
 
     if expected is not None:
         cached = cache_dir / expected / dest.name
@@ -370,7 +441,7 @@ def _fetch_remote(url: str, dest: Path, expected: str | None, cache_dir: Path, *
     with _atomic_file(dest) as tmp:
         _with_retries(shown, lambda: attempt_fn(url, tmp, timeout_s, transfer), retries,
                       backoff_s, transfer)
-        tmp.seek(0)
+        _check_archive(tmp, shown, content_types[-1] if content_types else None)
         digest = hashlib.sha256()
         while chunk := tmp.read(_CHUNK):
             digest.update(chunk)
@@ -395,7 +466,8 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
                   timeout_s: float = 60.0,
                   deadline_s: float = DEFAULT_DEADLINE_S,
                   min_bytes_per_s: float = DEFAULT_MIN_BYTES_PER_S,
-                  stall_window_s: float = STALL_WINDOW_S) -> Path:
+                  stall_window_s: float = STALL_WINDOW_S,
+                  skipped: list[dict[str, str]] | None = None) -> Path:
     """Bring the raw data set into ``dest_dir`` and return its path there.
 
     ``source`` is an http(s) URL (retried with exponential backoff on connection errors,
@@ -405,9 +477,11 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
     local archive, or a local folder of class folders (copied, without following links).
     When ``sha256`` is given (not None/""/"none") the archive must match it or nothing is
     kept; remote archives are cached under their digest in ``cache_dir`` so fetching the
-    same source and digest again makes no request. Every write goes to a temporary file
+    same source and digest again makes no request. A file that is no zip or tar(.gz/.bz2/.xz)
+    archive (told by its first bytes: an HTML error page, an image) is refused
+    (:class:`NotAnArchiveError`) before anything is kept. Every write goes to a temporary file
     first and is renamed into place; the temporary file is removed on any failure, SIGTERM
-    included.
+    included. Entries of a folder source that are not copied are appended to ``skipped``.
     """
     if not isinstance(source, str) or not source.strip():
         raise ValueError("data source must be a non-empty URL or path")
@@ -421,9 +495,9 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
     dest_dir.mkdir(parents=True, exist_ok=True)
     scheme = urllib.parse.urlparse(source).scheme.lower() if "://" in source else ""
 
-    with _sigterm_raises():
+    with sigterm_exits():
         if scheme in ("", "file"):
-            return _fetch_local(source, scheme, dest_dir, expected)
+            return _fetch_local(source, scheme, dest_dir, expected, skipped)
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         transfer = _Transfer(redact_uri(source), deadline_s, min_bytes_per_s, stall_window_s)
         try:
@@ -434,7 +508,8 @@ def fetch_dataset(source: str, dest_dir: str | Path, sha256: str | None = None, 
             raise DownloadError(f"{exc}; {LOCAL_COPY_HINT}") from exc
 
 
-def _fetch_local(source: str, scheme: str, dest_dir: Path, expected: str | None) -> Path:
+def _fetch_local(source: str, scheme: str, dest_dir: Path, expected: str | None,
+                 skipped: list[dict[str, str]] | None = None) -> Path:
     """Copy a local archive or folder (``file://`` URL or path) into ``dest_dir``."""
     local = Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path)
                  if scheme == "file" else source).expanduser()
@@ -444,9 +519,11 @@ def _fetch_local(source: str, scheme: str, dest_dir: Path, expected: str | None)
                 f"data source {source!r} is a folder, which has no sha256 to check; "
                 "pass sha256='none' (IRIS_DATA_SHA256=none) for folder sources"
             )
-        return _copy_tree(local, dest_dir / local.name)
+        return _copy_tree(local, dest_dir / local.name, skipped)
     if not local.is_file():
         raise FileNotFoundError(f"data source not found: {source!r} (no such file or folder)")
+    with open(local, "rb") as handle:
+        _check_archive(handle, f"data source {source!r}")
     dest = dest_dir / _source_name(str(local))
     if dest.resolve() == local.resolve():
         _check_digest(file_sha256(local), expected, str(local))
@@ -461,15 +538,18 @@ def run_step(params: DownloadParams, out_dir: str | Path) -> dict[str, str]:
 
     Returns the artifact metadata: the source and digest (for later steps' lineage, even
     when they are served from the cache), the step's params (the source without any
-    credentials) and the fetched entry's path inside ``out_dir``.
+    credentials), the fetched entry's path inside ``out_dir`` and what a folder source's
+    copy left out (links, FIFOs), which the data report lists.
     """
+    skipped: list[dict[str, str]] = []
     fetched = fetch_dataset(params.data_source, out_dir, params.data_sha256 or None,
                             deadline_s=params.download_deadline_s,
-                            min_bytes_per_s=params.download_min_bytes_per_s)
+                            min_bytes_per_s=params.download_min_bytes_per_s, skipped=skipped)
     # reports and MLflow records never hold a password
     recorded = {**params.to_dict(), "data_source": redact_uri(params.data_source)}
     return {META_SOURCE: recorded["data_source"], META_SHA256: params.data_sha256,
-            META_PATH: Path(fetched).relative_to(out_dir).as_posix(), META_PARAMS: recorded}
+            META_PATH: Path(fetched).relative_to(out_dir).as_posix(), META_PARAMS: recorded,
+            META_SKIPPED: skipped}
 
 
 __all__ = [
@@ -477,6 +557,8 @@ __all__ = [
     "LOCAL_COPY_HINT",
     "STALL_WINDOW_S",
     "DownloadError",
+    "NotAnArchiveError",
+    "archive_kind",
     "default_cache_dir",
     "fetch_dataset",
     "run_step",

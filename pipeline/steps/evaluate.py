@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline.lib import inputs, models, records, report, stats, tracking
+from pipeline.lib import inputs, models, records, report, stats, tracking_log, tracking_runs
 from pipeline.lib.contract import (
     CLASSES_FILE,
     CONFUSION_PNG,
@@ -259,12 +259,12 @@ def run_step(model_dir: str | Path, model_metadata: Mapping[str, Any], data_dir:
     MLflow lists them); the HTML report is copied to ``report_path`` for the KFP UI.
     """
     digest = model_metadata.get(META_DATASET_DIGEST)
-    with tracking.tracked_step("evaluate", tracking_params, params.to_dict()) as run:
+    with tracking_runs.tracked_step("evaluate", tracking_params, params.to_dict()) as run:
         metrics = evaluate_model(model_dir, data_dir, out_dir, params)
-        tracking.log_metrics(metrics, on_parent=True,
-                             model_id=model_metadata.get(META_MODEL_ID),
-                             dataset=(tracking.DATASET_NAME, digest) if digest else None)
-        tracking.log_artifacts(out_dir)
+        tracking_log.log_metrics(metrics, on_parent=True,
+                                 model_id=model_metadata.get(META_MODEL_ID),
+                                 dataset=(tracking_log.DATASET_NAME, digest) if digest else None)
+        tracking_log.log_artifacts(out_dir)
     shutil.copyfile(Path(out_dir) / REPORT_FILE, report_path)
     return Evaluation(metrics, bool(metrics["gate_passed"]), run.info.run_id)
 

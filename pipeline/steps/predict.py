@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.lib import drift, tracking
+from pipeline.lib import drift, tracking_log, tracking_runs
 from pipeline.lib.archive import SKIP_NOT_UTF8, find_class_root, is_utf8, safe_extract
 from pipeline.lib.contract import (
     BATCH_PREDICTIONS_FILE,
@@ -300,7 +300,7 @@ def run_step(raw_dir: str | Path, raw_metadata: Mapping[str, Any], out_dir: str 
     source = raw_metadata.get(META_SOURCE, "")
     raw = Path(raw_dir) / raw_metadata.get(META_PATH, "")
     out_dir = Path(out_dir)
-    with tracking.tracked_step("predict", tracking_params,
+    with tracking_runs.tracked_step("predict", tracking_params,
                                {**params.to_dict(), "data_source": source}) as run:
         version = resolve_model_version(params.model_uri, MlflowClient())
         mlflow.set_tags({"model.name": version.name, "model.version": version.version,
@@ -311,16 +311,16 @@ def run_step(raw_dir: str | Path, raw_metadata: Mapping[str, Any], out_dir: str 
         atomic_write_text(out_dir / DRIFT_REPORT_MD, render_report(result))
         shutil.copyfile(out_dir / DRIFT_REPORT_MD, report_md_path)
         overall = result["drift"]["overall"]
-        tracking.log_metrics({"images_scored": result["images"],
+        tracking_log.log_metrics({"images_scored": result["images"],
                               "files_skipped": len(result["skipped"]),
                               "predicted": result["predicted_counts"],
                               "drift": {k: overall[k] for k in ("mmd2", "p_value")
                                         if k in overall},
                               "drift_detected": overall.get("verdict") == drift.VERDICT_DRIFT},
                              model_id=version.model_id)
-        tracking.log_artifacts(out_dir / BATCH_PREDICTIONS_FILE)
-        tracking.log_artifacts(out_dir / DRIFT_REPORT_JSON)
-        tracking.log_artifacts(out_dir / DRIFT_REPORT_MD)
+        tracking_log.log_artifacts(out_dir / BATCH_PREDICTIONS_FILE)
+        tracking_log.log_artifacts(out_dir / DRIFT_REPORT_JSON)
+        tracking_log.log_artifacts(out_dir / DRIFT_REPORT_MD)
         mlflow.set_tag("drift.verdict", overall.get("verdict") or overall["message"])
         # the version's page in the registry points at its latest batch predictions
         MlflowClient().set_model_version_tag(version.name, version.version,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import math
 import os
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ from pipeline.lib.contract import (
     META_PARAMS,
     META_PATH,
     META_SHA256,
+    META_SKIPPED,
+    META_SKIPPED_FILES,
     META_SOURCE,
 )
 from pipeline.lib.files import (
@@ -58,6 +59,8 @@ KEEP_ORIGINAL_FORMATS = frozenset({"JPEG", "PNG"})
 #: Target bytes per TFRecord shard (at least two shards so readers can interleave).
 SHARD_TARGET_BYTES = 100 * 1024 * 1024
 REPORT_SCHEMA_VERSION = 1
+#: Skipped files named in the step's metadata (the console line); the report lists them all.
+SKIPPED_SHOWN = 3
 
 # Why a file was not used; the report groups skipped files by these.
 SKIP_NOT_IN_CLASS = "not in a class folder"
@@ -484,27 +487,18 @@ def render_report_md(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_report(data_dir: str | Path) -> dict[str, Any]:
-    """The data report of a prepared data set; ``FileNotFoundError`` when there is none."""
-    path = Path(data_dir) / DATA_REPORT_JSON
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FileNotFoundError(
-            f"not a prepared data set: cannot read {str(path)!r} ({exc})"
-        ) from exc
-
-
 def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PreprocessParams, *,
-                    source_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    source_info: Mapping[str, Any] | None = None,
+                    skipped_upstream: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     """Validate ``raw`` (archive or folder of class folders) and write the split data set.
 
     Extracts archives safely, decodes every image once, drops bad files and content filed
     under several classes, splits stratified and grouped by content hash, and writes TFRecord
     shards, ``classes.json`` and the data report into ``out_dir``. Everything is built in a
     temporary folder next to ``out_dir`` and moved into place at the end, so a failure leaves
-    nothing half-written. ``source_info`` (e.g. URL and sha256) is copied into the report.
-    Returns the report.
+    nothing half-written. ``source_info`` (e.g. URL and sha256) is copied into the report,
+    and ``skipped_upstream`` (what the download step did not copy: links, FIFOs) joins its
+    skipped files. Returns the report.
     """
     raw, out_dir = Path(raw), Path(out_dir)
     if not raw.exists():
@@ -533,6 +527,9 @@ def prepare_dataset(raw: str | Path, out_dir: str | Path, config: PreprocessPara
                           config.min_images_per_class)
         scan = scan_images(root, config.min_image_side, work / "converted",
                            config.max_image_bytes)
+        scan.skipped += [_skip(s["path"], s["reason"], s.get("detail", ""))
+                         for s in skipped_upstream]
+        scan.seen += len(skipped_upstream)
         ignored += scan.ignored
         kept, conflicts, within = resolve_duplicates(scan.candidates)
         _check_counts(scan.classes, kept, scan, root, config.min_images_per_class)
@@ -576,11 +573,14 @@ def run_step(raw_dir: str | Path, raw_metadata: Mapping[str, Any], out_dir: str 
     source = {META_SOURCE: raw_metadata.get(META_SOURCE, ""),
               META_SHA256: raw_metadata.get(META_SHA256, "")}
     raw = Path(raw_dir) / raw_metadata.get(META_PATH, "")
-    report = prepare_dataset(raw, out_dir, params, source_info=source)
+    report = prepare_dataset(raw, out_dir, params, source_info=source,
+                             skipped_upstream=raw_metadata.get(META_SKIPPED) or ())
     shutil.copyfile(Path(out_dir) / DATA_REPORT_MD, report_md_path)
     upstream = dict(raw_metadata.get(META_PARAMS, {}))  # the download step's params
     return {**source, META_PARAMS: {**upstream, **params.to_dict()},
-            **{key: report[key] for key in META_DATA_COUNTS}}
+            **{key: report[key] for key in META_DATA_COUNTS},
+            META_SKIPPED_FILES: [f"{s['path']} ({s['reason']})"
+                                 for s in report["skipped"][:SKIPPED_SHOWN]]}
 
 
 __all__ = [
@@ -589,7 +589,6 @@ __all__ = [
     "build_report",
     "inspect_image",
     "list_classes",
-    "load_report",
     "prepare_dataset",
     "render_report_md",
     "resolve_duplicates",

@@ -25,7 +25,7 @@ from typing import Any
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.lib import tracking
+from pipeline.lib import tracking_log, tracking_runs
 from pipeline.lib.contract import (
     META_RUN_ID,
     META_SWEEP,
@@ -163,12 +163,12 @@ def run_step(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[str, 
              out_dir: str | Path, params: SelectParams,
              tracking_params: TrackingParams) -> dict[str, Any]:
     """The ``select_model`` component's body: choose, copy, and label the trials in MLflow."""
-    with tracking.tracked_step("select", tracking_params, params.to_dict()):
+    with tracking_runs.tracked_step("select", tracking_params, params.to_dict()):
         metadata, ranked = select_trial(model_dirs, metadatas, out_dir, params.gate_metric)
-        tracking.log_metrics({f"trial_{t.index + 1}_{VAL_SCORE_PREFIX}{params.gate_metric}":
-                              t.val_score for t in ranked})
-        tracking.log_artifacts(Path(out_dir) / SWEEP_FILE)
-        _tag_runs(MlflowClient(), ranked, tracking.parent_run_id() or "", params.gate_metric)
+        tracking_log.log_metrics({f"trial_{t.index + 1}_{VAL_SCORE_PREFIX}{params.gate_metric}":
+                                  t.val_score for t in ranked})
+        tracking_log.log_artifacts(Path(out_dir) / SWEEP_FILE)
+        _tag_runs(MlflowClient(), ranked, tracking_log.parent_run_id() or "", params.gate_metric)
     return metadata
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import PROJECT_ROOT
+
 #: ``--set`` values of the end-to-end tests' backbone: MobileNet v1-0.25 (with the shared
 #: weights file as ``weights``) and no test-time views, several times faster than the default
 #: MobileNetV2-0.5 at 320 px with 8 views.

@@ -15,11 +15,8 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.lib.params import EvaluateParams, TrainParams
+from tests.support.paths import IRIS_ZIP, MOBILENET_WEIGHTS, PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("IRIS_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-IRIS_ZIP = SHARED_DATA / "iris-image.zip"
-MOBILENET_WEIGHTS = SHARED_DATA / "mobilenet_2_5_224_tf_no_top.h5"
 
 def small_config(**overrides: object) -> PipelineConfig:
     """A fast but real training config: MobileNet-0.25 with the shared ImageNet weights, 64 px."""
@@ -48,6 +45,32 @@ def small_train(**overrides: object) -> TrainParams:
 def small_eval(**overrides: object) -> EvaluateParams:
     """:func:`small_config`'s evaluation params."""
     return small_config(**overrides).params_for(EvaluateParams)
+
+
+def tiny_prepared_data(root: Path, counts: dict[str, int] | None = None) -> Path:
+    """A prepared data set of a few generated noise images per class (fast trainings)."""
+    from pipeline.lib.params import PreprocessParams
+    from pipeline.steps.preprocess import prepare_dataset
+    from tests.support.imagegen import write_class_folders
+
+    folder = write_class_folders(root / "raw", counts or {"a": 12, "b": 6, "c": 6})
+    params = PipelineConfig(min_image_side=16, min_images_per_class=3,
+                            val_fraction=0.25, test_fraction=0.15).params_for(PreprocessParams)
+    prepare_dataset(folder, root / "prepared", params)
+    return root / "prepared"
+
+
+def tiny_train(**overrides: object) -> TrainParams:
+    """A tiny transfer model (MobileNet-0.25 with the shared weights, 32 px) on the feature
+    head (random weights would give every image the same features)."""
+    return small_train(**{"image_size": 32, "batch_size": 8,
+                          "head_feature_views": 1, "fine_tune_epochs": 0, "epochs": 3,
+                          **overrides})
+
+
+def read_history(model_dir: Path) -> list[dict]:
+    """The per-epoch history a training wrote to its model folder."""
+    return json.loads((Path(model_dir) / "history.json").read_text())
 
 
 def run_python(code: str, *, timeout: float = 300, env: dict[str, str] | None = None,

@@ -1,0 +1,1 @@
+"""Benchmark scripts, run from the project root as ``python -m bench.<name>``."""

@@ -1,0 +1,1 @@
+"""Documentation assets; ``python -m docs.screenshots`` regenerates the screenshots."""

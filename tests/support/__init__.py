@@ -1,0 +1,1 @@
+"""Helpers shared by the tests, bench/ and docs/: data paths, small configs, servers, images."""
