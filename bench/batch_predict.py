@@ -4,7 +4,7 @@ Needs a registered model that carries a drift reference (any model trained since
 check exists), e.g. the champion of a default local run:
 
     python pipeline.py --local                   # registers models:/iris-image-classifier@champion
-    python bench/batch_predict.py --tracking-uri "sqlite:///$PWD/mlflow.db"
+    python -m bench.batch_predict --tracking-uri "sqlite:///$PWD/mlflow.db"
 
 Measures, on the 421 images of the shared iris archive:
 
@@ -36,13 +36,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from tests.support.paths import IRIS_ZIP
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import numpy as np  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "data" / "iris-image.zip"
 TARGET_RATIO = 0.7
 TARGET_FPR = 0.1
 TARGET_DETECTION = 0.9
@@ -90,8 +88,9 @@ def run_in_process(images: list[bytes], model_uri: str, batch_size: int) -> dict
 
 def shifted(images: list[bytes], kind: str) -> list[bytes]:
     """``images`` rotated, re-coloured, or as many generated images."""
-    from imagegen import image_bytes
     from PIL import Image
+
+    from tests.support.imagegen import image_bytes
 
     if kind == "generated":
         return [image_bytes(i, size=256) for i in range(len(images))]
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         required="MLFLOW_TRACKING_URI" not in os.environ)
     parser.add_argument("--model-uri", default="models:/iris-image-classifier@champion")
-    parser.add_argument("--archive", type=Path, default=SHARED)
+    parser.add_argument("--archive", type=Path, default=IRIS_ZIP)
     parser.add_argument("--batch-size", type=int, default=32, help="as the pipeline's default")
     parser.add_argument("--skip-pipeline", action="store_true",
                         help="only the drift rates (no pipeline run)")

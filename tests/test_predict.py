@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import yaml
-from imagegen import image_bytes
 
 from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_images
@@ -20,6 +19,7 @@ from pipeline.dag import DEFAULT_MODEL_URI, PREDICT_FIELDS, PREDICT_PIPELINE_NAM
 from pipeline.lib.params import PredictParams
 from pipeline.runners.predict import compile_predict, cron_fields, submit_predict
 from pipeline.steps import predict
+from tests.support.imagegen import image_bytes, zip_entries
 
 SECRET = "mlflow-credentials"
 
@@ -215,8 +215,6 @@ def test_every_file_is_a_new_image_and_bad_ones_are_skipped_with_a_reason(
 
 
 def test_an_archive_of_new_images_is_extracted_within_the_limits(tmp_path: Path) -> None:
-    from imagegen import zip_entries
-
     archive = zip_entries(tmp_path / "new.zip", {"x/1.jpg": image_bytes(1, size=64),
                                                  "x/2.jpg": image_bytes(2, size=64)})
     found = predict.scan_new_images(archive, tmp_path / "work", _params())
@@ -285,9 +283,9 @@ def test_batch_labels_equal_the_evaluate_steps_on_the_test_images(
         tmp_path: Path, iris_data: Path, registered: dict[str, Any]) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
-    from train_helpers import small_eval
 
     from pipeline.steps.evaluate import evaluate_model
+    from tests.support.train_helpers import small_eval
 
     mlflow.set_tracking_uri(registered["uri"])
     tests = registered["tests"]
