@@ -78,7 +78,7 @@ def check_model(args: argparse.Namespace, config: PipelineConfig) -> None:
     if args.local:
         from mlflow.tracking import MlflowClient
 
-        from pipeline.lib.tracking import resolve_tracking_uri
+        from pipeline.lib.tracking_store import resolve_tracking_uri
 
         resolve_model_version(uri, MlflowClient(resolve_tracking_uri(args.tracking_uri,
                                                                      Path.cwd())))
@@ -153,7 +153,7 @@ def run_predict(args: argparse.Namespace, config: PipelineConfig) -> int:
                     submitted.run_id, submitted.pipeline_id, submitted.pipeline_version_id,
                     submitted.experiment_id)
         return EXIT_OK
-    from pipeline.lib.tracking import resolve_tracking_uri
+    from pipeline.lib.tracking_store import resolve_tracking_uri
 
     try:
         result = run_predict_local(config, model_uri=uri, output_dir=args.output_dir,
