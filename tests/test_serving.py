@@ -38,6 +38,7 @@ from pipeline.lib.model_logging import log_model
 from pipeline.lib.serving import MAX_PIXELS, InvalidImageError
 from pipeline.lib.tracking_runs import step_run
 from tests.support.mlflow_server import MlflowServer, images, serve_model
+from tests.support.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.mlflow_server
 
@@ -133,7 +134,7 @@ def test_logged_model_is_named_documented_and_small(
     assert sum(p.stat().st_size for p in root.glob("*example*.json")) < 20_000
     requirements = (root / "requirements.txt").read_text().split()
     assert f"keras=={keras.__version__}" in requirements
-    assert {"serving.py", "images.py", "views.py"} <= {
+    assert {"serving.py", "images.py", "views.py", "mlflow_compat.py"} <= {
         p.name for p in (root / "code").rglob("*.py")}
 
 
@@ -142,8 +143,8 @@ def test_logged_model_loads_without_the_project_on_the_path(logged: dict[str, An
     """In a process where ``pipeline`` cannot be imported, the model's own code/ serves."""
     script = textwrap.dedent(f"""
         import importlib.util, sys
-        sys.path = [p for p in sys.path if p not in ("", ".") and "wt/serving" not in p
-                    and "work/main" not in p]
+        sys.path = [p for p in sys.path if p not in ("", ".") and "work/main" not in p
+                    and p.rstrip("/") != {str(PROJECT_ROOT)!r}]  # this checkout, any path
         sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
                          and "editable" not in repr(f).lower()]
         assert importlib.util.find_spec("pipeline") is None, "the project is importable"

@@ -4,9 +4,9 @@ Kept here, and only here, so an MLflow upgrade that moves them breaks one import
 ``tests/test_tracking.py::test_mlflow_internals_are_where_the_adapter_expects`` checks:
 
 - ``MLFLOW_MODEL_VERSIONS``: the logged-model tag through which MLflow's UI lists the
-  registry versions of a logged model. ``mlflow.register_model`` sets it; the register step
-  creates versions with ``MlflowClient.create_model_version`` (to roll back cleanly) and
-  sets the tag itself.
+  registry versions of a logged model. ``mlflow.register_model`` sets it; the registry code
+  (``pipeline/lib/registry.py``) creates versions with ``MlflowClient.create_model_version``
+  (to roll back cleanly) and sets the tag itself.
 - ``INVALID_PARAMETER_VALUE``: the error code that makes MLflow's scoring server answer
   HTTP 400 with the message (a bad request) instead of 500. ``MlflowException`` takes it as
   its ``error_code`` and has no public constant for it.

@@ -89,10 +89,11 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 #: Artifact key of the drift reference in a logged model (absent in models logged before it).
 DRIFT_REFERENCE_ARTIFACT = "drift_reference"
 #: Project files the logged model carries in its ``code/`` folder: the pyfunc class, the
-#: decoder it shares with training and the test-time views layer the Keras file may name,
-#: with their package ``__init__`` files.
+#: decoder it shares with training, the test-time views layer the Keras file may name and
+#: the MLflow adapter the pyfunc takes its error code from, with their package ``__init__``
+#: files.
 SERVING_CODE = ("__init__.py", "lib/__init__.py", "lib/images.py", "lib/serving.py",
-                "lib/views.py")
+                "lib/views.py", "lib/mlflow_compat.py")
 
 
 def _pip_requirements() -> list[str]:

@@ -22,9 +22,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
-from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -84,31 +82,24 @@ def is_shared_store(client: MlflowClient) -> bool:
     return not tracking_store.is_local_store(client.tracking_uri)
 
 
-def promotion_lock_path(tracking_uri: str, name: str) -> Path | None:
-    """``<store>.promote-<hash>.lock`` beside a local store (any model name, a safe file
-    name); None for a server."""
-    key = hashlib.sha256(name.encode()).hexdigest()[:16]
-    return tracking_store.lock_path(tracking_uri, f"promote-{key}")
-
-
 @contextlib.contextmanager
 def promotion_lock(client: MlflowClient, name: str) -> Iterator[bool]:
     """An inter-process lock around reading the champion of ``name`` and moving its alias.
 
-    Local (sqlite/file) stores get a ``filelock`` beside the store (an ``flock``, which the
-    kernel releases when a holder dies). A server gets a lease in a registered-model tag
+    Local (sqlite/file) stores get the store's file lock ``<store>.promote-<hash>.lock``
+    beside it (:func:`~pipeline.lib.tracking_store.local_store_lock`; the hash makes any
+    model name a safe file name). A server gets a lease in a registered-model tag
     (:func:`_server_lease`), and the registration also compare-and-sets the champion alias
     there, in case the lease failed. Yields True when taking the lease created the
     registered model (a failed first registration removes it).
     """
-    path = None if is_shared_store(client) else promotion_lock_path(client.tracking_uri, name)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(path):
-            yield False
-    else:
+    if is_shared_store(client):
         with _server_lease(client, name) as created:
             yield created
+    else:
+        key = hashlib.sha256(name.encode()).hexdigest()[:16]
+        with tracking_store.local_store_lock(client.tracking_uri, f"promote-{key}"):
+            yield False
 
 
 @contextlib.contextmanager
@@ -276,7 +267,6 @@ __all__ = [
     "is_write_conflict",
     "message",
     "promotion_lock",
-    "promotion_lock_path",
     "record_alias_move",
     "set_alias",
 ]

@@ -298,7 +298,7 @@ def _roll_back(client: MlflowClient, name: str, version: str | None, created_mod
 
 def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: str) -> None:
     """Tag the logged model with its registered version, as ``mlflow.register_model`` does."""
-    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+    from pipeline.lib.mlflow_compat import MLFLOW_MODEL_VERSIONS
 
     try:
         model = client.get_logged_model(model_id)

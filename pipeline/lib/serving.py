@@ -3,10 +3,11 @@
 ``ImageClassifier`` is the MLflow pyfunc model the train step logs (``model_logging``) and
 ``mlflow models serve`` / KServe run. It decodes and resizes images with the very functions
 the training and evaluation data went through (``pipeline.lib.images``), so a client sending
-the original file gets the answer the evaluate step scored. This module, ``images`` and
-``views`` (the test-time views layer) are shipped inside the logged model (its ``code/``
-folder): they import nothing else from the project, so the model loads where only MLflow and
-TensorFlow are installed.
+the original file gets the answer the evaluate step scored. This module, ``images``,
+``views`` (the test-time views layer) and ``mlflow_compat`` (its error code) are shipped
+inside the logged model (its ``code/`` folder, ``model_logging.SERVING_CODE``): they import
+nothing else from the project, so the model loads where only MLflow and TensorFlow are
+installed.
 
 Accepted inputs, one image per row or list item:
 

@@ -62,6 +62,7 @@ TAG_PID = "iris.pid"  # the process that keeps the run RUNNING, on ...
 TAG_HOST = "iris.host"  # ... this host (a pod name on a cluster)
 TAG_FAILED_REASON = "iris.failed_reason"
 
+
 def git_commit() -> str | None:
     """The commit the code runs from: ``$GIT_COMMIT`` (set by image builds) or ``git``."""
     for var in ("IRIS_GIT_COMMIT", "GIT_COMMIT"):
@@ -305,11 +306,14 @@ def _step_run(
                 tracking_uri, step, bound, exc, child_id, parent_id)) from exc
         reason = f"{type(exc).__name__}: {exc}"[:5000]
         with contextlib.suppress(Exception):
-            if killed:
-                client.set_tag(child_id or parent_id, TAG_FAILED_REASON, stop.reason)
-            client.set_tag(child_id or parent_id, TAG_ERROR, reason)
+            runs = [child_id] if child_id else []
             if manage_parent:  # the pipeline run says which step ended it, and why
                 client.set_tag(parent_id, TAG_ERROR, f"step {step}: {reason}"[:5000])
+                runs.append(parent_id)
+            if child_id:
+                client.set_tag(child_id, TAG_ERROR, reason)
+            for run_id in runs if killed else []:
+                client.set_tag(run_id, TAG_FAILED_REASON, stop.reason or reason)
         raise
     finally:
         stop.ending.set()
@@ -343,15 +347,17 @@ def _lost_message(tracking_uri: str, step: str, bound: float, exc: BaseException
                   child_id: str = "", parent_id: str = "") -> str:
     """What a user needs when the server went away: which, what was logged, how to rerun."""
     shown = redact_uri(tracking_uri)
-    logged = (f"run {child_id} of step {step!r} (under pipeline run {parent_id}) holds what "
+    logged = (f"Run {child_id} of step {step!r} (under pipeline run {parent_id}) holds what "
               "the step logged before; its outcome, later metrics, artifacts and model were "
               "not logged, and the runs stay RUNNING until a later step on this host marks "
-              "them FAILED" if child_id else f"nothing of step {step!r} was logged")
+              "them FAILED" if child_id else f"Nothing of step {step!r} was logged")
+    registered = ("no model was registered by this step" if step != "register" else
+                  f"a registry version created by run {child_id} may remain, as its rollback "
+                  "needed the server too")
     return (f"MLflow tracking server {shown} went away during step {step!r} and did not "
-            f"answer again within {bound:g} s ({first_line(str(exc))}). {logged}; no model "
-            "was registered by this step. Rerun the same command once "
-            f"{shown.rstrip('/')}/health answers: finished steps come from the cache, and a "
-            "model already registered is not registered again.")
+            f"answer again within {bound:g} s ({first_line(str(exc))}). {logged}; "
+            f"{registered}. Rerun the same command once {shown.rstrip('/')}/health answers "
+            "(a new pipeline run; cached steps are reused).")
 
 
 def _open_parent(
