@@ -77,10 +77,6 @@ def run_in_process(images: list[bytes], model_uri: str, batch_size: int) -> dict
     import mlflow
     import pandas as pd
 
-    # as in the predict step's process: the project's package is imported first (the logged
-    # model's code/ folder, put first on sys.path by MLflow, lacks lib/mlflow_compat.py)
-    import pipeline.lib.serving  # noqa: F401
-
     started = time.perf_counter()
     model = mlflow.pyfunc.load_model(model_uri)
     labels = []
