@@ -336,3 +336,21 @@ def test_cli_predict_runs_locally_and_logs_under_the_model_version(
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("batch predictions failed: step 'predict-images' failed: ")
     assert "no files in the source" in lines[-1]
+
+
+def test_features_are_the_heads_input_under_test_time_views() -> None:
+    """The drift features of an exported model with views are its classifier's pooled
+    features on the identity view, and the head's probabilities on them."""
+    import numpy as np
+
+    from pipeline.lib import embeddings, models
+    from tests.support.train_helpers import tiny_train
+
+    core = models.build_model(tiny_train(), 3)
+    exported = models.with_test_time_views(core, 4)
+    features, probabilities = embeddings.feature_extractor(exported)(
+        np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3)).astype("float32"))
+    pooled = core.get_layer(models.POOL).output.shape[-1]
+    assert features.shape == (2, pooled)
+    head = core.get_layer(models.HEAD)
+    np.testing.assert_allclose(np.asarray(probabilities), np.asarray(head(features)), rtol=1e-5)
