@@ -245,7 +245,7 @@ def test_empty_or_all_bad_sources_are_one_line_errors(tmp_path: Path, files: dic
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory, iris_data: Path,
-               reference_model: tuple[Path, dict]) -> dict[str, Any]:
+               reference_model: tuple[Path, Any]) -> dict[str, Any]:
     """The reference model logged and registered @champion in a sqlite store of its own."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -253,7 +253,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory, iris_data: Path,
     from pipeline.lib import embeddings, model_logging, records
 
     model_dir, summary = reference_model
-    embeddings.write_reference(model_dir, iris_data, summary["image_size"])
+    embeddings.write_reference(model_dir, iris_data, summary.image_size)
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
@@ -262,7 +262,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory, iris_data: Path,
         mlflow.set_experiment("registry")
         tests = records.read_split(iris_data, "test")
         with mlflow.start_run():
-            info = model_logging.log_model(model_dir, image_size=summary["image_size"],
+            info = model_logging.log_model(model_dir, image_size=summary.image_size,
                                            example_image=tests[0].image, name="m")
         version = mlflow.register_model(info.model_uri, "iris-image-classifier").version
         MlflowClient().set_registered_model_alias("iris-image-classifier", "champion", version)
