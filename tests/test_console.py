@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.lib import contract
 from pipeline.lib.progress import as_json
-from pipeline.runners.console import StepConsole
+from pipeline.runners.console import StepConsole, without_tracebacks
 
 TASKS = ["download-dataset", "preprocess-dataset", "train-model", "evaluate-model",
          "register-model"]
@@ -192,3 +192,16 @@ def test_a_sweep_shows_and_logs_each_trial_apart_and_names_the_chosen_one(tmp_pa
     assert "trial 0" in (logs / "train-model-1.log").read_text()
     assert "trial 1" in (logs / "train-model-2.log").read_text()
     assert "trial 0" not in (logs / "train-model-2.log").read_text()
+
+
+def test_a_failed_steps_last_lines_keep_the_error_but_not_the_traceback() -> None:
+    lines = ["INFO fetching data.zip", "Traceback (most recent call last):",
+             '  File "/x/download.py", line 3, in fetch', "    raise NotAnArchiveError(url)",
+             "", "During handling of the above exception, another exception occurred:", "",
+             "Traceback (most recent call last):", '  File "/x/y.py", line 9, in run',
+             "pipeline.steps.download.NotAnArchiveError: data.zip is an HTML page",
+             "ERROR task failed"]
+    assert without_tracebacks(lines) == [
+        "INFO fetching data.zip",
+        "pipeline.steps.download.NotAnArchiveError: data.zip is an HTML page",
+        "ERROR task failed"]

@@ -96,6 +96,17 @@ def test_a_failing_step_records_its_error_and_raises_it_again(tmp_path: Path) ->
         report_step(lambda: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")),
                     task_dir=tmp_path / "train-model")
     assert read_status(tmp_path / "train-model").error == "KeyboardInterrupt: SIGTERM"
+    with pytest.raises(ValueError):
+        report_step(lambda: int("x\n  more"), task_dir=tmp_path / "evaluate-model")
+    assert read_status(tmp_path / "evaluate-model").error == (
+        "ValueError: invalid literal for int() with base 10: 'x\\n  more'")
+    with pytest.raises(KeyError):
+        report_step(lambda: {}["a"], task_dir=tmp_path / "select-model")
+    assert read_status(tmp_path / "select-model").error == "KeyError: 'a'"
+    with pytest.raises(RuntimeError):
+        report_step(lambda: (_ for _ in ()).throw(RuntimeError("first\n  second")),
+                    task_dir=tmp_path / "register-model")
+    assert read_status(tmp_path / "register-model").error == "RuntimeError: first second"
 
 
 def _write_status(task_dir: Path, state: str, started: float, token: str = TOKEN,

@@ -99,9 +99,9 @@ def as_json(value: Any) -> Any:
     return str(value)
 
 
-def _write(name: str, data: Any) -> None:
-    if _task_dir is not None:
-        atomic_write_json(_task_dir / name, data)
+def _write(task_dir: Path | None, name: str, data: Any) -> None:
+    if task_dir is not None:
+        atomic_write_json(task_dir / name, data)
 
 
 def report_step(step: Callable[..., T], *args: Any, task_dir: Path | None = None,
@@ -113,25 +113,30 @@ def report_step(step: Callable[..., T], *args: Any, task_dir: Path | None = None
     is recorded as ``failed`` with its one-line message and raised again.
     """
     global _task_dir
-    _task_dir = task_dir or task_dir_from_argv(sys.argv)
+    task_dir = task_dir or task_dir_from_argv(sys.argv)
     status = {"state": STATE_STARTED, "started_at": time.time(), "ended_at": None,
               "error": None, "run_token": os.environ.get(RUN_TOKEN_ENV)}
-    _write(STEP_STATUS_FILE, status)
+    _write(task_dir, STEP_STATUS_FILE, status)
+    _task_dir = task_dir  # where report_progress writes while the step runs
     try:
         result = step(*args, **kwargs)
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-        _write(STEP_STATUS_FILE, {**status, "state": STATE_FAILED, "ended_at": time.time(),
-                                  "error": error})
+        lines = f"{type(exc).__name__}: {exc}".splitlines()
+        error = " ".join(line.strip() for line in lines if line.strip()).rstrip(":")
+        _write(task_dir, STEP_STATUS_FILE, {**status, "state": STATE_FAILED,
+                                            "ended_at": time.time(), "error": error})
         raise
-    _write(STEP_RESULT_FILE, as_json(result))  # before the state: "succeeded" has a result
-    _write(STEP_STATUS_FILE, {**status, "state": STATE_SUCCEEDED, "ended_at": time.time()})
+    finally:
+        _task_dir = None
+    _write(task_dir, STEP_RESULT_FILE, as_json(result))  # first: "succeeded" has a result
+    _write(task_dir, STEP_STATUS_FILE, {**status, "state": STATE_SUCCEEDED,
+                                        "ended_at": time.time()})
     return result
 
 
 def report_progress(what: str, done: int, total: int | None = None) -> None:
     """Announce that ``done`` (of ``total``, when known) units of ``what`` are finished."""
-    _write(STEP_PROGRESS_FILE, {"what": what, "done": done, "total": total})
+    _write(_task_dir, STEP_PROGRESS_FILE, {"what": what, "done": done, "total": total})
     logger.debug("%s: %d of %s", what, done, total if total is not None else "?")
 
 

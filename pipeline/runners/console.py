@@ -43,6 +43,26 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+def without_tracebacks(lines: list[str]) -> list[str]:
+    """``lines`` with each Python traceback cut to its last line, the exception itself.
+
+    A failed step's last lines are shown to people, who need the error and the log lines
+    before it; the frames are for whoever opens the full log, which keeps them.
+    """
+    kept: list[str] = []
+    in_traceback = False
+    for line in lines:
+        if "Traceback (most recent call last):" in line:
+            in_traceback = True
+            continue
+        if in_traceback and (line.startswith((" ", "\t")) or not line.strip()
+                             or line.startswith(("During handling", "The above exception"))):
+            continue
+        in_traceback = False
+        kept.append(line)
+    return kept
+
+
 def step_result(status: StepStatus) -> str:
     """The one thing worth knowing about a finished step, read from its recorded result."""
     spec = SPECS_BY_TASK.get(status.task)

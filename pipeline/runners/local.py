@@ -26,7 +26,7 @@ from pipeline.lib.contract import (
 )
 from pipeline.lib.interrupts import CLI_PID_ENV
 from pipeline.lib.progress import StepStatus
-from pipeline.runners.console import StepConsole, strip_ansi
+from pipeline.runners.console import StepConsole, strip_ansi, without_tracebacks
 from pipeline.runners.run_files import first_failure
 from pipeline.sweep import Sweep
 from pipeline.tasks import STEPS, TASK_NAMES
@@ -236,7 +236,8 @@ def run_local(
 def _failure(console: StepConsole, status: StepStatus, error: str) -> StepFailedError:
     """The error of a failed task, with its last output lines and its log file."""
     return StepFailedError(status.task, error, console.run_dir,
-                           tail=list(console.tails.get(console.instance(status.task), [])),
+                           tail=without_tracebacks(
+                               list(console.tails.get(console.instance(status.task), []))),
                            log=console.log_path(status.task))
 
 
