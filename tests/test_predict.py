@@ -309,15 +309,17 @@ def test_batch_labels_equal_the_evaluate_steps_on_the_test_images(
 
 @pytest.mark.slow
 def test_cli_predict_runs_locally_and_logs_under_the_model_version(
-        tmp_path: Path, registered: dict[str, Any],
-        capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, registered: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     from mlflow.tracking import MlflowClient
 
+    caplog.set_level(logging.INFO, logger="pipeline")
     source = _write_tests(tmp_path / "new", registered["tests"][:25])
     (source / "broken.jpg").write_bytes(b"not a jpeg")
     common = ["--tracking-uri", registered["uri"], "--output-dir", str(tmp_path / "out")]
     assert main(["--predict", str(source), *common, "--summary", str(tmp_path / "s.json")]) == 0
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "predicted 25 images with iris-image-classifier v" in err
     assert "skipped 1 file: 1 not an image" in err
     assert "drift: " in err
@@ -332,10 +334,12 @@ def test_cli_predict_runs_locally_and_logs_under_the_model_version(
 
     empty = tmp_path / "empty"
     empty.mkdir()
+    caplog.clear()
     assert main(["--predict", str(empty), *common]) == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("batch predictions failed: step 'predict-images' failed: ")
-    assert "no files in the source" in lines[-1]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].startswith("batch predictions failed: step 'predict-images' failed: ")
+    assert "no files in the source" in errors[0]
 
 
 def test_features_are_the_heads_input_under_test_time_views() -> None:
