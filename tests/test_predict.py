@@ -336,7 +336,8 @@ def test_cli_predict_runs_locally_and_logs_under_the_model_version(
     empty.mkdir()
     caplog.clear()
     assert main(["--predict", str(empty), *common]) == 1
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    errors = [r.getMessage() for r in caplog.records
+              if r.name == "pipeline" and r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert errors[0].startswith("batch predictions failed: step 'predict-images' failed: ")
     assert "no files in the source" in errors[0]
