@@ -21,6 +21,7 @@ from pipeline.config import (
     read_yaml_mapping,
 )
 from pipeline.dag import PIPELINE_NAME, refuse_credentials
+from pipeline.lib import mlflow_ui
 from pipeline.lib.contract import EXECUTOR_OUTPUT
 from pipeline.lib.credentials import (
     DATA_PASSWORD_ENV,
@@ -340,12 +341,13 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
     lines.append(f"MLflow parent run {mlflow_info['run_id']} in experiment "
                  f"{mlflow_info['experiment_name']!r}; open it with:")
     lines.append(f"  {ui_command(mlflow_info['tracking_uri'])}")
-    if mlflow_info.get("experiment_id"):  # the run list, not MLflow's GenAI overview
-        address = (mlflow_info["tracking_uri"].rstrip("/")
-                   if mlflow_info["tracking_uri"].startswith(("http://", "https://"))
-                   else UI_ADDRESS)
-        lines.append(f"  then {address}/#/experiments/{mlflow_info['experiment_id']}"
-                     "?workflowType=machine_learning")
+    if mlflow_info.get("experiment_id"):  # the run list, not MLflow's GenAI pages
+        experiment_id = mlflow_info["experiment_id"]
+        if mlflow_info["tracking_uri"].startswith(("http://", "https://")):
+            lines.append(f"  then {mlflow_info['tracking_uri'].rstrip('/')}/#/experiments/"
+                         f"{experiment_id}?workflowType=machine_learning")
+        else:  # the `--app-name iris` page keeps every later click on model-training pages
+            lines.append(f"  then {UI_ADDRESS}{mlflow_ui.ui_path(experiment_id)}")
     data = summary["data"]
     if data["sha256"] and not data["sha256_checked"]:
         lines.append(f"data set sha256 {data['sha256']} recorded, not checked; to pin it: "
@@ -410,7 +412,7 @@ def ui_command(tracking_uri: str) -> str:
     """The command that opens ``tracking_uri`` in the MLflow UI."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
-    return f'mlflow ui --backend-store-uri "{tracking_uri}"'
+    return f'mlflow ui --backend-store-uri "{tracking_uri}" --app-name {mlflow_ui.APP_NAME}'
 
 
 def _run_local(args: argparse.Namespace, config: PipelineConfig, sweep: Sweep | None) -> int:

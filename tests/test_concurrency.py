@@ -20,8 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.support.mlflow_server import MlflowServer
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from tests.support.paths import PROJECT_ROOT
 
 # Each worker imports everything, waits for the go file so they all start at once, then does
 # what a step does first: check the store, then create the client and the experiment.

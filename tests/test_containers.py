@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import IMAGES_FILE, load_images, placeholder_images
+from tests.support.paths import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = PROJECT_ROOT
 CONTAINERS = ROOT / "containers"
 DOCKERFILES = {"cpu": CONTAINERS / "Dockerfile.cpu", "gpu": CONTAINERS / "Dockerfile.gpu"}
 BUILD_SH = CONTAINERS / "build.sh"

@@ -25,6 +25,7 @@ from pipeline.lib.contract import DATA_REPORT_JSON, DATA_REPORT_MD, META_PATH
 from pipeline.lib.params import PreprocessParams
 from pipeline.steps.preprocess import prepare_dataset, split_sizes
 from tests.support.imagegen import image_bytes, tar_entries, write_class_folders, zip_folder
+from tests.support.prepared import load_report
 
 SMALL = PipelineConfig(min_image_side=16, min_images_per_class=3).params_for(PreprocessParams)
 
@@ -66,11 +67,6 @@ def test_split_sizes_match_hand_computed_shares(n: int, val_fraction: float,
                                                 test_fraction: float,
                                                 expected: tuple[int, int, int]) -> None:
     assert split_sizes(n, val_fraction, test_fraction) == expected
-
-
-def load_report(data_dir: Path) -> dict:
-    """The data report a prepared data set holds (what the report tests read)."""
-    return json.loads((data_dir / DATA_REPORT_JSON).read_text())
 
 
 def _hashes(root: Path) -> dict[str, list[str]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.server
 import io
-import json
 import os
 import struct
 import tarfile
@@ -24,13 +23,14 @@ import pytest
 from pipeline import sweep
 from pipeline.cli import main, resolve_config
 from pipeline.config import RANGES, PipelineConfig
-from pipeline.lib.contract import DATA_REPORT_JSON, EXECUTOR_OUTPUT, META_SKIPPED
+from pipeline.lib.contract import EXECUTOR_OUTPUT, META_SKIPPED
 from pipeline.lib.params import DownloadParams, PreprocessParams
 from pipeline.runners import StepFailedError
 from pipeline.steps import download, preprocess
 from pipeline.steps.download import NotAnArchiveError, fetch_dataset
 from pipeline.stepspec import SPECS_BY_TASK
 from tests.support.imagegen import image_bytes, write_class_folders, zip_folder
+from tests.support.prepared import load_report
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture) -> str:
@@ -296,7 +296,7 @@ def test_links_and_fifos_of_a_data_folder_are_in_the_data_report(tmp_path: Path)
     out = preprocess.run_step(raw, meta, tmp_path / "prepared", tmp_path / "report.md",
                               _preprocess_params())
 
-    report = json.loads((tmp_path / "prepared" / DATA_REPORT_JSON).read_text())
+    report = load_report(tmp_path / "prepared")
     skipped = {s["path"]: (s["reason"], s["detail"]) for s in report["skipped"]}
     assert skipped == {
         "a/link.jpg": ("symbolic link", "link, not followed"),

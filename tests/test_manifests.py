@@ -32,8 +32,9 @@ import yaml
 
 from pipeline.config import PipelineConfig, load_images
 from tests.support.mlflow_server import MlflowServer
+from tests.support.paths import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = PROJECT_ROOT
 MANIFESTS = ROOT / "manifests"
 PARTS = ("mlflow", "kubeflow-namespace", "kserve")
 #: Oldest and newest Kubernetes minor versions the manifests are validated against.

@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 # Keras callback
 # ----------------------------------------------------------------------------------------
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs loss/accuracy (train and validation) and the learning rate after every epoch.
+    """Logs loss/accuracy (train and validation) after every epoch, the learning rate where
+    it changes (the first epoch, then a new phase such as fine-tuning): a rate that stays put
+    would plot as a flat line on an axis around zero and says no more than the param.
 
     Explicit instead of ``mlflow.keras.autolog`` (untested on TF 2.21). One ``log_batch``
     per epoch with ``step`` = the 1-based epoch number, as in the logs and ``history.json``;
@@ -49,6 +51,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self._run_id = run_id
         self._client = client
         self._last_step = 0
+        self._last_rate: float | None = None
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         if self._run_id is None:
@@ -61,8 +64,9 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self._last_step = step
         values = numeric_metrics(dict(logs or {}))
         learning_rate = self._learning_rate()
-        if learning_rate is not None:
+        if learning_rate is not None and learning_rate != self._last_rate:
             values["learning_rate"] = learning_rate
+            self._last_rate = learning_rate
         missing = [k for k in EPOCH_KEYS if k not in values]
         if missing:
             logger.debug("epoch %d: Keras logs lack %s", epoch, missing)
@@ -127,6 +131,11 @@ def _optional_artifacts(model_dir: Path) -> dict[str, str]:
     return {DRIFT_REFERENCE_ARTIFACT: str(reference)} if reference.is_file() else {}
 
 
+#: Characters MLflow refuses in a logged model's name, and what they become: the train step's
+#: names carry a backbone's width ("mobilenet_v2-a0.5-320px").
+_LOGGED_NAME_REFUSED = str.maketrans({c: "_" for c in "/:.%\"'"})
+
+
 def log_model(
     model_dir: str | Path, *, image_size: int, example_image: bytes, name: str,
 ) -> ModelInfo:
@@ -140,13 +149,15 @@ def log_model(
     the size training resized to; ``example_image`` (an encoded JPEG/PNG) is the input
     example, and MLflow scores it once while logging. The code travels with the model, so it
     loads without this project installed; pip requirements are pinned explicitly (inferring
-    them would load TensorFlow in a subprocess).
+    them would load TensorFlow in a subprocess). Characters MLflow refuses in ``name`` ("/",
+    ":", ".", "%", quotes) become "_".
     """
     import tensorflow as tf
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     require_active_run("log_model")
+    name = name.translate(_LOGGED_NAME_REFUSED)
     model_dir = Path(model_dir)
     model_file = model_dir / MODEL_FILE
     classes_file = model_dir / CLASSES_FILE

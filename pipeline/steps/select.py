@@ -25,6 +25,7 @@ from typing import Any
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import PipelineConfig
 from pipeline.lib import tracking_log, tracking_runs
 from pipeline.lib.contract import (
     META_RUN_ID,
@@ -43,6 +44,8 @@ TAG_RANK = "sweep.val_rank"
 TAG_CHOSEN = "sweep.chosen"
 TAG_WINNER = "sweep.winner"
 TAG_WINNER_RUN = "sweep.winner_run_id"
+#: The label of a trial with the default value of every swept setting.
+DEFAULTS_LABEL = "defaults"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,22 +62,23 @@ class Trial:
 def trial_labels(params: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """Per trial: a short label and its values of every setting that differs between trials.
 
-    The label names only where a trial departs from the most common value of each setting
-    (the first trial's on a tie), which for a sweep around one config is that config:
-    ``tta_views=8`` rather than all seven swept settings; a trial with none is ``base``.
+    The label names where a trial departs from the project's default config
+    (:class:`PipelineConfig`), among the settings that differ between trials:
+    ``tta_views=8`` rather than all seven swept settings; a trial with the default value of
+    every one is ``defaults``. Labels are statements about each trial alone, never relative
+    to another trial (a sweep's first trial is not "the base"), and distinct: two trials
+    differ in some swept setting, so at most one of them has its default value there.
     """
     keys = [k for k in sorted(params[0] if params else {})  # metadata keeps no key order
             if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1]
-    usual = {}
-    for key in keys:
-        values = [json.dumps(p.get(key), sort_keys=True) for p in params]
-        usual[key] = max(values, key=lambda v, values=values: (values.count(v), -values.index(v)))
+    defaults = PipelineConfig()
     rows = []
     for p in params:
         overrides = {k: p.get(k) for k in keys}
         label = ", ".join(f"{k}={_short(v)}" for k, v in overrides.items()
-                          if json.dumps(v, sort_keys=True) != usual[k])
-        rows.append((label or "base", overrides))
+                          if json.dumps(v, sort_keys=True)
+                          != json.dumps(getattr(defaults, k, None), sort_keys=True))
+        rows.append((label or DEFAULTS_LABEL, overrides))
     return rows
 
 

@@ -35,6 +35,7 @@ from pipeline.lib import (
     model_logging,
     models,
     records,
+    run_story,
     tracking_log,
     tracking_runs,
 )
@@ -407,7 +408,7 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
         logged_model = model_logging.log_model(
             model_dir, image_size=params.image_size,
             example_image=records.read_split(data_dir, "test", limit=1)[0].image,
-            name=f"iris-{result.label}-seed{params.seed}")
+            name=run_story.model_name(result.label, params.seed, params.to_dict()))
         parent = tracking_log.parent_run_id()
         uri = mlflow.get_tracking_uri()
     return {
