@@ -33,6 +33,13 @@ from pipeline.lib.credentials import (
     move_credentials_to_env,
 )
 from pipeline.lib.files import atomic_write_json
+from pipeline.predict_cli import (
+    add_predict_arguments,
+    check_model,
+    check_predict_options,
+    run_predict,
+    with_default_mode,
+)
 from pipeline.runners import (
     DEFAULT_OUTPUT_DIR,
     DEFAULT_PACKAGE,
@@ -96,7 +103,9 @@ examples:
   python pipeline.py --local --set epochs=2 --set image_size=96 --set weights=none
   python pipeline.py --compile -o pipeline.yaml --mlflow-secret mlflow-credentials
   python pipeline.py --submit --host http://localhost:8080 --experiment iris --wait
-  python pipeline.py --restore-champion 3     # undo a promotion: v3 is champion again"""
+  python pipeline.py --restore-champion 3     # undo a promotion: v3 is champion again
+  python pipeline.py --predict new-photos/ --model-uri models:/iris-image-classifier/3
+  python pipeline.py --submit --predict s3://bucket/new/ --schedule "0 2 * * *" --host URL"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", metavar="SECONDS", type=float,
                         default=DEFAULT_WAIT_TIMEOUT_S,
                         help=f"longest --wait (default: {DEFAULT_WAIT_TIMEOUT_S} s)")
+    add_predict_arguments(parser)
     return parser
 
 
@@ -491,17 +501,31 @@ def _restore_champion(args: argparse.Namespace, config: PipelineConfig) -> int:
     return EXIT_OK
 
 
+def _run_predict(args: argparse.Namespace, config: PipelineConfig) -> int:
+    """``--predict``: the batch-prediction pipeline in the chosen mode (pipeline/predict_cli.py)."""
+    if not args.local:
+        return run_predict(args, config)
+    received: list[int] = []
+    try:
+        with stop_steps_on_signals() as received:
+            return run_predict(args, config)
+    except KeyboardInterrupt:
+        logger.error("interrupted: the run folder under %s is incomplete", args.output_dir)
+        return 128 + received[0] if received else EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen mode, return the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(with_default_mode(sys.argv[1:] if argv is None else argv))
         _check_mode_options(parser, args)
+        check_predict_options(parser, args)
     except SystemExit as exc:  # --help, or a usage error argparse already reported
         return int(exc.code or 0)
     _configure_logging(args.verbose)
     try:
-        config = resolve_config(args.config, args.data, args.overrides)
+        config = resolve_config(args.config, args.predict or args.data, args.overrides)
         if args.local:
             config = _credentials_to_env(args, config)
         refuse_credentials(config, args.tracking_uri or "")
@@ -510,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--sweep does not apply to --restore-champion")
         if not args.local:
             _check_images(args)
+        if args.predict:
+            check_model(args, config)
     except ValueError as exc:
         parser.print_usage(sys.stderr)
         sys.stderr.write(f"{parser.prog}: error: {exc}\n")
@@ -520,6 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.restore_champion:
         return _restore_champion(args, config)
+    if args.predict:
+        return _run_predict(args, config)
     if args.local:
         received: list[int] = []
         try:

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from pipeline.lib import (
     credentials,
+    embeddings,
     inputs,
     model_logging,
     models,
@@ -411,6 +412,8 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
         mlflow.set_tags({f"train.{k}": v if isinstance(v, str) else json.dumps(v)
                          for k, v in result.bookkeeping().items()})
         tracking_log.log_artifacts(model_dir / PREVIEW_FILE)
+        # drift check (issue 23): the training images' feature summary, logged with the model
+        embeddings.write_reference(model_dir, data_dir, params.image_size)
         logged_model = model_logging.log_model(
             model_dir, image_size=params.image_size,
             example_image=records.read_split(data_dir, "test", limit=1)[0].image,
