@@ -27,9 +27,9 @@ from pipeline.dag import (
 from pipeline.lib.contract import DRIFT_REPORT_JSON, EXECUTOR_OUTPUT, RUN_TOKEN_ENV
 from pipeline.lib.files import atomic_path, read_json
 from pipeline.lib.interrupts import CLI_PID_ENV
-from pipeline.runners.cluster import SubmitResult, _find_version
+from pipeline.runners.cluster import SubmitResult, find_version
 from pipeline.runners.console import StepConsole
-from pipeline.runners.local import StepFailedError, _failure, _unexplained
+from pipeline.runners.local import StepFailedError, step_failure, unexplained_failure
 from pipeline.runners.run_files import first_failure
 from pipeline.tasks import MLFLOW_CONFIG_MAP
 
@@ -80,9 +80,9 @@ def run_predict_local(config: PipelineConfig, *, model_uri: str = DEFAULT_MODEL_
             except RuntimeError as exc:  # kfp.local's word for a failed task
                 error = exc
         if failure := first_failure(console.statuses):
-            raise _failure(console, *failure)
+            raise step_failure(console, *failure)
         if error is not None:
-            raise _unexplained(console, error) from None
+            raise unexplained_failure(console, error) from None
         if console.run_dir is None:
             raise StepFailedError(PREDICT_PIPELINE_NAME,
                                   f"kfp.local created no run folder in {output_dir}")
@@ -160,7 +160,7 @@ def submit_predict(config: PipelineConfig, *, host: str, model_uri: str = DEFAUL
                 pipeline_id, page_size=1, sort_by="created_at desc"
             ).pipeline_versions[0].pipeline_version_id
         else:
-            version_id = (_find_version(client, pipeline_id, version_name)
+            version_id = (find_version(client, pipeline_id, version_name)
                           or client.upload_pipeline_version(
                               str(package), version_name,
                               pipeline_id=pipeline_id).pipeline_version_id)
