@@ -1,6 +1,16 @@
 """Component ``evaluate_model``: test-split metrics, confusion matrix, HTML report, gate verdict."""
 
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import (
+    HTML,
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,
+    Metrics,
+    Model,
+    Output,
+)
 
 
 def evaluate_model(
@@ -18,6 +28,7 @@ def evaluate_model(
     classification_metrics: Output[ClassificationMetrics],
     report: Output[HTML],
     evaluation: Output[Artifact],
+    model_card: Output[Markdown],
 ) -> bool:
     """Score the model on the held-out test split; return whether it passes the gate.
 
@@ -31,7 +42,8 @@ def evaluate_model(
     values = locals()
     result = report_step(evaluate.run_step, trained_model.path, trained_model.metadata,
                          prepared_data.path, evaluation.path, report.path,
-                         EvaluateParams.from_mapping(values), TrackingParams.from_mapping(values))
+                         EvaluateParams.from_mapping(values), TrackingParams.from_mapping(values),
+                         card_path=model_card.path)
     for name, value in result.scalars().items():
         metrics.log_metric(name, value)
     metrics.metadata.update(result.metadata())

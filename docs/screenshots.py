@@ -29,6 +29,12 @@ from typing import Any
 from PIL import Image
 
 from tests.support.cli_helpers import clean_env, run_local_cli, succeeded
+from tests.support.mlflow_browser import (
+    VIEWPORT,
+    chromium_missing,
+    chromium_page,
+    close_assistant,
+)
 from tests.support.mlflow_server import run_mlflow_server
 from tests.support.paths import PROJECT_ROOT
 
@@ -44,13 +50,6 @@ COMMON = ("image_size=128", "head_feature_views=0", "epochs=8", "learning_rate=0
 RUNS = (("pooling=avg_max",), ("pooling=avg",))
 #: The sweep run's trials: a grid the Compare view shows as a table.
 SWEEP = "grid:\n  pooling: [avg_max, avg]\n  tta_views: [0, 8]\n"
-VIEWPORT = {"width": 1280, "height": 800}
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-#: Longest wait for a page's content (the UI fetches runs and metrics after loading).
-PAGE_TIMEOUT_MS = 60_000
 
 
 def run_pipelines(workdir: Path, tracking_uri: str) -> list[dict]:
@@ -88,9 +87,7 @@ def show_trial_differences(page: Any) -> None:
     """Compare view: only the settings and metrics that differ, from the run names down."""
     page.get_by_role("switch", name="Parameters - Show diff only").click()
     page.get_by_role("switch", name="Metrics - Show diff only").click()
-    assistant = page.get_by_role("button", name="Close")  # MLflow 3.17's assistant panel
-    if assistant.count():
-        assistant.first.click()
+    close_assistant(page)
     page.get_by_text("Run Name:").first.evaluate("e => e.scrollIntoView({block: 'start'})")
 
 
@@ -99,7 +96,6 @@ def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> 
     sweep's trials compared (1280x1000)."""
     from mlflow import MlflowClient
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
-    from playwright.sync_api import sync_playwright
 
     experiment_id = MlflowClient(url).get_experiment_by_name(EXPERIMENT).experiment_id
     train_id = summary["mlflow"]["step_run_ids"]["train"]
@@ -120,25 +116,19 @@ def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> 
          show_trial_differences, 1000),
     ]
     written = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport=VIEWPORT)
-            page.set_default_timeout(PAGE_TIMEOUT_MS)
-            for name, address, expected_text, prepare, height in pages:
-                page.set_viewport_size({"width": VIEWPORT["width"], "height": height})
-                page.goto(address)
-                try:
-                    page.get_by_text(expected_text).first.wait_for()
-                except PlaywrightTimeout:
-                    save_png(page, output_dir / f"failed-{name}")  # what it showed instead
-                    raise
-                if prepare is not None:
-                    prepare(page)
-                page.wait_for_timeout(3000)  # charts draw after their data arrives
-                written.append(save_png(page, output_dir / name))
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        for name, address, expected_text, prepare, height in pages:
+            page.set_viewport_size({"width": VIEWPORT["width"], "height": height})
+            page.goto(address)
+            try:
+                page.get_by_text(expected_text).first.wait_for()
+            except PlaywrightTimeout:
+                save_png(page, output_dir / f"failed-{name}")  # what it showed instead
+                raise
+            if prepare is not None:
+                prepare(page)
+            page.wait_for_timeout(3000)  # charts draw after their data arrives
+            written.append(save_png(page, output_dir / name))
     return written
 
 
@@ -152,8 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(default: a temporary folder, removed afterwards)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if not Path(CHROMIUM).is_file():
-        parser.error(f"{CHROMIUM} not found: apt-get install chromium")
+    if chromium_missing():
+        parser.error(chromium_missing())
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="iris-screenshots-") as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()

@@ -21,6 +21,7 @@ from pipeline.config import (
     read_yaml_mapping,
 )
 from pipeline.dag import PIPELINE_NAME, refuse_credentials
+from pipeline.lib import mlflow_ui
 from pipeline.lib.contract import EXECUTOR_OUTPUT
 from pipeline.lib.credentials import (
     DATA_PASSWORD_ENV,
@@ -32,6 +33,13 @@ from pipeline.lib.credentials import (
     move_credentials_to_env,
 )
 from pipeline.lib.files import atomic_write_json
+from pipeline.predict_cli import (
+    add_predict_arguments,
+    check_model,
+    check_predict_options,
+    run_predict,
+    with_default_mode,
+)
 from pipeline.runners import (
     DEFAULT_OUTPUT_DIR,
     DEFAULT_PACKAGE,
@@ -95,7 +103,9 @@ examples:
   python pipeline.py --local --set epochs=2 --set image_size=96 --set weights=none
   python pipeline.py --compile -o pipeline.yaml --mlflow-secret mlflow-credentials
   python pipeline.py --submit --host http://localhost:8080 --experiment iris --wait
-  python pipeline.py --restore-champion 3     # undo a promotion: v3 is champion again"""
+  python pipeline.py --restore-champion 3     # undo a promotion: v3 is champion again
+  python pipeline.py --predict new-photos/ --model-uri models:/iris-image-classifier/3
+  python pipeline.py --submit --predict s3://bucket/new/ --schedule "0 2 * * *" --host URL"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", metavar="SECONDS", type=float,
                         default=DEFAULT_WAIT_TIMEOUT_S,
                         help=f"longest --wait (default: {DEFAULT_WAIT_TIMEOUT_S} s)")
+    add_predict_arguments(parser)
     return parser
 
 
@@ -349,12 +360,13 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
     lines.append(f"MLflow parent run {mlflow_info['run_id']} in experiment "
                  f"{mlflow_info['experiment_name']!r}; open it with:")
     lines.append(f"  {ui_command(mlflow_info['tracking_uri'])}")
-    if mlflow_info.get("experiment_id"):  # the run list, not MLflow's GenAI overview
-        address = (mlflow_info["tracking_uri"].rstrip("/")
-                   if mlflow_info["tracking_uri"].startswith(("http://", "https://"))
-                   else UI_ADDRESS)
-        lines.append(f"  then {address}/#/experiments/{mlflow_info['experiment_id']}"
-                     "?workflowType=machine_learning")
+    if mlflow_info.get("experiment_id"):  # the run list, not MLflow's GenAI pages
+        experiment_id = mlflow_info["experiment_id"]
+        if mlflow_info["tracking_uri"].startswith(("http://", "https://")):
+            lines.append(f"  then {mlflow_info['tracking_uri'].rstrip('/')}/#/experiments/"
+                         f"{experiment_id}?workflowType=machine_learning")
+        else:  # the `--app-name iris` page keeps every later click on model-training pages
+            lines.append(f"  then {UI_ADDRESS}{mlflow_ui.ui_path(experiment_id)}")
     data = summary["data"]
     if data["sha256"] and not data["sha256_checked"]:
         lines.append(f"data set sha256 {data['sha256']} recorded, not checked; to pin it: "
@@ -419,7 +431,7 @@ def ui_command(tracking_uri: str) -> str:
     """The command that opens ``tracking_uri`` in the MLflow UI."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
-    return f'mlflow ui --backend-store-uri "{tracking_uri}"'
+    return f'mlflow ui --backend-store-uri "{tracking_uri}" --app-name {mlflow_ui.APP_NAME}'
 
 
 def _run_local(args: argparse.Namespace, config: PipelineConfig, sweep: Sweep | None) -> int:
@@ -508,17 +520,31 @@ def _restore_champion(args: argparse.Namespace, config: PipelineConfig) -> int:
     return EXIT_OK
 
 
+def _run_predict(args: argparse.Namespace, config: PipelineConfig) -> int:
+    """``--predict``: the batch-prediction pipeline in the chosen mode (pipeline/predict_cli.py)."""
+    if not args.local:
+        return run_predict(args, config)
+    received: list[int] = []
+    try:
+        with stop_steps_on_signals() as received:
+            return run_predict(args, config)
+    except KeyboardInterrupt:
+        logger.error("interrupted: the run folder under %s is incomplete", args.output_dir)
+        return 128 + received[0] if received else EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen mode, return the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(with_default_mode(sys.argv[1:] if argv is None else argv))
         _check_mode_options(parser, args)
+        check_predict_options(parser, args)
     except SystemExit as exc:  # --help, or a usage error argparse already reported
         return int(exc.code or 0)
     _configure_logging(args.verbose)
     try:
-        config = resolve_config(args.config, args.data, args.overrides)
+        config = resolve_config(args.config, args.predict or args.data, args.overrides)
         if args.local:
             config = _credentials_to_env(args, config)
         refuse_credentials(config, args.tracking_uri or "")
@@ -527,6 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--sweep does not apply to --restore-champion")
         if not args.local:
             _check_images(args)
+        if args.predict:
+            check_model(args, config)
     except ValueError as exc:
         parser.print_usage(sys.stderr)
         sys.stderr.write(f"{parser.prog}: error: {exc}\n")
@@ -537,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.restore_champion:
         return _restore_champion(args, config)
+    if args.predict:
+        return _run_predict(args, config)
     if args.local:
         received: list[int] = []
         try:

@@ -9,11 +9,12 @@ secrets) is in ``pipeline/tasks.py``.
 """
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from kfp import dsl
+from kfp import dsl, kubernetes
+from kfp.dsl import Dataset, Markdown
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, load_images
 from pipeline.lib.credentials import (
     DATA_PASSWORD_ENV,
     DATA_USERNAME_ENV,
@@ -21,9 +22,15 @@ from pipeline.lib.credentials import (
     has_credentials,
     redact_uri,
 )
-from pipeline.stepspec import STEP_SPECS, outputs_type
+from pipeline.stepspec import STEP_SPECS, Resources, outputs_type
 from pipeline.sweep import Sweep
-from pipeline.tasks import DOWNLOAD_RETRIES, MLFLOW_SECRET_KEYS, TRACKING_URI_PARAM, TaskFactory
+from pipeline.tasks import (
+    DOWNLOAD_RETRIES,
+    MLFLOW_CONFIG_MAP_KEYS,
+    MLFLOW_SECRET_KEYS,
+    TRACKING_URI_PARAM,
+    TaskFactory,
+)
 
 PIPELINE_NAME = "iris-image-pipeline"
 DESCRIPTION = ("Download, validate and split the iris image set, train a classifier, evaluate it "
@@ -168,5 +175,113 @@ def pipeline_arguments(config: PipelineConfig, tracking_uri: str = "") -> dict[s
     return {**config.to_dict(), TRACKING_URI_PARAM: tracking_uri}
 
 
-__all__ = ["DESCRIPTION", "PIPELINE_NAME", "TRAINING_STEPS", "PipelineOutputs", "create_pipeline",
-           "pipeline_arguments", "refuse_credentials"]
+# ----------------------------------------------------------------------------------------
+# The second pipeline: batch predictions with a registered model, and a drift check
+# ----------------------------------------------------------------------------------------
+PREDICT_PIPELINE_NAME = "iris-batch-predictions"
+PREDICT_DESCRIPTION = ("Download new iris photos, validate them, label them with a registered "
+                       "model (default: the champion) and check them for drift against the "
+                       "model's training images.")
+DEFAULT_MODEL_URI = f"models:/{D.registered_model_name}@champion"
+#: The predict task's settings, kept here until tasks.py describes every step's.
+PREDICT_STEP = "predict_images"
+PREDICT_RESOURCES = Resources("1", "2", "2Gi", "6Gi")
+#: Config fields the predict pipeline takes as parameters (beside model_uri, tracking_uri).
+PREDICT_FIELDS = ("data_source", "data_sha256", "download_deadline_s",
+                  "download_min_bytes_per_s", "batch_size", "min_image_side",
+                  "max_archive_bytes", "max_archive_entries", "max_entry_compression_ratio",
+                  "max_archive_compression_ratio", "max_image_bytes", "experiment_name")
+
+
+class PredictOutputs(NamedTuple):
+    """What a batch-prediction run hands back."""
+
+    raw_data: Dataset
+    predictions: Dataset
+    drift_report: Markdown
+
+
+def create_predict_pipeline(images: Mapping[str, str] | None = None, *,
+                            download_retries: int = DOWNLOAD_RETRIES,
+                            mlflow_secret: str | None = None,
+                            mlflow_config_map: str | None = MLFLOW_CONFIG_MAP,
+                            data_secret: str | None = None) -> Any:
+    """The batch-prediction pipeline: the training pipeline's download step, then
+    ``predict_images`` (uncached: each run logs its own MLflow run and reads the registry's
+    alias as it is now)."""
+    from components.predict_images import predict_images
+
+    task = TaskFactory(PREDICT_PIPELINE_NAME, images, download_retries=download_retries,
+                       mlflow_secret=mlflow_secret, mlflow_config_map=mlflow_config_map,
+                       data_secret=data_secret)
+    predict_component = dsl.component(
+        predict_images, base_image=(dict(images) if images is not None else load_images())["cpu"],
+        install_kfp_package=False)
+
+    @dsl.pipeline(name=PREDICT_PIPELINE_NAME, description=PREDICT_DESCRIPTION)
+    def iris_batch_predictions(
+        data_source: str = "", data_sha256: str = "",
+        download_deadline_s: float = D.download_deadline_s,
+        download_min_bytes_per_s: float = D.download_min_bytes_per_s,
+        model_uri: str = DEFAULT_MODEL_URI, batch_size: int = D.batch_size,
+        min_image_side: int = D.min_image_side, max_archive_bytes: int = D.max_archive_bytes,
+        max_archive_entries: int = D.max_archive_entries,
+        max_entry_compression_ratio: float = D.max_entry_compression_ratio,
+        max_archive_compression_ratio: float = D.max_archive_compression_ratio,
+        max_image_bytes: int = D.max_image_bytes,
+        experiment_name: str = D.experiment_name, tracking_uri: str = "",
+    ) -> PredictOutputs:
+        params = locals()
+        download = task("download_dataset", params)
+        predict = predict_component(
+            raw_data=download.outputs["raw_data"], pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            pipeline_name=PREDICT_PIPELINE_NAME,
+            **{name: params[name] for name in predict_component.component_spec.inputs
+               if name in params})
+        _configure_predict_task(predict, mlflow_secret, mlflow_config_map)
+        return PredictOutputs(raw_data=download.outputs["raw_data"],
+                              predictions=predict.outputs["predictions"],
+                              drift_report=predict.outputs["drift_report"])
+
+    return iris_batch_predictions
+
+
+def _configure_predict_task(task: dsl.PipelineTask, mlflow_secret: str | None,
+                            mlflow_config_map: str | None) -> None:
+    resources = PREDICT_RESOURCES
+    task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
+    task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
+    task.set_caching_options(enable_caching=False)
+    task.set_env_variable("PYTHONUNBUFFERED", "1")
+    if mlflow_config_map:
+        kubernetes.use_config_map_as_env(task, mlflow_config_map,
+                                         {key: key for key in MLFLOW_CONFIG_MAP_KEYS},
+                                         optional=True)
+    if mlflow_secret:
+        kubernetes.use_secret_as_env(task, mlflow_secret,
+                                     {key: key for key in MLFLOW_SECRET_KEYS})
+
+
+def predict_arguments(config: PipelineConfig, model_uri: str = DEFAULT_MODEL_URI,
+                      tracking_uri: str = "") -> dict[str, Any]:
+    """The batch-prediction run's parameter values (never credentials)."""
+    refuse_credentials(config, tracking_uri)
+    values = config.to_dict()
+    return {**{name: values[name] for name in PREDICT_FIELDS}, "model_uri": model_uri,
+            TRACKING_URI_PARAM: tracking_uri}
+
+
+__all__ = [
+    "DEFAULT_MODEL_URI",
+    "DESCRIPTION",
+    "PIPELINE_NAME",
+    "PREDICT_PIPELINE_NAME",
+    "TRAINING_STEPS",
+    "PipelineOutputs",
+    "PredictOutputs",
+    "create_pipeline",
+    "create_predict_pipeline",
+    "pipeline_arguments",
+    "predict_arguments",
+    "refuse_credentials",
+]

@@ -159,7 +159,8 @@ STEP_SPECS: dict[str, StepSpec] = {spec.name: spec for spec in (
     StepSpec(evaluate_model, (EvaluateParams, TrackingParams),
              Resources("1", "2", "3Gi", "6Gi"),  # 8 views at 320 px: 2.4 GB
              {"metrics": Metrics, "classification_metrics": ClassificationMetrics,
-              "report": HTML, "evaluation": Artifact, "gate_passed": bool}, _show_evaluate,
+              "report": HTML, "evaluation": Artifact, "model_card": Markdown,
+              "gate_passed": bool}, _show_evaluate,
              tracking=True),
     StepSpec(register_model, (RegisterParams, TrackingParams),
              Resources("250m", "1", "1536Mi", "3Gi"), {}, _show_register, tracking=True),

@@ -84,8 +84,8 @@ def test_closing_block_rounds_shows_intervals_and_the_right_comparison() -> None
     assert lines[1] == "majority baseline:    accuracy 0.644  balanced_accuracy 0.333"
     assert "gate: balanced_accuracy 0.449 < 0.500 -> failed" in lines
     assert "not registered: the gate failed, so the register step did not run" in lines
-    assert '  mlflow ui --backend-store-uri "sqlite:////w/mlflow.db"' in lines
-    assert "  then http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning" in lines
+    assert '  mlflow ui --backend-store-uri "sqlite:////w/mlflow.db" --app-name iris' in lines
+    assert "  then http://127.0.0.1:5000/iris/experiments/3" in lines
     assert lines[-1] == "total: 96.4 s"
     registered = {"registered": True, "name": "iris", "version": "2", "alias": "challenger",
                   "reason": "within noise"}

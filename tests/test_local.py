@@ -177,6 +177,7 @@ PRODUCERS = {"raw_data": "download-dataset", "prepared_data": "preprocess-datase
              "data_report": "preprocess-dataset", "trained_model": "train-model",
              "metrics": "evaluate-model", "classification_metrics": "evaluate-model",
              "report": "evaluate-model", "evaluation": "evaluate-model",
+             "model_card": "evaluate-model",
              "gate_passed": "evaluate-model"}
 GATED = "register-model"
 TASKS = ("download-dataset", "preprocess-dataset", "train-model", "evaluate-model",

@@ -24,8 +24,9 @@ MODEL_NAME = f"iris-e2e-{SUFFIX}"
 EXPERIMENT = f"iris-e2e-{SUFFIX}"
 #: Steps that open an MLflow run (download and preprocess do not track).
 TRACKED_STEPS = {"train", "evaluate", "register"}
-#: Per-epoch metrics the training step's callback logs.
-EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+#: Per-epoch metrics the training step's callback logs (the learning rate only where it
+#: changes: one point for a run without fine-tuning).
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 #: The bound issue 5 sets for an unreachable server, subprocess start included.
 FAIL_FAST_BOUND_S = 60.0
 
@@ -173,6 +174,7 @@ def test_epoch_metric_history_matches_epochs_run(first_run: CliRun, client: Any)
     losses = [p.value for p in sorted(client.get_metric_history(train_id, "loss"),
                                       key=lambda p: p.step)]
     assert losses == pytest.approx([entry["loss"] for entry in history], rel=1e-5)
+    assert [p.step for p in client.get_metric_history(train_id, "learning_rate")] == [1]
 
 
 def test_what_the_mlflow_ui_shows(first_run: CliRun, client: Any) -> None:
@@ -256,7 +258,7 @@ def test_model_is_logged_with_signature_and_registered_as_champion(
     info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}/1")
     assert info.signature.outputs.input_names() == ["label", *summary["classes"]]
     assert info.metadata["classes"] == summary["classes"]
-    assert logged.name == "iris-mobilenet-a0_25-96px-seed42"
+    assert re.fullmatch(r"iris-mobilenet-a0_25-96px-seed42-[0-9a-f]{6}", logged.name)
     # the evaluate step's test metrics are linked to the logged model, with the data set
     linked = {m.key: m for m in logged.metrics}
     for name, value in summary["test_metrics"].items():

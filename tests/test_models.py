@@ -331,6 +331,10 @@ def test_model_mobilenet_is_the_deprecated_spelling_of_transfer(caplog):
 
 
 def test_trained_models_are_named_by_their_backbone():
-    assert model_label("transfer", "mobilenet_v2", 0.5, 320) == "mobilenet_v2-a0.5-320px"
+    assert model_label("transfer", "mobilenet_v2", 0.5, 320) == "mobilenet_v2-a0_5-320px"
+    assert model_label("transfer", "mobilenet", 1.0, 224) == "mobilenet-a1-224px"
     assert model_label("transfer", "convnext_tiny", 0.5, 224) == "convnext_tiny-224px"
     assert model_label("seed_cnn", "mobilenet_v2", 0.5, 128) == "seed_cnn-128px"
+    # the label names the MLflow logged model, whose names refuse these characters
+    label = model_label("transfer", "mobilenet_v3_small", 0.75, 320)
+    assert not set(label) & set("/:.%\"'"), label

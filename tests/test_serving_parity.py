@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def test_logged_model_is_named_and_holds_the_evaluate_metrics(run: CliRun) -> No
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     model_id = summary["mlflow"]["logged_model_uri"].split("/")[-1]
     logged = client.get_logged_model(model_id)
-    assert logged.name == "iris-mobilenet-a0_25-96px-seed42"
+    assert re.fullmatch(r"iris-mobilenet-a0_25-96px-seed42-[0-9a-f]{6}", logged.name)
     linked = {m.key: m for m in logged.metrics}
     for name in ("accuracy", "balanced_accuracy", "macro_f1"):
         assert linked[name].value == pytest.approx(summary["test_metrics"][name]), name

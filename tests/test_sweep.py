@@ -75,7 +75,9 @@ def test_only_train_settings_no_other_step_reads_are_sweepable() -> None:
 def test_the_shipped_default_sweep_loads() -> None:
     sweep = load_sweep(PROJECT_ROOT / "sweeps" / "default.yaml", PipelineConfig(), environ={})
     labels = [label for label, _ in trial_labels(list(sweep.trials))]
-    assert labels[0] == "base" and len(set(labels)) == len(labels) >= 6
+    # the last trial is the default config; the first (MobileNet v1) is not a "base"
+    assert labels[-1] == "defaults" and labels[0].startswith("alpha=0.25, backbone=mobilenet")
+    assert len(set(labels)) == len(labels) >= 6
 
 
 def test_a_bad_sweep_file_exits_2_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -106,7 +108,7 @@ def test_the_best_validation_score_wins_and_test_scores_are_ignored() -> None:
               _trial("c", 0.70, 0.95, pooling="avg")]
     ranked = rank_trials(trials, "balanced_accuracy")
     assert [t.run_id for t in ranked] == ["b", "c", "a"]  # tie: the earlier trial first
-    assert ranked[0].label == "head_c=0.03" and ranked[2].label == "base"
+    assert ranked[0].label == "head_c=0.03" and ranked[2].label == "defaults"
 
 
 def test_labels_undo_kfp_metadata_number_widening_and_shorten_paths() -> None:
@@ -115,7 +117,8 @@ def test_labels_undo_kfp_metadata_number_widening_and_shorten_paths() -> None:
               _trial("b", 0.7, 0.6, image_size=320.0, weights="/data/w/v2.h5"),
               _trial("c", 0.5, 0.6, image_size=224.0, weights="/data/w/v1.h5", head_c=0.03)]
     ranked = rank_trials(trials, "balanced_accuracy")
-    assert [t.label for t in ranked] == ["image_size=320, weights=v2.h5", "base", "head_c=0.03"]
+    assert [t.label for t in ranked] == ["weights=v2.h5", "image_size=224, weights=v1.h5",
+                                        "head_c=0.03, image_size=224, weights=v1.h5"]
     assert ranked[0].overrides["image_size"] == 320
     assert isinstance(ranked[0].overrides["image_size"], int)
 
@@ -170,8 +173,9 @@ def test_a_local_two_trial_sweep_registers_only_the_trial_best_on_validation(
     (winner,) = [r for r in trains if r.data.tags["sweep.chosen"] == "true"]
     assert val[winner.info.run_id] == max(val.values())
     assert winner.data.tags["sweep.val_rank"] == "1"
-    # labelled by departures from the first trial (a tie for the usual value)
-    assert {r.data.tags["sweep.trial"] for r in trains} == {"base", "head_c=1.0, pooling=avg_max"}
+    # labelled by departures from the default config, so the first trial is not "base"
+    assert {r.data.tags["sweep.trial"] for r in trains} == {"head_c=0.0001, pooling=avg",
+                                                            "head_c=1.0"}
     parent_run = client.get_run(parent)
     assert parent_run.data.tags["sweep.winner_run_id"] == winner.info.run_id
     assert parent_run.info.run_name.startswith(f"sweep of 2: {winner.data.tags['sweep.trial']} · ")

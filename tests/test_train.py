@@ -318,7 +318,7 @@ print("SUMMARY " + json.dumps({{k: getattr(summary, k) for k in
     assert summary["replicas"] == 2 and summary["strategy"] == "MirroredStrategy"
     assert len(summary["devices"]) == 2 and summary["augmentation_in"] == "model"
     assert summary["epochs_run"] == 1
-    assert "training mobilenet-a0.25-64px on /device:CPU:0, /device:CPU:1" in result.stderr
+    assert "training mobilenet-a0_25-64px on /device:CPU:0, /device:CPU:1" in result.stderr
     assert (root / "mirrored" / "saved_model" / "saved_model.pb").is_file()
 
 

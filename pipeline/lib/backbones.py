@@ -56,15 +56,16 @@ def canonical_model(model: str) -> str:
 
 
 def model_label(model: str, backbone: str, alpha: float, image_size: int) -> str:
-    """What a trained model is, for names: ``mobilenet_v2-a0.5-320px`` or ``seed_cnn-128px``.
+    """What a trained model is, for names: ``mobilenet_v2-a0_5-320px`` or ``seed_cnn-128px``.
 
     Transfer learning is named by its backbone (with the width ``alpha`` where it applies),
-    so a MobileNetV2 model is not called "mobilenet".
+    so a MobileNetV2 model is not called "mobilenet". No dots: MLflow refuses them (and
+    ``/ : % " '``) in logged-model names, so ``alpha`` 0.5 reads ``a0_5``.
     """
     if DEPRECATED_MODELS.get(model, model) != TRANSFER:
         return f"{model}-{image_size}px"
     spec = BACKBONES.get(backbone)
-    width = f"-a{alpha:g}" if spec is not None and spec.takes_alpha else ""
+    width = f"-a{alpha:g}".replace(".", "_") if spec is not None and spec.takes_alpha else ""
     return f"{backbone}{width}-{image_size}px"
 
 

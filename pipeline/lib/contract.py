@@ -58,6 +58,9 @@ CROSS_VALIDATION_FILE = "cross_validation.json"
 CV_SCORE_PREFIX = "cv_"
 #: Metadata and MLflow metric: measured milliseconds per served image, test-time views included.
 META_SERVING_MS = "serving_ms_per_image"
+#: The training images' feature summary the drift check compares new images with
+#: (``pipeline.lib.drift.Reference``); also an artifact of the logged MLflow model.
+DRIFT_REFERENCE_FILE = "drift_reference.npz"
 #: Metadata: the train step's settings (a sweep labels its trials by those that differ).
 META_TRAIN_PARAMS = "train_params"
 
@@ -80,6 +83,17 @@ META_GATE_PASSED = "gate_passed"
 META_DATA_SHA256 = "data_sha256"
 META_SPLIT_DIGEST = "split_digest"
 META_PREDICTIONS_URI = "predictions_uri"
+
+# --- predictions / drift_report (predict_images, the batch-prediction pipeline) ---------
+#: Per new image: file name, content sha256, label, one probability per class, model version.
+BATCH_PREDICTIONS_FILE = "predictions.csv"
+DRIFT_REPORT_JSON = "drift_report.json"
+DRIFT_REPORT_MD = "drift_report.md"
+#: Metadata: counts, the drift verdict, the model version and the MLflow run.
+META_PREDICTED_COUNTS = "predicted_counts"
+META_FILES_SKIPPED = "files_skipped"
+META_DRIFT_VERDICT = "drift_verdict"
+META_MODEL_VERSION = "model_version"
 
 # --- task folders (kfp.local: <run folder>/[for-loop-N-iteration-I/]<task>/) ---------------
 #: A kfp task that finished writes this into its task folder.

@@ -26,7 +26,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 
 from pipeline.lib import serving
-from pipeline.lib.contract import CLASSES_FILE, MODEL_FILE
+from pipeline.lib.contract import CLASSES_FILE, DRIFT_REFERENCE_FILE, MODEL_FILE
 from pipeline.lib.tracking_log import EPOCH_KEYS, numeric_metrics, require_active_run
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 # Keras callback
 # ----------------------------------------------------------------------------------------
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs loss/accuracy (train and validation) and the learning rate after every epoch.
+    """Logs loss/accuracy (train and validation) after every epoch, the learning rate where
+    it changes (the first epoch, then a new phase such as fine-tuning): a rate that stays put
+    would plot as a flat line on an axis around zero and says no more than the param.
 
     Explicit instead of ``mlflow.keras.autolog`` (untested on TF 2.21). One ``log_batch``
     per epoch with ``step`` = the 1-based epoch number, as in the logs and ``history.json``;
@@ -49,6 +51,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self._run_id = run_id
         self._client = client
         self._last_step = 0
+        self._last_rate: float | None = None
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         if self._run_id is None:
@@ -61,8 +64,9 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self._last_step = step
         values = numeric_metrics(dict(logs or {}))
         learning_rate = self._learning_rate()
-        if learning_rate is not None:
+        if learning_rate is not None and learning_rate != self._last_rate:
             values["learning_rate"] = learning_rate
+            self._last_rate = learning_rate
         missing = [k for k in EPOCH_KEYS if k not in values]
         if missing:
             logger.debug("epoch %d: Keras logs lack %s", epoch, missing)
@@ -86,6 +90,8 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 # ----------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------
+#: Artifact key of the drift reference in a logged model (absent in models logged before it).
+DRIFT_REFERENCE_ARTIFACT = "drift_reference"
 #: Project files the logged model carries in its ``code/`` folder: the pyfunc class, the
 #: decoder it shares with training, the test-time views layer the Keras file may name and
 #: the MLflow adapter the pyfunc takes its error code from, with their package ``__init__``
@@ -116,6 +122,13 @@ def _stage_code(root: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(package / relative, target)
     return root / "pipeline"
+
+
+def _optional_artifacts(model_dir: Path) -> dict[str, str]:
+    """Files of the trained model that travel with the logged model when present: the drift
+    check's training reference (batch predictions compare new images with it)."""
+    reference = model_dir / DRIFT_REFERENCE_FILE
+    return {DRIFT_REFERENCE_ARTIFACT: str(reference)} if reference.is_file() else {}
 
 
 #: Characters MLflow refuses in a logged model's name, and what they become: the train step's
@@ -172,7 +185,7 @@ def log_model(
             name=name,
             python_model=serving.ImageClassifier(),
             artifacts={serving.MODEL_ARTIFACT: str(model_file),
-                       serving.CONFIG_ARTIFACT: str(config)},
+                       serving.CONFIG_ARTIFACT: str(config), **_optional_artifacts(model_dir)},
             code_paths=[str(_stage_code(Path(tmp) / "code"))],
             signature=signature,
             input_example=example,
@@ -183,4 +196,4 @@ def log_model(
     return info
 
 
-__all__ = ["SERVING_CODE", "MlflowEpochLogger", "log_model"]
+__all__ = ["DRIFT_REFERENCE_ARTIFACT", "SERVING_CODE", "MlflowEpochLogger", "log_model"]

@@ -131,6 +131,21 @@ class RegisterParams(StepParams):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PredictParams(StepParams):
+    """Batch predictions: which registered model scores the new images, and the same file
+    checks and archive limits as preprocess (no labels, so no class or split settings)."""
+
+    model_uri: str
+    batch_size: int
+    min_image_side: int
+    max_archive_bytes: int
+    max_archive_entries: int
+    max_entry_compression_ratio: float
+    max_archive_compression_ratio: float
+    max_image_bytes: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TrackingParams(StepParams):
     """Where and under which pipeline run a tracked step logs to MLflow."""
 
@@ -151,6 +166,7 @@ __all__ = [
     "TTA_VIEWS",
     "DownloadParams",
     "EvaluateParams",
+    "PredictParams",
     "PreprocessParams",
     "RegisterParams",
     "SelectParams",

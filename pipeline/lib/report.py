@@ -200,8 +200,11 @@ between two runs smaller than these intervals' width is not evidence that one is
 <h2>Confusion matrix</h2>{_img_tag(figures.get("confusion_matrix"), "confusion matrix")}
 <h2>Training curves</h2>{_img_tag(figures.get("training_curves"), "training curves")}
 <h2>Data</h2>{data_html}
-<h2>Misclassified test images ({metrics["misclassified"]})</h2>
+<h2>Misclassified test images ({metrics["misclassified"]}): true and predicted class, every
+class's probability</h2>
 {_img_tag(figures.get("misclassified"), "misclassified test images")}
+<h2>Most confident correct test images per class</h2>
+{_img_tag(figures.get("confident_correct"), "most confident correct test images")}
 </body></html>
 """
     return atomic_write_text(path, page)

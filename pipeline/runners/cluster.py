@@ -73,7 +73,7 @@ def _version_name(package: Path) -> str:
     return f"{PIPELINE_NAME}-{hashlib.sha256(package.read_bytes()).hexdigest()[:12]}"
 
 
-def _find_version(client: Any, pipeline_id: str, name: str) -> str | None:
+def find_version(client: Any, pipeline_id: str, name: str) -> str | None:
     versions = client.list_pipeline_versions(pipeline_id, filter=json.dumps({
         "predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]
     })).pipeline_versions or []
@@ -130,7 +130,7 @@ def submit_pipeline(
             version_id = versions.pipeline_versions[0].pipeline_version_id
             logger.info("uploaded pipeline %s (id %s)", PIPELINE_NAME, pipeline_id)
         else:
-            version_id = _find_version(client, pipeline_id, version_name)
+            version_id = find_version(client, pipeline_id, version_name)
             if version_id is None:
                 version = client.upload_pipeline_version(str(package), version_name,
                                                          pipeline_id=pipeline_id)

@@ -207,9 +207,9 @@ def run_local(
                 error = exc
         # judged by the steps' status files, whatever kfp.local said
         if failure := first_failure(console.statuses):
-            raise _failure(console, *failure)
+            raise step_failure(console, *failure)
         if error is not None:
-            raise _unexplained(console, error) from None
+            raise unexplained_failure(console, error) from None
         if console.run_dir is None:
             raise StepFailedError(PIPELINE_NAME,
                                   f"kfp.local created no run folder in {output_dir}")
@@ -237,7 +237,7 @@ def run_local(
     )
 
 
-def _failure(console: StepConsole, status: StepStatus, error: str) -> StepFailedError:
+def step_failure(console: StepConsole, status: StepStatus, error: str) -> StepFailedError:
     """The error of a failed task, with its last output lines and its log file."""
     return StepFailedError(status.task, error, console.run_dir,
                            tail=without_tracebacks(
@@ -245,12 +245,12 @@ def _failure(console: StepConsole, status: StepStatus, error: str) -> StepFailed
                            log=console.log_path(status.task))
 
 
-def _unexplained(console: StepConsole, error: RuntimeError) -> StepFailedError:
+def unexplained_failure(console: StepConsole, error: RuntimeError) -> StepFailedError:
     """kfp.local failed the run while every step that reported says it succeeded: the task
     whose step returned but whose executor wrote no outputs, or else the run as a whole."""
     for status in console.statuses:
         if not (status.task_dir / EXECUTOR_OUTPUT).is_file():
-            return _failure(console, status, "its step returned but kfp's executor wrote no "
+            return step_failure(console, status, "its step returned but kfp's executor wrote no "
                             f"outputs: {strip_ansi(str(error))}")
     return StepFailedError(PIPELINE_NAME, strip_ansi(str(error)), console.run_dir)
 

@@ -21,7 +21,17 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline.lib import inputs, models, records, report, stats, tracking_log, tracking_runs
+from pipeline.lib import (
+    gallery,
+    inputs,
+    model_card,
+    models,
+    records,
+    report,
+    stats,
+    tracking_log,
+    tracking_runs,
+)
 from pipeline.lib.contract import (
     CLASSES_FILE,
     CONFUSION_PNG,
@@ -42,7 +52,7 @@ from pipeline.lib.contract import (
     REPORT_FILE,
     TRAINING_SUMMARY_FILE,
 )
-from pipeline.lib.files import atomic_write_json, read_json
+from pipeline.lib.files import atomic_write_json, atomic_write_text, read_json
 from pipeline.lib.params import EvaluateParams, TrackingParams
 from pipeline.lib.stats import score
 
@@ -138,8 +148,7 @@ def evaluate_model(
         for i in np.flatnonzero(preds != labels_np):
             if len(wrong_images) < MAX_MISCLASSIFIED_SHOWN:
                 wrong_images.append(images[i].numpy())
-                wrong_titles.append(f"true: {classes[labels_np[i]]}\npred: {classes[preds[i]]} "
-                                    f"({probs[i, preds[i]]:.2f})")
+                wrong_titles.append(gallery.title(classes, int(labels_np[i]), probs[i]))
     if not labels_all:
         raise ValueError(f"the test split under {str(data_dir)!r} is empty")
     y_true = np.concatenate(labels_all)
@@ -204,6 +213,8 @@ def evaluate_model(
         "training_curves": report.plot_training_curves(history, out_dir / CURVES_PNG),
         "misclassified": report.plot_image_grid(wrong_images, wrong_titles,
                                                 out_dir / MISCLASSIFIED_PNG),
+        "confident_correct": gallery.confident_correct(
+            data_dir, trained_image_size(model_dir), predictions, out_dir / gallery.CONFIDENT_PNG),
     }
     report.render_html(metrics, data_report, figures, out_dir / REPORT_FILE)
 
@@ -251,12 +262,13 @@ class Evaluation:
 
 def run_step(model_dir: str | Path, model_metadata: Mapping[str, Any], data_dir: str | Path,
              out_dir: str | Path, report_path: str | Path, params: EvaluateParams,
-             tracking_params: TrackingParams) -> Evaluation:
+             tracking_params: TrackingParams, card_path: str | Path | None = None) -> Evaluation:
     """The ``evaluate_model`` component's body: score inside the step's MLflow run.
 
     Test metrics and the majority baseline also go to the parent run, where pipeline runs
     are compared, and are linked to the logged model and its data set (the model's page in
-    MLflow lists them); the HTML report is copied to ``report_path`` for the KFP UI.
+    MLflow lists them); the HTML report is copied to ``report_path`` for the KFP UI, and the
+    model card (``card_path``, the KFP UI's Markdown) says what the model is and how it scored.
     """
     digest = model_metadata.get(META_DATASET_DIGEST)
     with tracking_runs.tracked_step("evaluate", tracking_params, params.to_dict()) as run:
@@ -266,6 +278,8 @@ def run_step(model_dir: str | Path, model_metadata: Mapping[str, Any], data_dir:
                                  dataset=(tracking_log.DATASET_NAME, digest) if digest else None)
         tracking_log.log_artifacts(out_dir)
     shutil.copyfile(Path(out_dir) / REPORT_FILE, report_path)
+    if card_path is not None:
+        atomic_write_text(card_path, model_card.card(metrics, model_metadata))
     return Evaluation(metrics, bool(metrics["gate_passed"]), run.info.run_id)
 
 

@@ -169,7 +169,7 @@ def inspect_image(path: Path, rel: str, label: str, min_side: int, converted_dir
         return _skip(rel, SKIP_CORRUPT, f"decoding failed: {exc}")
 
 
-def _walk_files(folder: Path, root: Path, ignored: list[dict[str, str]]) -> Iterator[Path]:
+def walk_files(folder: Path, root: Path, ignored: list[dict[str, str]]) -> Iterator[Path]:
     """Regular files under ``folder`` in sorted order, not following links, junk left out."""
     for dirpath, dirnames, filenames in os.walk(folder):
         here = Path(dirpath)
@@ -223,7 +223,7 @@ def scan_images(root: Path, min_side: int, converted_dir: Path,
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, whoever changed this
     try:
         for label in classes:
-            for path in _walk_files(root / label, root, scan.ignored):
+            for path in walk_files(root / label, root, scan.ignored):
                 scan.seen += 1
                 rel = path.relative_to(root).as_posix()
                 if path.is_symlink() or not path.is_file():
@@ -595,4 +595,5 @@ __all__ = [
     "run_step",
     "scan_images",
     "split_sizes",
+    "walk_files",
 ]

@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.lib import tracking_runs
+from pipeline.lib import model_card, run_story, tracking_runs
 from pipeline.lib.contract import (
     META_DATA_SHA256,
+    META_MODEL_ID,
     META_MODEL_URI,
     META_PREDICTIONS_URI,
     META_SPLIT_DIGEST,
@@ -55,6 +56,8 @@ def run_step(model_metadata: Mapping[str, Any], metrics_metadata: Mapping[str, A
             evidence=evidence_from(metrics_metadata, evaluation_dir, data_dir),
             margin=params.promotion_margin,
         )
+        run_story.tell_parent(run.info.run_id, decision, model_metadata.get(META_MODEL_ID))
+        model_card.describe_version(decision, evaluation_dir, model_metadata)
     return {**decision, "mlflow_run_id": run.info.run_id}
 
 

@@ -32,6 +32,7 @@ import mlflow
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import PipelineConfig
 from pipeline.lib import selection, stats, tracking_log, tracking_runs
 from pipeline.lib.contract import (
     CV_SCORE_PREFIX,
@@ -55,6 +56,8 @@ TAG_WINNER = "sweep.winner"
 TAG_WINNER_RUN = "sweep.winner_run_id"
 TAG_RULE = "sweep.rule"
 RANKING_TABLE = "ranking.json"
+#: The label of a trial with the default value of every swept setting.
+DEFAULTS_LABEL = "defaults"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,22 +74,23 @@ class Trial:
 def trial_labels(params: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """Per trial: a short label and its values of every setting that differs between trials.
 
-    The label names only where a trial departs from the most common value of each setting
-    (the first trial's on a tie), which for a sweep around one config is that config:
-    ``tta_views=8`` rather than all seven swept settings; a trial with none is ``base``.
+    The label names where a trial departs from the project's default config
+    (:class:`PipelineConfig`), among the settings that differ between trials:
+    ``tta_views=8`` rather than all seven swept settings; a trial with the default value of
+    every one is ``defaults``. Labels are statements about each trial alone, never relative
+    to another trial (a sweep's first trial is not "the base"), and distinct: two trials
+    differ in some swept setting, so at most one of them has its default value there.
     """
     keys = [k for k in sorted(params[0] if params else {})  # metadata keeps no key order
             if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1]
-    usual = {}
-    for key in keys:
-        values = [json.dumps(p.get(key), sort_keys=True) for p in params]
-        usual[key] = max(values, key=lambda v, values=values: (values.count(v), -values.index(v)))
+    defaults = PipelineConfig()
     rows = []
     for p in params:
         overrides = {k: p.get(k) for k in keys}
         label = ", ".join(f"{k}={_short(v)}" for k, v in overrides.items()
-                          if json.dumps(v, sort_keys=True) != usual[k])
-        rows.append((label or "base", overrides))
+                          if json.dumps(v, sort_keys=True)
+                          != json.dumps(getattr(defaults, k, None), sort_keys=True))
+        rows.append((label or DEFAULTS_LABEL, overrides))
     return rows
 
 
@@ -124,7 +128,7 @@ def _tag_runs(client: MlflowClient, ranked: Sequence[Trial], winner: Trial, pare
     """Label every trial's run and name the winner on the parent run (tags and run name).
 
     The parent's name came from the first trial's settings; it becomes ``sweep of N:
-    <winner's settings>`` (every swept value, also for the ``base`` trial) followed by the
+    <winner's settings>`` (every swept value, also for the ``defaults`` trial) followed by the
     rest of that name (data set, start time).
     """
     for rank, trial in enumerate(ranked, start=1):

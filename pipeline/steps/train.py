@@ -31,10 +31,12 @@ import tensorflow as tf
 from pipeline.lib import (
     credentials,
     crossval,
+    embeddings,
     inputs,
     model_logging,
     models,
     records,
+    run_story,
     tracking_log,
     tracking_runs,
 )
@@ -98,7 +100,7 @@ class TrainResult:
     """
 
     model: str
-    label: str  # names the trained model, e.g. mobilenet_v2-a0.5-320px
+    label: str  # names the trained model, e.g. mobilenet_v2-a0_5-320px
     image_size: int
     classes: tuple[str, ...]
     best_val_loss: float | None
@@ -459,10 +461,12 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
                          for k, v in result.bookkeeping().items()})
         tracking_log.log_artifacts(model_dir / PREVIEW_FILE)
         cross_validation = _log_cross_validation(model_dir)
+        # drift check (issue 23): the training images' feature summary, logged with the model
+        embeddings.write_reference(model_dir, data_dir, params.image_size)
         logged_model = model_logging.log_model(
             model_dir, image_size=params.image_size,
             example_image=records.read_split(data_dir, "test", limit=1)[0].image,
-            name=f"iris-{result.label}-seed{params.seed}")
+            name=run_story.model_name(result.label, params.seed, params.to_dict()))
         parent = tracking_log.parent_run_id()
         uri = mlflow.get_tracking_uri()
     return {
