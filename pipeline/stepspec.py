@@ -12,6 +12,7 @@ a step ends (:attr:`StepSpec.show`, from the result the step left in its task fo
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -107,10 +108,11 @@ def _show_train(result: Mapping[str, Any]) -> str:
     cv = f"{contract.CV_SCORE_PREFIX}balanced_accuracy"
     if cv in result:
         low, high = (result.get(k) for k in stats.ci_keys(cv))
+        # KFP metadata hands whole numbers back as floats
         return (f"cross-validated balanced_accuracy {_fmt(result[cv])} [{_fmt(low)}, "
-                f"{_fmt(high)}] over {_fmt(result.get('cv_folds'))} folds; final head "
-                f"{_fmt(result.get('cv_final_epochs'))} epochs on train + val; serving "
-                f"{_fmt(result.get(contract.META_SERVING_MS))} ms/image")
+                f"{_fmt(high)}] over {int(result.get('cv_folds', 0))} folds; final head "
+                f"{int(result.get('cv_final_epochs', 0))} epochs on train + val; serving "
+                f"{float(result.get(contract.META_SERVING_MS, math.nan)):.1f} ms/image")
     score = result.get(f"{contract.VAL_SCORE_PREFIX}balanced_accuracy")
     return (f"val balanced_accuracy {_fmt(score)} (best epoch {_fmt(result.get('best_epoch'))} "
             f"of {_fmt(result.get('epochs_run'))})")

@@ -284,3 +284,19 @@ def test_the_closing_block_shows_the_cross_validated_estimate_and_the_paired_ran
     assert "sweep: trial 1 leads (...)" in lines
     assert ("  0.680 [0.580, 0.780]  -0.020 [-0.060, +0.010]  10.0 ms  trial 2: tta_views=0"
             "  <- chosen, evaluated on test") in lines
+
+
+def test_the_step_lines_give_the_cross_validated_score_and_the_rules_sentence() -> None:
+    from pipeline.stepspec import STEP_SPECS
+
+    train = STEP_SPECS["train_model"].show({
+        "cv_balanced_accuracy": 0.68, "cv_balanced_accuracy_ci_low": 0.62,
+        "cv_balanced_accuracy_ci_high": 0.73, "cv_folds": 5.0, "cv_final_epochs": 12.0,
+        META_SERVING_MS: 41.5, "model_val_balanced_accuracy": 0.68})
+    assert train == ("cross-validated balanced_accuracy 0.680 [0.620, 0.730] over 5 folds; "
+                     "final head 12 epochs on train + val; serving 41.5 ms/image")
+    sentence = "trial 1 leads (0.700 [0.600, 0.800]): chosen (no other trial is within noise)"
+    select = STEP_SPECS["select_model"].show({META_SWEEP: {
+        "winner": 0, "summary": sentence, "metric": "cv_balanced_accuracy",
+        "trials": [{"trial": 0, "label": "defaults", "val_score": 0.7, "cv_score": 0.7}]}})
+    assert select == sentence
