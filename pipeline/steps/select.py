@@ -136,8 +136,8 @@ def _tag_runs(client: MlflowClient, ranked: Sequence[Trial], parent_id: str,
             RunTag(TAG_TRIAL, trial.label), RunTag(TAG_RANK, str(rank)),
             RunTag(TAG_CHOSEN, str(chosen).lower()),
             RunTag(TAG_NOTE, f"Sweep trial {trial.index + 1} ({trial.label}): validation "
-                                    f"{VAL_SCORE_PREFIX}{metric} {trial.val_score:.4f}, rank "
-                                    f"{rank} of {len(ranked)}; {verdict}.")])
+                             f"{VAL_SCORE_PREFIX}{metric} {trial.val_score:.4f}, rank {rank} "
+                             f"of {len(ranked)}; {verdict}.")])
         client.update_run(trial.run_id, name=f"train · {standing} · {trial.label}"[:250])
     if parent_id:
         client.log_batch(parent_id, tags=[
