@@ -107,12 +107,15 @@ def test_a_sweep_cannot_vary_cv_folds() -> None:
 def test_out_of_fold_predictions_cover_train_and_val_once_and_no_test_image(
         tmp_path: Path) -> None:
     from pipeline.lib import models
+    from pipeline.lib.feature_cache import FeatureCache
 
     data_dir = tiny_prepared_data(tmp_path)
     config = tiny_train(cv_folds=3, early_stopping_patience=2, tta_views=2)
     features = crossval.pooled_features(models.build_model(config, 3), data_dir, config,
-                                        inputs.build_augmenter(config), cache=None)
+                                        inputs.build_augmenter(config),
+                                        cache=FeatureCache(tmp_path / "cache"))
     assert features.training.shape[:2] == (2, 20) and features.scoring.shape[:2] == (2, 20)
+    assert features.computed == 3 * 20  # the plain view once, for training and scoring
     cv = crossval.cross_validate(features, ["a", "b", "c"], config)
     expected = [*inputs.read_index(data_dir, "train")[0], *inputs.read_index(data_dir, "val")[0]]
     assert sorted(cv.predictions.image_ids) == sorted(expected)  # each exactly once
