@@ -18,8 +18,8 @@ from pipeline.config import (
     ENV_OVERRIDES,
     PipelineConfig,
 )
+from pipeline.lib.fetch import fetch_dataset
 from pipeline.lib.files import file_sha256
-from pipeline.steps.download import fetch_dataset
 from tests.support.paths import PROJECT_ROOT
 
 
