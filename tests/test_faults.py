@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import sweep
-from pipeline.cli import main, resolve_config
+from pipeline.cli import main
+from pipeline.cli_args import resolve_config
 from pipeline.config import RANGES, PipelineConfig
 from pipeline.lib.contract import EXECUTOR_OUTPUT, META_SKIPPED
 from pipeline.lib.fetch import fetch_dataset
