@@ -149,7 +149,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1, help="2: a second run, cache warm")
     args = parser.parse_args()
 
-    from pipeline.cli import resolve_config
+    from pipeline.cli_args import resolve_config
 
     overrides = [f"weights={args.weights}", *args.overrides]
     config = resolve_config(None, args.data, overrides, environ={})

@@ -53,7 +53,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from pipeline.cli import parse_overrides
+from pipeline.cli_args import parse_overrides
 from pipeline.config import PipelineConfig
 from pipeline.lib import models
 from pipeline.lib.contract import (

@@ -257,7 +257,7 @@ def test_cv_folds_of_one_exits_2_before_any_work(capsys: pytest.CaptureFixture) 
 
 
 def test_the_closing_block_shows_the_cross_validated_estimate_and_the_paired_ranking() -> None:
-    from pipeline.cli import closing_block
+    from pipeline.cli_closing import closing_block
 
     sweep = {"metric": "cv_balanced_accuracy", "winner": 1, "summary": "trial 1 leads (...)",
              "trials": [
