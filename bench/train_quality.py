@@ -72,6 +72,9 @@ from pipeline.steps.train import train_model
 from pipeline.sweep import Sweep, load_sweep
 from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS
 
+#: Trial labels say how a trial departs from the default config.
+DEFAULTS = PipelineConfig().to_dict()
+
 METRIC = "balanced_accuracy"  # the sweep's rule: the pipeline's default gate metric
 VAL_KEY = f"{VAL_SCORE_PREFIX}{METRIC}"  # in the training summary's metrics
 
@@ -142,7 +145,7 @@ def run_sweep(sweep: Sweep, labels: list[str], base: PipelineConfig, data_dir: P
         print(json.dumps({"sweep_trial": row}), flush=True)
     seconds = time.perf_counter() - started
     _, ranked = select_trial([work / f"trial{i + 1}-model" for i in range(len(rows))],
-                             metadatas, work / "selected", METRIC)
+                             metadatas, work / "selected", METRIC, DEFAULTS)
     chosen = next(t for t in ranked if t.index == read_json(
         work / "selected" / "sweep.json")["winner"])
     pick = {"seed": seed, "trial": chosen.index + 1, "label": labels[chosen.index],
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.sweep:
             sweep = load_sweep(args.sweep, PipelineConfig.from_mapping(
                 overrides, PipelineConfig(data_source=str(args.zip), weights=args.weights)))
-            labels = [label for label, _ in trial_labels(sweep.trials)]
+            labels = [label for label, _ in trial_labels(sweep.trials, DEFAULTS)]
     except ValueError as exc:
         parser.error(str(exc))
 

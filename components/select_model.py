@@ -18,7 +18,8 @@ def select_model(
 
     The test split is not read: evaluation scores only the model chosen here.
     """
-    from pipeline.lib.params import SelectParams, TrackingParams
+    from pipeline.config import PipelineConfig
+    from pipeline.lib.params import SelectParams, TrackingParams, TrainParams
     from pipeline.lib.progress import report_step
     from pipeline.steps import select
 
@@ -27,4 +28,5 @@ def select_model(
         select.run_step, [model.path for model in trained_models],
         [model.metadata for model in trained_models],
         selected_model.path, SelectParams.from_mapping(values),
-        TrackingParams.from_mapping(values)))
+        TrackingParams.from_mapping(values),
+        PipelineConfig().params_for(TrainParams).to_dict()))

@@ -25,6 +25,9 @@ from pipeline.steps.select import SWEEP_FILE, select_trial
 from pipeline.sweep import build_sweep
 from tests.support.train_helpers import tiny_prepared_data, tiny_train
 
+#: Trial labels say how a trial departs from the default config's train settings.
+DEFAULTS = PipelineConfig().to_dict()
+
 CLASSES = ("a", "b", "c")
 
 
@@ -170,7 +173,7 @@ def test_select_takes_the_cheaper_trial_within_noise_of_the_leader(tmp_path: Pat
     metas = [_oof_trial(tmp_path / "slow", list(slower), 40.0, "slow"),
              _oof_trial(tmp_path / "fast", list(base), 10.0, "fast", tta_views=0)]
     metadata, ranked = select_trial([tmp_path / "slow", tmp_path / "fast"], metas,
-                                    tmp_path / "out", "balanced_accuracy")
+                                    tmp_path / "out", "balanced_accuracy", DEFAULTS)
     assert [t.run_id for t in ranked] == ["slow", "fast"]  # ranked by score
     assert metadata[META_RUN_ID] == "fast"
     assert (tmp_path / "out" / "model.keras").read_text() == "fast"
@@ -190,7 +193,7 @@ def test_select_keeps_the_leader_when_the_cheaper_trial_is_shown_worse(tmp_path:
     metas = [_oof_trial(tmp_path / "slow", good, 40.0, "slow"),
              _oof_trial(tmp_path / "fast", bad, 10.0, "fast", tta_views=0)]
     metadata, _ = select_trial([tmp_path / "slow", tmp_path / "fast"], metas,
-                               tmp_path / "out", "balanced_accuracy")
+                               tmp_path / "out", "balanced_accuracy", DEFAULTS)
     assert metadata[META_RUN_ID] == "slow"
     assert not metadata[META_SWEEP]["trials"][1]["within_noise"]
 
@@ -203,7 +206,7 @@ def test_select_refuses_a_sweep_where_only_some_trials_were_cross_validated(
     (tmp_path / "b").mkdir()
     with pytest.raises(ValueError, match=r"trial\(s\) \[2\] have no out-of-fold predictions"):
         select_trial([tmp_path / "a", tmp_path / "b"], metas, tmp_path / "out",
-                     "balanced_accuracy")
+                     "balanced_accuracy", DEFAULTS)
 
 
 # --- end to end: a cross-validated two-trial sweep through kfp.local -----------------------

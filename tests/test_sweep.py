@@ -16,6 +16,9 @@ from pipeline.sweep import MAX_TRIALS, SAME_FOR_EVERY_TRIAL, SWEEPABLE, build_sw
 from tests.support.cli_helpers import V1_BACKBONE, clean_env, run_local_cli, set_flags, succeeded
 from tests.support.paths import PROJECT_ROOT
 
+#: Trial labels say how a trial departs from the default config's train settings.
+DEFAULTS = PipelineConfig().to_dict()
+
 
 # --- the sweep file ----------------------------------------------------------------------------
 def test_trials_cross_the_grid_and_carry_every_swept_key_from_the_base() -> None:
@@ -74,7 +77,7 @@ def test_only_train_settings_no_other_step_reads_are_sweepable() -> None:
 
 def test_the_shipped_default_sweep_loads() -> None:
     sweep = load_sweep(PROJECT_ROOT / "sweeps" / "default.yaml", PipelineConfig(), environ={})
-    labels = [label for label, _ in trial_labels(list(sweep.trials))]
+    labels = [label for label, _ in trial_labels(list(sweep.trials), DEFAULTS)]
     # the last trial is the default config; the first (MobileNet v1) is not a "base"
     assert labels[-1] == "defaults" and labels[0].startswith("alpha=0.25, backbone=mobilenet")
     assert len(set(labels)) == len(labels) >= 6
@@ -106,7 +109,7 @@ def _trial(run: str, val: float, test: float, **params: object) -> dict:
 def test_the_best_validation_score_wins_and_test_scores_are_ignored() -> None:
     trials = [_trial("a", 0.60, 0.90), _trial("b", 0.70, 0.40, head_c=0.03),
               _trial("c", 0.70, 0.95, pooling="avg")]
-    ranked = rank_trials(trials, "balanced_accuracy")
+    ranked = rank_trials(trials, "balanced_accuracy", DEFAULTS)
     assert [t.run_id for t in ranked] == ["b", "c", "a"]  # tie: the earlier trial first
     assert ranked[0].label == "head_c=0.03" and ranked[2].label == "defaults"
 
@@ -116,7 +119,7 @@ def test_labels_undo_kfp_metadata_number_widening_and_shorten_paths() -> None:
     trials = [_trial("a", 0.6, 0.6, image_size=224.0, weights="/data/w/v1.h5"),
               _trial("b", 0.7, 0.6, image_size=320.0, weights="/data/w/v2.h5"),
               _trial("c", 0.5, 0.6, image_size=224.0, weights="/data/w/v1.h5", head_c=0.03)]
-    ranked = rank_trials(trials, "balanced_accuracy")
+    ranked = rank_trials(trials, "balanced_accuracy", DEFAULTS)
     assert [t.label for t in ranked] == ["weights=v2.h5", "image_size=224, weights=v1.h5",
                                         "head_c=0.03, image_size=224, weights=v1.h5"]
     assert ranked[0].overrides["image_size"] == 320
@@ -127,7 +130,7 @@ def test_a_trial_without_its_validation_score_is_an_error_not_a_loss() -> None:
     trials = [_trial("a", 0.6, 0.6), {META_RUN_ID: "b", META_TRAIN_PARAMS: {}}]
     with pytest.raises(ValueError, match=r"trial 2 .* no validation score "
                                          r"'model_val_balanced_accuracy'"):
-        rank_trials(trials, "balanced_accuracy")
+        rank_trials(trials, "balanced_accuracy", DEFAULTS)
 
 
 def test_select_copies_the_winner_with_its_metadata_and_the_verdict(tmp_path: Path) -> None:
@@ -138,7 +141,7 @@ def test_select_copies_the_winner_with_its_metadata_and_the_verdict(tmp_path: Pa
         dirs.append(tmp_path / name)
     metadata, _ranked = select_trial(
         dirs, [_trial("a", 0.5, 0.9), _trial("b", 0.8, 0.1, head_c=1.0)],
-        tmp_path / "out", "balanced_accuracy")
+        tmp_path / "out", "balanced_accuracy", DEFAULTS)
     assert (tmp_path / "out" / "model.keras").read_text() == "model b"
     assert metadata[META_RUN_ID] == "b"
     verdict = json.loads((tmp_path / "out" / SWEEP_FILE).read_text())

@@ -32,7 +32,6 @@ import mlflow
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PipelineConfig
 from pipeline.lib import selection, stats, tracking_log, tracking_runs
 from pipeline.lib.contract import (
     CV_SCORE_PREFIX,
@@ -72,11 +71,13 @@ class Trial:
     overrides: dict[str, Any]
 
 
-def trial_labels(params: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+def trial_labels(params: Sequence[Mapping[str, Any]],
+                 defaults: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Per trial: a short label and its values of every setting that differs between trials.
 
-    The label names where a trial departs from the project's default config
-    (:class:`PipelineConfig`), among the settings that differ between trials:
+    The label names where a trial departs from ``defaults`` (the project's default config,
+    which the component passes in: this layer does not read the config), among the settings
+    that differ between trials:
     ``tta_views=8`` rather than all seven swept settings; a trial with the default value of
     every one is ``defaults``. Labels are statements about each trial alone, never relative
     to another trial (a sweep's first trial is not "the base"), and distinct: two trials
@@ -84,13 +85,12 @@ def trial_labels(params: Sequence[Mapping[str, Any]]) -> list[tuple[str, dict[st
     """
     keys = [k for k in sorted(params[0] if params else {})  # metadata keeps no key order
             if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1]
-    defaults = PipelineConfig()
     rows = []
     for p in params:
         overrides = {k: p.get(k) for k in keys}
         label = ", ".join(f"{k}={_short(v)}" for k, v in overrides.items()
                           if json.dumps(v, sort_keys=True)
-                          != json.dumps(getattr(defaults, k, None), sort_keys=True))
+                          != json.dumps(defaults.get(k), sort_keys=True))
         rows.append((label or DEFAULTS_LABEL, overrides))
     return rows
 
@@ -102,7 +102,8 @@ def _short(value: Any) -> Any:
     return value
 
 
-def rank_trials(metadatas: Sequence[Mapping[str, Any]], metric: str) -> list[Trial]:
+def rank_trials(metadatas: Sequence[Mapping[str, Any]], metric: str,
+                defaults: Mapping[str, Any]) -> list[Trial]:
     """The trials, best validation ``metric`` first (ties: the earlier trial first).
 
     ``ValueError`` when a trial lacks its validation score: choosing without it could only
@@ -112,7 +113,8 @@ def rank_trials(metadatas: Sequence[Mapping[str, Any]], metric: str) -> list[Tri
         raise ValueError("the sweep produced no trained trials to choose from")
     key = f"{VAL_SCORE_PREFIX}{metric}"
     # KFP metadata hands whole numbers back as floats (320.0)
-    labels = trial_labels([TrainParams.typed(m.get(META_TRAIN_PARAMS) or {}) for m in metadatas])
+    labels = trial_labels([TrainParams.typed(m.get(META_TRAIN_PARAMS) or {}) for m in metadatas],
+                          defaults)
     trials = []
     for index, (meta, (label, overrides)) in enumerate(zip(metadatas, labels, strict=True)):
         value = meta.get(key)
@@ -201,7 +203,8 @@ def _verdict_rows(trials: Sequence[Trial], choice: selection.Choice | None
 
 
 def select_trial(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[str, Any]],
-                 out_dir: str | Path, metric: str) -> tuple[dict[str, Any], list[Trial]]:
+                 out_dir: str | Path, metric: str,
+                 defaults: Mapping[str, Any]) -> tuple[dict[str, Any], list[Trial]]:
     """Copy the chosen trial's model folder into ``out_dir``; return its metadata and the
     trials in rank order.
 
@@ -212,7 +215,7 @@ def select_trial(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[s
     """
     if len(model_dirs) != len(metadatas):
         raise ValueError(f"{len(model_dirs)} trial models but {len(metadatas)} metadata entries")
-    ranked = rank_trials(metadatas, metric)
+    ranked = rank_trials(metadatas, metric, defaults)
     by_index = {t.index: t for t in ranked}
     evidence = cross_validated_evidence(model_dirs, metadatas,
                                         [by_index[i] for i in range(len(ranked))])
@@ -268,10 +271,15 @@ def _log_ranking(verdict: Mapping[str, Any], metric: str) -> None:
 
 def run_step(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[str, Any]],
              out_dir: str | Path, params: SelectParams,
-             tracking_params: TrackingParams) -> dict[str, Any]:
-    """The ``select_model`` component's body: choose, copy, and label the trials in MLflow."""
+             tracking_params: TrackingParams,
+             defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``select_model`` component's body: choose, copy, and label the trials in MLflow.
+
+    ``defaults``: the default config's train settings, which trial labels are relative to.
+    """
     with tracking_runs.tracked_step("select", tracking_params, params.to_dict()):
-        metadata, ranked = select_trial(model_dirs, metadatas, out_dir, params.gate_metric)
+        metadata, ranked = select_trial(model_dirs, metadatas, out_dir, params.gate_metric,
+                                        defaults)
         verdict = metadata[META_SWEEP]
         _log_ranking(verdict, params.gate_metric)
         tracking_log.log_artifacts(Path(out_dir) / SWEEP_FILE)
