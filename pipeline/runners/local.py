@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -10,9 +11,9 @@ import time
 import typing
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kfp.dsl import ClassificationMetrics, Metrics
 
@@ -183,49 +184,20 @@ def run_local(
                           token=token, existing={p.name for p in output_dir.iterdir()},
                           verbose=verbose,
                           repeats={TRAIN_TASK: len(sweep.trials)} if sweep else None)
-    original, sys.stdout = sys.stdout, console  # type: ignore[assignment]
     # the step processes inherit these: a rerun after a crash resumes the same training
     environment = {RUN_TOKEN_ENV: token, CHECKPOINT_ROOT_ENV: os.environ.get(CHECKPOINT_ROOT_ENV)
                    or str(output_dir / LOCAL_CHECKPOINT_ROOT),
-                   CLI_PID_ENV: str(os.getpid()),  # steps stop once it is gone
                    # a rerun reads the frozen-backbone features an earlier run computed
                    CACHE_ROOT_ENV: os.environ.get(CACHE_ROOT_ENV)
                    or str(output_dir / LOCAL_FEATURE_CACHE)}
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    try:
-        error: RuntimeError | None = None
-        with warnings.catch_warnings(), console.watching():
-            # Expected locally: resources and GPUs are cluster settings; our images are not
-            # named "python"; steps run in this environment, not in the image.
-            warnings.filterwarnings("ignore", message=r".*no effect in the current local runner")
-            warnings.filterwarnings("ignore", message=r".*non-Python base image",
-                                    category=RuntimeWarning)
-            try:
-                task = pipeline_func(**pipeline_arguments(config, tracking_uri))
-            except RuntimeError as exc:  # kfp.local's word for a failed task
-                error = exc
-        # judged by the steps' status files, whatever kfp.local said
-        if failure := first_failure(console.statuses):
-            raise step_failure(console, *failure)
-        if error is not None:
-            raise unexplained_failure(console, error) from None
-        if console.run_dir is None:
-            raise StepFailedError(PIPELINE_NAME,
-                                  f"kfp.local created no run folder in {output_dir}")
+    with console_run(console, environment):
+        task = run_judged(console, PIPELINE_NAME, output_dir,
+                          lambda: pipeline_func(**pipeline_arguments(config, tracking_uri)))
         outputs = dict(task.outputs)
         if sweep is not None:
             verify_trials(console.run_dir, len(sweep.trials))
         cached, registration = verify_local_run(outputs, producers, gated, console.run_dir)
         console.report_unstarted(skipped=[] if outputs["gate_passed"] else [gated])
-    finally:
-        sys.stdout = original
-        console.close()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     return LocalRunResult(
         run_dir=console.run_dir,
         output_dir=output_dir,
@@ -235,6 +207,55 @@ def run_local(
         registration=registration,
         elapsed_s=time.monotonic() - started,
     )
+
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def console_run(console: StepConsole, environment: Mapping[str, str]) -> Iterator[None]:
+    """While a pipeline runs: kfp.local's output goes to ``console`` (the per-step logs) and
+    the step processes inherit ``environment`` plus the CLI's pid (steps stop once it is
+    gone); all restored afterwards."""
+    environment = {**environment, CLI_PID_ENV: str(os.getpid())}
+    saved = {name: os.environ.get(name) for name in environment}
+    original, sys.stdout = sys.stdout, console  # type: ignore[assignment]
+    os.environ.update(environment)
+    try:
+        yield
+    finally:
+        sys.stdout = original
+        console.close()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_judged(console: StepConsole, pipeline_name: str, output_dir: Path,
+               call: Callable[[], T]) -> T:
+    """``call()`` (a kfp.local pipeline run) judged by the steps' status files, whatever
+    kfp.local said: the first failed step, else kfp.local's own error, else a missing run
+    folder raise :class:`StepFailedError`."""
+    error: RuntimeError | None = None
+    with warnings.catch_warnings(), console.watching():
+        # Expected locally: resources and GPUs are cluster settings; our images are not
+        # named "python"; steps run in this environment, not in the image.
+        warnings.filterwarnings("ignore", message=r".*no effect in the current local runner")
+        warnings.filterwarnings("ignore", message=r".*non-Python base image",
+                                category=RuntimeWarning)
+        try:
+            result = call()
+        except RuntimeError as exc:  # kfp.local's word for a failed task
+            error = exc
+    if failure := first_failure(console.statuses):
+        raise step_failure(console, *failure)
+    if error is not None:
+        raise unexplained_failure(console, error) from None
+    if console.run_dir is None:
+        raise StepFailedError(pipeline_name, f"kfp.local created no run folder in {output_dir}")
+    return result
 
 
 def step_failure(console: StepConsole, status: StepStatus, error: str) -> StepFailedError:

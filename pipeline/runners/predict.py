@@ -7,7 +7,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -26,11 +25,9 @@ from pipeline.dag import (
 )
 from pipeline.lib.contract import DRIFT_REPORT_JSON, EXECUTOR_OUTPUT, RUN_TOKEN_ENV
 from pipeline.lib.files import atomic_path, read_json
-from pipeline.lib.interrupts import CLI_PID_ENV
 from pipeline.runners.cluster import SubmitResult, find_version
 from pipeline.runners.console import StepConsole
-from pipeline.runners.local import StepFailedError, step_failure, unexplained_failure
-from pipeline.runners.run_files import first_failure
+from pipeline.runners.local import StepFailedError, console_run, run_judged
 from pipeline.tasks import MLFLOW_CONFIG_MAP
 
 PREDICT_TASKS = ("download-dataset", "predict-images")
@@ -65,40 +62,15 @@ def run_predict_local(config: PipelineConfig, *, model_uri: str = DEFAULT_MODEL_
     token = uuid.uuid4().hex  # as run_local: the run folder is the one its steps mark
     console = StepConsole(sys.stdout, output_dir, PREDICT_TASKS, token=token,
                           existing={p.name for p in output_dir.iterdir()}, verbose=verbose)
-    original, sys.stdout = sys.stdout, console  # type: ignore[assignment]
-    environment = {RUN_TOKEN_ENV: token, CLI_PID_ENV: str(os.getpid())}
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    try:
-        error: RuntimeError | None = None
-        with warnings.catch_warnings(), console.watching():
-            warnings.filterwarnings("ignore", message=r".*no effect in the current local runner")
-            warnings.filterwarnings("ignore", message=r".*non-Python base image",
-                                    category=RuntimeWarning)
-            try:
-                task = pipeline_func(**predict_arguments(config, model_uri, tracking_uri))
-            except RuntimeError as exc:  # kfp.local's word for a failed task
-                error = exc
-        if failure := first_failure(console.statuses):
-            raise step_failure(console, *failure)
-        if error is not None:
-            raise unexplained_failure(console, error) from None
-        if console.run_dir is None:
-            raise StepFailedError(PREDICT_PIPELINE_NAME,
-                                  f"kfp.local created no run folder in {output_dir}")
+    with console_run(console, {RUN_TOKEN_ENV: token}):
+        task = run_judged(console, PREDICT_PIPELINE_NAME, output_dir,
+                          lambda: pipeline_func(**predict_arguments(config, model_uri,
+                                                                    tracking_uri)))
         executor = read_json(console.run_dir / "predict-images" / EXECUTOR_OUTPUT)
         if executor is None:
             raise StepFailedError("predict-images", f"left no {EXECUTOR_OUTPUT}",
                                   console.run_dir)
         console.report_unstarted()
-    finally:
-        sys.stdout = original
-        console.close()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     predictions = Path(task.outputs["predictions"].path)
     metadata = executor["artifacts"]["predictions"]["artifacts"][0].get("metadata", {})
     return PredictRunResult(console.run_dir, predictions / "predictions.csv",
