@@ -137,9 +137,13 @@ def evaluate_model(
     labels_all, preds_all, probs_all = [], [], []
     wrong_images: list[np.ndarray] = []
     wrong_titles: list[str] = []
-    test = inputs.load_examples(data_dir, "test", trained_image_size(model_dir), cache=False)
-    for images, labels in test.batch(config.batch_size).prefetch(2):
-        probs = np.asarray(model.predict_on_batch(images))
+    image_size = trained_image_size(model_dir)
+    test = inputs.load_examples(data_dir, "test", image_size, cache=False)
+    predict = models.view_batched_predictor(model, image_size)
+    # each backbone call takes every view of its images: about batch_size views in all
+    images_per_call = max(1, config.batch_size // models.test_time_view_count(model))
+    for images, labels in test.batch(images_per_call).prefetch(2):
+        probs = predict(images)
         preds = probs.argmax(axis=1)
         labels_np = labels.numpy()
         labels_all.append(labels_np)
