@@ -11,7 +11,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import PipelineConfig
 from pipeline.lib.contract import META_RUN_ID, META_SWEEP, META_TRAIN_PARAMS
-from pipeline.steps.select import SWEEP_FILE, rank_trials, select_trial, trial_labels
+from pipeline.steps.select import SWEEP_FILE, Trial, rank_trials, select_trial, trial_labels
 from pipeline.sweep import MAX_TRIALS, SWEEPABLE, build_sweep, load_sweep
 from tests.support.cli_helpers import V1_BACKBONE, clean_env, run_local_cli, set_flags, succeeded
 from tests.support.paths import PROJECT_ROOT
@@ -145,6 +145,32 @@ def test_select_copies_the_winner_with_its_metadata_and_the_verdict(tmp_path: Pa
     assert verdict == metadata[META_SWEEP]
     assert verdict["winner"] == 1 and [t["val_score"] for t in verdict["trials"]] == [0.5, 0.8]
     assert verdict["trials"][1]["overrides"] == {"head_c": 1.0}
+
+
+@pytest.mark.slow  # an MLflow SQLite store: its schema migrations take 5-20 s
+def test_trial_runs_say_their_rank_and_the_choice_in_name_and_description(
+        tmp_path: Path) -> None:
+    """The MLflow UI shows run names first; the ``sweep.*`` tags sit low in the tag table."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.steps.select import _tag_runs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("sweep")
+    parent, first, second = (client.create_run(experiment).info.run_id for _ in range(3))
+    client.update_run(parent, name="trial 1 · iris-image.zip · 12-02 22:00")
+    ranked = [Trial(1, "head_c=1.0", 0.8, second, {}), Trial(0, "pooling=avg", 0.7, first, {})]
+    _tag_runs(client, ranked, parent, "balanced_accuracy")
+
+    winner, loser = client.get_run(second), client.get_run(first)
+    assert winner.info.run_name == "train · #1 of 2, chosen · head_c=1.0"
+    assert loser.info.run_name == "train · #2 of 2 · pooling=avg"
+    assert loser.data.tags["mlflow.note.content"] == (
+        "Sweep trial 1 (pooling=avg): validation model_val_balanced_accuracy 0.7000, rank 2 of "
+        "2; not chosen (trial 2, head_c=1.0, scored 0.8000).")
+    assert "rank 1 of 2; chosen" in winner.data.tags["mlflow.note.content"]
+    assert (client.get_run(parent).info.run_name
+            == "sweep of 2: head_c=1.0 · iris-image.zip · 12-02 22:00")
 
 
 # --- end to end: two trials through kfp.local ------------------------------------------------

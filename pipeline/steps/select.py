@@ -35,6 +35,7 @@ from pipeline.lib.contract import (
 )
 from pipeline.lib.files import atomic_write_json
 from pipeline.lib.params import SelectParams, TrackingParams, TrainParams
+from pipeline.lib.tracking_store import TAG_NOTE
 
 logger = logging.getLogger(__name__)
 
@@ -115,17 +116,29 @@ def _tag_runs(client: MlflowClient, ranked: Sequence[Trial], parent_id: str,
               metric: str) -> None:
     """Label every trial's run and name the winner on the parent run (tags and run name).
 
-    The parent's name came from the first trial's settings; it becomes ``sweep of N:
-    <winner's label>`` followed by the rest of that name (data set, start time).
+    A trial's run name leads with its validation rank and whether it was chosen
+    (``train · #1 of 2, chosen · pooling=avg``): the MLflow UI shows names at the top of the
+    run list and the Compare view, where the ``sweep.*`` tags sit among many others; the
+    run's description says the same in words. The parent's name came from the first
+    trial's settings; it becomes ``sweep of N: <winner's label>`` followed by the rest of
+    that name (data set, start time).
     """
     winner = ranked[0]
     for rank, trial in enumerate(ranked, start=1):
         if not trial.run_id:
             continue
+        chosen = trial is winner
+        standing = f"#{rank} of {len(ranked)}" + (", chosen" if chosen else "")
+        verdict = ("chosen, evaluated on the test split" if chosen else
+                   f"not chosen (trial {winner.index + 1}, {winner.label}, scored "
+                   f"{winner.val_score:.4f})")
         client.log_batch(trial.run_id, tags=[
             RunTag(TAG_TRIAL, trial.label), RunTag(TAG_RANK, str(rank)),
-            RunTag(TAG_CHOSEN, str(trial is winner).lower())])
-        client.update_run(trial.run_id, name=f"train · {trial.label}"[:250])
+            RunTag(TAG_CHOSEN, str(chosen).lower()),
+            RunTag(TAG_NOTE, f"Sweep trial {trial.index + 1} ({trial.label}): validation "
+                             f"{VAL_SCORE_PREFIX}{metric} {trial.val_score:.4f}, rank {rank} "
+                             f"of {len(ranked)}; {verdict}.")])
+        client.update_run(trial.run_id, name=f"train · {standing} · {trial.label}"[:250])
     if parent_id:
         client.log_batch(parent_id, tags=[
             RunTag(TAG_WINNER, f"{winner.label} (val {metric} {winner.val_score:.3f})"),

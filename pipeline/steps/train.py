@@ -104,7 +104,7 @@ class TrainResult:
     model_val_accuracy: float
     model_val_balanced_accuracy: float
     model_val_macro_f1: float
-    train_seconds: float  # epochs plus feature extraction, over all (resumed) runs
+    fit_seconds: float  # epochs plus feature extraction, over all (resumed) runs
     fit_seconds_this_run: float
     backbone_images: int
     epochs_run: int
@@ -125,7 +125,7 @@ class TrainResult:
     #: The numbers to compare runs by (MLflow metrics); the other fields say how it went.
     METRICS = ("best_val_loss", "best_val_accuracy", f"{VAL_SCORE_PREFIX}accuracy",
                f"{VAL_SCORE_PREFIX}balanced_accuracy", f"{VAL_SCORE_PREFIX}macro_f1",
-               "train_seconds", "fit_seconds_this_run", "backbone_images")
+               "fit_seconds", "fit_seconds_this_run", "backbone_images")
 
     def metrics(self) -> dict[str, float]:
         return {name: float(getattr(self, name)) for name in self.METRICS
@@ -321,7 +321,7 @@ def _result(run: Training, val_scores: Mapping[str, float]) -> TrainResult:
         best_val_loss=best.get("val_loss") if best else None,
         best_val_accuracy=best.get("val_accuracy") if best else None,
         **{f"{VAL_SCORE_PREFIX}{name}": float(value) for name, value in val_scores.items()},
-        train_seconds=round(float(state.train_seconds), 3),
+        fit_seconds=round(float(state.train_seconds), 3),
         fit_seconds_this_run=round(run.fit_seconds, 3),
         backbone_images=run.backbone_images,
         epochs_run=len(state.history),
