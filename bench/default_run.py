@@ -152,7 +152,7 @@ def main() -> int:
                              "(<DIR>/local_outputs/**/logs) show where the time went")
     args = parser.parse_args()
 
-    from pipeline.cli import resolve_config
+    from pipeline.cli_args import resolve_config
 
     overrides = [f"weights={args.weights}", *args.overrides]
     config = resolve_config(None, args.data, overrides, environ={})

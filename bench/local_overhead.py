@@ -33,7 +33,7 @@ from components.evaluate_model import evaluate_model
 from components.preprocess_dataset import preprocess_dataset
 from components.register_model import register_model
 from components.train_model import train_model
-from pipeline.cli import resolve_config
+from pipeline.cli_args import resolve_config
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME
 from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS, PROJECT_ROOT

@@ -28,8 +28,14 @@ labels them) the mean test / validation score, interval width and train seconds;
 test score of the picks ("sweep pick"), how often each trial was picked, and the first
 trial's (the default's) mean beside it. The test split never takes part in a pick.
 
+``--cv-folds K`` sets ``cv_folds``: every trial is also scored out of fold over train +
+validation (its ``cv_balanced_accuracy`` and measured serving cost per image), and the pick is
+the select step's own (``select.select_trial``: with out-of-fold predictions the paired,
+cost-aware rule of ``pipeline/lib/selection.py``, else the best validation score). The JSON
+line gives ``selection_regret``: the best single trial's mean test score minus the picks'.
+
 Run: ``python -m bench.train_quality [--seeds 5] [--skip-seed-cnn] [--set KEY=VALUE ...]
-[--tta-views 8 | --sweep sweeps/default.yaml]``; one JSON line last.
+[--tta-views 8 | --sweep sweeps/default.yaml [--cv-folds 5]]``; one JSON line last.
 """
 
 from __future__ import annotations
@@ -47,15 +53,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from pipeline.cli import parse_overrides
+from pipeline.cli_args import parse_overrides
 from pipeline.config import PipelineConfig
 from pipeline.lib import models
-from pipeline.lib.contract import META_TRAIN_PARAMS, VAL_SCORE_PREFIX
+from pipeline.lib.contract import (
+    CROSS_VALIDATION_FILE,
+    META_SERVING_MS,
+    META_TRAIN_PARAMS,
+    VAL_SCORE_PREFIX,
+)
+from pipeline.lib.files import read_json
 from pipeline.lib.params import EvaluateParams, PreprocessParams, TrainParams
 from pipeline.lib.training import split_scores
 from pipeline.steps.evaluate import evaluate_model
 from pipeline.steps.preprocess import prepare_dataset
-from pipeline.steps.select import rank_trials, trial_labels
+from pipeline.steps.select import select_trial, trial_labels
 from pipeline.steps.train import train_model
 from pipeline.sweep import Sweep, load_sweep
 from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS
@@ -90,8 +102,13 @@ def train_and_evaluate(pipeline_config: PipelineConfig, data_dir: Path, work: Pa
         "eval_wall_seconds": round(evaluated - trained, 1),
         "epochs": summary.epochs_run,
         "best_epoch": summary.best_epoch,
-        "best_val_accuracy": round(summary.best_val_accuracy, 4),
+        "best_val_accuracy": (None if summary.best_val_accuracy is None
+                              else round(summary.best_val_accuracy, 4)),
     }
+    cross_validation = read_json(model_dir / CROSS_VALIDATION_FILE)
+    if cross_validation:
+        row["cv_balanced_accuracy"] = round(cross_validation[f"cv_{METRIC}"], 4)
+        row[META_SERVING_MS] = round(cross_validation[META_SERVING_MS], 2)
     return row, summary
 
 
@@ -119,10 +136,15 @@ def run_sweep(sweep: Sweep, labels: list[str], base: PipelineConfig, data_dir: P
         row = {"seed": seed, "trial": index + 1, "label": label, **row}
         rows.append(row)
         # what the select step reads from each trial's model metadata (unrounded)
-        metadatas.append({META_TRAIN_PARAMS: trial, VAL_KEY: getattr(summary, VAL_KEY)})
+        figures = read_json(work / f"trial{index + 1}-model" / CROSS_VALIDATION_FILE) or {}
+        metadatas.append({META_TRAIN_PARAMS: trial, VAL_KEY: getattr(summary, VAL_KEY),
+                          **figures})
         print(json.dumps({"sweep_trial": row}), flush=True)
     seconds = time.perf_counter() - started
-    chosen = rank_trials(metadatas, METRIC)[0]
+    _, ranked = select_trial([work / f"trial{i + 1}-model" for i in range(len(rows))],
+                             metadatas, work / "selected", METRIC)
+    chosen = next(t for t in ranked if t.index == read_json(
+        work / "selected" / "sweep.json")["winner"])
     pick = {"seed": seed, "trial": chosen.index + 1, "label": labels[chosen.index],
             "val_balanced_accuracy": rows[chosen.index]["val_balanced_accuracy"],
             "balanced_accuracy": rows[chosen.index]["balanced_accuracy"],
@@ -148,6 +170,10 @@ def sweep_result(sweep: Sweep, labels: list[str], rows: list[dict],
             "val_per_seed": [r["val_balanced_accuracy"] for r in mine],
             "picked": sum(p["trial"] == index + 1 for p in picks),
         })
+        if all("cv_balanced_accuracy" in r for r in mine):
+            trials[-1]["mean_cv_balanced_accuracy"] = mean(mine, "cv_balanced_accuracy")
+            trials[-1]["mean_serving_ms_per_image"] = mean(mine, META_SERVING_MS)
+    best = max(t["mean_balanced_accuracy"] for t in trials)
     return {
         "trials": trials,
         "picks": picks,
@@ -158,6 +184,8 @@ def sweep_result(sweep: Sweep, labels: list[str], rows: list[dict],
             "mean_sweep_wall_seconds": round(mean(picks, "sweep_wall_seconds"), 1),
             "max_sweep_wall_seconds": max(p["sweep_wall_seconds"] for p in picks),
         },
+        # the best single trial's mean test score minus the picks' (0: the rule never lost)
+        "selection_regret": round(best - mean(picks, "balanced_accuracy"), 4),
         "default": {"trial": 1, "label": labels[0],
                     "mean_balanced_accuracy": trials[0]["mean_balanced_accuracy"],
                     "mean_val_balanced_accuracy": trials[0]["mean_val_balanced_accuracy"]},
@@ -181,12 +209,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also score each trained model with this many test-time views")
     parser.add_argument("--sweep", metavar="FILE", type=Path,
                         help="measure every trial of this sweep file and the sweep's pick")
+    parser.add_argument("--cv-folds", type=int, default=0,
+                        help="cross-validate every trial with this many folds (cv_folds)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.sweep and args.tta_views:
         parser.error("--tta-views does not combine with --sweep (a trial sets tta_views)")
     try:
         overrides = parse_overrides(args.set)
+        if args.cv_folds:
+            overrides["cv_folds"] = str(args.cv_folds)
         sweep = labels = None
         if args.sweep:
             sweep = load_sweep(args.sweep, PipelineConfig.from_mapping(

@@ -28,6 +28,7 @@ def train_model(
     tta_views: int,
     head_feature_views: int,
     head_c: float,
+    cv_folds: int,
     epochs: int,
     steps_per_epoch: int,
     learning_rate: float,

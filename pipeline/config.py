@@ -18,7 +18,8 @@ from pipeline.lib.archive import (
     DEFAULT_MAX_ENTRY_RATIO,
     DEFAULT_MAX_IMAGE_BYTES,
 )
-from pipeline.lib.backbones import BACKBONES, MODELS, canonical_model
+from pipeline.lib.backbones import BACKBONES, MODELS, TRANSFER, canonical_model
+from pipeline.lib.folds import MAX_FOLDS, MIN_FOLDS
 from pipeline.lib.params import TTA_VIEWS, StepParams
 
 P = typing.TypeVar("P", bound=StepParams)
@@ -115,6 +116,10 @@ class PipelineConfig:
     # better held-out scores than end-to-end head epochs); 0 trains it on images end to end
     head_feature_views: int = 8
     head_c: float = 0.003  # inverse L2 strength of that head (as in logistic regression)
+    # k-fold cross-validation over train + validation (frozen-backbone feature head only):
+    # the out-of-fold score, with its interval, is what a sweep chooses on; 0 keeps the
+    # single validation split (README: Sweeps, Cross-validation)
+    cv_folds: int = 0
     class_weights: bool = True  # weight the loss by inverse class frequency
     mixed_precision: bool = True  # mixed_float16 when a GPU is present (ignored on CPU)
     xla: bool = False  # jit_compile the train step
@@ -309,6 +314,7 @@ RANGES: dict[str, Bounds] = {
     "early_stopping_patience": Bounds(0, MAX_EPOCHS),
     "head_feature_views": Bounds(0, 1024),  # cached features grow with it
     "head_c": Bounds(0.0, 1e6, low_open=True),
+    "cv_folds": Bounds(0, MAX_FOLDS),  # and not 1: one fold has nothing to train on
     "gate_threshold": Bounds(0.0, 1.0),  # every gate metric is a share in [0, 1]
     "promotion_margin": Bounds(0, 1, high_open=True),
 }
@@ -358,6 +364,7 @@ def validate(config: PipelineConfig) -> None:
             problems.append(f"{name}={getattr(config, name)!r} is not one of {list(allowed)}")
     if config.tta_views not in TTA_VIEWS:
         problems.append(f"tta_views={config.tta_views!r} is not one of {list(TTA_VIEWS)}")
+    problems += cv_problems(config)
     if config.val_fraction + config.test_fraction >= MAX_HELD_OUT_FRACTION:
         problems.append(f"val_fraction + test_fraction must stay below {MAX_HELD_OUT_FRACTION} "
                         "(at least 10% for training), got "
@@ -379,6 +386,25 @@ def validate(config: PipelineConfig) -> None:
         )
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def cv_problems(config: PipelineConfig) -> list[str]:
+    """Why ``cv_folds`` cannot be used with this config (empty: it can, or it is off).
+
+    Folds run inside the train step on the frozen backbone's features (a head fit per fold);
+    with a trained backbone every fold would be a full training, k of them per trial.
+    """
+    if config.cv_folds == 0:
+        return []
+    if config.cv_folds < MIN_FOLDS:
+        return [f"cv_folds={config.cv_folds}: cross-validation needs {MIN_FOLDS} to "
+                f"{MAX_FOLDS} folds (0 turns it off)"]
+    if (config.model != TRANSFER or config.head_feature_views == 0
+            or config.fine_tune_epochs > 0):
+        return [f"cv_folds={config.cv_folds} needs the frozen-backbone feature head (model="
+                "transfer, head_feature_views > 0, fine_tune_epochs=0): end to end, each "
+                "fold would be a full training"]
+    return []
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str]:

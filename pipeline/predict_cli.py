@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli_closing import ui_command
 from pipeline.config import PipelineConfig
 from pipeline.lib import drift
 from pipeline.lib.contract import META_FILES_SKIPPED, META_PREDICTED_COUNTS, META_RUN_ID
@@ -86,8 +87,6 @@ def check_model(args: argparse.Namespace, config: PipelineConfig) -> None:
 
 def closing_block(result: Any, tracking_uri: str) -> list[str]:
     """The lines a finished local batch-prediction run ends with."""
-    from pipeline.cli import ui_command
-
     meta = result.metadata
     counts: Mapping[str, Any] = meta.get(META_PREDICTED_COUNTS, {})
     total = sum(int(n) for n in counts.values())

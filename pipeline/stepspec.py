@@ -12,6 +12,7 @@ a step ends (:attr:`StepSpec.show`, from the result the step left in its task fo
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -24,7 +25,7 @@ from components.preprocess_dataset import preprocess_dataset
 from components.register_model import register_model
 from components.select_model import select_model
 from components.train_model import train_model
-from pipeline.lib import contract
+from pipeline.lib import contract, stats
 from pipeline.lib.params import (
     DownloadParams,
     EvaluateParams,
@@ -104,6 +105,14 @@ def _show_preprocess(result: Mapping[str, Any]) -> str:
 
 
 def _show_train(result: Mapping[str, Any]) -> str:
+    cv = f"{contract.CV_SCORE_PREFIX}balanced_accuracy"
+    if cv in result:
+        low, high = (result.get(k) for k in stats.ci_keys(cv))
+        # KFP metadata hands whole numbers back as floats
+        return (f"cross-validated balanced_accuracy {_fmt(result[cv])} [{_fmt(low)}, "
+                f"{_fmt(high)}] over {int(result.get('cv_folds', 0))} folds; final head "
+                f"{int(result.get('cv_final_epochs', 0))} epochs on train + val; serving "
+                f"{float(result.get(contract.META_SERVING_MS, math.nan)):.1f} ms/image")
     score = result.get(f"{contract.VAL_SCORE_PREFIX}balanced_accuracy")
     return (f"val balanced_accuracy {_fmt(score)} (best epoch {_fmt(result.get('best_epoch'))} "
             f"of {_fmt(result.get('epochs_run'))})")
@@ -115,6 +124,8 @@ def _show_select(result: Mapping[str, Any]) -> str:
     winner = next((t for t in trials if t.get("trial") == sweep.get("winner")), None)
     if winner is None:
         return ""
+    if "cv_score" in winner:
+        return str(sweep.get("summary", ""))
     return (f"trial {int(winner['trial']) + 1} of {len(trials)} ({winner['label']}) chosen on "
             f"validation, {sweep.get('metric')} {_fmt(winner['val_score'])}")
 

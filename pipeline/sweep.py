@@ -37,10 +37,14 @@ from pipeline.lib.credentials import has_credentials
 from pipeline.lib.params import TrackingParams, TrainParams
 from pipeline.stepspec import STEP_PARAMS
 
+#: Train-step settings every trial must share: the choice between cross-validated trials
+#: pairs their out-of-fold predictions, so all must hold out the same folds.
+SAME_FOR_EVERY_TRIAL = frozenset({"cv_folds"})
 #: Train-step settings no other step reads: the ones a trial may change.
 SWEEPABLE: frozenset[str] = frozenset(TrainParams.field_names()) - {
     name for step, classes in STEP_PARAMS.items() if step != "train_model"
-    for cls in classes if cls is not TrackingParams for name in cls.field_names()}
+    for cls in classes if cls is not TrackingParams for name in cls.field_names()
+} - SAME_FOR_EVERY_TRIAL
 #: More trials than this is almost surely a grid typo (and a very long local run).
 MAX_TRIALS = 64
 MAX_PARALLELISM = 32
@@ -182,5 +186,6 @@ def load_sweep(path: str | Path, base: PipelineConfig,
         raise ValueError(f"sweep file {str(path)!r}: {exc}") from exc
 
 
-__all__ = ["MAX_TRIALS", "SWEEPABLE", "Sweep", "build_sweep", "expand_env", "load_sweep"]
+__all__ = ["MAX_TRIALS", "SAME_FOR_EVERY_TRIAL", "SWEEPABLE", "Sweep", "build_sweep", "expand_env",
+           "load_sweep"]
 

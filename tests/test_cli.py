@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import closing_block, main, parse_overrides, resolve_config
+from pipeline.cli import main
+from pipeline.cli_args import parse_overrides, resolve_config
+from pipeline.cli_closing import closing_block
 from pipeline.config import (
     DEFAULT_DATA_SHA256,
     DEFAULT_DATA_SOURCE,
     ENV_OVERRIDES,
     PipelineConfig,
 )
+from pipeline.lib.fetch import fetch_dataset
 from pipeline.lib.files import file_sha256
-from pipeline.steps.download import fetch_dataset
 from tests.support.paths import PROJECT_ROOT
 
 

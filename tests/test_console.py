@@ -199,9 +199,9 @@ def test_a_failed_steps_last_lines_keep_the_error_but_not_the_traceback() -> Non
              '  File "/x/download.py", line 3, in fetch', "    raise NotAnArchiveError(url)",
              "", "During handling of the above exception, another exception occurred:", "",
              "Traceback (most recent call last):", '  File "/x/y.py", line 9, in run',
-             "pipeline.steps.download.NotAnArchiveError: data.zip is an HTML page",
+             "pipeline.lib.sniff.NotAnArchiveError: data.zip is an HTML page",
              "ERROR task failed"]
     assert without_tracebacks(lines) == [
         "INFO fetching data.zip",
-        "pipeline.steps.download.NotAnArchiveError: data.zip is an HTML page",
+        "pipeline.lib.sniff.NotAnArchiveError: data.zip is an HTML page",
         "ERROR task failed"]

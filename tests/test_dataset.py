@@ -23,7 +23,8 @@ from pipeline.dag import pipeline_arguments
 from pipeline.lib import records
 from pipeline.lib.contract import DATA_REPORT_JSON, DATA_REPORT_MD, META_PATH
 from pipeline.lib.params import PreprocessParams
-from pipeline.steps.preprocess import prepare_dataset, split_sizes
+from pipeline.lib.splits import split_sizes
+from pipeline.steps.preprocess import prepare_dataset
 from tests.support.imagegen import image_bytes, tar_entries, write_class_folders, zip_folder
 from tests.support.prepared import load_report
 

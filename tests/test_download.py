@@ -20,7 +20,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline.steps.download import DownloadError, fetch_dataset
+from pipeline.lib.fetch import fetch_dataset
+from pipeline.lib.transfer import DownloadError
 from tests.support.paths import PROJECT_ROOT
 
 PAYLOAD = b"PK\x03\x04not-really-a-zip-but-the-magic-is-right" * 1000  # passes the archive sniff
@@ -334,7 +335,7 @@ def test_sigterm_during_a_download_removes_the_part_file(server: Server, tmp_pat
     server.mode = "trickle"
     server.trickle_s = 30.0
     dest = tmp_path / "d"
-    code = (f"from pipeline.steps.download import fetch_dataset; "
+    code = (f"from pipeline.lib.fetch import fetch_dataset; "
             f"fetch_dataset({server.url!r}, {str(dest)!r}, None, "
             f"cache_dir={str(tmp_path / 'c')!r}, retries=0)")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT,

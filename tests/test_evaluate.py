@@ -136,10 +136,10 @@ def test_evaluate_real_model_on_test_split(tmp_path_factory, iris_data, referenc
     assert metrics["gate_value"] == metrics["balanced_accuracy"]
     assert metrics["gate_passed"] == (metrics["gate_value"] >= metrics["gate_threshold"])
     for name in ("confusion_matrix.png", "training_curves.png", "misclassified.png",
-                 "report.html"):
+                 "confident_correct.png", "report.html"):
         assert (out / name).stat().st_size > 0
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "iris-virginica" in page
+    assert page.count("data:image/png;base64,") == 4 and "iris-virginica" in page
 
     strict = evaluate_model(model_dir, data_dir, root / "strict",
                             dataclasses.replace(small_eval(), gate_metric="macro_f1",

@@ -21,13 +21,15 @@ from pathlib import Path
 import pytest
 
 from pipeline import sweep
-from pipeline.cli import main, resolve_config
+from pipeline.cli import main
+from pipeline.cli_args import resolve_config
 from pipeline.config import RANGES, PipelineConfig
 from pipeline.lib.contract import EXECUTOR_OUTPUT, META_SKIPPED
+from pipeline.lib.fetch import fetch_dataset
 from pipeline.lib.params import DownloadParams, PreprocessParams
+from pipeline.lib.sniff import NotAnArchiveError, archive_kind
 from pipeline.runners import StepFailedError
 from pipeline.steps import download, preprocess
-from pipeline.steps.download import NotAnArchiveError, fetch_dataset
 from pipeline.stepspec import SPECS_BY_TASK
 from tests.support.imagegen import image_bytes, write_class_folders, zip_folder
 from tests.support.prepared import load_report
@@ -351,4 +353,4 @@ def test_zip_members_are_still_told_by_content(tmp_path: Path) -> None:
     with zipfile.ZipFile(archive, "w") as handle:
         handle.writestr("a/x.jpg", image_bytes(2))
     with open(archive, "rb") as handle:
-        assert download.archive_kind(handle) == "zip"
+        assert archive_kind(handle) == "zip"

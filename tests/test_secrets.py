@@ -33,9 +33,10 @@ from pipeline.lib.credentials import (
     redact_uri,
     split_credentials,
 )
+from pipeline.lib.fetch import fetch_dataset
 from pipeline.lib.tracking_store import TrackingUriMissingError, resolve_tracking_uri
+from pipeline.lib.transfer import DownloadError
 from pipeline.runners import StepFailedError, compile_pipeline
-from pipeline.steps.download import DownloadError, fetch_dataset
 from tests.support.auth_servers import auth_proxy, file_server
 from tests.support.cli_helpers import (
     PROJECT_ROOT,

@@ -12,7 +12,7 @@ from pipeline.cli import main
 from pipeline.config import PipelineConfig
 from pipeline.lib.contract import META_RUN_ID, META_SWEEP, META_TRAIN_PARAMS
 from pipeline.steps.select import SWEEP_FILE, Trial, rank_trials, select_trial, trial_labels
-from pipeline.sweep import MAX_TRIALS, SWEEPABLE, build_sweep, load_sweep
+from pipeline.sweep import MAX_TRIALS, SAME_FOR_EVERY_TRIAL, SWEEPABLE, build_sweep, load_sweep
 from tests.support.cli_helpers import V1_BACKBONE, clean_env, run_local_cli, set_flags, succeeded
 from tests.support.paths import PROJECT_ROOT
 
@@ -66,7 +66,7 @@ def test_only_train_settings_no_other_step_reads_are_sweepable() -> None:
 
     others = {name for step, classes in STEP_PARAMS.items() if step != "train_model"
               for cls in classes for name in cls.field_names()}
-    assert set(TrainParams.field_names()) - others == SWEEPABLE
+    assert set(TrainParams.field_names()) - others - SAME_FOR_EVERY_TRIAL == SWEEPABLE
     # what the default sweep varies must stay sweepable
     assert {"backbone", "alpha", "pooling", "head_c", "image_size", "head_feature_views",
             "tta_views", "weights"} <= SWEEPABLE
@@ -160,14 +160,15 @@ def test_trial_runs_say_their_rank_and_the_choice_in_name_and_description(
     parent, first, second = (client.create_run(experiment).info.run_id for _ in range(3))
     client.update_run(parent, name="trial 1 · iris-image.zip · 12-02 22:00")
     ranked = [Trial(1, "head_c=1.0", 0.8, second, {}), Trial(0, "pooling=avg", 0.7, first, {})]
-    _tag_runs(client, ranked, parent, "balanced_accuracy")
+    _tag_runs(client, ranked, ranked[0], parent, "model_val_balanced_accuracy",
+              "trial 2 has the best validation balanced_accuracy, 0.800: chosen")
 
     winner, loser = client.get_run(second), client.get_run(first)
     assert winner.info.run_name == "train · #1 of 2, chosen · head_c=1.0"
     assert loser.info.run_name == "train · #2 of 2 · pooling=avg"
     assert loser.data.tags["mlflow.note.content"] == (
-        "Sweep trial 1 (pooling=avg): validation model_val_balanced_accuracy 0.7000, rank 2 of "
-        "2; not chosen (trial 2, head_c=1.0, scored 0.8000).")
+        "Sweep trial 1 (pooling=avg): model_val_balanced_accuracy 0.7000, rank 2 of 2; "
+        "not chosen (trial 2, head_c=1.0, scored 0.8000).")
     assert "rank 1 of 2; chosen" in winner.data.tags["mlflow.note.content"]
     assert (client.get_run(parent).info.run_name
             == "sweep of 2: head_c=1.0 · iris-image.zip · 12-02 22:00")

@@ -50,6 +50,14 @@ META_DATASET_DIGEST = "mlflow_dataset_digest"
 #: Metadata and MLflow metrics: the exported model's scores on the validation split (with its
 #: test-time views), ``model_val_<metric>``: what a sweep chooses its trial on.
 VAL_SCORE_PREFIX = "model_val_"
+#: With ``cv_folds``: the out-of-fold predictions over train + validation (a
+#: :class:`pipeline.lib.stats.Predictions` CSV) and the cross-validation's figures
+#: (``cv_<metric>`` with ``_ci_low``/``_ci_high``, per fold, epochs), also in the metadata.
+OOF_PREDICTIONS_FILE = "oof_predictions.csv"
+CROSS_VALIDATION_FILE = "cross_validation.json"
+CV_SCORE_PREFIX = "cv_"
+#: Metadata and MLflow metric: measured milliseconds per served image, test-time views included.
+META_SERVING_MS = "serving_ms_per_image"
 #: The training images' feature summary the drift check compares new images with
 #: (``pipeline.lib.drift.Reference``); also an artifact of the logged MLflow model.
 DRIFT_REFERENCE_FILE = "drift_reference.npz"

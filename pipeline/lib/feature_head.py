@@ -185,6 +185,15 @@ def _compute_missing(core: keras.Model, data_dir: Path | None, split: str, confi
     return missing
 
 
+def head_model(width: int, num_classes: int, config: TrainParams, rows: int) -> keras.Model:
+    """The softmax head on ``width`` standardized features, L2 as in :class:`FeatureHead`."""
+    features = keras.Input(shape=(width,), name="features")
+    dense = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name=models.HEAD,
+        kernel_regularizer=keras.regularizers.L2(1.0 / (2.0 * config.head_c * rows)))
+    return keras.Model(features, dense(features), name="feature_head")
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureHead:
     """The softmax head as its own small model on standardized cached features.
@@ -226,11 +235,7 @@ class FeatureHead:
         mean = x_train.mean(axis=0)
         std = x_train.std(axis=0) + 1e-6
         rows = len(y_train)
-        features = keras.Input(shape=(x_train.shape[1],), name="features")
-        dense = keras.layers.Dense(
-            num_classes, activation="softmax", dtype="float32", name=models.HEAD,
-            kernel_regularizer=keras.regularizers.L2(1.0 / (2.0 * config.head_c * rows)))
-        model = keras.Model(features, dense(features), name="feature_head")
+        model = head_model(x_train.shape[1], num_classes, config, rows)
         examples = tf.data.Dataset.from_tensor_slices(((x_train - mean) / std, y_train))
         batches, steps = inputs.epoch_batches(examples, rows, config, first_epoch=first_epoch,
                                             last_epoch=last_epoch, augmenter=None)

@@ -97,6 +97,7 @@ class TrainParams(StepParams):
     early_stopping_patience: int
     head_feature_views: int
     head_c: float
+    cv_folds: int
     class_weights: bool
     mixed_precision: bool
     xla: bool

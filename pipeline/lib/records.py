@@ -4,7 +4,7 @@ A prepared data set is one self-contained directory, so a later step on another 
 needs nothing else::
 
     <root>/classes.json          ["iris-setosa", "iris-versicolour", "iris-virginica"]
-    <root>/data_report.json      counts, skipped files, duplicates (see steps/preprocess.py)
+    <root>/data_report.json      counts, skipped files, duplicates (see lib/data_report.py)
     <root>/data_report.md        the same for people
     <root>/<split>/<split>-00000-of-00002.tfrecord   split in SPLITS
 

@@ -8,12 +8,14 @@ from typing import Any
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME
 from pipeline.lib.contract import (
+    CV_SCORE_PREFIX,
     DATA_REPORT_JSON,
     META_EXPERIMENT_ID,
     META_GATE_METRIC,
     META_MODEL_URI,
     META_PARENT_RUN_ID,
     META_RUN_ID,
+    META_SERVING_MS,
     META_SHA256,
     META_SOURCE,
     META_SWEEP,
@@ -69,6 +71,9 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
         "registration": result.registration,
         # with --sweep: each trial's label and validation score, and the chosen one's index
         "sweep": model_meta.get(META_SWEEP),
+        # with cv_folds: the (chosen) model's out-of-fold estimate over train + validation,
+        # beside the test score (on small data the steadier of the two)
+        "cross_validation": cross_validation(model_meta),
         "mlflow": {
             "tracking_uri": model_meta.get(META_TRACKING_URI, tracking_uri),
             "experiment_name": config.experiment_name,
@@ -92,6 +97,13 @@ def build_summary(result: LocalRunResult, config: PipelineConfig,
     }
 
 
+def cross_validation(model_meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The train step's cross-validated figures (``cv_*`` and the serving cost), if any."""
+    figures = {k: v for k, v in model_meta.items()
+               if k.startswith(CV_SCORE_PREFIX) or k == META_SERVING_MS}
+    return figures if CV_SCORE_PREFIX + "folds" in figures else None
+
+
 def failure_summary(error: StepFailedError, config: PipelineConfig) -> dict[str, Any]:
     """The ``--summary`` JSON of a failed run: which step, what error, where its outputs are."""
     return {
@@ -104,4 +116,4 @@ def failure_summary(error: StepFailedError, config: PipelineConfig) -> dict[str,
     }
 
 
-__all__ = ["build_summary", "failure_summary"]
+__all__ = ["build_summary", "cross_validation", "failure_summary"]

@@ -105,6 +105,132 @@ def passes_gate(value: float, threshold: float) -> bool:
     return bool(value >= threshold)
 
 
+def _load_checked_model(model_dir: Path, data_dir: Path, classes: list[str]) -> Any:
+    """The Keras model in ``model_dir``, refused unless it predicts ``classes``."""
+    model_classes = read_json(model_dir / CLASSES_FILE)
+    if model_classes is not None and list(model_classes) != classes:
+        raise ValueError(
+            f"the model in {str(model_dir)!r} was trained on classes {model_classes}, but the "
+            f"data set in {str(data_dir)!r} has {classes}"
+        )
+    model = models.load_model(model_dir)
+    if model.output_shape[-1] != len(classes):
+        raise ValueError(f"model predicts {model.output_shape[-1]} classes, data set has "
+                         f"{len(classes)}")
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class _TestScores:
+    """The model's answers on the test split, and the first misclassified images to show."""
+
+    predictions: stats.Predictions
+    wrong_images: list[np.ndarray]
+    wrong_titles: list[str]
+
+
+def _score_test_split(model: Any, data_dir: Path, classes: list[str], image_size: int,
+                      batch_size: int) -> _TestScores:
+    """Predict every test image once, in the order ``inputs.read_index`` lists them."""
+    labels_all, preds_all, probs_all = [], [], []
+    wrong_images: list[np.ndarray] = []
+    wrong_titles: list[str] = []
+    test = inputs.load_examples(data_dir, "test", image_size, cache=False)
+    predict = models.view_batched_predictor(model, image_size)
+    # each backbone call takes every view of its images: about batch_size views in all
+    images_per_call = max(1, batch_size // models.test_time_view_count(model))
+    for images, labels in test.batch(images_per_call).prefetch(2):
+        probs = predict(images)
+        preds = probs.argmax(axis=1)
+        labels_np = labels.numpy()
+        labels_all.append(labels_np)
+        preds_all.append(preds)
+        probs_all.append(probs)
+        for i in np.flatnonzero(preds != labels_np):
+            if len(wrong_images) < MAX_MISCLASSIFIED_SHOWN:
+                wrong_images.append(images[i].numpy())
+                wrong_titles.append(gallery.title(classes, int(labels_np[i]), probs[i]))
+    if not labels_all:
+        raise ValueError(f"the test split under {str(data_dir)!r} is empty")
+    y_true = np.concatenate(labels_all)
+    image_ids, indexed_labels = inputs.read_index(data_dir, "test")
+    if not np.array_equal(indexed_labels, y_true):
+        raise RuntimeError(f"the test records under {str(data_dir)!r} were read in two "
+                           "different orders; per-image predictions would be mislabelled")
+    predictions = stats.Predictions(tuple(image_ids), y_true, np.concatenate(preds_all),
+                                    np.concatenate(probs_all), tuple(classes))
+    return _TestScores(predictions, wrong_images, wrong_titles)
+
+
+def _metrics_with_intervals(y_true: np.ndarray, y_pred: np.ndarray,
+                            classes: list[str]) -> dict[str, Any]:
+    """Each metric with its bootstrap interval, per-class figures and the confusion matrix."""
+    metrics: dict[str, Any] = {}
+    intervals = stats.bootstrap_intervals(y_true, y_pred, len(classes))
+    for name, point in score(y_true, y_pred, len(classes)).items():
+        low, high = stats.ci_keys(name)
+        metrics.update({name: point, low: intervals[name][0], high: intervals[name][1]})
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(classes))), zero_division=0)
+    recall_ci = [interval or (None, None) for interval in intervals["recall"]]
+    metrics["per_class"] = {
+        c: {"precision": float(precision[i]), "recall": float(recall[i]),
+            "recall_ci_low": recall_ci[i][0], "recall_ci_high": recall_ci[i][1],
+            "f1": float(f1[i]), "support": int(support[i])}
+        for i, c in enumerate(classes)
+    }
+    metrics["confusion_matrix"] = stats.confusion(y_true, y_pred, len(classes)).tolist()
+    metrics["classes"] = classes
+    metrics["interval_method"] = (
+        f"{stats.CONFIDENCE:.0%} percentile interval, rescaled stratified bootstrap over test "
+        f"images, {stats.RESAMPLES} resamples, seed {stats.SEED}")
+    return metrics
+
+
+def _majority_baseline(data_dir: Path, y_true: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """The scores of predicting the training split's majority class for every test image."""
+    train_labels = inputs.read_labels(data_dir, "train")
+    majority = int(np.bincount(train_labels, minlength=len(classes)).argmax()) if len(
+        train_labels) else int(np.bincount(y_true, minlength=len(classes)).argmax())
+    baseline = score(y_true, np.full_like(y_true, majority), len(classes))
+    return {"strategy": "majority class of the training split", "class": classes[majority],
+            **baseline}
+
+
+def _write_artifacts(metrics: dict[str, Any], scores: _TestScores, model_dir: Path,
+                     data_dir: Path, out_dir: Path, data_report: dict[str, Any] | None) -> None:
+    """The figures, ``report.html``, ``predictions.csv`` and ``metrics.json`` in ``out_dir``."""
+    history = read_json(model_dir / HISTORY_FILE) or []
+    figures = {
+        "confusion_matrix": report.plot_confusion_matrix(
+            metrics["confusion_matrix"], metrics["classes"], out_dir / CONFUSION_PNG),
+        "training_curves": report.plot_training_curves(history, out_dir / CURVES_PNG),
+        "misclassified": report.plot_image_grid(scores.wrong_images, scores.wrong_titles,
+                                                out_dir / MISCLASSIFIED_PNG),
+        "confident_correct": gallery.confident_correct(
+            data_dir, trained_image_size(model_dir), scores.predictions,
+            out_dir / gallery.CONFIDENT_PNG),
+    }
+    report.render_html(metrics, data_report, figures, out_dir / REPORT_FILE)
+    scores.predictions.write_csv(out_dir / PREDICTIONS_FILE)
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
+
+
+def _log_result(metrics: Mapping[str, Any], gated: str) -> None:
+    baseline = metrics["baseline"]
+    logger.info(
+        "test split (%d images): accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f "
+        "(majority baseline %.3f / %.3f / %.3f); 95%% CI %s; gate %s %.3f >= %.3f: %s",
+        metrics["test_examples"], metrics["accuracy"], metrics["balanced_accuracy"],
+        metrics["macro_f1"], baseline["accuracy"], baseline["balanced_accuracy"],
+        baseline["macro_f1"],
+        " / ".join("[{:.3f}, {:.3f}]".format(*(metrics[k] for k in stats.ci_keys(name)))
+                   for name in stats.METRICS),
+        gated, metrics["gate_value"], metrics["gate_threshold"],
+        "passed" if metrics["gate_passed"] else "failed",
+    )
+
+
 def evaluate_model(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -122,76 +248,13 @@ def evaluate_model(
     """
     model_dir, data_dir, out_dir = Path(model_dir), Path(data_dir), Path(out_dir)
     classes = records.load_classes(data_dir)
-    model_classes = read_json(model_dir / CLASSES_FILE)
-    if model_classes is not None and list(model_classes) != classes:
-        raise ValueError(
-            f"the model in {str(model_dir)!r} was trained on classes {model_classes}, but the "
-            f"data set in {str(data_dir)!r} has {classes}"
-        )
-    model = models.load_model(model_dir)
-    if model.output_shape[-1] != len(classes):
-        raise ValueError(f"model predicts {model.output_shape[-1]} classes, data set has "
-                         f"{len(classes)}")
+    model = _load_checked_model(model_dir, data_dir, classes)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    labels_all, preds_all, probs_all = [], [], []
-    wrong_images: list[np.ndarray] = []
-    wrong_titles: list[str] = []
-    image_size = trained_image_size(model_dir)
-    test = inputs.load_examples(data_dir, "test", image_size, cache=False)
-    predict = models.view_batched_predictor(model, image_size)
-    # each backbone call takes every view of its images: about batch_size views in all
-    images_per_call = max(1, config.batch_size // models.test_time_view_count(model))
-    for images, labels in test.batch(images_per_call).prefetch(2):
-        probs = predict(images)
-        preds = probs.argmax(axis=1)
-        labels_np = labels.numpy()
-        labels_all.append(labels_np)
-        preds_all.append(preds)
-        probs_all.append(probs)
-        for i in np.flatnonzero(preds != labels_np):
-            if len(wrong_images) < MAX_MISCLASSIFIED_SHOWN:
-                wrong_images.append(images[i].numpy())
-                wrong_titles.append(gallery.title(classes, int(labels_np[i]), probs[i]))
-    if not labels_all:
-        raise ValueError(f"the test split under {str(data_dir)!r} is empty")
-    y_true = np.concatenate(labels_all)
-    y_pred = np.concatenate(preds_all)
-    every = list(range(len(classes)))
-    image_ids, indexed_labels = inputs.read_index(data_dir, "test")
-    if not np.array_equal(indexed_labels, y_true):
-        raise RuntimeError(f"the test records under {str(data_dir)!r} were read in two "
-                           "different orders; per-image predictions would be mislabelled")
-    predictions = stats.Predictions(tuple(image_ids), y_true, y_pred,
-                                    np.concatenate(probs_all), tuple(classes))
-
-    metrics: dict[str, Any] = {}
-    intervals = stats.bootstrap_intervals(y_true, y_pred, len(classes))
-    for name, point in score(y_true, y_pred, len(classes)).items():
-        low, high = stats.ci_keys(name)
-        metrics.update({name: point, low: intervals[name][0], high: intervals[name][1]})
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=every, zero_division=0)
-    recall_ci = [interval or (None, None) for interval in intervals["recall"]]
-    metrics["per_class"] = {
-        c: {"precision": float(precision[i]), "recall": float(recall[i]),
-            "recall_ci_low": recall_ci[i][0], "recall_ci_high": recall_ci[i][1],
-            "f1": float(f1[i]), "support": int(support[i])}
-        for i, c in enumerate(classes)
-    }
-    metrics["confusion_matrix"] = stats.confusion(y_true, y_pred, len(classes)).tolist()
-    metrics["classes"] = classes
-    metrics["interval_method"] = (
-        f"{stats.CONFIDENCE:.0%} percentile interval, rescaled stratified bootstrap over test "
-        f"images, {stats.RESAMPLES} resamples, seed {stats.SEED}")
-
-    # majority class of the training split, predicted for every test image
-    train_labels = inputs.read_labels(data_dir, "train")
-    majority = int(np.bincount(train_labels, minlength=len(classes)).argmax()) if len(
-        train_labels) else int(np.bincount(y_true, minlength=len(classes)).argmax())
-    baseline = score(y_true, np.full_like(y_true, majority), len(classes))
-    metrics["baseline"] = {"strategy": "majority class of the training split",
-                           "class": classes[majority], **baseline}
+    scores = _score_test_split(model, data_dir, classes, trained_image_size(model_dir),
+                               config.batch_size)
+    y_true, y_pred = scores.predictions.labels, scores.predictions.predicted
+    metrics = _metrics_with_intervals(y_true, y_pred, classes)
+    metrics["baseline"] = _majority_baseline(data_dir, y_true, classes)
 
     gated, value, passed = gate_verdict(metrics, config.gate_metric, config.gate_on,
                                         config.gate_threshold)
@@ -207,33 +270,9 @@ def evaluate_model(
         data_sha256=((data_report or {}).get("input") or {}).get("sha256") or "",
         split_digest=split_digest(data_dir, classes),
     )
-    summary = read_json(model_dir / TRAINING_SUMMARY_FILE) or {}
-    metrics["model"] = summary.get("model", "")
-
-    history = read_json(model_dir / HISTORY_FILE) or []
-    figures = {
-        "confusion_matrix": report.plot_confusion_matrix(
-            metrics["confusion_matrix"], classes, out_dir / CONFUSION_PNG),
-        "training_curves": report.plot_training_curves(history, out_dir / CURVES_PNG),
-        "misclassified": report.plot_image_grid(wrong_images, wrong_titles,
-                                                out_dir / MISCLASSIFIED_PNG),
-        "confident_correct": gallery.confident_correct(
-            data_dir, trained_image_size(model_dir), predictions, out_dir / gallery.CONFIDENT_PNG),
-    }
-    report.render_html(metrics, data_report, figures, out_dir / REPORT_FILE)
-
-    predictions.write_csv(out_dir / PREDICTIONS_FILE)
-    atomic_write_json(out_dir / METRICS_FILE, metrics)
-    logger.info(
-        "test split (%d images): accuracy %.3f, balanced accuracy %.3f, macro F1 %.3f "
-        "(majority baseline %.3f / %.3f / %.3f); 95%% CI %s; gate %s %.3f >= %.3f: %s",
-        metrics["test_examples"], metrics["accuracy"], metrics["balanced_accuracy"],
-        metrics["macro_f1"], baseline["accuracy"], baseline["balanced_accuracy"],
-        baseline["macro_f1"],
-        " / ".join("[{:.3f}, {:.3f}]".format(*(metrics[k] for k in stats.ci_keys(name)))
-                   for name in stats.METRICS),
-        gated, value, config.gate_threshold, "passed" if metrics["gate_passed"] else "failed",
-    )
+    metrics["model"] = (read_json(model_dir / TRAINING_SUMMARY_FILE) or {}).get("model", "")
+    _write_artifacts(metrics, scores, model_dir, data_dir, out_dir, data_report)
+    _log_result(metrics, gated)
     return metrics
 
 

@@ -41,7 +41,7 @@ from pipeline.lib.contract import (
 )
 from pipeline.lib.files import atomic_write_json, atomic_write_text, atomic_writer
 from pipeline.lib.params import PredictParams, TrackingParams
-from pipeline.steps.preprocess import (
+from pipeline.lib.scan import (
     SKIP_LINK,
     SKIP_NOT_IMAGE,
     Candidate,

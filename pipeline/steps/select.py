@@ -1,14 +1,20 @@
-"""Select step (sweeps only): the trial with the best validation score goes on to the test split.
+"""Select step (sweeps only): choose the trial that goes on to the test split.
 
-Every trial's train step scored its exported model, test-time views included, on the
-validation split (``model_val_<metric>`` in its metadata). This step reads those scores and
-nothing else, so the test split never takes part in the choice; the chosen model is copied
-into this step's output and evaluated, gated and registered like a single run's model.
-Ties go to the earlier trial (the sweep file's order): a deterministic, explainable pick.
+Two rules, both blind to the test split; the chosen model is copied into this step's output
+and evaluated, gated and registered like a single run's model.
+
+- Cross-validated trials (``cv_folds`` > 0: every trial's model folder holds its out-of-fold
+  predictions over the same train + validation images, and its measured serving cost):
+  :func:`pipeline.lib.selection.choose_trial` ranks them by the out-of-fold score, pairs
+  each with the leader image by image, and among those not shown worse than the leader
+  chooses the cheapest to serve. The ranking table (scores, intervals, paired differences,
+  costs) and the rule's sentence go to ``sweep.json``, the select run and the terminal.
+- Otherwise the best validation score wins (``model_val_<metric>``: the exported model with
+  its test-time views on the validation split); ties go to the earlier trial.
 
 In MLflow every trial is its train run, a child of the pipeline run: this step tags each
-with its label (the settings that differ between trials), its validation rank and whether
-it was chosen, names it after its label, and tags the parent run with the winner.
+with its label (the settings that differ between trials), its rank and whether it was
+chosen, names it after its label, and names the parent run after the winner's settings.
 """
 
 from __future__ import annotations
@@ -22,15 +28,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineConfig
-from pipeline.lib import tracking_log, tracking_runs
+from pipeline.lib import selection, stats, tracking_log, tracking_runs
 from pipeline.lib.contract import (
+    CV_SCORE_PREFIX,
     META_RUN_ID,
+    META_SERVING_MS,
     META_SWEEP,
     META_TRAIN_PARAMS,
+    OOF_PREDICTIONS_FILE,
     VAL_SCORE_PREFIX,
 )
 from pipeline.lib.files import atomic_write_json
@@ -45,6 +55,8 @@ TAG_RANK = "sweep.val_rank"
 TAG_CHOSEN = "sweep.chosen"
 TAG_WINNER = "sweep.winner"
 TAG_WINNER_RUN = "sweep.winner_run_id"
+TAG_RULE = "sweep.rule"
+RANKING_TABLE = "ranking.json"
 #: The label of a trial with the default value of every swept setting.
 DEFAULTS_LABEL = "defaults"
 
@@ -112,18 +124,17 @@ def rank_trials(metadatas: Sequence[Mapping[str, Any]], metric: str) -> list[Tri
     return sorted(trials, key=lambda t: (-t.val_score, t.index))
 
 
-def _tag_runs(client: MlflowClient, ranked: Sequence[Trial], parent_id: str,
-              metric: str) -> None:
+def _tag_runs(client: MlflowClient, ranked: Sequence[Trial], winner: Trial, parent_id: str,
+              metric: str, rule: str) -> None:
     """Label every trial's run and name the winner on the parent run (tags and run name).
 
-    A trial's run name leads with its validation rank and whether it was chosen
+    A trial's run name leads with its rank and whether it was chosen
     (``train · #1 of 2, chosen · pooling=avg``): the MLflow UI shows names at the top of the
     run list and the Compare view, where the ``sweep.*`` tags sit among many others; the
     run's description says the same in words. The parent's name came from the first
-    trial's settings; it becomes ``sweep of N: <winner's label>`` followed by the rest of
-    that name (data set, start time).
+    trial's settings; it becomes ``sweep of N: <winner's settings>`` (every swept value, also
+    for the ``defaults`` trial) followed by the rest of that name (data set, start time).
     """
-    winner = ranked[0]
     for rank, trial in enumerate(ranked, start=1):
         if not trial.run_id:
             continue
@@ -135,45 +146,124 @@ def _tag_runs(client: MlflowClient, ranked: Sequence[Trial], parent_id: str,
         client.log_batch(trial.run_id, tags=[
             RunTag(TAG_TRIAL, trial.label), RunTag(TAG_RANK, str(rank)),
             RunTag(TAG_CHOSEN, str(chosen).lower()),
-            RunTag(TAG_NOTE, f"Sweep trial {trial.index + 1} ({trial.label}): validation "
-                             f"{VAL_SCORE_PREFIX}{metric} {trial.val_score:.4f}, rank {rank} "
+            RunTag(TAG_NOTE, f"Sweep trial {trial.index + 1} ({trial.label}): "
+                             f"{metric} {trial.val_score:.4f}, rank {rank} "
                              f"of {len(ranked)}; {verdict}.")])
         client.update_run(trial.run_id, name=f"train · {standing} · {trial.label}"[:250])
     if parent_id:
         client.log_batch(parent_id, tags=[
-            RunTag(TAG_WINNER, f"{winner.label} (val {metric} {winner.val_score:.3f})"),
-            RunTag(TAG_WINNER_RUN, winner.run_id)])
+            RunTag(TAG_WINNER, f"{winner.label} ({metric} {winner.val_score:.3f})"),
+            RunTag(TAG_WINNER_RUN, winner.run_id), RunTag(TAG_RULE, rule)])
+        settings = ", ".join(f"{k}={_short(v)}" for k, v in winner.overrides.items())
         rest = (client.get_run(parent_id).info.run_name or "").split(" · ")[1:]
         client.update_run(parent_id, name=" · ".join(
-            [f"sweep of {len(ranked)}: {winner.label}", *rest])[:250])
+            [f"sweep of {len(ranked)}: {settings or winner.label}", *rest])[:250])
+
+
+def cross_validated_evidence(model_dirs: Sequence[str | Path],
+                             metadatas: Sequence[Mapping[str, Any]],
+                             trials: Sequence[Trial]) -> list[selection.TrialEvidence] | None:
+    """Every trial's out-of-fold predictions and serving cost; None when none has them.
+
+    ``ValueError`` when only some trials have them: a mixed sweep cannot be paired.
+    """
+    files = [Path(d) / OOF_PREDICTIONS_FILE for d in model_dirs]
+    present = [f.is_file() for f in files]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = [t.index + 1 for t, ok in zip(trials, present, strict=True) if not ok]
+        raise ValueError(f"trial(s) {missing} have no out-of-fold predictions "
+                         f"({OOF_PREDICTIONS_FILE}) while the others do: cross-validated and "
+                         "single-split trials cannot be compared image by image")
+    return [selection.TrialEvidence(
+        index=t.index, label=t.label, predictions=stats.Predictions.read_csv(f),
+        cost=float(meta.get(META_SERVING_MS) or math.nan))
+        for t, f, meta in zip(trials, files, metadatas, strict=True)]
+
+
+def _verdict_rows(trials: Sequence[Trial], choice: selection.Choice | None
+                  ) -> list[dict[str, Any]]:
+    """The ranking table, by trial: label, scores and, cross-validated, the paired figures."""
+    verdicts = {v.index: v for v in choice.verdicts} if choice else {}
+    rows = []
+    for t in sorted(trials, key=lambda t: t.index):
+        row: dict[str, Any] = {"trial": t.index, "label": t.label, "val_score": t.val_score,
+                               "run_id": t.run_id, "overrides": t.overrides}
+        if (v := verdicts.get(t.index)) is not None:
+            d = v.difference
+            row.update({"cv_score": v.score, "cv_ci_low": v.ci_low, "cv_ci_high": v.ci_high,
+                        "serving_ms_per_image": v.cost, "within_noise": v.within_noise,
+                        "difference": None if d is None else
+                        {"value": d.value, "ci_low": d.ci_low, "ci_high": d.ci_high}})
+        rows.append(row)
+    return rows
 
 
 def select_trial(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[str, Any]],
                  out_dir: str | Path, metric: str) -> tuple[dict[str, Any], list[Trial]]:
-    """Copy the best trial's model folder into ``out_dir``; return its metadata and the ranking.
+    """Copy the chosen trial's model folder into ``out_dir``; return its metadata and the
+    trials in rank order.
 
     The metadata is the winner's (MLflow ids, scores: evaluation and registration then use
-    the winning train run) plus ``sweep``: the metric and every trial's label and score.
+    the winning train run) plus ``sweep``: the rule, the metric, every trial's label and
+    scores (cross-validated: interval, paired difference with the leader, cost) and the
+    rule's sentence.
     """
     if len(model_dirs) != len(metadatas):
         raise ValueError(f"{len(model_dirs)} trial models but {len(metadatas)} metadata entries")
     ranked = rank_trials(metadatas, metric)
-    winner = ranked[0]
+    by_index = {t.index: t for t in ranked}
+    evidence = cross_validated_evidence(model_dirs, metadatas,
+                                        [by_index[i] for i in range(len(ranked))])
+    choice = selection.choose_trial(evidence, metric) if evidence else None
+    if choice is not None:
+        ranked = [by_index[v.index] for v in choice.verdicts]
+        winner = by_index[choice.chosen]
+        summary = choice.summary
+    else:
+        winner = ranked[0]
+        summary = (f"trial {winner.index + 1} ({winner.label}) has the best validation "
+                   f"{metric}, {winner.val_score:.3f}: chosen")
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(model_dirs[winner.index], out_dir)
     verdict = {
-        "metric": f"{VAL_SCORE_PREFIX}{metric}",
+        "rule": "cross-validated, paired, cheapest within noise" if choice else "validation",
+        "metric": f"{CV_SCORE_PREFIX if choice else VAL_SCORE_PREFIX}{metric}",
         "winner": winner.index,
-        "trials": [{"trial": t.index, "label": t.label, "val_score": t.val_score,
-                    "run_id": t.run_id, "overrides": t.overrides}
-                   for t in sorted(ranked, key=lambda t: t.index)],
+        "summary": summary,
+        "trials": _verdict_rows(ranked, choice),
     }
     atomic_write_json(out_dir / SWEEP_FILE, verdict)
-    logger.info("sweep of %d trials: trial %d (%s) has the best validation %s, %.4f",
-                len(ranked), winner.index + 1, winner.label, metric, winner.val_score)
+    logger.info("sweep of %d trials: %s", len(ranked), summary)
     return {**metadatas[winner.index], META_SWEEP: verdict}, ranked
+
+
+def _log_ranking(verdict: Mapping[str, Any], metric: str) -> None:
+    """The select run's metrics (each trial's score and paired difference) and its table."""
+    rows = verdict["trials"]
+    values = {}
+    for row in rows:
+        prefix = f"trial_{row['trial'] + 1}_"
+        values[f"{prefix}{VAL_SCORE_PREFIX}{metric}"] = row["val_score"]
+        if "cv_score" in row:
+            values[f"{prefix}{CV_SCORE_PREFIX}{metric}"] = row["cv_score"]
+            values[f"{prefix}{META_SERVING_MS}"] = row["serving_ms_per_image"]
+            if row["difference"] is not None:
+                values[f"{prefix}difference_vs_leader"] = row["difference"]["value"]
+    tracking_log.log_metrics(values)
+    if rows and "cv_score" in rows[0]:
+        columns = ["trial", "label", "cv_score", "cv_ci_low", "cv_ci_high",
+                   "serving_ms_per_image", "within_noise"]
+        table = {c: [r[c] + 1 if c == "trial" else r[c] for r in rows] for c in columns}
+        for end in ("value", "ci_low", "ci_high"):
+            table[f"difference_{end}"] = [None if r["difference"] is None
+                                          else r["difference"][end] for r in rows]
+        table["chosen"] = [r["trial"] == verdict["winner"] for r in rows]
+        mlflow.log_table(table, artifact_file=RANKING_TABLE)
+    mlflow.set_tag(TAG_RULE, verdict["summary"])
 
 
 def run_step(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[str, Any]],
@@ -182,11 +272,14 @@ def run_step(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[str, 
     """The ``select_model`` component's body: choose, copy, and label the trials in MLflow."""
     with tracking_runs.tracked_step("select", tracking_params, params.to_dict()):
         metadata, ranked = select_trial(model_dirs, metadatas, out_dir, params.gate_metric)
-        tracking_log.log_metrics({f"trial_{t.index + 1}_{VAL_SCORE_PREFIX}{params.gate_metric}":
-                                  t.val_score for t in ranked})
+        verdict = metadata[META_SWEEP]
+        _log_ranking(verdict, params.gate_metric)
         tracking_log.log_artifacts(Path(out_dir) / SWEEP_FILE)
-        _tag_runs(MlflowClient(), ranked, tracking_log.parent_run_id() or "", params.gate_metric)
+        winner = next(t for t in ranked if t.index == verdict["winner"])
+        _tag_runs(MlflowClient(), ranked, winner, tracking_log.parent_run_id() or "",
+                  verdict["metric"], verdict["summary"])
     return metadata
 
 
-__all__ = ["SWEEP_FILE", "Trial", "rank_trials", "run_step", "select_trial", "trial_labels"]
+__all__ = ["SWEEP_FILE", "Trial", "cross_validated_evidence", "rank_trials", "run_step",
+           "select_trial", "trial_labels"]

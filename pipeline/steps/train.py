@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from pipeline.lib import (
     credentials,
+    crossval,
     embeddings,
     inputs,
     model_logging,
@@ -42,6 +43,7 @@ from pipeline.lib import (
 from pipeline.lib.backbones import model_label
 from pipeline.lib.contract import (
     CLASSES_FILE,
+    CROSS_VALIDATION_FILE,
     DATA_REPORT_JSON,
     HISTORY_FILE,
     META_DATASET_DIGEST,
@@ -51,10 +53,12 @@ from pipeline.lib.contract import (
     META_PARAMS,
     META_PARENT_RUN_ID,
     META_RUN_ID,
+    META_SERVING_MS,
     META_SHA256,
     META_SOURCE,
     META_TRACKING_URI,
     META_TRAIN_PARAMS,
+    OOF_PREDICTIONS_FILE,
     PREVIEW_FILE,
     TRAINING_SUMMARY_FILE,
     VAL_SCORE_PREFIX,
@@ -291,12 +295,40 @@ def _run_phase(run: Training, core: keras.Model, trainer: keras.Model,
     checkpoints.commit(state)
 
 
-def _export(run: Training, core: keras.Model) -> dict[str, float]:
-    """Export the trained model; its validation scores (with test-time views) by name."""
+def _cross_validate(run: Training, core: keras.Model,
+                    augmenter: inputs.RandomAugment) -> crossval.CrossValidation:
+    """``cv_folds``: out-of-fold predictions over train + validation, then the head trained
+    on all of them folded into ``core`` (:mod:`pipeline.lib.crossval`)."""
+    started = time.perf_counter()
+    features = crossval.pooled_features(core, run.data_dir, run.config, augmenter,
+                                        run.feature_cache)
+    with run.strategy.scope():
+        cv = crossval.cross_validate(features, run.classes, run.config)
+    cv.head.fold_into(core)
+    run.backbone_images += features.computed
+    run.feature_rows = cv.head.rows
+    run.fit_seconds += time.perf_counter() - started
+    run.state.train_seconds += time.perf_counter() - started
+    return cv
+
+
+def _export(run: Training, core: keras.Model,
+            cv: crossval.CrossValidation | None = None) -> dict[str, float]:
+    """Export the trained model; its validation scores (with test-time views) by name.
+
+    Cross-validated, the export also trained on the validation images: its out-of-fold
+    scores stand in, and the predictions, figures and measured serving cost are written.
+    """
     config = run.config
     exported = export_model(core, config, len(run.classes), run.model_dir,
                             mixed_precision=run.mixed)
-    if uses_feature_head(config) and run.phases[-1].name == "head":  # backbone never trained
+    if cv is not None:
+        scores = cv.scores()
+        cv.predictions.write_csv(run.model_dir / OOF_PREDICTIONS_FILE)
+        atomic_write_json(run.model_dir / CROSS_VALIDATION_FILE, {
+            **cv.summary(),
+            META_SERVING_MS: crossval.serving_cost_ms(exported, run.data_dir, config)})
+    elif uses_feature_head(config) and run.phases[-1].name == "head":  # backbone not trained
         scores, computed = scores_from_features(core, run.data_dir, config, run.feature_cache)
         run.backbone_images += computed
     else:
@@ -370,9 +402,10 @@ def train_model(
             core, augmenter, trainer = _build(run)
             if run.state.complete:  # killed after the last phase ended, before the export
                 checkpoints.restore(trainer, run.state.last_weights)
-            while not run.state.complete:
+            cv = _cross_validate(run, core, augmenter) if config.cv_folds else None
+            while cv is None and not run.state.complete:
                 _run_phase(run, core, trainer, augmenter, callbacks)
-            val_scores = _export(run, core)
+            val_scores = _export(run, core, cv)
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -384,6 +417,21 @@ def train_model(
     logger.info("trained %s: %d epochs, best epoch %s, %.1fs of training", result.label,
                 result.epochs_run, result.best_epoch, run.state.train_seconds)
     return result
+
+
+def _log_cross_validation(model_dir: Path) -> dict[str, Any]:
+    """With ``cv_folds``: log the cross-validated figures (per-fold scores as steps) and the
+    out-of-fold predictions on the train run; return the figures for the metadata."""
+    figures = read_json(model_dir / CROSS_VALIDATION_FILE)
+    if not figures:
+        return {}
+    tracking_log.log_metrics({k: v for k, v in figures.items() if not isinstance(v, list)})
+    for name, values in figures.items():
+        if name.startswith("cv_fold_"):
+            for fold, value in enumerate(values):
+                tracking_log.log_metrics({name: value}, step=fold)
+    tracking_log.log_artifacts(model_dir / OOF_PREDICTIONS_FILE)
+    return figures
 
 
 def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: str | Path,
@@ -412,6 +460,7 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
         mlflow.set_tags({f"train.{k}": v if isinstance(v, str) else json.dumps(v)
                          for k, v in result.bookkeeping().items()})
         tracking_log.log_artifacts(model_dir / PREVIEW_FILE)
+        cross_validation = _log_cross_validation(model_dir)
         # drift check (issue 23): the training images' feature summary, logged with the model
         embeddings.write_reference(model_dir, data_dir, params.image_size, config=params)
         logged_model = model_logging.log_model(
@@ -430,6 +479,7 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
         META_MODEL_ID: logged_model.model_id,
         META_DATASET_DIGEST: digest,
         META_TRAIN_PARAMS: params.to_dict(),
+        **cross_validation,
         **{k: v for k, v in dataclasses.asdict(result).items()
            if isinstance(v, (str, int, float, bool))},
     }
