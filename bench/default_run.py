@@ -147,6 +147,9 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         metavar="KEY=VALUE")
     parser.add_argument("--runs", type=int, default=1, help="2: a second run, cache warm")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="run in DIR (created, must be new) and keep it: the step logs "
+                             "(<DIR>/local_outputs/**/logs) show where the time went")
     args = parser.parse_args()
 
     from pipeline.cli_args import resolve_config
@@ -156,8 +159,10 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "IRIS_"))}
     env["PYTHONPATH"] = str(PROJECT_ROOT)
     runs = []
+    if args.keep is not None:
+        args.keep.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="bench-default-run-") as tmp:
-        workdir = Path(tmp)
+        workdir = args.keep.resolve() if args.keep is not None else Path(tmp)
         command = [sys.executable, str(PROJECT_ROOT / "pipeline.py"), "--local", "--no-cache",
                    "--output-dir", str(workdir / "local_outputs"),
                    "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--data", args.data,

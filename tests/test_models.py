@@ -338,3 +338,16 @@ def test_trained_models_are_named_by_their_backbone():
     # the label names the MLflow logged model, whose names refuse these characters
     label = model_label("transfer", "mobilenet_v3_small", 0.75, 320)
     assert not set(label) & set("/:.%\"'"), label
+
+
+@pytest.mark.parametrize("views", [0, 8])
+def test_view_batched_predictor_gives_the_exported_models_numbers(core_model, tmp_path, views):
+    """Evaluate scores every view in one backbone call: the saved model's own output."""
+    size = small_train().image_size
+    models.with_test_time_views(core_model, views).save(tmp_path / models.MODEL_FILE)
+    loaded = models.load_model(tmp_path)
+    images = _odd_images(3, size, size)
+    predict = models.view_batched_predictor(loaded, size)
+    np.testing.assert_allclose(predict(images), np.asarray(loaded(images, training=False)),
+                               rtol=1e-5, atol=1e-6)
+    assert models.test_time_view_count(loaded) == max(1, views)

@@ -64,9 +64,10 @@ def test_corrupted_record_is_rejected_by_tf_crc_check(tmp_path: Path) -> None:
 
 
 def test_preprocess_step_does_not_import_tensorflow() -> None:
-    """The download and preprocess steps run without paying TensorFlow's import."""
+    """The download, preprocess and select steps run without paying TensorFlow's import."""
     code = ("import sys; import components.download_dataset, components.preprocess_dataset, "
-            "pipeline.steps.preprocess; sys.exit('tensorflow' in sys.modules)")
+            "components.select_model, pipeline.steps.download, pipeline.steps.preprocess, "
+            "pipeline.steps.select; sys.exit('tensorflow' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, f"tensorflow imported: {done.stderr}"
 

@@ -10,11 +10,13 @@ import contextlib
 import logging
 import os
 import urllib.error
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import keras
+import numpy as np
 
 from pipeline.lib.backbones import BACKBONES, SEED_CNN, TRANSFER, BackboneSpec, canonical_model
 from pipeline.lib.contract import MODEL_FILE
@@ -222,6 +224,43 @@ def with_test_time_views(model: keras.Model, views: int) -> keras.Model:
     return keras.Model(inputs, averaged, name=f"{model.name}_tta{views}")
 
 
+def view_batched_predictor(model: keras.Model, image_size: int) -> Callable[[Any], np.ndarray]:
+    """``model``'s probabilities for square ``image_size`` batches, all views in one pass.
+
+    The exported model with test-time views calls its classifier once per view, so each
+    batch goes through the backbone as 8 separate small passes; here the views of a batch are
+    stacked into one batch of ``views x images`` for one call of the classifier (as a graph,
+    which frees each activation after its last use), then averaged in the same order as the
+    model's ``Average`` layer: the exported model's numbers, in one backbone call. Callers
+    keep ``views x images`` near their backbone batch size (:func:`test_time_view_count`).
+    """
+    import tensorflow as tf
+
+    views = [layer for layer in model.layers if isinstance(layer, DihedralView)]
+    classifiers = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if not views or len(classifiers) != 1:  # no test-time views: the model is the classifier
+        views, classifier = [DihedralView(0)], model
+    else:
+        classifier = classifiers[0]
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
+
+    @tf.function(input_signature=[spec])
+    def predict(images: tf.Tensor) -> tf.Tensor:
+        parts = tf.split(classifier(tf.concat([view(images) for view in views], 0),
+                                    training=False), len(views))
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total / len(views)
+
+    return lambda images: np.asarray(predict(tf.cast(images, tf.float32)))
+
+
+def test_time_view_count(model: keras.Model) -> int:
+    """How many test-time views ``model`` averages (1 without them)."""
+    return max(1, sum(isinstance(layer, DihedralView) for layer in model.layers))
+
+
 def has_backbone(model: keras.Model) -> bool:
     return any(layer.name == BACKBONE for layer in model.layers)
 
@@ -266,5 +305,7 @@ __all__ = [
     "load_model",
     "resolve_weights",
     "set_fine_tune",
+    "test_time_view_count",
+    "view_batched_predictor",
     "with_test_time_views",
 ]

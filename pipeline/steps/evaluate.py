@@ -136,8 +136,11 @@ def _score_test_split(model: Any, data_dir: Path, classes: list[str], image_size
     wrong_images: list[np.ndarray] = []
     wrong_titles: list[str] = []
     test = inputs.load_examples(data_dir, "test", image_size, cache=False)
-    for images, labels in test.batch(batch_size).prefetch(2):
-        probs = np.asarray(model.predict_on_batch(images))
+    predict = models.view_batched_predictor(model, image_size)
+    # each backbone call takes every view of its images: about batch_size views in all
+    images_per_call = max(1, batch_size // models.test_time_view_count(model))
+    for images, labels in test.batch(images_per_call).prefetch(2):
+        probs = predict(images)
         preds = probs.argmax(axis=1)
         labels_np = labels.numpy()
         labels_all.append(labels_np)

@@ -462,7 +462,7 @@ def run_step(data_dir: str | Path, data_metadata: Mapping[str, Any], model_dir: 
         tracking_log.log_artifacts(model_dir / PREVIEW_FILE)
         cross_validation = _log_cross_validation(model_dir)
         # drift check (issue 23): the training images' feature summary, logged with the model
-        embeddings.write_reference(model_dir, data_dir, params.image_size)
+        embeddings.write_reference(model_dir, data_dir, params.image_size, config=params)
         logged_model = model_logging.log_model(
             model_dir, image_size=params.image_size,
             example_image=records.read_split(data_dir, "test", limit=1)[0].image,
