@@ -11,6 +11,7 @@ from tests.support.diskfull import full_disk  # noqa: F401 (fixture)
 from tests.support.mlflow_server import (  # noqa: F401 (fixtures)
     clean_mlflow_state,
     closed_port_uri,
+    forwarded_server,
     isolated_mlflow_globals,
     mlflow_server,
 )

@@ -13,7 +13,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import filelock
@@ -202,17 +201,6 @@ def test_password_in_uri_is_not_shown(closed_port_uri: str) -> None:
 @pytest.mark.mlflow_server
 def test_reachable_server_passes_check(mlflow_server: MlflowServer) -> None:
     check_tracking_server(mlflow_server.url)
-
-
-@pytest.fixture
-def forwarded_server(mlflow_server: MlflowServer) -> Iterator[PortForward]:
-    """The session's tracking server behind a port the test can close and reopen."""
-    forward = PortForward(mlflow_server.url)
-    forward.start()
-    try:
-        yield forward
-    finally:
-        forward.stop()
 
 
 @pytest.mark.mlflow_server
