@@ -208,7 +208,11 @@ def test_a_local_two_trial_sweep_registers_only_the_trial_best_on_validation(
                                                             "head_c=1.0"}
     parent_run = client.get_run(parent)
     assert parent_run.data.tags["sweep.winner_run_id"] == winner.info.run_id
-    assert parent_run.info.run_name.startswith(f"sweep of 2: {winner.data.tags['sweep.trial']} · ")
+    # the parent's name carries every swept value of the winner, the defaults' pooling too
+    every_swept_value = {"head_c=0.0001, pooling=avg": "head_c=0.0001, pooling=avg",
+                         "head_c=1.0": "head_c=1.0, pooling=avg_max"}
+    assert parent_run.info.run_name.startswith(
+        f"sweep of 2: {every_swept_value[winner.data.tags['sweep.trial']]} · ")
 
     # only the winner went on: evaluated, registered from its own train run
     assert summary["mlflow"]["step_run_ids"]["train"] == winner.info.run_id
