@@ -121,7 +121,7 @@ def run_one(pipeline_config: PipelineConfig, data_dir: Path, work: Path, name: s
     if tta_views:
         config = pipeline_config.params_for(TrainParams)
         viewed = models.with_test_time_views(models.load_model(work / f"{name}-model"),
-                                             tta_views)
+                                             tta_views, config.image_size)
         row["tta"] = {key: round(split_scores(viewed, data_dir, split, config)[METRIC], 4)
                       for key, split in (("balanced_accuracy", "test"),
                                          ("val_balanced_accuracy", "val"))}

@@ -22,7 +22,7 @@ def test_drift_reference_reuses_the_feature_heads_cached_features(
     core = models.build_model(config, 3)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    models.with_test_time_views(core, 2).save(model_dir / models.MODEL_FILE)
+    models.with_test_time_views(core, 2, config.image_size).save(model_dir / models.MODEL_FILE)
     computed = drift.Reference.load(
         embeddings.write_reference(model_dir, data, config.image_size))
 

@@ -124,7 +124,7 @@ def test_mixed_precision_keeps_float32_output():
 @pytest.mark.parametrize(("backbone", "views"), [("mobilenet", 0), ("mobilenet_v2", 2)])
 def test_load_model_uses_safe_mode_and_round_trips(tmp_path, backbone, views):
     config = small_train(weights="none", backbone=backbone, alpha=0.5)
-    model = models.with_test_time_views(models.build_model(config, 3), views)
+    model = models.with_test_time_views(models.build_model(config, 3), views, config.image_size)
     model.save(tmp_path / models.MODEL_FILE)
     loaded = models.load_model(tmp_path)
     x = _odd_images()
@@ -214,7 +214,7 @@ def test_config_rejects_unknown_backbone_and_view_counts():
     with pytest.raises(ValueError, match="tta_views=3"):
         PipelineConfig(tta_views=3)
     with pytest.raises(ValueError, match="tta_views must be one of"):
-        models.with_test_time_views(models.build_model(small_train(weights="none"), 3), 5)
+        models.with_test_time_views(models.build_model(small_train(weights="none"), 3), 5, 64)
 
 
 @pytest.mark.parametrize("backbone", [
@@ -293,7 +293,7 @@ def core_model(mobilenet_weights) -> keras.Model:
 @pytest.mark.parametrize(("views", "which"), [(2, [0, 1]), (4, [0, 1, 2, 3]), (8, range(8))])
 def test_test_time_views_average_the_flips_and_turns(core_model, views, which):
     core = core_model
-    tta = models.with_test_time_views(core, views)
+    tta = models.with_test_time_views(core, views, small_train().image_size)
     images = _odd_images(2, 71, 53)
     copies = [NUMPY_VIEWS[i](images) for i in which]
     expected = np.mean([np.asarray(core(np.ascontiguousarray(c), training=False))
@@ -301,7 +301,7 @@ def test_test_time_views_average_the_flips_and_turns(core_model, views, which):
     got = np.asarray(tta(images, training=False))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(got, np.asarray(core(images, training=False)), atol=1e-4)
-    assert models.with_test_time_views(core, 0) is core
+    assert models.with_test_time_views(core, 0, 64) is core
 
 
 @pytest.mark.slow  # a SavedModel export of the 8-view model
@@ -344,7 +344,7 @@ def test_trained_models_are_named_by_their_backbone():
 def test_view_batched_predictor_gives_the_exported_models_numbers(core_model, tmp_path, views):
     """Evaluate scores every view in one backbone call: the saved model's own output."""
     size = small_train().image_size
-    models.with_test_time_views(core_model, views).save(tmp_path / models.MODEL_FILE)
+    models.with_test_time_views(core_model, views, size).save(tmp_path / models.MODEL_FILE)
     loaded = models.load_model(tmp_path)
     images = _odd_images(3, size, size)
     predict = models.view_batched_predictor(loaded, size)

@@ -352,7 +352,7 @@ def test_features_are_the_heads_input_under_test_time_views() -> None:
     from tests.support.train_helpers import tiny_train
 
     core = models.build_model(tiny_train(), 3)
-    exported = models.with_test_time_views(core, 4)
+    exported = models.with_test_time_views(core, 4, tiny_train().image_size)
     features, probabilities = embeddings.feature_extractor(exported)(
         np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3)).astype("float32"))
     pooled = core.get_layer(models.POOL).output.shape[-1]

@@ -65,7 +65,7 @@ def keras_model() -> keras.Model:
     x = keras.layers.Conv2D(4, 3, activation="relu")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
-    return models.with_test_time_views(keras.Model(inputs, outputs), 8)
+    return models.with_test_time_views(keras.Model(inputs, outputs), 8, SIZE)
 
 
 @pytest.fixture(scope="module")

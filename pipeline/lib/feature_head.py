@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,10 @@ def backbone_key(config: TrainParams) -> dict[str, Any] | None:
             "image_size": config.image_size, "pooling": config.pooling}
 
 
+#: :func:`pooled_forward`'s traced functions by model, then image size.
+_FORWARDS: weakref.WeakKeyDictionary[keras.Model, dict[int, Any]] = weakref.WeakKeyDictionary()
+
+
 @dataclasses.dataclass(frozen=True)
 class Features:
     """Features of a split, view-major (all images in view 0, then view 1...), and labels."""
@@ -108,10 +113,16 @@ def pooled_forward(core: keras.Model, image_size: int) -> Any:
     A graph, not Keras' eager call: eagerly, a functional model keeps every layer's output
     of the batch alive until the call returns (gigabytes for MobileNetV2 at 320 px and batch
     32), and runs op by op; the graph frees each activation after its last use.
+    One function per model and size, kept while the model lives: each split and each call
+    reuses its graph instead of tracing the backbone again (seconds per trace).
     """
-    extractor = keras.Model(core.inputs, core.get_layer(models.POOL).output)
-    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
-    return tf.function(lambda images: extractor(images, training=False), input_signature=[spec])
+    traced = _FORWARDS.setdefault(core, {})
+    if image_size not in traced:
+        extractor = keras.Model(core.inputs, core.get_layer(models.POOL).output)
+        spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
+        traced[image_size] = tf.function(lambda images: extractor(images, training=False),
+                                         input_signature=[spec])
+    return traced[image_size]
 
 
 def extract_features(core: keras.Model, data_dir: Path | None, split: str,

@@ -23,7 +23,7 @@ from pipeline.lib.contract import MODEL_FILE
 from pipeline.lib.files import file_sha256, normalize_sha256
 from pipeline.lib.inputs import RandomAugment, make_resizer
 from pipeline.lib.params import TTA_VIEWS, TrainParams
-from pipeline.lib.views import DihedralView
+from pipeline.lib.views import DihedralView, ViewMean, ViewStack
 
 logger = logging.getLogger(__name__)
 
@@ -205,34 +205,40 @@ def build_model(config: TrainParams, num_classes: int) -> keras.Model:
 
 
 #: Custom objects a saved model may reference; registered, listed here for safe-mode loading.
-CUSTOM_OBJECTS = {"iris>RandomAugment": RandomAugment, "iris>DihedralView": DihedralView}
+CUSTOM_OBJECTS = {"iris>RandomAugment": RandomAugment, "iris>DihedralView": DihedralView,
+                  "iris>ViewStack": ViewStack, "iris>ViewMean": ViewMean}
 
 
-def with_test_time_views(model: keras.Model, views: int) -> keras.Model:
+def with_test_time_views(model: keras.Model, views: int, image_size: int) -> keras.Model:
     """``model`` averaging its probabilities over the first ``views`` of :class:`DihedralView`.
 
     Test-time augmentation as layers of the exported model, so serving returns exactly what
-    evaluation scored; training never sees this wrapper. ``views`` 0 returns ``model``.
+    evaluation scored; training never sees this wrapper. Each image is resized by the model's
+    own resize to ``image_size``, its views stacked into one batch for one call of ``model``
+    (:class:`ViewStack`) and averaged back (:class:`ViewMean`). ``views`` 0 returns ``model``.
     """
     if views == 0:
         return model
     if views not in TTA_VIEWS:
         raise ValueError(f"tta_views must be one of {list(TTA_VIEWS)}, got {views!r}")
+    resize = make_resizer(image_size).get_config()
+    options = {key: resize[key] for key in ("interpolation", "antialias", "crop_to_aspect_ratio")}
     inputs = keras.Input(shape=(None, None, 3), name="image")
-    outputs = [model(DihedralView(i, name=f"view_{i}")(inputs)) for i in range(views)]
-    averaged = keras.layers.Average(dtype="float32", name=HEAD)(outputs)
+    stacked = ViewStack(views, image_size, options, name="views")(inputs)
+    averaged = ViewMean(views, dtype="float32", name=HEAD)(model(stacked))
     return keras.Model(inputs, averaged, name=f"{model.name}_tta{views}")
 
 
 def view_batched_predictor(model: keras.Model, image_size: int) -> Callable[[Any], np.ndarray]:
     """``model``'s probabilities for square ``image_size`` batches, all views in one pass.
 
-    The exported model with test-time views calls its classifier once per view, so each
-    batch goes through the backbone as 8 separate small passes; here the views of a batch are
-    stacked into one batch of ``views x images`` for one call of the classifier (as a graph,
-    which frees each activation after its last use), then averaged in the same order as the
-    model's ``Average`` layer: the exported model's numbers, in one backbone call. Callers
-    keep ``views x images`` near their backbone batch size (:func:`test_time_view_count`).
+    A model exported with :class:`ViewStack` already runs its views as one batch and is run
+    as it is (as a graph, which frees each activation after its last use). One exported
+    before it (a champion from an earlier run) calls its classifier once per
+    :class:`DihedralView`, 8 separate small passes; here its views are stacked into one batch
+    of ``views x images`` for one call of the classifier, then averaged in the same order as
+    its ``Average`` layer: its numbers, in one backbone call. Callers keep ``views x images``
+    near their backbone batch size (:func:`test_time_view_count`).
     """
     import tensorflow as tf
 
@@ -258,7 +264,8 @@ def view_batched_predictor(model: keras.Model, image_size: int) -> Callable[[Any
 
 def test_time_view_count(model: keras.Model) -> int:
     """How many test-time views ``model`` averages (1 without them)."""
-    return max(1, sum(isinstance(layer, DihedralView) for layer in model.layers))
+    stacks = [layer.views for layer in model.layers if isinstance(layer, ViewStack)]
+    return max(1, *stacks, sum(isinstance(layer, DihedralView) for layer in model.layers))
 
 
 def has_backbone(model: keras.Model) -> bool:
@@ -296,6 +303,8 @@ __all__ = [
     "POOL",
     "BackboneSpec",
     "DihedralView",
+    "ViewMean",
+    "ViewStack",
     "WeightsDownloadError",
     "build_backbone",
     "build_model",

@@ -336,7 +336,7 @@ def export_model(trained: keras.Model, config: TrainParams, num_classes: int,
         clean.set_weights([np.asarray(w) for w in trained.get_weights()])
     else:
         clean = keras.Model(trained.input, trained.output, name=trained.name)
-    clean = models.with_test_time_views(clean, config.tta_views)
+    clean = models.with_test_time_views(clean, config.tta_views, config.image_size)
 
     with atomic_path(model_dir / MODEL_FILE) as tmp:
         clean.save(tmp)
