@@ -66,6 +66,19 @@ def test_augmentation_keeps_shape_range_and_is_seeded():
     assert not np.allclose(a, c)
 
 
+def test_each_image_is_augmented_by_its_own_seed_whatever_its_batch():
+    """``augment_each`` (one graph for a batch) draws what ``augment`` draws for that image
+    alone with its seed: cached features stay valid whichever batch an image came in."""
+    layer = inputs.RandomAugment(seed=7)
+    x = _images(n=5, h=33, w=47)
+    seeds = np.array([[42, 11], [42, 12], [7, 11], [42, 11], [0, 99]], np.int64)
+    batched = layer.augment_each(x, seeds).numpy()
+    alone = [layer.augment(x[i:i + 1], tf.constant(seeds[i])).numpy()[0] for i in range(5)]
+    np.testing.assert_array_equal(batched, np.stack(alone))
+    np.testing.assert_array_equal(layer.augment_each(x[3:], seeds[3:]).numpy(), batched[3:])
+    assert not np.allclose(batched[0], batched[1])
+
+
 def test_augmenter_follows_config_and_serializes():
     config = small_train(augment_flip=False, augment_rotation=0.25, augment_shift=0.0,
                           augment_zoom=0.0, augment_contrast=0.0)

@@ -121,7 +121,7 @@ def pooled_forward(core: keras.Model, image_size: int) -> Any:
         extractor = keras.Model(core.inputs, core.get_layer(models.POOL).output)
         spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32)
         traced[image_size] = tf.function(lambda images: extractor(images, training=False),
-                                         input_signature=[spec])
+                                         input_signature=[spec], autograph=False)
     return traced[image_size]
 
 
