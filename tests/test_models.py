@@ -340,11 +340,23 @@ def test_trained_models_are_named_by_their_backbone():
     assert not set(label) & set("/:.%\"'"), label
 
 
-@pytest.mark.parametrize("views", [0, 8])
-def test_view_batched_predictor_gives_the_exported_models_numbers(core_model, tmp_path, views):
-    """Evaluate scores every view in one backbone call: the saved model's own output."""
+def _exported_before_view_stack(core: keras.Model, views: int) -> keras.Model:
+    """A model as exported before :class:`ViewStack`: the classifier called once per view."""
+    inputs = keras.Input(shape=(None, None, 3), name="image")
+    outputs = [core(models.DihedralView(i, name=f"view_{i}")(inputs)) for i in range(views)]
+    averaged = keras.layers.Average(dtype="float32", name=models.HEAD)(outputs)
+    return keras.Model(inputs, averaged, name=f"{core.name}_tta{views}")
+
+
+@pytest.mark.parametrize(("views", "earlier_format"), [(0, False), (8, False), (4, True)])
+def test_view_batched_predictor_gives_the_exported_models_numbers(core_model, tmp_path, views,
+                                                                  earlier_format):
+    """Evaluate scores every view in one backbone call: the saved model's own output, also
+    for a champion exported before the views were stacked inside the model."""
     size = small_train().image_size
-    models.with_test_time_views(core_model, views, size).save(tmp_path / models.MODEL_FILE)
+    viewed = (_exported_before_view_stack(core_model, views) if earlier_format
+              else models.with_test_time_views(core_model, views, size))
+    viewed.save(tmp_path / models.MODEL_FILE)
     loaded = models.load_model(tmp_path)
     images = _odd_images(3, size, size)
     predict = models.view_batched_predictor(loaded, size)

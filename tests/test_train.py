@@ -281,8 +281,8 @@ def test_other_backbone_trains_and_exports_test_time_views(root, mobilenet_v2_we
     phases = [h["phase"] for h in read_history(model_dir)]
     assert phases[-1] == "fine_tune" and set(phases) == {"head", "fine_tune"}
     exported = models.load_model(model_dir)
-    assert [layer.name for layer in exported.layers
-            if isinstance(layer, models.DihedralView)] == [f"view_{i}" for i in range(4)]
+    assert [layer.views for layer in exported.layers
+            if isinstance(layer, models.ViewStack)] == [4]
     core = exported.get_layer("mobilenet_v2_classifier")
     images = _odd_uint8(2, 57, 91)
     flips = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
