@@ -5,6 +5,8 @@ import dataclasses
 import io
 import json
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,9 +30,22 @@ from pipeline.lib.contract import (
 from pipeline.lib.progress import read_status, report_progress, report_step, task_dir_from_argv
 from pipeline.runners import StepFailedError, run_local
 from pipeline.runners.console import StepConsole
-from pipeline.runners.local import FILE_OUTPUTS, verify_local_run, verify_trials
+from pipeline.runners.local import (
+    FILE_OUTPUTS,
+    run_judged,
+    verify_local_run,
+    verify_trials,
+)
 from pipeline.runners.run_files import NO_END, find_run_dir, first_failure, task_statuses
-from tests.support.cli_helpers import V1_BACKBONE, CliRun, run_local_cli, set_flags, succeeded
+from tests.support.cli_helpers import (
+    V1_BACKBONE,
+    CliRun,
+    clean_env,
+    run_local_cli,
+    set_flags,
+    succeeded,
+)
+from tests.support.paths import PROJECT_ROOT
 
 TOKEN = "this-run"
 
@@ -485,6 +500,49 @@ def test_failing_first_step_exits_non_zero_naming_it(tmp_path: Path) -> None:
     assert run.summary["status"] == "failed"
     assert run.summary["failed_step"] == "download-dataset"
     assert "missing.zip" in run.summary["error"]
+
+
+def test_the_steps_run_the_code_of_the_cli_that_started_them(tmp_path: Path) -> None:
+    """A copy of the project, not installed (the installed one is elsewhere), whose download
+    step words its error its own way: the step processes import the copy, as the CLI did."""
+    copy = tmp_path / "checkout"
+    for folder in ("pipeline", "components", "containers"):
+        shutil.copytree(PROJECT_ROOT / folder, copy / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "pipeline.py", copy / "pipeline.py")
+    fetch = copy / "pipeline" / "lib" / "fetch.py"
+    fetch.write_text(fetch.read_text().replace("data source not found", "copy: no data source"))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(copy / "pipeline.py"), "--local", "--data", str(tmp_path / "no.zip")],
+        cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "step 'download-dataset' failed: FileNotFoundError: copy: no data source" \
+        in done.stderr, done.stderr[-2000:]
+
+
+def test_a_step_that_dies_before_it_starts_is_named_with_its_error(tmp_path: Path) -> None:
+    """No status file (the step never began: its import failed): the failure names the task
+    kfp.local was on and the error its process printed, not just kfp.local's summary."""
+    console = StepConsole(io.StringIO(), tmp_path, ["download-dataset", "train-model"],
+                          token=TOKEN)
+    console.write("10:00:00.000 - INFO - Executing task 'download-dataset'\n"
+                  "Traceback (most recent call last):\n"
+                  '  File "<frozen runpy>", line 198, in _run_module_as_main\n'
+                  "ModuleNotFoundError: No module named 'components'\n"
+                  "10:00:01.000 - ERROR - Task 'download-dataset' finished with status FAILURE\n")
+    with pytest.raises(StepFailedError) as failed:
+        run_judged(console, "iris-image-pipeline", tmp_path, _raises_like_kfp_local)
+    assert failed.value.step == "download-dataset"
+    assert failed.value.error == ("its process ended before the step started: "
+                                  "ModuleNotFoundError: No module named 'components'")
+    assert "Traceback (most recent call last):" not in failed.value.tail
+
+
+def _raises_like_kfp_local() -> None:
+    raise RuntimeError("Pipeline 'iris-image-pipeline' finished with status FAILURE. "
+                       "Inner task failed: 'download-dataset'.")
 
 
 @pytest.mark.slow

@@ -150,6 +150,11 @@ class StepConsole:
         """The log name of ``task``'s latest run: ``train-model-2`` for a sweep's 2nd trial."""
         return f"{task}-{self._log_runs[task]}" if self._repeats.get(task, 1) > 1 else task
 
+    @property
+    def current_task(self) -> str | None:
+        """The task kfp.local's stream is on (the last one it started)."""
+        return self._current
+
     def log_path(self, task: str) -> Path | None:
         return self.run_dir / LOGS_DIR / f"{self.instance(task)}.log" if self.run_dir else None
 

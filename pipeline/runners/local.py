@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -36,6 +37,8 @@ from pipeline.tasks import STEPS, TASK_NAMES
 TRAIN_TASK = TASK_NAMES["train_model"]
 
 DEFAULT_OUTPUT_DIR = Path("local_outputs")
+#: The last line of a Python traceback: ``ModuleNotFoundError: No module named 'x'``.
+_PYTHON_ERROR = re.compile(r"^\w+(Error|Exception|Exit): ")
 #: Pipeline outputs that are folders or files on disk (Metrics artifacts are metadata only).
 FILE_OUTPUTS = tuple(name for name, kind in typing.get_type_hints(PipelineOutputs).items()
                      if kind not in (bool, Metrics, ClassificationMetrics))
@@ -212,12 +215,24 @@ def run_local(
 T = TypeVar("T")
 
 
+#: The folder holding ``pipeline/`` and ``components/``: the code this CLI runs.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def steps_import_path(current: str | None) -> str:
+    """``PYTHONPATH`` for the step processes: this CLI's project first, so the steps run the
+    code that started them even where the project is not installed, or an editable install
+    points at another checkout."""
+    return os.pathsep.join([str(PROJECT_ROOT), *filter(None, (current or "").split(os.pathsep))])
+
+
 @contextlib.contextmanager
 def console_run(console: StepConsole, environment: Mapping[str, str]) -> Iterator[None]:
     """While a pipeline runs: kfp.local's output goes to ``console`` (the per-step logs) and
     the step processes inherit ``environment`` plus the CLI's pid (steps stop once it is
     gone); all restored afterwards."""
-    environment = {**environment, CLI_PID_ENV: str(os.getpid())}
+    environment = {**environment, CLI_PID_ENV: str(os.getpid()),
+                   "PYTHONPATH": steps_import_path(os.environ.get("PYTHONPATH"))}
     saved = {name: os.environ.get(name) for name in environment}
     original, sys.stdout = sys.stdout, console  # type: ignore[assignment]
     os.environ.update(environment)
@@ -273,6 +288,14 @@ def unexplained_failure(console: StepConsole, error: RuntimeError) -> StepFailed
         if not (status.task_dir / EXECUTOR_OUTPUT).is_file():
             return step_failure(console, status, "its step returned but kfp's executor wrote no "
                             f"outputs: {strip_ansi(str(error))}")
+    task = console.current_task
+    if task is not None and task not in {status.task for status in console.statuses}:
+        # its process ended before the step began: an import error, a broken environment
+        tail = without_tracebacks(list(console.tails.get(console.instance(task), [])))
+        errors = [line for line in tail if _PYTHON_ERROR.match(line)]
+        return StepFailedError(task, "its process ended before the step started"
+                               + (f": {errors[-1]}" if errors else ""), console.run_dir,
+                               tail=tail)
     return StepFailedError(PIPELINE_NAME, strip_ansi(str(error)), console.run_dir)
 
 
