@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -116,6 +117,24 @@ def test_eval_dataset_is_unaugmented_and_ordered(data_dir):
     plain = np.stack([e[0] for e in inputs.load_examples(data_dir, "val", 64).as_numpy_iterator()])
     np.testing.assert_array_equal(np.concatenate(first), plain)
     np.testing.assert_array_equal(np.concatenate(first), np.concatenate(second))
+
+
+@pytest.mark.parametrize("seed", [0, 2**31 - 1, 7])
+def test_the_train_stream_builds_under_any_global_seed(seed):
+    """``--set seed=0`` sets TensorFlow's global seed to 0, where TF compares the per-epoch
+    shuffle seed (a tensor inside flat_map) in Python; 2**31 - 1 is 0 to TF as well."""
+    examples = tf.data.Dataset.from_tensor_slices((np.arange(10.0), np.arange(10)))
+    config = small_train(batch_size=5, seed=seed)
+    keras.utils.set_random_seed(seed)
+    try:
+        ds, steps = inputs.epoch_batches(examples, 10, config, first_epoch=0, last_epoch=2,
+                                         augmenter=None)
+        epochs = [b[0].numpy() for b in ds.take(2 * steps)]
+        assert tf.compat.v1.random.get_seed(0)[0] == seed % (2**31 - 1)  # left as it was
+    finally:
+        tf.random.set_seed(None)
+    assert sorted(np.concatenate(epochs[:steps]).tolist()) == list(range(10))
+    assert not np.array_equal(np.concatenate(epochs[:steps]), np.concatenate(epochs[steps:]))
 
 
 def test_train_stream_is_seeded_and_resumable(data_dir):

@@ -17,9 +17,11 @@ in the tf.data path, so a resumed run sees exactly the batches an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -370,13 +372,33 @@ def epoch_batches(
         return batches.map(finish, num_parallel_calls=AUTOTUNE, deterministic=True)
 
     # .repeat(): Keras may look one batch past the last epoch; never consumed otherwise
-    dataset = (
-        tf.data.Dataset.range(first_epoch, last_epoch)
-        .flat_map(one_epoch)
-        .repeat()
-        .prefetch(AUTOTUNE)
-    )
+    with _global_seed_off_zero():  # one_epoch is traced here
+        dataset = (
+            tf.data.Dataset.range(first_epoch, last_epoch)
+            .flat_map(one_epoch)
+            .repeat()
+            .prefetch(AUTOTUNE)
+        )
     return dataset, steps
+
+
+@contextlib.contextmanager
+def _global_seed_off_zero() -> Iterator[None]:
+    """TensorFlow's global seed moved off 0 (modulo 2**31 - 1) while the block runs.
+
+    With a global seed of 0 (``keras.utils.set_random_seed(0)``, i.e. ``--set seed=0``),
+    ``tf.compat.v1.random.get_seed`` compares the per-epoch shuffle seed, a tensor inside ``flat_map``,
+    with 0 in Python and raises ``OperatorNotAllowedInGraphError``. Any other global seed
+    leaves the block untouched; with this one, the shuffle is seeded from (1, epoch seed).
+    """
+    if tf.compat.v1.random.get_seed(0)[0] != 0:  # an explicit op seed: no side effect on the counter
+        yield
+        return
+    tf.random.set_seed(1)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(0)
 
 
 def make_eval_dataset(data_dir: str | Path, split: str, config: TrainParams, *,
