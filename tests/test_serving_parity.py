@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import zipfile
 from pathlib import Path
@@ -24,7 +23,6 @@ import pytest
 import requests
 
 from tests.support.cli_helpers import (
-    PROJECT_ROOT,
     V1_BACKBONE,
     CliRun,
     clean_env,
@@ -51,9 +49,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, iris_zip: Path,
     args = ["--data", str(iris_zip), "--output-dir", str(workdir / "out")]
     for item in sets:
         args += ["--set", item]
-    # the steps' processes import this checkout, not another installed copy of the project
-    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
-    return run_local_cli(workdir, *args, env=clean_env(PYTHONPATH=path), timeout=900)
+    return run_local_cli(workdir, *args, env=clean_env(), timeout=900)
 
 
 def original_test_files(summary: dict[str, Any], archive: Path) -> list[dict[str, Any]]:
