@@ -387,11 +387,13 @@ def _global_seed_off_zero() -> Iterator[None]:
     """TensorFlow's global seed moved off 0 (modulo 2**31 - 1) while the block runs.
 
     With a global seed of 0 (``keras.utils.set_random_seed(0)``, i.e. ``--set seed=0``),
-    ``tf.compat.v1.random.get_seed`` compares the per-epoch shuffle seed, a tensor inside ``flat_map``,
-    with 0 in Python and raises ``OperatorNotAllowedInGraphError``. Any other global seed
-    leaves the block untouched; with this one, the shuffle is seeded from (1, epoch seed).
+    ``tf.compat.v1.random.get_seed`` compares the per-epoch shuffle seed, a tensor inside
+    ``flat_map``, with 0 in Python and raises ``OperatorNotAllowedInGraphError``. Any other
+    global seed leaves the block untouched; with this one, the shuffle is seeded from
+    (1, epoch seed).
     """
-    if tf.compat.v1.random.get_seed(0)[0] != 0:  # an explicit op seed: no side effect on the counter
+    # an explicit op seed: asking moves no op-seed counter
+    if tf.compat.v1.random.get_seed(0)[0] != 0:
         yield
         return
     tf.random.set_seed(1)
