@@ -107,7 +107,7 @@ def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> 
         ("mlflow-runs.png", f"{url}/#/experiments/{experiment_id}?{ml}", "mobilenet_v2 a0.5",
          None, VIEWPORT["height"]),
         ("mlflow-train-metrics.png",
-         f"{url}/#/experiments/{experiment_id}/runs/{train_id}/model-metrics?{ml}", "val_loss",
+         f"{url}/#/experiments/{experiment_id}/runs/{train_id}/model-metrics?{ml}", "val/loss",
          None, VIEWPORT["height"]),
         ("mlflow-registry.png", f"{url}/#/models/{MODEL_NAME}?{ml}", "Version 1", None,
          VIEWPORT["height"]),

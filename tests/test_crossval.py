@@ -242,6 +242,10 @@ def test_a_cross_validated_two_trial_sweep_registers_the_rules_choice(
     winner = client.get_run(chosen["run_id"])
     assert winner.data.tags["sweep.chosen"] == "true"
     assert "cv_balanced_accuracy_ci_low" in winner.data.metrics
+    # the out-of-fold score ranked the trials: MLflow's Compare view plots it first
+    assert min(winner.data.metrics) == "choice/cv_balanced_accuracy"
+    assert winner.data.metrics["choice/cv_balanced_accuracy"] == pytest.approx(
+        chosen["cv_score"])
     assert "serving_ms_per_image" in winner.data.metrics
     assert OOF_PREDICTIONS_FILE in {a.path for a in client.list_artifacts(winner.info.run_id)}
     parent = client.get_run(summary["mlflow"]["run_id"])

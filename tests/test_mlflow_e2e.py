@@ -26,7 +26,8 @@ EXPERIMENT = f"iris-e2e-{SUFFIX}"
 TRACKED_STEPS = {"train", "evaluate", "register"}
 #: Per-epoch metrics the training step's callback logs (the learning rate only where it
 #: changes: one point for a run without fine-tuning).
-EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+#: The Keras epoch curves, by their MLflow names.
+EPOCH_METRICS = ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
 #: The bound issue 5 sets for an unreachable server, subprocess start included.
 FAIL_FAST_BOUND_S = 60.0
 
@@ -171,10 +172,10 @@ def test_epoch_metric_history_matches_epochs_run(first_run: CliRun, client: Any)
     for key in EPOCH_METRICS:
         points = client.get_metric_history(train_id, key)
         assert sorted(p.step for p in points) == list(range(1, epochs_run + 1)), key
-    losses = [p.value for p in sorted(client.get_metric_history(train_id, "loss"),
+    losses = [p.value for p in sorted(client.get_metric_history(train_id, "train/loss"),
                                       key=lambda p: p.step)]
     assert losses == pytest.approx([entry["loss"] for entry in history], rel=1e-5)
-    assert [p.step for p in client.get_metric_history(train_id, "learning_rate")] == [1]
+    assert [p.step for p in client.get_metric_history(train_id, "train/learning_rate")] == [1]
 
 
 def test_what_the_mlflow_ui_shows(first_run: CliRun, client: Any) -> None:
@@ -200,7 +201,7 @@ def test_what_the_mlflow_ui_shows(first_run: CliRun, client: Any) -> None:
         step: step for step in TRACKED_STEPS}
 
     train = children["train"]
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+    for key in EPOCH_METRICS:
         assert len(client.get_metric_history(train.info.run_id, key)) >= 5, key
     params = train.data.params  # the train step's own config fields, as on the parent
     assert params.items() <= parent.data.params.items()
@@ -398,5 +399,5 @@ def test_plugin_environment_nests_steps_under_the_given_run(
     train_id = children["train"].info.run_id
     epochs_run = int(client.get_run(train_id).data.tags["train.epochs_run"])
     assert epochs_run == 1
-    assert len(client.get_metric_history(train_id, "loss")) == epochs_run
+    assert len(client.get_metric_history(train_id, "train/loss")) == epochs_run
     assert client.get_model_version_by_alias(MODEL_NAME, "challenger").run_id == train_id

@@ -163,15 +163,23 @@ def test_trial_runs_say_their_rank_and_the_choice_in_name_and_description(
     parent, first, second = (client.create_run(experiment).info.run_id for _ in range(3))
     client.update_run(parent, name="trial 1 · iris-image.zip · 12-02 22:00")
     ranked = [Trial(1, "head_c=1.0", 0.8, second, {}), Trial(0, "pooling=avg", 0.7, first, {})]
-    _tag_runs(client, ranked, ranked[0], parent, "model_val_balanced_accuracy",
-              "trial 2 has the best validation balanced_accuracy, 0.800: chosen")
+    # cross-validated: the out-of-fold scores rank, not the validation scores
+    verdict = {"metric": "cv_balanced_accuracy", "summary": "trial 2 leads: chosen",
+               "trials": [{"trial": 0, "val_score": 0.7, "cv_score": 0.66},
+                          {"trial": 1, "val_score": 0.8, "cv_score": 0.71}]}
+    _tag_runs(client, ranked, ranked[0], parent, verdict)
 
     winner, loser = client.get_run(second), client.get_run(first)
     assert winner.info.run_name == "train · #1 of 2, chosen · head_c=1.0"
     assert loser.info.run_name == "train · #2 of 2 · pooling=avg"
     assert loser.data.tags["mlflow.note.content"] == (
-        "Sweep trial 1 (pooling=avg): model_val_balanced_accuracy 0.7000, rank 2 of 2; "
-        "not chosen (trial 2, head_c=1.0, scored 0.8000).")
+        "Sweep trial 1 (pooling=avg): cv_balanced_accuracy 0.6600, rank 2 of 2; "
+        "not chosen (trial 2, head_c=1.0, scored 0.7100).")
+    # the score each trial was ranked by, under a name MLflow's Compare view plots first
+    assert loser.data.metrics == {"choice/cv_balanced_accuracy": 0.66}
+    assert winner.data.metrics == {"choice/cv_balanced_accuracy": 0.71}
+    assert client.get_run(parent).data.tags["sweep.winner"] == (
+        "head_c=1.0 (cv_balanced_accuracy 0.710)")
     assert "rank 1 of 2; chosen" in winner.data.tags["mlflow.note.content"]
     assert (client.get_run(parent).info.run_name
             == "sweep of 2: head_c=1.0 · iris-image.zip · 12-02 22:00")
@@ -200,6 +208,9 @@ def test_a_local_two_trial_sweep_registers_only_the_trial_best_on_validation(
                                 "AND tags.`kfp.step` = 'train'")
     assert len(trains) == 2
     val = {r.info.run_id: r.data.metrics["model_val_balanced_accuracy"] for r in trains}
+    for train in trains:  # MLflow's Compare view plots a run's alphabetically first metric
+        assert min(train.data.metrics) == "choice/model_val_balanced_accuracy"
+        assert train.data.metrics[min(train.data.metrics)] == val[train.info.run_id]
     (winner,) = [r for r in trains if r.data.tags["sweep.chosen"] == "true"]
     assert val[winner.info.run_id] == max(val.values())
     assert winner.data.tags["sweep.val_rank"] == "1"

@@ -428,13 +428,14 @@ def test_epoch_logger_history_matches_epochs_run(mlflow_server: MlflowServer) ->
         model.optimizer.learning_rate.assign(0.001)
         model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[logger])
     client = MlflowClient(mlflow_server.url)
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+    for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
         points = client.get_metric_history(run.info.run_id, key)
         assert [p.step for p in sorted(points, key=lambda p: p.step)] == [1, 2, 3, 4, 5], key
-    losses = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda p: p.step)
+    losses = sorted(client.get_metric_history(run.info.run_id, "train/loss"),
+                    key=lambda p: p.step)
     assert [p.value for p in losses[:3]] == pytest.approx(history.history["loss"])
     # the learning rate where it changes only: the first epoch and the second fit's first
-    rates = sorted(client.get_metric_history(run.info.run_id, "learning_rate"),
+    rates = sorted(client.get_metric_history(run.info.run_id, "train/learning_rate"),
                    key=lambda p: p.step)
     assert [(p.step, p.value) for p in rates] == [(1, pytest.approx(0.01)),
                                                   (4, pytest.approx(0.001))]
@@ -674,3 +675,22 @@ def test_numeric_metrics_keeps_finite_numbers_and_flattens() -> None:
               "f1 (iris-setosa)": 1, "matrix": [[1, 2]]}
     assert tracking_log.numeric_metrics(values) == {"b": 2.0, "ok": 1.0, "n.x": 0.5,
                                                 "f1 _iris-setosa_": 1.0}
+
+
+def test_a_train_runs_figures_sort_after_the_sweeps_choice_score() -> None:
+    """MLflow's Compare view plots a run's alphabetically first metric: on a trial's run that
+    must be ``choice/...`` (logged by the select step), not training ``accuracy``."""
+    import dataclasses
+
+    from pipeline.steps.train import TrainResult
+
+    result = TrainResult(**{field.name: 1 for field in dataclasses.fields(TrainResult)})
+    names = [*result.metrics(), *(tracking_log.training_metric_name(key) for key in
+                                  (*tracking_log.EPOCH_KEYS, "learning_rate"))]
+    assert {"train/loss", "val/accuracy", "train/learning_rate", "val/best_loss",
+            "train/fit_seconds", "train/backbone_images", "model_val_balanced_accuracy",
+            "model_val_accuracy"} <= set(names)
+    for metric in ("accuracy", "balanced_accuracy", "macro_f1"):
+        for score in (f"model_val_{metric}", f"cv_{metric}"):
+            choice = tracking_log.CHOICE_PREFIX + score
+            assert min([*names, f"cv_{metric}_ci_low", "serving_ms_per_image", choice]) == choice

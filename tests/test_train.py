@@ -196,12 +196,14 @@ def test_feature_head_trains_epochs_and_stops_early(feature_run):
 def test_feature_head_epochs_are_mlflow_curves_with_1_based_steps(feature_run):
     model_dir, _, client, run_id = feature_run
     history = read_history(model_dir)
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        points = sorted(client.get_metric_history(run_id, key), key=lambda p: p.step)
+    # the Keras names grouped in MLflow: train/loss, train/accuracy, val/loss, val/accuracy
+    for key, name in (("loss", "train/loss"), ("accuracy", "train/accuracy"),
+                      ("val_loss", "val/loss"), ("val_accuracy", "val/accuracy")):
+        points = sorted(client.get_metric_history(run_id, name), key=lambda p: p.step)
         assert [p.step for p in points] == [h["epoch"] for h in history], key
         assert [p.value for p in points] == pytest.approx([h[key] for h in history]), key
     # the learning rate is logged where it changes: here once, at epoch 1 (a constant rate)
-    rates = client.get_metric_history(run_id, "learning_rate")
+    rates = client.get_metric_history(run_id, "train/learning_rate")
     assert [(p.step, p.value) for p in rates] == [(1, pytest.approx(history[0]["learning_rate"]))]
 
 

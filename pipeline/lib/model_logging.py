@@ -27,7 +27,12 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.lib import serving
 from pipeline.lib.contract import CLASSES_FILE, DRIFT_REFERENCE_FILE, MODEL_FILE
-from pipeline.lib.tracking_log import EPOCH_KEYS, numeric_metrics, require_active_run
+from pipeline.lib.tracking_log import (
+    EPOCH_KEYS,
+    numeric_metrics,
+    require_active_run,
+    training_metric_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +41,10 @@ logger = logging.getLogger(__name__)
 # Keras callback
 # ----------------------------------------------------------------------------------------
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs loss/accuracy (train and validation) after every epoch, the learning rate where
-    it changes (the first epoch, then a new phase such as fine-tuning): a rate that stays put
-    would plot as a flat line on an axis around zero and says no more than the param.
+    """Logs loss/accuracy (train and validation, as ``train/loss``, ``val/loss``, ...) after
+    every epoch, the learning rate where it changes (the first epoch, then a new phase such
+    as fine-tuning): a rate that stays put would plot as a flat line on an axis around zero
+    and says no more than the param.
 
     Explicit instead of ``mlflow.keras.autolog`` (untested on TF 2.21). One ``log_batch``
     per epoch with ``step`` = the 1-based epoch number, as in the logs and ``history.json``;
@@ -72,9 +78,8 @@ class MlflowEpochLogger(keras.callbacks.Callback):
             logger.debug("epoch %d: Keras logs lack %s", epoch, missing)
         timestamp = int(time.time() * 1000)
         assert self._client is not None and self._run_id is not None  # set in on_train_begin
-        self._client.log_batch(
-            self._run_id, metrics=[Metric(k, v, timestamp, step) for k, v in values.items()],
-        )
+        self._client.log_batch(self._run_id, metrics=[
+            Metric(training_metric_name(k), v, timestamp, step) for k, v in values.items()])
 
     def _learning_rate(self) -> float | None:
         optimizer = getattr(self.model, "optimizer", None)

@@ -42,6 +42,25 @@ DATASET_NAME = "iris-image"
 
 #: Keras log keys that :class:`MlflowEpochLogger` always logs when present.
 EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+#: MLflow name of the score a sweep ranked its trials by, on each trial's run
+#: (``choice/cv_balanced_accuracy``): MLflow's Compare view plots a run's alphabetically
+#: first metric, and every other train-run metric sorts after this prefix (see
+#: :func:`training_metric_name`).
+CHOICE_PREFIX = "choice/"
+
+
+def training_metric_name(key: str) -> str:
+    """The MLflow name of a train run's curve or figure: ``val/<name>`` for a ``val_`` or
+    ``best_val_`` Keras key (``val/loss``, ``val/best_loss``), else ``train/<key>``.
+
+    Grouped so MLflow's charts show a train and a val section, and so the decision scores
+    (``model_val_*``, ``cv_*``, ``choice/*``) come first in its Compare view, not training
+    ``accuracy``.
+    """
+    for prefix, group in (("best_val_", "val/best_"), ("val_", "val/")):
+        if key.startswith(prefix):
+            return group + key.removeprefix(prefix)
+    return f"train/{key}"
 
 # MLflow accepts at most 100 params per log_batch call.
 _PARAM_BATCH = 100
@@ -210,6 +229,7 @@ def log_dataset_input(
 
 
 __all__ = [
+    "CHOICE_PREFIX",
     "DATASET_NAME",
     "EPOCH_KEYS",
     "TAG_PARENT",
@@ -220,4 +240,5 @@ __all__ = [
     "numeric_metrics",
     "parent_run_id",
     "require_active_run",
+    "training_metric_name",
 ]

@@ -24,12 +24,13 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.lib import selection, stats, tracking_log, tracking_runs
@@ -44,6 +45,7 @@ from pipeline.lib.contract import (
 )
 from pipeline.lib.files import atomic_write_json
 from pipeline.lib.params import SelectParams, TrackingParams, TrainParams
+from pipeline.lib.tracking_log import CHOICE_PREFIX
 from pipeline.lib.tracking_store import TAG_NOTE
 
 logger = logging.getLogger(__name__)
@@ -127,8 +129,10 @@ def rank_trials(metadatas: Sequence[Mapping[str, Any]], metric: str,
 
 
 def _tag_runs(client: MlflowClient, ranked: Sequence[Trial], winner: Trial, parent_id: str,
-              metric: str, rule: str) -> None:
-    """Label every trial's run and name the winner on the parent run (tags and run name).
+              verdict: Mapping[str, Any]) -> None:
+    """Label every trial's run and name the winner on the parent run (tags and run name);
+    log on each trial's run the score it was ranked by, ``choice/<metric>``, the metric
+    MLflow's Compare view plots first.
 
     A trial's run name leads with its rank and whether it was chosen
     (``train · #1 of 2, chosen · pooling=avg``): the MLflow UI shows names at the top of the
@@ -137,25 +141,30 @@ def _tag_runs(client: MlflowClient, ranked: Sequence[Trial], winner: Trial, pare
     trial's settings; it becomes ``sweep of N: <winner's settings>`` (every swept value, also
     for the ``defaults`` trial) followed by the rest of that name (data set, start time).
     """
+    metric = verdict["metric"]
+    # cross-validated: the out-of-fold score ranks; else the validation score
+    scores = {row["trial"]: row.get("cv_score", row["val_score"]) for row in verdict["trials"]}
+    now = int(time.time() * 1000)
     for rank, trial in enumerate(ranked, start=1):
         if not trial.run_id:
             continue
         chosen = trial is winner
         standing = f"#{rank} of {len(ranked)}" + (", chosen" if chosen else "")
-        verdict = ("chosen, evaluated on the test split" if chosen else
+        outcome = ("chosen, evaluated on the test split" if chosen else
                    f"not chosen (trial {winner.index + 1}, {winner.label}, scored "
-                   f"{winner.val_score:.4f})")
-        client.log_batch(trial.run_id, tags=[
+                   f"{scores[winner.index]:.4f})")
+        client.log_batch(trial.run_id, metrics=[
+            Metric(f"{CHOICE_PREFIX}{metric}", scores[trial.index], now, 0)], tags=[
             RunTag(TAG_TRIAL, trial.label), RunTag(TAG_RANK, str(rank)),
             RunTag(TAG_CHOSEN, str(chosen).lower()),
             RunTag(TAG_NOTE, f"Sweep trial {trial.index + 1} ({trial.label}): "
-                             f"{metric} {trial.val_score:.4f}, rank {rank} "
-                             f"of {len(ranked)}; {verdict}.")])
+                             f"{metric} {scores[trial.index]:.4f}, rank {rank} "
+                             f"of {len(ranked)}; {outcome}.")])
         client.update_run(trial.run_id, name=f"train · {standing} · {trial.label}"[:250])
     if parent_id:
         client.log_batch(parent_id, tags=[
-            RunTag(TAG_WINNER, f"{winner.label} ({metric} {winner.val_score:.3f})"),
-            RunTag(TAG_WINNER_RUN, winner.run_id), RunTag(TAG_RULE, rule)])
+            RunTag(TAG_WINNER, f"{winner.label} ({metric} {scores[winner.index]:.3f})"),
+            RunTag(TAG_WINNER_RUN, winner.run_id), RunTag(TAG_RULE, verdict["summary"])])
         settings = ", ".join(f"{k}={_short(v)}" for k, v in winner.overrides.items())
         rest = (client.get_run(parent_id).info.run_name or "").split(" · ")[1:]
         client.update_run(parent_id, name=" · ".join(
@@ -284,8 +293,7 @@ def run_step(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[str, 
         _log_ranking(verdict, params.gate_metric)
         tracking_log.log_artifacts(Path(out_dir) / SWEEP_FILE)
         winner = next(t for t in ranked if t.index == verdict["winner"])
-        _tag_runs(MlflowClient(), ranked, winner, tracking_log.parent_run_id() or "",
-                  verdict["metric"], verdict["summary"])
+        _tag_runs(MlflowClient(), ranked, winner, tracking_log.parent_run_id() or "", verdict)
     return metadata
 
 

@@ -132,8 +132,11 @@ class TrainResult:
                "fit_seconds", "fit_seconds_this_run", "backbone_images")
 
     def metrics(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in self.METRICS
-                if getattr(self, name) is not None}
+        """The METRICS by their MLflow names: the validation scores as they are (what a sweep
+        compares), the rest grouped (``val/best_loss``, ``train/fit_seconds``)."""
+        return {name if name.startswith(VAL_SCORE_PREFIX)
+                else tracking_log.training_metric_name(name): float(getattr(self, name))
+                for name in self.METRICS if getattr(self, name) is not None}
 
     def bookkeeping(self) -> dict[str, Any]:
         """How the run went (MLflow tags ``train.<name>``)."""
