@@ -107,8 +107,8 @@ def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> 
         ("mlflow-runs.png", f"{url}/#/experiments/{experiment_id}?{ml}", "mobilenet_v2 a0.5",
          None, VIEWPORT["height"]),
         ("mlflow-train-metrics.png",
-         f"{url}/#/experiments/{experiment_id}/runs/{train_id}/model-metrics?{ml}", "val/loss",
-         None, VIEWPORT["height"]),
+         f"{url}/#/experiments/{experiment_id}/runs/{train_id}/model-metrics?{ml}",
+         "train/accuracy", None, VIEWPORT["height"]),
         ("mlflow-registry.png", f"{url}/#/models/{MODEL_NAME}?{ml}", "Version 1", None,
          VIEWPORT["height"]),
         ("mlflow-sweep-compare.png", f"{url}/#/compare-runs?runs={trials}"
@@ -125,6 +125,7 @@ def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> 
             except PlaywrightTimeout:
                 save_png(page, output_dir / f"failed-{name}")  # what it showed instead
                 raise
+            close_assistant(page)  # MLflow's assistant panel covers a third of the page
             if prepare is not None:
                 prepare(page)
             page.wait_for_timeout(3000)  # charts draw after their data arrives
