@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.lib.interrupts import CLI_PID_ENV
+from pipeline.lib.interrupts import CLI_PID_ENV, stop_as_interrupt
 from pipeline.lib.tracking_log import parent_run_id
 from pipeline.lib.tracking_runs import TAG_FAILED_REASON, step_run
 from pipeline.lib.tracking_store import check_tracking_server
@@ -156,6 +156,32 @@ def test_a_sigterm_turned_into_another_error_still_ends_the_runs_killed(tmp_path
             raise RuntimeError("wrapped") from exc
     statuses = {name: status for name, (status, _) in _runs(uri, "wrapped").items()}
     assert len(statuses) == 2 and set(statuses.values()) == {"KILLED"}, statuses
+
+
+#: Stands in for a tracking store's commit: a SIGTERM arrives in the middle of it.
+_STORE_COMMIT = textwrap.dedent("""
+    def commit(done):
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:  # the handler runs between these bytecodes
+            pass
+        done.append("committed")
+""")
+
+
+def test_a_sigterm_inside_tracking_store_code_interrupts_once_out_of_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted inside a store's transaction, a step left its SQLite database locked and
+    could not end its runs KILLED; the interrupt now comes once the store code returned."""
+    store = {"__name__": "sqlalchemy.orm.session", "os": os, "signal": signal, "time": time}
+    exec(compile(_STORE_COMMIT, "<store>", "exec"), store)
+    done: list[str] = []
+    monkeypatch.delenv(CLI_PID_ENV, raising=False)  # no CLI to watch
+    with pytest.raises(KeyboardInterrupt), stop_as_interrupt() as stop:
+        store["commit"](done)
+        time.sleep(5)  # the signal, sent again, interrupts here
+    assert done == ["committed"]
+    assert stop.terminated.is_set()
 
 
 @pytest.mark.mlflow_server
