@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import PROJECT_ROOT
 from pipeline.lib.archive import (
     DEFAULT_MAX_ARCHIVE_RATIO,
     DEFAULT_MAX_ENTRY_RATIO,
@@ -38,7 +39,7 @@ ENV_OVERRIDES: dict[str, str] = {
 }
 
 #: Container images the pipeline compiles with; written by ``containers/build.sh``.
-IMAGES_FILE = Path(__file__).resolve().parent.parent / "containers" / "images.json"
+IMAGES_FILE = PROJECT_ROOT / "containers" / "images.json"
 
 HEX_DIGITS = "0123456789abcdef"
 

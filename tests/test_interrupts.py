@@ -184,6 +184,26 @@ def test_a_sigterm_inside_tracking_store_code_interrupts_once_out_of_it(
     assert stop.terminated.is_set()
 
 
+def test_a_deferred_sigterm_is_not_sent_after_the_step_ended(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that ends right after a SIGTERM came inside store code: the resend must not
+    reach the handler that was in place before (Python's default ends the process)."""
+    store = {"__name__": "sqlalchemy.orm.session", "os": os, "signal": signal, "time": time}
+    exec(compile("def commit():\n    os.kill(os.getpid(), signal.SIGTERM)\n", "<store>",
+                 "exec"), store)
+    outside: list[int] = []
+    monkeypatch.delenv(CLI_PID_ENV, raising=False)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: outside.append(signum))
+    try:
+        with stop_as_interrupt() as stop:
+            store["commit"]()
+        time.sleep(0.5)  # past the resend's delay
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.terminated.is_set()
+    assert outside == []
+
+
 @pytest.mark.mlflow_server
 def test_a_tracked_step_turns_sigterm_into_an_interrupt_that_ends_its_runs_killed(
         mlflow_server: MlflowServer) -> None:

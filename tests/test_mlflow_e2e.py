@@ -24,9 +24,8 @@ MODEL_NAME = f"iris-e2e-{SUFFIX}"
 EXPERIMENT = f"iris-e2e-{SUFFIX}"
 #: Steps that open an MLflow run (download and preprocess do not track).
 TRACKED_STEPS = {"train", "evaluate", "register"}
-#: Per-epoch metrics the training step's callback logs (the learning rate only where it
-#: changes: one point for a run without fine-tuning).
-#: The Keras epoch curves, by their MLflow names.
+#: Per-epoch metrics the training step's callback logs, by their MLflow names (the learning
+#: rate, ``train/learning_rate``, only where it changes: one point without fine-tuning).
 EPOCH_METRICS = ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
 #: The bound issue 5 sets for an unreachable server, subprocess start included.
 FAIL_FAST_BOUND_S = 60.0

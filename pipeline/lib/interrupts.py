@@ -115,6 +115,7 @@ def stop_as_interrupt(watch_pid: int | None = None) -> Iterator[Stop]:
         return
 
     deferred_since: list[float] = []  # when the first SIGTERM came
+    resends: list[threading.Timer] = []  # cancelled on the way out: see the finally below
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         stop.terminated.set()
@@ -129,6 +130,7 @@ def stop_as_interrupt(watch_pid: int | None = None) -> Iterator[Stop]:
             again = threading.Timer(DEFER_S, os.kill, (os.getpid(), signal.SIGTERM))
             again.daemon = True
             again.start()
+            resends.append(again)
             return
         raise KeyboardInterrupt(stop.reason)
 
@@ -141,6 +143,8 @@ def stop_as_interrupt(watch_pid: int | None = None) -> Iterator[Stop]:
         yield stop
     finally:
         done.set()
+        for again in resends:  # sent after this, it would reach the previous handler
+            again.cancel()
         signal.signal(signal.SIGTERM, previous)
 
 

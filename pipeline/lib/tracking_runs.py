@@ -27,6 +27,7 @@ from mlflow.entities import RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import PROJECT_ROOT
 from pipeline.lib.credentials import redact_uri
 from pipeline.lib.interrupts import Stop, process_alive, stop_as_interrupt
 from pipeline.lib.params import TrackingParams
@@ -68,12 +69,11 @@ def git_commit() -> str | None:
     for var in ("IRIS_GIT_COMMIT", "GIT_COMMIT"):
         if os.environ.get(var, "").strip():
             return os.environ[var].strip()
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
+    if not (PROJECT_ROOT / ".git").exists():
         return None
     try:
         result = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"],
             capture_output=True, text=True, timeout=5, check=False,
         )
     except (OSError, subprocess.SubprocessError):

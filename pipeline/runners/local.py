@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from kfp.dsl import ClassificationMetrics, Metrics
 
+from pipeline import PROJECT_ROOT
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME, PipelineOutputs, create_pipeline, pipeline_arguments
 from pipeline.lib.contract import (
@@ -213,10 +214,6 @@ def run_local(
 
 
 T = TypeVar("T")
-
-
-#: The folder holding ``pipeline/`` and ``components/``: the code this CLI runs.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def steps_import_path(current: str | None) -> str:
