@@ -314,9 +314,12 @@ def test_export_serves_test_time_views(tmp_path, mobilenet_weights):
     expected = np.mean([np.asarray(core(np.ascontiguousarray(view(images)), training=False))
                         for view in NUMPY_VIEWS], axis=0)
     from_keras = np.asarray(models.load_model(tmp_path)(images, training=False))
-    serving = tf.saved_model.load(str(tmp_path / SAVED_MODEL_DIR)).signatures["serving_default"]
-    from_saved = serving(images=tf.constant(images))["probabilities"].numpy()
-    for got in (np.asarray(exported(images, training=False)), from_keras, from_saved):
+    saved = tf.saved_model.load(str(tmp_path / SAVED_MODEL_DIR))
+    assert set(saved.signatures) == {"serve", "serving_default"}  # as Keras' export names them
+    from_saved = saved.signatures["serving_default"](images=tf.constant(images))["probabilities"]
+    from_serve = saved.serve(tf.constant(images))["probabilities"]
+    for got in (np.asarray(exported(images, training=False)), from_keras, from_saved.numpy(),
+                from_serve.numpy()):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 

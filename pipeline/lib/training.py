@@ -342,23 +342,36 @@ def export_model(trained: keras.Model, config: TrainParams, num_classes: int,
         clean.save(tmp)
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{SAVED_MODEL_DIR}-", dir=model_dir))
-    archive = keras.export.ExportArchive()
-    archive.track(clean)
-
-    def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"probabilities": clean(tf.cast(images, tf.float32), training=False)}
-
-    archive.add_endpoint(
-        "serve", serve,
-        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
-    )
     try:
-        archive.write_out(str(tmp_dir), verbose=False)
+        write_saved_model(clean, tmp_dir)
         replace_dir(tmp_dir, model_dir / SAVED_MODEL_DIR)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return clean
+
+
+def write_saved_model(model: keras.Model, directory: Path) -> None:
+    """A SavedModel of ``model`` with one endpoint, ``serve`` (also ``serving_default``):
+    uint8 images [batch, height, width, 3] in, ``{"probabilities": [batch, classes]}`` out.
+
+    A plain ``tf.Module`` holding the variables and the one traced function, rather than
+    ``keras.export.ExportArchive``: the archive also tracks and serializes every layer's
+    resources, which took 20 to 27 s of the default run's train step for the same files
+    TensorFlow Serving, KServe and ``tf.saved_model.load`` read.
+    """
+    spec = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
+
+    @tf.function(input_signature=[spec])
+    def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"probabilities": model(tf.cast(images, tf.float32), training=False)}
+
+    module = tf.Module()
+    module.model_variables = list(model.variables)
+    module.serve = serve
+    signature = serve.get_concrete_function()
+    tf.saved_model.save(module, str(directory),
+                        signatures={"serve": signature, "serving_default": signature})
 
 
 def compile_model(model: keras.Model, learning_rate: float, config: TrainParams) -> None:
