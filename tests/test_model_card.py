@@ -31,3 +31,19 @@ def test_card_says_model_data_metrics_alias_and_limits() -> None:
     assert "| accuracy | 0.763 | [0.653, 0.856] | 0.644 |" in text
     assert "**Alias @champion**: first version" in text
     assert "8 of 38 test images of iris-versicolour were called iris-virginica" in text
+
+
+def test_card_writes_whole_numbers_from_kfp_metadata_and_names_the_data_sets_classes() -> None:
+    """KFP hands metadata on as protobuf Structs (every number a float); a user's own data
+    set has its own classes, which the limits name instead of iris species."""
+    as_kfp_gives_it = {META_TRAIN_PARAMS: {k: float(v) if isinstance(v, int) else v
+                                           for k, v in MODEL[META_TRAIN_PARAMS].items()},
+                       "train_examples": 271.0}
+    pets = {**METRICS, "classes": ["cat", "dog"], "confusion_matrix": [[20.0, 4.0], [3.0, 32.0]],
+            "per_class": {"cat": {"support": 24.0}, "dog": {"support": 35.0}}}
+    text = model_card.card(pets, as_kfp_gives_it)
+    assert "320 px input" in text and "seed 42." in text and "271 training images" in text
+    assert ".0" not in text.split("**Test metrics**")[0].replace("0.5", "")
+    assert "(cat 24, dog 35)" in text and "4 of 24 test images of cat were called dog" in text
+    assert "knows 2 classes only (cat, dog): any other picture gets one of them" in text
+    assert "iris" not in text.split("**Known limits**")[1]

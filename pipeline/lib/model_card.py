@@ -28,6 +28,12 @@ CARD_METRICS = ("balanced_accuracy", "accuracy", "macro_f1")
 MAX_DESCRIPTION = 5000
 
 
+def _whole(value: Any) -> Any:
+    """A whole number as an int: KFP hands artifact metadata on as protobuf Structs, whose
+    numbers are all floats, so 320 comes back as 320.0."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _interval(metrics: Mapping[str, Any], name: str) -> str:
     low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
     return f"[{low:.3f}, {high:.3f}]" if low is not None and high is not None else "n/a"
@@ -44,7 +50,7 @@ def _most_confused(metrics: Mapping[str, Any]) -> str | None:
         return None
     count, true, pred = max(cells)
     total = sum(matrix[true])
-    return (f"{count} of {total} test images of {classes[true]} were called "
+    return (f"{_whole(count)} of {_whole(total)} test images of {classes[true]} were called "
             f"{classes[pred]}, the most frequent confusion")
 
 
@@ -56,18 +62,19 @@ def card(metrics: Mapping[str, Any], model_metadata: Mapping[str, Any],
     lines = ["## Model card", "", "**Model**: " + ", ".join(filter(None, [
         f"{params.get('backbone', metrics.get('model', ''))}"
         + (f" (alpha {params['alpha']})" if params.get("alpha") is not None else ""),
-        f"{params['image_size']} px input" if params.get("image_size") else "",
+        f"{_whole(params['image_size'])} px input" if params.get("image_size") else "",
         f"{params['pooling']} pooling" if params.get("pooling") else "",
         f"{int(params['tta_views'])} test-time views" if params.get("tta_views") else
         "one view per image",
-        f"seed {params['seed']}" if params.get("seed") is not None else ""])) + ". Takes raw "
+        f"seed {_whole(params['seed'])}" if params.get("seed") is not None else ""]))
+        + ". Takes raw "
         "RGB images of any size (a base64 JPEG or PNG per row when served).", ""]
     support = {c: v.get("support") for c, v in (metrics.get("per_class") or {}).items()}
     lines += [f"**Data**: sha256 `{metrics.get('data_sha256') or 'unknown'}`, test split digest "
               f"`{metrics.get('split_digest', 'unknown')}`; "
-              f"{model_metadata.get('train_examples', '?')} training images; "
+              f"{_whole(model_metadata.get('train_examples', '?'))} training images; "
               f"{metrics.get('test_examples', '?')} test images ("
-              + ", ".join(f"{c} {n}" for c, n in support.items()) + ").", ""]
+              + ", ".join(f"{c} {_whole(n)}" for c, n in support.items()) + ").", ""]
     lines += ["**Test metrics** (95% intervals: " + str(metrics.get("interval_method", ""))
               + ")", "", "| metric | value | 95% interval | majority baseline |",
               "| --- | --- | --- | --- |"]
@@ -85,7 +92,9 @@ def card(metrics: Mapping[str, Any], model_metadata: Mapping[str, Any],
     confused = _most_confused(metrics)
     if confused:
         limits.append(confused)
-    limits.append("trained on three iris species only; any other picture gets one of them")
+    classes = metrics.get("classes") or list(support)
+    limits.append(f"knows {len(classes)} classes only ({', '.join(classes)}): any other "
+                  "picture gets one of them")
     lines += ["**Known limits**:", "", *[f"- {limit}" for limit in limits], ""]
     return "\n".join(lines)
 
