@@ -441,6 +441,25 @@ def test_epoch_logger_history_matches_epochs_run(mlflow_server: MlflowServer) ->
                                                   (4, pytest.approx(0.001))]
 
 
+def test_a_learning_rate_is_a_metric_only_once_it_changes(tmp_path: Path) -> None:
+    """Constant, it is the param (MLflow drew its one point at zero on a -0.5..0.5 axis);
+    changed by a second fit, both values are logged at the steps they began."""
+    model = tiny_model()
+    x, y = images(6, 20, 20), np.arange(6) % 3
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with step_run("train", **run_kwargs(uri, f"kfp-{uuid.uuid4()}")) as run:
+        logger = MlflowEpochLogger()
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[logger])
+        client = MlflowClient(uri)
+        assert client.get_metric_history(run.info.run_id, "train/learning_rate") == []
+        model.optimizer.learning_rate.assign(0.001)
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[logger])
+    rates = sorted(client.get_metric_history(run.info.run_id, "train/learning_rate"),
+                   key=lambda p: p.step)
+    assert [(p.step, p.value) for p in rates] == [(1, pytest.approx(0.01)),
+                                                  (3, pytest.approx(0.001))]
+
+
 @pytest.mark.mlflow_server
 def test_artifacts_metrics_and_dataset_input(mlflow_server: MlflowServer,
                                              tmp_path: Path) -> None:

@@ -42,9 +42,10 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------
 class MlflowEpochLogger(keras.callbacks.Callback):
     """Logs loss/accuracy (train and validation, as ``train/loss``, ``val/loss``, ...) after
-    every epoch, the learning rate where it changes (the first epoch, then a new phase such
-    as fine-tuning): a rate that stays put would plot as a flat line on an axis around zero
-    and says no more than the param.
+    every epoch, and the learning rate only once it changes (a new phase such as
+    fine-tuning): then its first value and each new one. A rate that stays put is the
+    ``learning_rate`` param; as a metric, MLflow drew its one point at zero on a -0.5..0.5
+    axis.
 
     Explicit instead of ``mlflow.keras.autolog`` (untested on TF 2.21). One ``log_batch``
     per epoch with ``step`` = the 1-based epoch number, as in the logs and ``history.json``;
@@ -58,6 +59,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self._client = client
         self._last_step = 0
         self._last_rate: float | None = None
+        self._first_rate: Metric | None = None  # logged once the rate changes
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         if self._run_id is None:
@@ -69,17 +71,22 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         step = max(epoch + 1, self._last_step + 1)
         self._last_step = step
         values = numeric_metrics(dict(logs or {}))
-        learning_rate = self._learning_rate()
-        if learning_rate is not None and learning_rate != self._last_rate:
-            values["learning_rate"] = learning_rate
-            self._last_rate = learning_rate
         missing = [k for k in EPOCH_KEYS if k not in values]
         if missing:
             logger.debug("epoch %d: Keras logs lack %s", epoch, missing)
         timestamp = int(time.time() * 1000)
+        metrics = [Metric(training_metric_name(k), v, timestamp, step) for k, v in values.items()]
+        learning_rate = self._learning_rate()
+        if learning_rate is not None and learning_rate != self._last_rate:
+            rate = Metric(training_metric_name("learning_rate"), learning_rate, timestamp, step)
+            if self._last_rate is None:
+                self._first_rate = rate
+            else:
+                metrics += [m for m in (self._first_rate, rate) if m is not None]
+                self._first_rate = None
+            self._last_rate = learning_rate
         assert self._client is not None and self._run_id is not None  # set in on_train_begin
-        self._client.log_batch(self._run_id, metrics=[
-            Metric(training_metric_name(k), v, timestamp, step) for k, v in values.items()])
+        self._client.log_batch(self._run_id, metrics=metrics)
 
     def _learning_rate(self) -> float | None:
         optimizer = getattr(self.model, "optimizer", None)
