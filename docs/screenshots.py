@@ -1,17 +1,21 @@
-"""Regenerate the MLflow UI screenshots in docs/: two small local runs, a real server, Chromium.
+"""Regenerate the MLflow UI screenshots in docs/: default runs, the printed ``mlflow ui``, clicks.
 
 Usage (needs ``pip install -e ".[dev,docs]"`` and Debian's ``chromium`` package; Playwright's
 own browser download is not used)::
 
     python -m docs.screenshots --output-dir docs/
 
-Runs ``pipeline.py --local`` twice (two pooling settings, small images, epoch-by-epoch head so
-the charts have curves) and once with a four-trial ``--sweep``, against a fresh ``mlflow
-server`` on 127.0.0.1, then saves what a user sees: the experiment's run list, the train run's
-model metrics, the registered model and MLflow's Compare view of the sweep's trials. The
-server and everything it stored live in a temporary folder (``--workdir`` keeps them). The data
-set and weights come from ``IRIS_DATA_SOURCE`` / ``IRIS_MODEL_WEIGHTS`` when set (offline),
-else the defaults are downloaded.
+Does what a user does: runs ``pipeline.py --local`` with the default config (then with
+``tta_views=0``, and a two-trial ``--sweep``) in one folder with its default MLflow store,
+starts the ``mlflow ui`` command the closing block printed, opens the printed address in a
+fresh Chromium profile and clicks from the run list to the default run, its evaluate run's
+gallery of mistakes, its train run's charts and its registered version's model card
+(:func:`tests.support.mlflow_browser.click_through`, the browser test's clicks), then ticks
+the sweep's trials in the run list and compares them. Each stop is saved as a PNG. The runs
+share the folder's feature cache, so only the first computes backbone features. The data set
+and weights come from ``IRIS_DATA_SOURCE`` / ``IRIS_MODEL_WEIGHTS`` when set (offline), else
+the defaults are downloaded. ``--workdir`` keeps the runs; run again with ``--reuse`` to
+retake the screenshots from them without running the pipeline.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -28,48 +33,54 @@ from typing import Any
 
 from PIL import Image
 
-from tests.support.cli_helpers import clean_env, run_local_cli, succeeded
+from tests.support.cli_helpers import clean_env, run_local_cli, set_flags, succeeded
 from tests.support.mlflow_browser import (
+    PRINTED_PORT,
     VIEWPORT,
     chromium_missing,
     chromium_page,
+    click_through,
     close_assistant,
+    printed_mlflow_ui,
+    show,
 )
-from tests.support.mlflow_server import run_mlflow_server
 from tests.support.paths import PROJECT_ROOT
 
 logger = logging.getLogger("screenshots")
 
-EXPERIMENT = "iris-image-classification"
-MODEL_NAME = "iris-image-classifier"
-#: Small and quick, with curves: the head trains epoch by epoch on 128 px images; gate 0 so
-#: both runs reach the registry (champion, then challenger or a new champion).
-COMMON = ("image_size=128", "head_feature_views=0", "epochs=8", "learning_rate=0.003",
-          "gate_threshold=0")
-#: What differs between the two runs, so the run list shows it in the names.
-RUNS = (("pooling=avg_max",), ("pooling=avg",))
-#: The sweep run's trials: a grid the Compare view shows as a table.
-SWEEP = "grid:\n  pooling: [avg_max, avg]\n  tta_views: [0, 8]\n"
+#: What the runs printed and left (``--reuse`` reads it).
+RUNS_FILE = "screenshot-runs.json"
+#: The default run, then one setting changed, so the run list names them by what differs.
+RUNS = ((), ("tta_views=0",))
+#: The sweep run's trials: two head strengths on the default config's cached features.
+SWEEP = "grid:\n  head_c: [0.003, 0.03]\n"
+#: Where the printed address's port is replaced by the one ``mlflow ui`` got here.
+PRINTED_ADDRESS = re.compile(rf"then (http://127\.0\.0\.1:{PRINTED_PORT}\S*)")
+PRINTED_COMMAND = re.compile(r"^\s*(mlflow ui .*)$", re.M)
 
 
-def run_pipelines(workdir: Path, tracking_uri: str) -> list[dict]:
-    """Both local runs, then the sweep, against ``tracking_uri``; their ``--summary`` JSONs."""
+def run_pipelines(workdir: Path) -> tuple[list[dict[str, Any]], str, str]:
+    """Both local runs, then the sweep, in ``workdir``; their ``--summary`` JSONs and the
+    ``mlflow ui`` command and address the last one printed."""
     env = clean_env(**{k: v for k, v in os.environ.items() if k.startswith("IRIS_")},
                     PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                              os.environ.get("PYTHONPATH")])))
     sweep = workdir / "sweep.yaml"
     sweep.write_text(SWEEP)
-    runs = [[flag for item in extra for flag in ("--set", item)] for extra in RUNS]
+    runs = [set_flags(*extra) for extra in RUNS]
     runs.append(["--sweep", str(sweep)])
-    summaries = []
-    for index, extra in enumerate(runs, 1):
-        args = ["--tracking-uri", tracking_uri, "--output-dir", str(workdir / "out")]
-        for item in COMMON:
-            args += ["--set", item]
-        args += extra
-        logger.info("pipeline run %d/%d: %s", index, len(runs), " ".join(args))
-        summaries.append(succeeded(run_local_cli(workdir, *args, env=env, timeout=1800)))
-    return summaries
+    summaries, text = [], ""
+    for index, args in enumerate(runs, 1):
+        logger.info("pipeline run %d/%d: %s", index, len(runs), " ".join(args) or "(default)")
+        run = run_local_cli(workdir, *args, env=env, timeout=3600)
+        summaries.append(succeeded(run))
+        text = run.stdout + run.stderr
+    command, address = PRINTED_COMMAND.search(text), PRINTED_ADDRESS.search(text)
+    if not (command and address):
+        raise RuntimeError(f"no mlflow ui command or address in the output: {text[-2000:]}")
+    (workdir / RUNS_FILE).write_text(json.dumps(
+        {"summaries": summaries, "command": command.group(1), "address": address.group(1)}))
+    return summaries, command.group(1), address.group(1)
 
 
 def save_png(page: object, path: Path) -> Path:
@@ -83,76 +94,77 @@ def save_png(page: object, path: Path) -> Path:
     return path
 
 
-def show_trial_differences(page: Any) -> None:
-    """Compare view: only the settings and metrics that differ, from the run names down."""
+def compare_trials(page: Any, summary: dict[str, Any]) -> None:
+    """From the run list: show the sweep's trial runs, tick them, *Compare*, only differences."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    names = [client.get_run(t["run_id"]).info.run_name for t in summary["sweep"]["trials"]]
+    show(page, "Run Name")
+    sweep_row = page.locator("[role=row]").filter(has_text="sweep of").first  # the newest
+    sweep_row.locator("button[data-component-id*='runnamecellrenderer']").first.click()  # +
+    for name in names:
+        page.locator("[role=row]").filter(has_text=name).first.locator(
+            "input.ag-checkbox-input").click()
+    page.get_by_role("button", name="Compare").first.click()
+    show(page, "Run Name:")
     page.get_by_role("switch", name="Parameters - Show diff only").click()
     page.get_by_role("switch", name="Metrics - Show diff only").click()
     close_assistant(page)
     page.get_by_text("Run Name:").first.evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(3000)  # the charts draw after their data arrives
 
 
-def take_screenshots(url: str, summary: dict, sweep: dict, output_dir: Path) -> list[Path]:
-    """Run list, the train run's model metrics and the registered model (1280x800), and the
-    sweep's trials compared (1280x1000)."""
-    from mlflow import MlflowClient
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+def take_screenshots(workdir: Path, command: str, address: str,
+                     summaries: list[dict[str, Any]], output_dir: Path) -> list[Path]:
+    """Each stop of the click-through on the default run (1280x800), then the sweep's trials
+    compared (1280x1000)."""
+    written: list[Path] = []
 
-    experiment_id = MlflowClient(url).get_experiment_by_name(EXPERIMENT).experiment_id
-    train_id = summary["mlflow"]["step_run_ids"]["train"]
-    # MLflow 3.17's UI picks GenAI or model-training pages by a global switch (this URL
-    # parameter, then the browser's last choice), not by the experiment's kind tag.
-    ml = "workflowType=machine_learning"
-    trials = json.dumps([t["run_id"] for t in sweep["trials"]])
-    pages = [  # file, address, text that says the page is there, what to do first, height
-        ("mlflow-runs.png", f"{url}/#/experiments/{experiment_id}?{ml}", "mobilenet_v2 a0.5",
-         None, VIEWPORT["height"]),
-        ("mlflow-train-metrics.png",
-         f"{url}/#/experiments/{experiment_id}/runs/{train_id}/model-metrics?{ml}",
-         "train/accuracy", None, VIEWPORT["height"]),
-        ("mlflow-registry.png", f"{url}/#/models/{MODEL_NAME}?{ml}", "Version 1", None,
-         VIEWPORT["height"]),
-        ("mlflow-sweep-compare.png", f"{url}/#/compare-runs?runs={trials}"
-         f"&experiments={json.dumps([experiment_id])}&{ml}", "model_val_balanced_accuracy",
-         show_trial_differences, 1000),
-    ]
-    written = []
-    with chromium_page() as page:
-        for name, address, expected_text, prepare, height in pages:
-            page.set_viewport_size({"width": VIEWPORT["width"], "height": height})
+    def stop(name: str, page: Any) -> None:
+        page.wait_for_timeout(2000)  # charts and images draw after their data arrives
+        written.append(save_png(page, output_dir / f"mlflow-{name}.png"))
+
+    with printed_mlflow_ui(command, workdir) as url, chromium_page() as page:
+        address = address.replace(f"http://127.0.0.1:{PRINTED_PORT}", url)
+        try:
+            click_through(page, address, summaries[0], stop)
+            page.set_viewport_size({"width": VIEWPORT["width"], "height": 1000})
             page.goto(address)
-            try:
-                page.get_by_text(expected_text).first.wait_for()
-            except PlaywrightTimeout:
-                save_png(page, output_dir / f"failed-{name}")  # what it showed instead
-                raise
-            close_assistant(page)  # MLflow's assistant panel covers a third of the page
-            if prepare is not None:
-                prepare(page)
-            page.wait_for_timeout(3000)  # charts draw after their data arrives
-            written.append(save_png(page, output_dir / name))
+            compare_trials(page, summaries[-1])
+            stop("sweep-compare", page)
+        except Exception:
+            save_png(page, output_dir / "failed.png")  # what it showed instead
+            raise
     return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments, run the pipelines against a fresh server, save the screenshots."""
+    """Parse arguments, run the pipelines (unless ``--reuse``), save the screenshots."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=PROJECT_ROOT / "docs",
                         help="where the PNGs go (default: docs/)")
     parser.add_argument("--workdir", type=Path,
-                        help="keep the server's store and the runs' outputs here "
+                        help="run the pipelines here and keep them "
                              "(default: a temporary folder, removed afterwards)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take the screenshots from the runs already in --workdir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if chromium_missing():
         parser.error(chromium_missing())
+    if args.reuse and not (args.workdir and (args.workdir / RUNS_FILE).is_file()):
+        parser.error(f"--reuse needs a --workdir holding an earlier run's {RUNS_FILE}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="iris-screenshots-") as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        with run_mlflow_server(workdir / "mlflow-server") as server:
-            logger.info("mlflow server at %s", server.url)
-            summaries = run_pipelines(workdir, server.url)
-            take_screenshots(server.url, summaries[1], summaries[2]["sweep"], args.output_dir)
+        if args.reuse:
+            kept = json.loads((workdir / RUNS_FILE).read_text())
+            summaries, command, address = kept["summaries"], kept["command"], kept["address"]
+        else:
+            summaries, command, address = run_pipelines(workdir)
+        take_screenshots(workdir, command, address, summaries, args.output_dir.resolve())
     return 0
 
 

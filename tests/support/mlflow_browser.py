@@ -12,10 +12,11 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.lib.contract import MISCLASSIFIED_PNG
 from tests.support.mlflow_server import MLFLOW_ENV, _stop, _wait_healthy, free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -75,6 +76,62 @@ def close_assistant(page: Any) -> None:
     close = page.get_by_role("button", name="Close")
     if close.count():
         close.first.click()
+
+
+def show(page: Any, what: str) -> None:
+    """Wait until ``what`` shows, then fail if any GenAI page or sidebar is on screen."""
+    page.get_by_text(what, exact=True).first.wait_for()
+    page.wait_for_timeout(1500)  # the sidebar, breadcrumbs and charts settle after the content
+    close_assistant(page)
+    assert genai_markers_shown(page) == [], f"GenAI page at {page.url} ({what})"
+
+
+def click_through(page: Any, address: str, summary: dict[str, Any],
+                  stop: Callable[[str, Any], None] = lambda name, page: None) -> None:
+    """From the printed address, by clicks only: the run list, the pipeline run of
+    ``summary`` (a ``--summary`` JSON), its train run's charts, its evaluate run's gallery of
+    mistakes and its registered version's model card; ``stop(name, page)`` at each page."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    steps = summary["mlflow"]["step_run_ids"]
+    model = summary["registration"]
+    version_page = f"/models/{model['name']}/versions/{model['version']}"
+    page.goto(address)
+    show(page, parent.info.run_name)  # the run list, newest run first
+    stop("runs", page)
+    page.get_by_role("link", name=parent.info.run_name).first.click()
+    show(page, "Child runs")
+    assert f"/runs/{parent.info.run_id}" in page.url
+    # the registry decision is on the pipeline run: its description and its models
+    assert page.get_by_text("Registry decision").count()
+    assert page.locator(f"a[href$='{version_page}']").count()
+    stop("parent-run", page)
+    page.get_by_role("link", name="evaluate", exact=True).first.click()
+    show(page, "Registered models")
+    assert f"/runs/{steps['evaluate']}" in page.url
+    page.get_by_role("tab", name="Artifacts").click()
+    page.get_by_text(MISCLASSIFIED_PNG, exact=True).first.click()
+    page.locator("img[src^='blob:']").first.wait_for()  # the artifact viewer's image
+    show(page, MISCLASSIFIED_PNG)
+    assert page.get_by_text(f"/artifacts/{MISCLASSIFIED_PNG}").count()
+    stop("evaluate-gallery", page)
+    page.go_back()  # the evaluate run's overview
+    page.go_back()  # the pipeline run
+    show(page, "Child runs")
+    page.get_by_role("link", name="train", exact=True).first.click()
+    show(page, "Registered models")
+    assert f"/runs/{steps['train']}" in page.url
+    page.get_by_role("tab", name="Model metrics").click()
+    show(page, "accuracy")  # the train section's first chart (train/accuracy)
+    stop("train-metrics", page)
+    page.get_by_role("tab", name="Overview").click()
+    page.locator(f"a[href$='{version_page}']").first.click()  # "<name> v<version>"
+    show(page, f"Version {model['version']}")
+    assert version_page in page.url
+    assert page.get_by_text("Model card").count() and page.get_by_text("95% interval").count()
+    stop("model-card", page)
 
 
 @contextlib.contextmanager
