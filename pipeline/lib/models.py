@@ -192,6 +192,32 @@ def build_transfer(config: TrainParams, num_classes: int) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"{config.backbone}_classifier")
 
 
+def split_at_backbone(classifier: keras.Model) -> tuple[Callable[[Any], Any],
+                                                       Callable[[Any], Any]]:
+    """A :func:`build_transfer` classifier as two functions, images -> the backbone's feature
+    map -> probabilities, calling its own layers in its order (inference mode).
+
+    For gradients with respect to the feature map: the nested backbone's ``output`` belongs
+    to its own graph, not to the classifier's.
+    """
+    layers = {layer.name: layer for layer in classifier.layers}
+
+    def to_features(images: Any) -> Any:
+        x = layers["resize"](images)
+        if "rescale" in layers:
+            x = layers["rescale"](x)
+        return layers[BACKBONE](x, training=False)
+
+    def to_probabilities(features: Any) -> Any:
+        if "pool_avg" in layers:  # avg_max pooling
+            pooled = layers[POOL]([layers["pool_avg"](features), layers["pool_max"](features)])
+        else:
+            pooled = layers[POOL](features)
+        return layers[HEAD](layers["head_dropout"](pooled, training=False))
+
+    return to_features, to_probabilities
+
+
 def build_model(config: TrainParams, num_classes: int) -> keras.Model:
     """The model ``config.model`` names, taking raw 0..255 RGB images of any size."""
     if num_classes < 2:

@@ -91,16 +91,22 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]]) -> plt.Figure:
 
 
 def plot_image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: str | Path,
-                    *, columns: int = 6) -> Path:
-    """A grid of images with a title each (e.g. misclassified test images, true vs predicted)."""
+                    *, columns: int = 6, heatmaps: Sequence[np.ndarray] | None = None) -> Path:
+    """A grid of images with a title each (e.g. misclassified test images, true vs predicted);
+    ``heatmaps`` (values 0..1 on any grid, one per image) are laid over them, translucent."""
     count = max(len(images), 1)
     cols = min(columns, count)
     rows = (count + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles, strict=False):
-        ax.imshow(np.asarray(image).astype(np.uint8))
+    for n, (ax, image, title) in enumerate(zip(axes.flat, images, titles, strict=False)):
+        pixels = np.asarray(image).astype(np.uint8)
+        ax.imshow(pixels)
+        if heatmaps is not None:
+            height, width = pixels.shape[:2]
+            ax.imshow(heatmaps[n], cmap="jet", alpha=0.35, vmin=0.0, vmax=1.0,
+                      interpolation="bilinear", extent=(0, width, height, 0))
         ax.set_title(title, fontsize=7)
     if not images:
         axes[0][0].text(0.5, 0.5, "none", ha="center", va="center")

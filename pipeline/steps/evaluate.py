@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from pipeline.lib import (
     models,
     records,
     report,
+    saliency,
     stats,
     tracking_log,
     tracking_runs,
@@ -127,6 +129,7 @@ class _TestScores:
     predictions: stats.Predictions
     wrong_images: list[np.ndarray]
     wrong_titles: list[str]
+    wrong_predicted: list[int]
 
 
 def _score_test_split(model: Any, data_dir: Path, classes: list[str], image_size: int,
@@ -135,6 +138,7 @@ def _score_test_split(model: Any, data_dir: Path, classes: list[str], image_size
     labels_all, preds_all, probs_all = [], [], []
     wrong_images: list[np.ndarray] = []
     wrong_titles: list[str] = []
+    wrong_predicted: list[int] = []
     test = inputs.load_examples(data_dir, "test", image_size, cache=False)
     predict = models.view_batched_predictor(model, image_size)
     # each backbone call takes every view of its images: about batch_size views in all
@@ -150,6 +154,7 @@ def _score_test_split(model: Any, data_dir: Path, classes: list[str], image_size
             if len(wrong_images) < MAX_MISCLASSIFIED_SHOWN:
                 wrong_images.append(images[i].numpy())
                 wrong_titles.append(gallery.title(classes, int(labels_np[i]), probs[i]))
+                wrong_predicted.append(int(preds[i]))
     if not labels_all:
         raise ValueError(f"the test split under {str(data_dir)!r} is empty")
     y_true = np.concatenate(labels_all)
@@ -159,7 +164,7 @@ def _score_test_split(model: Any, data_dir: Path, classes: list[str], image_size
                            "different orders; per-image predictions would be mislabelled")
     predictions = stats.Predictions(tuple(image_ids), y_true, np.concatenate(preds_all),
                                     np.concatenate(probs_all), tuple(classes))
-    return _TestScores(predictions, wrong_images, wrong_titles)
+    return _TestScores(predictions, wrong_images, wrong_titles, wrong_predicted)
 
 
 def _metrics_with_intervals(y_true: np.ndarray, y_pred: np.ndarray,
@@ -197,8 +202,20 @@ def _majority_baseline(data_dir: Path, y_true: np.ndarray, classes: list[str]) -
             **baseline}
 
 
-def _write_artifacts(metrics: dict[str, Any], scores: _TestScores, model_dir: Path,
-                     data_dir: Path, out_dir: Path, data_report: dict[str, Any] | None) -> None:
+def _mistake_heatmaps(model: Any, scores: _TestScores) -> np.ndarray | None:
+    """Grad-CAM of each shown mistake for the class it was called (None without a backbone)."""
+    if not scores.wrong_images:
+        return None
+    started = time.perf_counter()
+    heatmaps = saliency.grad_cam(model, np.stack(scores.wrong_images), scores.wrong_predicted)
+    logger.info("Grad-CAM of %d misclassified images: %.1fs", len(scores.wrong_images),
+                time.perf_counter() - started)
+    return heatmaps
+
+
+def _write_artifacts(metrics: dict[str, Any], scores: _TestScores, heatmaps: np.ndarray | None,
+                     model_dir: Path, data_dir: Path, out_dir: Path,
+                     data_report: dict[str, Any] | None) -> None:
     """The figures, ``report.html``, ``predictions.csv`` and ``metrics.json`` in ``out_dir``."""
     history = read_json(model_dir / HISTORY_FILE) or []
     figures = {
@@ -206,7 +223,7 @@ def _write_artifacts(metrics: dict[str, Any], scores: _TestScores, model_dir: Pa
             metrics["confusion_matrix"], metrics["classes"], out_dir / CONFUSION_PNG),
         "training_curves": report.plot_training_curves(history, out_dir / CURVES_PNG),
         "misclassified": report.plot_image_grid(scores.wrong_images, scores.wrong_titles,
-                                                out_dir / MISCLASSIFIED_PNG),
+                                                out_dir / MISCLASSIFIED_PNG, heatmaps=heatmaps),
         "confident_correct": gallery.confident_correct(
             data_dir, trained_image_size(model_dir), scores.predictions,
             out_dir / gallery.CONFIDENT_PNG),
@@ -271,7 +288,8 @@ def evaluate_model(
         split_digest=split_digest(data_dir, classes),
     )
     metrics["model"] = (read_json(model_dir / TRAINING_SUMMARY_FILE) or {}).get("model", "")
-    _write_artifacts(metrics, scores, model_dir, data_dir, out_dir, data_report)
+    _write_artifacts(metrics, scores, _mistake_heatmaps(model, scores), model_dir, data_dir,
+                     out_dir, data_report)
     _log_result(metrics, gated)
     return metrics
 
