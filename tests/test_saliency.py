@@ -10,43 +10,53 @@ from pipeline.lib import models, saliency
 from tests.support.train_helpers import small_train
 
 SIZE = 64
-CHANNEL = 5
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    """A classifier whose class 0 reads only the average of one backbone channel and whose
-    other classes read nothing: class 0's map is that channel, class 1's is empty."""
-    config = small_train(weights="none", image_size=SIZE, pooling="avg_max", tta_views=0)
-    model = models.build_model(config, 3)
-    head = model.get_layer(models.HEAD)
-    kernel, bias = (np.zeros_like(w) for w in head.get_weights())
-    kernel[CHANNEL, 0] = 3.0  # the average-pooled half of the avg_max features
-    head.set_weights([kernel, bias])
-    return model
+IMAGES = 6  # more than one chunk
 
 
 def _images(count: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (count, SIZE, SIZE, 3)).astype(np.uint8)
 
 
+@pytest.fixture(scope="module")
+def classifier():
+    """A classifier whose class 0 reads only the average of one backbone channel (one that
+    responds somewhere in every test image) and whose other classes read nothing: class 0's
+    map is that channel, class 1's is empty. Returns the model and the channel."""
+    import keras
+
+    keras.utils.set_random_seed(0)  # random backbone weights, the same in any test order
+    config = small_train(weights="none", image_size=SIZE, pooling="avg_max", tta_views=0)
+    model = models.build_model(config, 3)
+    to_features, _ = models.split_at_backbone(model)
+    features = np.asarray(to_features(_images(IMAGES).astype(np.float32)))
+    channel = int(np.argmax(features.max(axis=(1, 2)).min(axis=0)))
+    assert features[..., channel].max(axis=(1, 2)).min() > 0
+    head = model.get_layer(models.HEAD)
+    kernel, bias = (np.zeros_like(w) for w in head.get_weights())
+    kernel[channel, 0] = 3.0  # the average-pooled half of the avg_max features
+    head.set_weights([kernel, bias])
+    return model, channel
+
+
 def test_the_map_is_the_chosen_classes_channels_weighted_by_their_gradient(classifier) -> None:
-    images = _images(6)  # more than one chunk
-    to_features, _ = models.split_at_backbone(classifier)
-    channel = np.asarray(to_features(images.astype(np.float32)))[..., CHANNEL]
-    expected = channel / channel.max(axis=(1, 2), keepdims=True)
-    maps = saliency.grad_cam(classifier, images, [0] * len(images))
-    assert maps.shape == channel.shape and maps.shape[1] < SIZE  # the feature grid
+    model, channel = classifier
+    images = _images(IMAGES)
+    to_features, _ = models.split_at_backbone(model)
+    feature = np.asarray(to_features(images.astype(np.float32)))[..., channel]
+    expected = feature / feature.max(axis=(1, 2), keepdims=True)
+    maps = saliency.grad_cam(model, images, [0] * len(images))
+    assert maps.shape == feature.shape and maps.shape[1] < SIZE  # the feature grid
     np.testing.assert_allclose(maps, expected, atol=1e-4)
     # class 1's gradient only lowers class 0's channel: nothing pushed towards it
-    assert not saliency.grad_cam(classifier, images[:2], [1, 1]).any()
+    assert not saliency.grad_cam(model, images[:2], [1, 1]).any()
 
 
 def test_an_exported_models_map_comes_from_its_classifier(classifier) -> None:
-    exported = models.with_test_time_views(classifier, 8, SIZE)
+    model, _ = classifier
+    exported = models.with_test_time_views(model, 8, SIZE)
     images = _images(2)
     np.testing.assert_allclose(saliency.grad_cam(exported, images, [0, 0]),
-                               saliency.grad_cam(classifier, images, [0, 0]), atol=1e-5)
+                               saliency.grad_cam(model, images, [0, 0]), atol=1e-5)
 
 
 def test_the_notebooks_cnn_has_no_map() -> None:
