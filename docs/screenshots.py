@@ -12,7 +12,7 @@ fresh Chromium profile and clicks from the run list to the default run, its eval
 gallery of mistakes, its train run's charts and its registered version's model card
 (:func:`tests.support.mlflow_browser.click_through`, the browser test's clicks), then ticks
 the sweep's trials in the run list and compares them. Each stop is saved as a PNG. The runs
-share the folder's feature cache, so only the first computes backbone features. The data set
+share the folder's feature cache, so only the first extracts training features. The data set
 and weights come from ``IRIS_DATA_SOURCE`` / ``IRIS_MODEL_WEIGHTS`` when set (offline), else
 the defaults are downloaded. ``--workdir`` keeps the runs; run again with ``--reuse`` to
 retake the screenshots from them without running the pipeline.

@@ -51,6 +51,17 @@ def test_the_map_is_the_chosen_classes_channels_weighted_by_their_gradient(class
     assert not saliency.grad_cam(model, images[:2], [1, 1]).any()
 
 
+@pytest.mark.parametrize("pooling", ["avg", "avg_max"])
+def test_the_split_classifier_is_the_classifier(pooling: str) -> None:
+    """The two halves Grad-CAM differentiates between compose to the model's own output
+    (ImageNet weights: a random backbone's features can be all zero, where any pooling fits)."""
+    model = models.build_model(small_train(image_size=SIZE, pooling=pooling, tta_views=0), 3)
+    to_features, to_probabilities = models.split_at_backbone(model)
+    images = _images(3).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(to_probabilities(to_features(images))),
+                               np.asarray(model(images, training=False)), atol=1e-6)
+
+
 def test_an_exported_models_map_comes_from_its_classifier(classifier) -> None:
     model, _ = classifier
     exported = models.with_test_time_views(model, 8, SIZE)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+#: The resize layer's name (the exported model's first layer after its input).
+RESIZE = "resize"
+
 
 def make_resizer(image_size: int) -> keras.layers.Resizing:
     """The one resize used by the data pipeline and inside the exported model (no drift)."""
     return keras.layers.Resizing(
         image_size, image_size, interpolation="bilinear", crop_to_aspect_ratio=True,
-        antialias=True, name="resize",
+        antialias=True, name=RESIZE,
     )
 
 

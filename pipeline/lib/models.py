@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.lib.backbones import BACKBONES, SEED_CNN, TRANSFER, BackboneSpec, canonical_model
 from pipeline.lib.contract import MODEL_FILE
 from pipeline.lib.files import file_sha256, normalize_sha256
+from pipeline.lib.images import RESIZE
 from pipeline.lib.inputs import RandomAugment, make_resizer
 from pipeline.lib.params import TTA_VIEWS, TrainParams
 from pipeline.lib.views import DihedralView, ViewMean, ViewStack
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 BACKBONE = "backbone"
 POOL = "pool"
+#: Layer names of :func:`build_transfer` that :func:`split_at_backbone` calls again.
+RESCALE, POOL_AVG, POOL_MAX, HEAD_DROPOUT = "rescale", "pool_avg", "pool_max", "head_dropout"
 HEAD = "probabilities"
 
 
@@ -111,7 +114,7 @@ def build_seed_cnn(image_size: int, num_classes: int) -> keras.Model:
     layers = keras.layers
     inputs = keras.Input(shape=(None, None, 3), name="image")
     x = make_resizer(image_size)(inputs)
-    x = layers.Rescaling(1.0 / 255, name="rescale")(x)
+    x = layers.Rescaling(1.0 / 255, name=RESCALE)(x)
     x = layers.Conv2D(16, 3, activation="relu")(x)
     x = layers.MaxPooling2D(2)(x)
     x = layers.Conv2D(32, 3, activation="relu")(x)
@@ -177,17 +180,17 @@ def build_transfer(config: TrainParams, num_classes: int) -> keras.Model:
     inputs = keras.Input(shape=(None, None, 3), name="image")
     x = make_resizer(config.image_size)(inputs)
     if rescale is not None:
-        x = layers.Rescaling(rescale[0], offset=rescale[1], name="rescale")(x)
+        x = layers.Rescaling(rescale[0], offset=rescale[1], name=RESCALE)(x)
     x = backbone(x, training=False)
     if config.pooling == "avg_max":
         # Max pooling keeps where a few cells respond strongly (a petal's colour or edge);
         # with the average it scored better on held-out data than the average alone.
-        pooled = [layers.GlobalAveragePooling2D(name="pool_avg")(x),
-                  layers.GlobalMaxPooling2D(name="pool_max")(x)]
+        pooled = [layers.GlobalAveragePooling2D(name=POOL_AVG)(x),
+                  layers.GlobalMaxPooling2D(name=POOL_MAX)(x)]
         x = layers.Concatenate(name=POOL)(pooled)
     else:
         x = layers.GlobalAveragePooling2D(name=POOL)(x)
-    x = layers.Dropout(config.dropout, name="head_dropout")(x)
+    x = layers.Dropout(config.dropout, name=HEAD_DROPOUT)(x)
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name=HEAD)(x)
     return keras.Model(inputs, outputs, name=f"{config.backbone}_classifier")
 
@@ -203,17 +206,17 @@ def split_at_backbone(classifier: keras.Model) -> tuple[Callable[[Any], Any],
     layers = {layer.name: layer for layer in classifier.layers}
 
     def to_features(images: Any) -> Any:
-        x = layers["resize"](images)
-        if "rescale" in layers:
-            x = layers["rescale"](x)
+        x = layers[RESIZE](images)
+        if RESCALE in layers:
+            x = layers[RESCALE](x)
         return layers[BACKBONE](x, training=False)
 
     def to_probabilities(features: Any) -> Any:
-        if "pool_avg" in layers:  # avg_max pooling
-            pooled = layers[POOL]([layers["pool_avg"](features), layers["pool_max"](features)])
+        if POOL_AVG in layers:  # avg_max pooling
+            pooled = layers[POOL]([layers[POOL_AVG](features), layers[POOL_MAX](features)])
         else:
             pooled = layers[POOL](features)
-        return layers[HEAD](layers["head_dropout"](pooled, training=False))
+        return layers[HEAD](layers[HEAD_DROPOUT](pooled, training=False))
 
     return to_features, to_probabilities
 
@@ -296,6 +299,12 @@ def test_time_view_count(model: keras.Model) -> int:
 
 def has_backbone(model: keras.Model) -> bool:
     return any(layer.name == BACKBONE for layer in model.layers)
+
+
+def classifier_of(model: keras.Model) -> keras.Model:
+    """The classifier inside an exported model's test-time views wrapper (or ``model``)."""
+    inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return inner[0] if len(inner) == 1 and not has_backbone(model) else model
 
 
 def set_fine_tune(model: keras.Model, num_layers: int) -> int:

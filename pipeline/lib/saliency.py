@@ -10,7 +10,6 @@ keep the evaluate step's memory near its scoring peak.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import keras
@@ -19,23 +18,15 @@ import tensorflow as tf
 
 from pipeline.lib import models
 
-logger = logging.getLogger(__name__)
-
 #: Images per backward pass: the activations of a 320 px MobileNetV2 are kept for the gradient.
 CHUNK = 4
-
-
-def classifier_of(model: keras.Model) -> keras.Model:
-    """The classifier inside an exported model's test-time views wrapper (or ``model``)."""
-    inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    return inner[0] if len(inner) == 1 and not models.has_backbone(model) else model
 
 
 def grad_cam(model: keras.Model, images: np.ndarray, classes: Sequence[int]) -> np.ndarray | None:
     """Heat maps [n, h, w] in [0, 1] of ``classes[i]`` for ``images[i]`` (uint8 or float,
     0..255), on the backbone's feature grid (e.g. 10x10 for 320 px MobileNetV2); None for a
     model without a pretrained backbone (the notebook's CNN)."""
-    classifier = classifier_of(model)
+    classifier = models.classifier_of(model)
     if not models.has_backbone(classifier):
         return None
     to_features, to_probabilities = models.split_at_backbone(classifier)
@@ -57,4 +48,4 @@ def grad_cam(model: keras.Model, images: np.ndarray, classes: Sequence[int]) -> 
     return np.concatenate(maps) if maps else np.zeros((0, 1, 1), np.float32)
 
 
-__all__ = ["CHUNK", "classifier_of", "grad_cam"]
+__all__ = ["CHUNK", "grad_cam"]

@@ -89,8 +89,8 @@ def show(page: Any, what: str) -> None:
 def click_through(page: Any, address: str, summary: dict[str, Any],
                   stop: Callable[[str, Any], None] = lambda name, page: None) -> None:
     """From the printed address, by clicks only: the run list, the pipeline run of
-    ``summary`` (a ``--summary`` JSON), its train run's charts, its evaluate run's gallery of
-    mistakes and its registered version's model card; ``stop(name, page)`` at each page."""
+    ``summary`` (a ``--summary`` JSON), its evaluate run's gallery of mistakes, its train run's
+    charts and its registered version's model card; ``stop(name, page)`` at each page."""
     from mlflow import MlflowClient
 
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
