@@ -3,6 +3,8 @@ backbone's feature grid; through an exported model's test-time views wrapper too
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -68,6 +70,38 @@ def test_an_exported_models_map_comes_from_its_classifier(classifier) -> None:
     images = _images(2)
     np.testing.assert_allclose(saliency.grad_cam(exported, images, [0, 0]),
                                saliency.grad_cam(model, images, [0, 0]), atol=1e-5)
+
+
+def test_evaluate_maps_each_mistake_for_the_class_it_was_called(classifier) -> None:
+    """The class the model called, not the true one: here called 0 (its channel) and 1
+    (nothing pushed towards it), while both images are truly class 2."""
+    from pipeline.lib import stats
+    from pipeline.steps import evaluate
+
+    model, _ = classifier
+    images = _images(2)
+    probabilities = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])
+    predictions = stats.Predictions(("a", "b"), np.array([2, 2]), np.array([0, 1]),
+                                    probabilities, ("x", "y", "z"))
+    scores = evaluate._TestScores(predictions, list(images), ["", ""], [0, 1])
+    maps = evaluate._mistake_heatmaps(model, scores)
+    assert maps[0].max() == pytest.approx(1.0) and not maps[1].any()
+    assert evaluate._mistake_heatmaps(model, dataclasses.replace(
+        scores, wrong_images=[], wrong_titles=[], wrong_predicted=[])) is None
+
+
+def test_the_grid_lays_each_map_over_its_image(tmp_path) -> None:
+    from PIL import Image
+
+    from pipeline.lib import report
+
+    gray = [np.full((SIZE, SIZE, 3), 128, np.uint8)]
+    plain = report.plot_image_grid(gray, ["t"], tmp_path / "plain.png")
+    heat = np.zeros((4, 4))
+    heat[0, 0] = 1.0
+    mapped = report.plot_image_grid(gray, ["t"], tmp_path / "mapped.png", heatmaps=[heat])
+    with Image.open(plain) as a, Image.open(mapped) as b:
+        assert a.size == b.size and np.abs(np.asarray(a, float) - np.asarray(b, float)).max() > 50
 
 
 def test_the_notebooks_cnn_has_no_map() -> None:

@@ -208,6 +208,8 @@ between two runs smaller than these intervals' width is not evidence that one is
 <h2>Data</h2>{data_html}
 <h2>Misclassified test images ({metrics["misclassified"]}): true and predicted class, every
 class's probability</h2>
+<p>The colours (Grad-CAM, red strongest) show where each image pushed the model towards the
+class it predicted; a model without a pretrained backbone has none.</p>
 {_img_tag(figures.get("misclassified"), "misclassified test images")}
 <h2>Most confident correct test images per class</h2>
 {_img_tag(figures.get("confident_correct"), "most confident correct test images")}
