@@ -67,7 +67,7 @@ from pipeline.lib.params import EvaluateParams, PreprocessParams, TrainParams
 from pipeline.lib.training import split_scores
 from pipeline.steps.evaluate import evaluate_model
 from pipeline.steps.preprocess import prepare_dataset
-from pipeline.steps.select import select_trial, trial_labels
+from pipeline.steps.select import SWEEP_FILE, select_trial, trial_labels
 from pipeline.steps.train import train_model
 from pipeline.sweep import Sweep, load_sweep
 from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS
@@ -144,14 +144,16 @@ def run_sweep(sweep: Sweep, labels: list[str], base: PipelineConfig, data_dir: P
                           **figures})
         print(json.dumps({"sweep_trial": row}), flush=True)
     seconds = time.perf_counter() - started
-    _, ranked = select_trial([work / f"trial{i + 1}-model" for i in range(len(rows))],
-                             metadatas, work / "selected", METRIC, DEFAULTS)
-    chosen = next(t for t in ranked if t.index == read_json(
-        work / "selected" / "sweep.json")["winner"])
-    pick = {"seed": seed, "trial": chosen.index + 1, "label": labels[chosen.index],
-            "val_balanced_accuracy": rows[chosen.index]["val_balanced_accuracy"],
-            "balanced_accuracy": rows[chosen.index]["balanced_accuracy"],
-            "sweep_wall_seconds": round(seconds, 1)}
+    select_trial([work / f"trial{i + 1}-model" for i in range(len(rows))],
+                 metadatas, work / "selected", METRIC, DEFAULTS)
+    verdict = read_json(work / "selected" / SWEEP_FILE)
+    chosen = verdict["winner"]
+    pick = {"seed": seed, "trial": chosen + 1, "label": labels[chosen],
+            "val_balanced_accuracy": rows[chosen]["val_balanced_accuracy"],
+            "balanced_accuracy": rows[chosen]["balanced_accuracy"],
+            "sweep_wall_seconds": round(seconds, 1), "rule": verdict["summary"],
+            # cross-validated: the trials not shown worse than that seed's leader
+            "within_noise": [t["trial"] + 1 for t in verdict["trials"] if t.get("within_noise")]}
     print(json.dumps({"sweep_pick": pick}), flush=True)
     return rows, pick
 
@@ -172,6 +174,7 @@ def sweep_result(sweep: Sweep, labels: list[str], rows: list[dict],
             "test_per_seed": [r["balanced_accuracy"] for r in mine],
             "val_per_seed": [r["val_balanced_accuracy"] for r in mine],
             "picked": sum(p["trial"] == index + 1 for p in picks),
+            "within_noise_seeds": sum(index + 1 in p["within_noise"] for p in picks),
         })
         if all("cv_balanced_accuracy" in r for r in mine):
             trials[-1]["mean_cv_balanced_accuracy"] = mean(mine, "cv_balanced_accuracy")

@@ -83,6 +83,22 @@ def test_two_trials_hold_out_the_same_images_whatever_their_seed_and_order() -> 
     assert sorted(np.bincount(first.folds).tolist()) == [9, 9]
 
 
+def test_each_fold_head_scores_the_extra_images_as_it_scored_its_own_fold() -> None:
+    """``also_score`` (the fold-ensemble bench's test split) goes through the very heads that
+    made the out-of-fold predictions, in fold order: given the train + validation features
+    themselves (reversed), fold i's row of ``fold_probabilities`` repeats its fold's numbers."""
+    features = _features(18, 4, seed=4, signal=2.0)
+    cv = crossval.cross_validate(features, CLASSES, _config(cv_folds=3, epochs=3, seed=1),
+                                 also_score=features.scoring[:, ::-1])
+    assert cv.fold_probabilities.shape == (3, 18, len(CLASSES))
+    for fold in range(3):
+        held = cv.folds == fold
+        np.testing.assert_allclose(cv.fold_probabilities[fold][::-1][held],
+                                   cv.predictions.probabilities[held], rtol=1e-5)
+    assert crossval.cross_validate(features, CLASSES, _config(cv_folds=3, epochs=1)
+                                   ).fold_probabilities is None
+
+
 def test_more_folds_than_a_class_has_images_is_refused_naming_the_class() -> None:
     features = _features(12, 4, seed=0)  # 4 images per class
     with pytest.raises(ValueError, match=r"class 'a' has distinct .* \(4\).*cv_folds <= 4"):

@@ -82,6 +82,9 @@ class CrossValidation:
     final_epochs: int
     head: FeatureHead  # trained on every train + validation row, to fold into the model
     computed: int
+    # each fold head's probabilities on the caller's other images ([folds, images, classes]),
+    # for comparing the fold heads' ensemble with the final head (bench/fold_ensemble.py)
+    fold_probabilities: np.ndarray | None = None
 
     def scores(self) -> dict[str, float]:
         p = self.predictions
@@ -208,9 +211,12 @@ def fold_assignment(image_ids: Sequence[str], labels: np.ndarray, classes: Seque
     return assign_folds(image_ids, labels, folds, FOLD_SEED)
 
 
-def cross_validate(features: PooledFeatures, classes: Sequence[str],
-                   config: TrainParams) -> CrossValidation:
+def cross_validate(features: PooledFeatures, classes: Sequence[str], config: TrainParams,
+                   also_score: np.ndarray | None = None) -> CrossValidation:
     """k heads, each fitted on the other folds and scoring its own; then the final head.
+
+    ``also_score`` (test-time view features, [views, images, width]) is scored by every fold
+    head too (``fold_probabilities``).
 
     ``ValueError`` (naming the limit) when a class has fewer distinct images than folds.
     """
@@ -220,7 +226,7 @@ def cross_validate(features: PooledFeatures, classes: Sequence[str],
     folds = fold_assignment(features.image_ids, labels, classes, folds_wanted)
     num_classes = len(classes)
     probabilities = np.zeros((len(labels), num_classes), np.float32)
-    fold_scores, best_epochs = [], []
+    fold_scores, best_epochs, also = [], [], []
     for fold in range(folds_wanted):
         held = folds == fold
         head, best = fit_head(features.training[:, ~held], labels[~held], config, num_classes,
@@ -230,6 +236,8 @@ def cross_validate(features: PooledFeatures, classes: Sequence[str],
         fold_scores.append(stats.score(labels[held], probabilities[held].argmax(axis=1),
                                        num_classes))
         best_epochs.append(best)
+        if also_score is not None:
+            also.append(view_probabilities(head, also_score))
         logger.info("fold %d/%d: %d held-out images, best epoch %d, balanced accuracy %.3f",
                     fold + 1, folds_wanted, int(held.sum()), best,
                     fold_scores[-1]["balanced_accuracy"])
@@ -240,7 +248,8 @@ def cross_validate(features: PooledFeatures, classes: Sequence[str],
     logger.info("cross-validated over %d folds of %d images; final head: %d epochs on all "
                 "of them (the folds' average best)", folds_wanted, len(labels), final_epochs)
     return CrossValidation(predictions, folds, tuple(fold_scores), tuple(best_epochs),
-                           final_epochs, head, features.computed)
+                           final_epochs, head, features.computed,
+                           np.stack(also) if also else None)
 
 
 def serving_cost_ms(model: keras.Model, data_dir: Path, config: TrainParams) -> float:
