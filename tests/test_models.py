@@ -88,6 +88,16 @@ def test_weights_setting_is_resolved_with_clear_errors(tmp_path):
         models.build_model(small_train(weights="none"), 1)
 
 
+def test_another_backbones_weights_file_is_refused_naming_file_backbone_and_fix(
+        mobilenet_v2_weights):
+    """IRIS_MODEL_WEIGHTS left at the MobileNetV2 file while the config asks for v1."""
+    with pytest.raises(ValueError) as caught:
+        models.build_model(small_train(weights=str(mobilenet_v2_weights)), 3)
+    message = str(caught.value)
+    assert str(mobilenet_v2_weights) in message and "backbone 'mobilenet' at alpha 0.25" in message
+    assert "IRIS_MODEL_WEIGHTS=PATH" in message and "--set weights=PATH" in message
+
+
 def test_weights_download_failure_says_how_to_use_a_local_copy(closed_port_uri, tmp_path):
     url = f"{closed_port_uri}/mobilenet-{uuid.uuid4().hex}.h5"  # nothing listens: refused
     with pytest.raises(models.WeightsDownloadError) as caught:

@@ -153,10 +153,20 @@ def build_backbone(config: TrainParams) -> keras.Model:
         kwargs["include_preprocessing"] = True
     with _weights_download(config.weights):
         weights = resolve_weights(config.weights, config.weights_sha256)
-        backbone = getattr(keras.applications, spec.application)(
-            input_shape=(size, size, 3), include_top=False, weights=weights, pooling=None,
-            **kwargs,
-        )
+        try:
+            backbone = getattr(keras.applications, spec.application)(
+                input_shape=(size, size, 3), include_top=False, weights=weights, pooling=None,
+                **kwargs,
+            )
+        except ValueError as exc:
+            if weights in (None, "imagenet"):
+                raise
+            # e.g. IRIS_MODEL_WEIGHTS left at another backbone's file: say which, and the fix
+            raise ValueError(
+                f"weights file {weights!r} does not fit backbone {config.backbone!r}"
+                f"{f' at alpha {config.alpha}' if spec.takes_alpha else ''} ({exc}); give "
+                "that backbone's no-top weights file with --set weights=PATH or "
+                "IRIS_MODEL_WEIGHTS=PATH") from exc
     backbone.name = BACKBONE
     backbone.trainable = False
     logger.info("backbone %s%s at %dx%d, weights=%s", spec.application,
