@@ -34,7 +34,9 @@ import psutil
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
-WEIGHTS = SHARED / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+# the default backbone's (tests/support/paths.py: DEFAULT_BACKBONE_WEIGHTS; this script runs
+# without the project on sys.path)
+WEIGHTS = SHARED / "mobilenet_2_5_224_tf_no_top.h5"
 STEPS = ("download_dataset", "preprocess_dataset", "train_model", "evaluate_model",
          "register_model")
 POLL_S = 0.2

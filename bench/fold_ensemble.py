@@ -41,7 +41,7 @@ from pipeline.lib.feature_cache import FeatureCache
 from pipeline.lib.feature_head import extract_features, test_time_views
 from pipeline.lib.params import PreprocessParams, TrainParams
 from pipeline.steps.preprocess import prepare_dataset
-from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS
+from tests.support.paths import DEFAULT_BACKBONE_WEIGHTS, IRIS_ZIP
 
 METRIC = "balanced_accuracy"
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--folds", type=int, nargs="+", default=[3, 5, 10])
     parser.add_argument("--zip", type=Path, default=IRIS_ZIP)
-    parser.add_argument("--weights", default=str(MOBILENET_V2_WEIGHTS))
+    parser.add_argument("--weights", default=str(DEFAULT_BACKBONE_WEIGHTS))
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override a config field (repeatable)")
     args = parser.parse_args(argv)

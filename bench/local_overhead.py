@@ -36,7 +36,7 @@ from components.train_model import train_model
 from pipeline.cli_args import resolve_config
 from pipeline.config import PipelineConfig
 from pipeline.dag import PIPELINE_NAME
-from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS, PROJECT_ROOT
+from tests.support.paths import DEFAULT_BACKBONE_WEIGHTS, IRIS_ZIP, PROJECT_ROOT
 
 TARGET_RATIO = 1.15
 
@@ -91,8 +91,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="pairs of runs; the order alternates, the median ratio counts")
     args = parser.parse_args()
-    # the default backbone's ImageNet weights (MobileNetV2-0.5), offline
-    weights = MOBILENET_V2_WEIGHTS
+    weights = DEFAULT_BACKBONE_WEIGHTS  # the default backbone's ImageNet weights, offline
     overrides = [f"weights={weights}", *args.overrides]
     config = resolve_config(None, args.data, overrides, environ={})
     cli_args = ["--data", args.data, *(x for item in overrides for x in ("--set", item))]

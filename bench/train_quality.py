@@ -70,7 +70,7 @@ from pipeline.steps.preprocess import prepare_dataset
 from pipeline.steps.select import SWEEP_FILE, select_trial, trial_labels
 from pipeline.steps.train import train_model
 from pipeline.sweep import Sweep, load_sweep
-from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS
+from tests.support.paths import DEFAULT_BACKBONE_WEIGHTS, IRIS_ZIP
 
 #: Trial labels say how a trial departs from the default config.
 DEFAULTS = PipelineConfig().to_dict()
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--zip", type=Path, default=IRIS_ZIP)
-    parser.add_argument("--weights", default=str(MOBILENET_V2_WEIGHTS),
-                        help="weights file of the default backbone (MobileNetV2-0.5)")
+    parser.add_argument("--weights", default=str(DEFAULT_BACKBONE_WEIGHTS),
+                        help="weights file of the default backbone")
     parser.add_argument("--skip-seed-cnn", action="store_true")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override a config field of the measured config (repeatable)")

@@ -6,7 +6,7 @@ own browser download is not used)::
     python -m docs.screenshots --output-dir docs/
 
 Does what a user does: runs ``pipeline.py --local`` with the default config (then with
-``tta_views=0``, and a two-trial ``--sweep``) in one folder with its default MLflow store,
+``tta_views=8``, and a two-trial ``--sweep``) in one folder with its default MLflow store,
 starts the ``mlflow ui`` command the closing block printed, opens the printed address in a
 fresh Chromium profile and clicks from the run list to the default run, its evaluate run's
 gallery of mistakes, its train run's charts and its registered version's model card
@@ -51,7 +51,7 @@ logger = logging.getLogger("screenshots")
 #: What the runs printed and left (``--reuse`` reads it).
 RUNS_FILE = "screenshot-runs.json"
 #: The default run, then one setting changed, so the run list names them by what differs.
-RUNS = ((), ("tta_views=0",))
+RUNS = ((), ("tta_views=8",))
 #: The sweep run's trials: two head strengths on the default config's cached features.
 SWEEP = "grid:\n  head_c: [0.003, 0.03]\n"
 #: Where the printed address's port is replaced by the one ``mlflow ui`` got here.

@@ -236,7 +236,8 @@ def test_every_config_field_reaches_some_component() -> None:
 
 
 # --- a sweep: ParallelFor over train, Collected into select, the winner evaluated -----------
-SWEEP = {"parallelism": 2, "trials": [{}, {"backbone": "mobilenet", "alpha": 0.25}],
+SWEEP = {"parallelism": 2, "trials": [{"backbone": "mobilenet_v2", "alpha": 0.5},
+                                     {"backbone": "mobilenet", "alpha": 0.25}],
          "grid": {"image_size": [224, 320]}}
 
 

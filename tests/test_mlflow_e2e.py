@@ -191,7 +191,7 @@ def test_what_the_mlflow_ui_shows(first_run: CliRun, client: Any) -> None:
     assert experiment.tags["mlflow.note.content"] == tracking_store.EXPERIMENT_DESCRIPTION
 
     parent = client.get_run(summary["mlflow"]["run_id"])
-    assert re.fullmatch(r"mobilenet a0\.25 96px avg_max · iris-image\.zip · "
+    assert re.fullmatch(r"mobilenet a0\.25 96px avg · iris-image\.zip · "
                         r"\d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
     assert parent.data.tags["mlflow.source.type"] == "JOB"
     assert parent.data.tags["mlflow.source.name"].startswith(summary["pipeline"])

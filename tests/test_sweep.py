@@ -22,7 +22,7 @@ DEFAULTS = PipelineConfig().to_dict()
 
 # --- the sweep file ----------------------------------------------------------------------------
 def test_trials_cross_the_grid_and_carry_every_swept_key_from_the_base() -> None:
-    base = PipelineConfig(head_c=0.01)
+    base = PipelineConfig(head_c=0.01, pooling="avg_max")
     sweep = build_sweep({"trials": [{}, {"pooling": "avg"}], "grid": {"tta_views": [0, 8]},
                          "parallelism": 3}, base)
     assert sweep.parallelism == 3
@@ -78,8 +78,10 @@ def test_only_train_settings_no_other_step_reads_are_sweepable() -> None:
 def test_the_shipped_default_sweep_loads() -> None:
     sweep = load_sweep(PROJECT_ROOT / "sweeps" / "default.yaml", PipelineConfig(), environ={})
     labels = [label for label, _ in trial_labels(list(sweep.trials), DEFAULTS)]
-    # the last trial is the default config; the first (MobileNet v1) is not a "base"
-    assert labels[-1] == "defaults" and labels[0].startswith("alpha=0.25, backbone=mobilenet")
+    # trial 3 is the default config (the cross-validated choice); the last, the previous one
+    assert labels.index("defaults") == 2
+    assert labels[-1] == ("alpha=0.5, backbone=mobilenet_v2, image_size=320, pooling=avg_max, "
+                          "tta_views=8")
     assert len(set(labels)) == len(labels) >= 6
 
 
@@ -103,12 +105,13 @@ def test_a_bad_sweep_file_exits_2_before_any_work(tmp_path: Path, monkeypatch: p
 def _trial(run: str, val: float, test: float, **params: object) -> dict:
     """A trial's model metadata; ``balanced_accuracy`` stands for a test score it must ignore."""
     return {META_RUN_ID: run, "model_val_balanced_accuracy": val, "balanced_accuracy": test,
-            META_TRAIN_PARAMS: {"pooling": "avg_max", "head_c": 0.003, **params}}
+            META_TRAIN_PARAMS: {"pooling": DEFAULTS["pooling"], "head_c": 0.003, **params}}
 
 
 def test_the_best_validation_score_wins_and_test_scores_are_ignored() -> None:
+    other_pooling = "avg_max" if DEFAULTS["pooling"] == "avg" else "avg"
     trials = [_trial("a", 0.60, 0.90), _trial("b", 0.70, 0.40, head_c=0.03),
-              _trial("c", 0.70, 0.95, pooling="avg")]
+              _trial("c", 0.70, 0.95, pooling=other_pooling)]
     ranked = rank_trials(trials, "balanced_accuracy", DEFAULTS)
     assert [t.run_id for t in ranked] == ["b", "c", "a"]  # tie: the earlier trial first
     assert ranked[0].label == "head_c=0.03" and ranked[2].label == "defaults"
@@ -116,12 +119,13 @@ def test_the_best_validation_score_wins_and_test_scores_are_ignored() -> None:
 
 def test_labels_undo_kfp_metadata_number_widening_and_shorten_paths() -> None:
     """KFP metadata hands ``image_size`` 320 back as 320.0; weights paths are long."""
+    assert DEFAULTS["image_size"] == 224
     trials = [_trial("a", 0.6, 0.6, image_size=224.0, weights="/data/w/v1.h5"),
               _trial("b", 0.7, 0.6, image_size=320.0, weights="/data/w/v2.h5"),
               _trial("c", 0.5, 0.6, image_size=224.0, weights="/data/w/v1.h5", head_c=0.03)]
     ranked = rank_trials(trials, "balanced_accuracy", DEFAULTS)
-    assert [t.label for t in ranked] == ["weights=v2.h5", "image_size=224, weights=v1.h5",
-                                        "head_c=0.03, image_size=224, weights=v1.h5"]
+    assert [t.label for t in ranked] == ["image_size=320, weights=v2.h5", "weights=v1.h5",
+                                        "head_c=0.03, weights=v1.h5"]
     assert ranked[0].overrides["image_size"] == 320
     assert isinstance(ranked[0].overrides["image_size"], int)
 
