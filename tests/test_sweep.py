@@ -197,7 +197,7 @@ def test_a_local_two_trial_sweep_registers_only_the_trial_best_on_validation(
 
     sweep = tmp_path / "sweep.yaml"
     # parallelism 2 is for a cluster: locally the trials must still train one at a time
-    sweep.write_text("parallelism: 2\ntrials:\n  - {head_c: 0.0001, pooling: avg}\n"
+    sweep.write_text("parallelism: 2\ntrials:\n  - {head_c: 0.0001, pooling: avg_max}\n"
                      "  - {head_c: 1.0}\n")
     run = run_local_cli(
         tmp_path, "--data", str(iris_zip), "--sweep", str(sweep), "--set", "epochs=2",
@@ -219,13 +219,13 @@ def test_a_local_two_trial_sweep_registers_only_the_trial_best_on_validation(
     assert val[winner.info.run_id] == max(val.values())
     assert winner.data.tags["sweep.val_rank"] == "1"
     # labelled by departures from the default config, so the first trial is not "base"
-    assert {r.data.tags["sweep.trial"] for r in trains} == {"head_c=0.0001, pooling=avg",
+    assert {r.data.tags["sweep.trial"] for r in trains} == {"head_c=0.0001, pooling=avg_max",
                                                             "head_c=1.0"}
     parent_run = client.get_run(parent)
     assert parent_run.data.tags["sweep.winner_run_id"] == winner.info.run_id
     # the parent's name carries every swept value of the winner, the defaults' pooling too
-    every_swept_value = {"head_c=0.0001, pooling=avg": "head_c=0.0001, pooling=avg",
-                         "head_c=1.0": "head_c=1.0, pooling=avg_max"}
+    every_swept_value = {"head_c=0.0001, pooling=avg_max": "head_c=0.0001, pooling=avg_max",
+                         "head_c=1.0": "head_c=1.0, pooling=avg"}
     assert parent_run.info.run_name.startswith(
         f"sweep of 2: {every_swept_value[winner.data.tags['sweep.trial']]} · ")
 
