@@ -10,10 +10,10 @@ test-time view's features, averaged). The test split takes no part.
 
 Why here and not one KFP task per fold: the backbone is frozen, so its features of every
 image and view are computed once (and cached, :mod:`pipeline.lib.feature_cache`); a fold is
-then a sub-second head fit on those shared features, and a pod per fold would cost more than
-the work and re-read the features. Trials stay parallel KFP tasks. End-to-end training
-(fine-tuning, the seed CNN) would mean k full trainings: the config refuses ``cv_folds``
-there (:func:`pipeline.config.validate`).
+then a head fit of a few seconds on those shared features (bench/fold_ensemble.py), and a
+pod per fold would add its start-up to each fit and re-read the features. Trials stay
+parallel KFP tasks. End-to-end training (fine-tuning, the seed CNN) would mean k full
+trainings: the config refuses ``cv_folds`` there (:func:`pipeline.config.validate`).
 
 The exported model is then the head trained once more on every train + validation row for
 the fold-average best epoch count: no split is left to watch, so no early stopping.
