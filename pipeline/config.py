@@ -75,8 +75,8 @@ class PipelineConfig:
     download_min_bytes_per_s: float = 1024.0
 
     # --- input pipeline and augmentation (notebook: ImageDataGenerator) -------------------
-    # notebook: 256; MobileNet v1's ImageNet size (README: Sweeps: 320 px with MobileNetV2
-    # scored no better out of fold and cost 5x to serve)
+    # notebook: 256; MobileNet v1's ImageNet size (README: Sweeps: MobileNetV2 at 320 px
+    # scored within noise out of fold and cost about 4x to serve, 30x with 8 test-time views)
     image_size: int = 224
     batch_size: int = 32  # notebook: flow_from_directory's default, 32
     augment_flip: bool = True  # notebook: horizontal_flip and vertical_flip
