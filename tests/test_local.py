@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import dataclasses
+import gc
 import io
 import json
 import re
@@ -71,8 +72,15 @@ def test_the_task_folder_comes_from_the_executor_command_line(tmp_path: Path) ->
     assert task_dir_from_argv(["--executor_input", "{not json"]) is None
 
 
+@pytest.fixture
+def unfreeze_after() -> Any:
+    """A step called as kfp's executor calls it freezes this process's heap: undo that."""
+    yield
+    gc.unfreeze()
+
+
 def test_a_step_leaves_its_status_result_and_progress_in_its_task_folder(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unfreeze_after: None) -> None:
     task_dir = tmp_path / "train-model"
     monkeypatch.setattr(sys, "argv", _executor_argv(task_dir))
     monkeypatch.setenv(RUN_TOKEN_ENV, TOKEN)
@@ -95,6 +103,20 @@ def test_a_step_leaves_its_status_result_and_progress_in_its_task_folder(
     assert status.progress() == {"what": "head epochs", "done": 3, "total": 3}
     assert sorted(p.name for p in task_dir.iterdir()) == [
         STEP_PROGRESS_FILE, STEP_RESULT_FILE, STEP_STATUS_FILE]  # no temporary files left
+
+
+def test_only_a_step_under_kfps_executor_freezes_the_heap_for_a_quick_exit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unfreeze_after: None) -> None:
+    """The executor's process ends after the step; its final garbage collections would walk
+    every TensorFlow object for 2 to 3 s. Called directly (tests, notebooks), no freeze: the
+    process goes on and must still collect its garbage."""
+    gc.unfreeze()
+    report_step(lambda: None, task_dir=tmp_path / "download-dataset")
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(sys, "argv", _executor_argv(tmp_path / "train-model"))
+    with pytest.raises(ValueError):
+        report_step(lambda: int("x"))
+    assert gc.get_freeze_count() > 0  # a failed step's process ends too
 
 
 def test_a_failing_step_records_its_error_and_raises_it_again(tmp_path: Path) -> None:
