@@ -19,6 +19,7 @@ import filelock
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
@@ -590,6 +591,49 @@ def test_the_train_steps_model_names_are_logged(mlflow_server: MlflowServer,
                          name=f"iris-{label}-seed42")
     logged = MlflowClient(mlflow_server.url).get_logged_model(info.model_id)
     assert logged.name == "iris-mobilenet_v2-a0_5-320px-seed42"
+
+
+@pytest.mark.mlflow_server
+def test_logging_the_model_does_not_load_it_back_and_logs_what_pyfunc_log_model_does(
+        mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's ``pyfunc.log_model`` loads a model back to score its input example (seconds
+    for the train step's model). ``mlflow_compat.log_python_model`` skips that through an
+    undocumented argument: this fails on the MLflow upgrade that drops it, or that makes the
+    logged model differ from ``pyfunc.log_model``'s (flavors, signature, example, tags)."""
+    from mlflow.models import ModelSignature
+    from mlflow.pyfunc import PythonModel
+    from mlflow.types import ColSpec, Schema
+
+    from pipeline.lib import mlflow_compat
+
+    class Example(PythonModel):
+        loads = 0
+
+        def load_context(self, context: object) -> None:
+            type(self).loads += 1
+
+        def predict(self, context: object, model_input: object) -> object:
+            return model_input
+
+    example = pd.DataFrame({"image": ["aGVsbG8="]})
+    client = MlflowClient(mlflow_server.url)
+    # as the train step logs: a signature and pinned requirements (inferring either loads too)
+    settings = {"input_example": example, "pip_requirements": ["mlflow"],
+                "signature": ModelSignature(outputs=Schema([ColSpec("string", "image")]))}
+    with step_run("train", **run_kwargs(mlflow_server.url, f"kfp-{uuid.uuid4()}")):
+        ours = mlflow_compat.log_python_model(name="ours", python_model=Example(), **settings)
+        assert Example.loads == 0
+        theirs = mlflow.pyfunc.log_model(name="theirs", python_model=Example(), **settings)
+        assert Example.loads == 1  # MLflow's own call does load it back
+    assert ours.flavors == theirs.flavors
+    assert ours.saved_input_example_info == theirs.saved_input_example_info
+    assert ours.signature == theirs.signature
+    assert client.get_logged_model(ours.model_id).tags == \
+        client.get_logged_model(theirs.model_id).tags
+    mlflow.set_tracking_uri(mlflow_server.url)  # step_run restored the previous (unset) URI
+    root = Path(mlflow.artifacts.download_artifacts(ours.model_uri, dst_path=str(tmp_path)))
+    assert (root / "input_example.json").is_file()
+    assert (root / "serving_input_example.json").is_file()
 
 
 @pytest.mark.mlflow_server

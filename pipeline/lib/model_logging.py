@@ -25,7 +25,7 @@ from mlflow.entities import Metric
 from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 
-from pipeline.lib import serving
+from pipeline.lib import mlflow_compat, serving
 from pipeline.lib.contract import CLASSES_FILE, DRIFT_REFERENCE_FILE, MODEL_FILE
 from pipeline.lib.tracking_log import (
     EPOCH_KEYS,
@@ -159,7 +159,8 @@ def log_model(
     ``metadata["classes"]``). It has no input schema: MLflow would enforce one type, and the
     model takes both encoded images and pixel arrays, checking them itself. ``image_size`` is
     the size training resized to; ``example_image`` (an encoded JPEG/PNG) is the input
-    example, and MLflow scores it once while logging. The code travels with the model, so it
+    example, stored with the model but not scored while logging (see
+    :func:`~pipeline.lib.mlflow_compat.log_python_model`). The code travels with the model, so it
     loads without this project installed; pip requirements are pinned explicitly (inferring
     them would load TensorFlow in a subprocess). Characters MLflow refuses in ``name`` ("/",
     ":", ".", "%", quotes) become "_".
@@ -193,7 +194,7 @@ def log_model(
     example = pd.DataFrame({serving.IMAGE_COLUMN: [base64.b64encode(example_image).decode()]})
     with tempfile.TemporaryDirectory(prefix="iris-model-") as tmp:
         config = serving.write_config(Path(tmp) / "serving.json", classes, image_size)
-        info = mlflow.pyfunc.log_model(
+        info = mlflow_compat.log_python_model(
             name=name,
             python_model=serving.ImageClassifier(),
             artifacts={serving.MODEL_ARTIFACT: str(model_file),
