@@ -8,7 +8,8 @@ own browser download is not used)::
 Does what a user does: runs ``pipeline.py --local`` with the default config (then with
 ``tta_views=8``, and a two-trial ``--sweep``) in one folder with its default MLflow store,
 starts the ``mlflow ui`` command the closing block printed, opens the printed address in a
-fresh Chromium profile and clicks from the run list to the default run, its evaluate run's
+fresh Chromium profile and clicks from the run list (its *Run Name* column dragged wide
+enough to show the names whole) to the default run, its evaluate run's
 gallery of mistakes, its train run's charts and its registered version's model card
 (:func:`tests.support.mlflow_browser.click_through`, the browser test's clicks), then ticks
 the sweep's trials in the run list and compares them. Each stop is saved as a PNG. The runs
@@ -94,6 +95,23 @@ def save_png(page: object, path: Path) -> Path:
     return path
 
 
+def widen_run_names(page: Any, width: int = 480) -> None:
+    """Drag the run list's *Run Name* column edge out to ``width`` px, as a user does: at its
+    190 px the names are cut after the model, hiding the settings that tell the runs apart."""
+    header = page.locator(".ag-header-cell").filter(has_text="Run Name").first
+    edge = header.locator(".ag-header-cell-resize")
+    box = edge.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    grow = width - header.bounding_box()["width"]
+    edge.hover()
+    page.mouse.down()
+    for step in range(1, 21):  # in small moves: one jump is not taken as a drag
+        page.mouse.move(x + grow * step / 20, y)
+        page.wait_for_timeout(20)
+    page.mouse.up()
+    page.mouse.move(x, y + 400)  # off the header: its tooltip would cover the first row
+
+
 def compare_trials(page: Any, summary: dict[str, Any]) -> None:
     """From the run list: show the sweep's trial runs, tick them, *Compare*, only differences."""
     from mlflow import MlflowClient
@@ -122,6 +140,8 @@ def take_screenshots(workdir: Path, command: str, address: str,
     written: list[Path] = []
 
     def stop(name: str, page: Any) -> None:
+        if name == "runs":
+            widen_run_names(page)
         page.wait_for_timeout(2000)  # charts and images draw after their data arrives
         written.append(save_png(page, output_dir / f"mlflow-{name}.png"))
 
