@@ -171,10 +171,10 @@ def fit_head(training: np.ndarray, labels: np.ndarray, config: TrainParams, num_
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
     rows = len(y)
     model = head_model(width, num_classes, config, rows)
-    compile_model(model, config.learning_rate, config)
     examples = tf.data.Dataset.from_tensor_slices(((x - mean) / std, y))
     batches, steps = inputs.epoch_batches(examples, rows, config, first_epoch=0,
                                           last_epoch=epochs, augmenter=None)
+    compile_model(model, config.learning_rate, config, steps_per_execution=steps)
     weights = class_weights_for(labels, num_classes) if config.class_weights else None
     best = None
     if held_out is not None:

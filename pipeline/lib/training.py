@@ -374,13 +374,20 @@ def write_saved_model(model: keras.Model, directory: Path) -> None:
                         signatures={"serve": signature, "serving_default": signature})
 
 
-def compile_model(model: keras.Model, learning_rate: float, config: TrainParams) -> None:
-    """Adam on sparse categorical cross-entropy, the one loss every phase trains."""
+def compile_model(model: keras.Model, learning_rate: float, config: TrainParams, *,
+                  steps_per_execution: int = 1) -> None:
+    """Adam on sparse categorical cross-entropy, the one loss every phase trains.
+
+    A head on cached features passes a whole epoch's ``steps_per_execution``: one graph call
+    per epoch instead of one per batch, the same weights, about a third less time (its steps
+    are microseconds of work and milliseconds of Python each).
+    """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=bool(config.xla),
+        steps_per_execution=steps_per_execution,
     )
 
 

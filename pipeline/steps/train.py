@@ -265,7 +265,8 @@ def _run_phase(run: Training, core: keras.Model, trainer: keras.Model,
     model, train_data, steps, val_data, head = _phase_data(run, phase, core, trainer,
                                                            augmenter, finished)
     with run.strategy.scope():
-        compile_model(model, phase.learning_rate, config)
+        compile_model(model, phase.learning_rate, config,
+                      steps_per_execution=steps if head is not None else 1)
         model.optimizer.build(model.trainable_variables)
     if finished:
         checkpoints.restore(model, state.last_weights)
