@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.diskfull import full_disk  # noqa: F401 (fixture)
+from tests.support.kfp_stack import cheap_kfp_stack  # noqa: F401 (autouse fixture)
 from tests.support.mlflow_server import (  # noqa: F401 (fixtures)
     clean_mlflow_state,
     closed_port_uri,
