@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.diskfull import full_disk  # noqa: F401 (fixture)
+from tests.support.kfp_stack import cheap_kfp_stack  # noqa: F401 (autouse fixture)
 from tests.support.mlflow_server import (  # noqa: F401 (fixtures)
     clean_mlflow_state,
     closed_port_uri,
@@ -63,3 +64,18 @@ def mobilenet_v2_weights() -> Path:
     if not MOBILENET_V2_WEIGHTS.is_file():
         pytest.fail(f"shared MobileNetV2 weights missing: {MOBILENET_V2_WEIGHTS}")
     return MOBILENET_V2_WEIGHTS
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from tests.support.scheduling import check_server_modules, order_by_unit
+
+    check_server_modules(items)
+    if hasattr(config, "workerinput"):  # an xdist worker: the order the controller queues
+        order_by_unit(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # the xdist hook: absent under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from tests.support.scheduling import make_scheduler
+
+    return make_scheduler(config, log)

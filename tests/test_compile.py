@@ -290,3 +290,20 @@ def test_select_and_trained_trials_read_mlflow_settings_like_the_other_steps(
     for step in TRACKING_STEPS:
         (secret,) = executors[f"exec-{TASK_NAMES[step]}"]["secretAsEnv"]
         assert secret["secretName"] == SECRET, step
+
+
+def test_the_test_sessions_kfp_stack_names_the_callers_inspect_names() -> None:
+    """tests/support/kfp_stack.py stands in for ``inspect.stack()`` in kfp's pipeline tasks
+    (the compile tests' speed): same frames, files, lines and function names."""
+    from kfp.dsl import pipeline_task
+
+    from tests.support.kfp_stack import stack
+
+    assert pipeline_task.inspect.stack is stack
+    cheap, real = stack(), inspect.stack()
+    assert len(cheap) == len(real)
+    for ours, theirs in zip(cheap[1:], real[1:], strict=True):
+        assert (ours.frame, ours.lineno, ours.function) == (
+            theirs.frame, theirs.lineno, theirs.function)
+        assert Path(ours.filename).resolve() == Path(theirs.filename).resolve()
+    assert cheap[0].function == real[0].function == inspect.currentframe().f_code.co_name

@@ -44,7 +44,9 @@ class Echo(mlflow.pyfunc.PythonModel):
         return model_input
 
 with mlflow.start_run():
-    uri = mlflow.pyfunc.log_model(name="m", python_model=Echo()).model_uri
+    # requirements given: MLflow infers none (a process of its own that loads the model)
+    uri = mlflow.pyfunc.log_model(name="m", python_model=Echo(),
+                                  pip_requirements=["mlflow"]).model_uri
 assert "tensorflow" not in sys.modules
 
 import numpy as np
@@ -59,7 +61,7 @@ metrics = {{"balanced_accuracy": 0.7, "gate_passed": True, "data_sha256": "d" * 
            "split_digest": "s" * 64, "predictions_uri": "runs:/none/predictions.csv"}}
 decision = register.run_step(
     {{"mlflow_model_uri": uri}}, metrics, ".",
-    RegisterParams(registered_model_name="iris", gate_metric="balanced_accuracy",
+    RegisterParams(registered_model_name={name!r}, gate_metric="balanced_accuracy",
                    promotion_margin=0.0),
     TrackingParams(tracking_uri={uri!r}, experiment_name="e", pipeline_run_id="run-1",
                    pipeline_name="iris-image-pipeline"))
@@ -69,9 +71,11 @@ print(json.dumps({{"decision": decision["decision"],
 """
 
 
-def test_register_step_registers_without_importing_tensorflow(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = subprocess.run([sys.executable, "-c", CODE.format(uri=uri)], cwd=tmp_path,
+def test_register_step_registers_without_importing_tensorflow(
+        store: tuple[str, str], tmp_path: Path) -> None:
+    """In a fresh process on the module's store (created already: no migrations to wait for)."""
+    code = CODE.format(uri=store[0], name=f"no-tf-{uuid.uuid4().hex[:8]}")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
