@@ -11,8 +11,9 @@ starts the ``mlflow ui`` command the closing block printed, opens the printed ad
 fresh Chromium profile and clicks from the run list (its *Run Name* column dragged wide
 enough to show the names whole) to the default run, its evaluate run's
 gallery of mistakes, its train run's charts and its registered version's model card
-(:func:`tests.support.mlflow_browser.click_through`, the browser test's clicks), then ticks
-the sweep's trials in the run list and compares them. Each stop is saved as a PNG. The runs
+(:func:`tests.support.mlflow_browser.click_through`, the browser test's clicks), opens the
+run list's *Columns* menu, then ticks the sweep's trials in the run list and compares them.
+Each stop is saved as a PNG. The runs
 share the folder's feature cache, so only the first extracts training features. The data set
 and weights come from ``IRIS_DATA_SOURCE`` / ``IRIS_MODEL_WEIGHTS`` when set (offline), else
 the defaults are downloaded. ``--workdir`` keeps the runs; run again with ``--reuse`` to
@@ -112,6 +113,13 @@ def widen_run_names(page: Any, width: int = 480) -> None:
     page.mouse.move(x, y + 400)  # off the header: its tooltip would cover the first row
 
 
+def open_column_menu(page: Any) -> None:
+    """From the run list: open *Columns*, where the README says to tick the metric columns."""
+    close_assistant(page)
+    page.get_by_role("button", name="Columns").first.click()
+    page.get_by_placeholder("Search columns").wait_for()
+
+
 def compare_trials(page: Any, summary: dict[str, Any]) -> None:
     """From the run list: show the sweep's trial runs, tick them, *Compare*, only differences."""
     from mlflow import MlflowClient
@@ -149,6 +157,9 @@ def take_screenshots(workdir: Path, command: str, address: str,
         address = address.replace(f"http://127.0.0.1:{PRINTED_PORT}", url)
         try:
             click_through(page, address, summaries[0], stop)
+            page.goto(address)
+            open_column_menu(page)
+            stop("run-columns", page)
             page.set_viewport_size({"width": VIEWPORT["width"], "height": 1000})
             page.goto(address)
             compare_trials(page, summaries[-1])

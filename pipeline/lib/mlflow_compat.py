@@ -11,7 +11,9 @@ Kept here, and only here, so an MLflow upgrade that moves them breaks one import
   HTTP 400 with the message (a bad request) instead of 500. ``MlflowException`` takes it as
   its ``error_code`` and has no public constant for it.
 - :func:`log_python_model`: ``mlflow.pyfunc.log_model`` without loading the model back to
-  score its input example: ``Model.log``'s undocumented ``validate_serving_input``.
+  score its input example: ``Model.log``'s undocumented ``validate_serving_input``
+  (``tests/test_tracking.py::test_logging_the_model_does_not_load_it_back_and_logs_what_pyfunc_log_model_does``
+  fails when it moves).
 """
 
 from __future__ import annotations
