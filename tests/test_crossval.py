@@ -8,8 +8,10 @@ import hashlib
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from pipeline.config import PipelineConfig
 from pipeline.lib import crossval, inputs, stats
@@ -21,6 +23,8 @@ from pipeline.lib.contract import (
     META_TRAIN_PARAMS,
     OOF_PREDICTIONS_FILE,
 )
+from pipeline.lib.feature_head import head_model
+from pipeline.lib.training import class_weights_for, compile_model
 from pipeline.steps.select import SWEEP_FILE, select_trial
 from pipeline.sweep import build_sweep
 from tests.support.train_helpers import tiny_prepared_data, tiny_train
@@ -57,7 +61,7 @@ def test_held_out_images_are_never_trained_on() -> None:
     config = _config(head_c=1e4, learning_rate=0.05, epochs=10, seed=1)
     cv = crossval.cross_validate(features, CLASSES, config)
     assert cv.scores()["accuracy"] < 0.6
-    seen, _ = crossval.fit_head(features.training, features.labels, config, 3, 10)
+    seen, _ = crossval.HeadTrainer(128, 3, config).fit(features.training, features.labels, 10)
     memorized = crossval.view_probabilities(seen, features.scoring).argmax(axis=1)
     assert (memorized == features.labels).mean() > 0.85  # what a leak would score
     assert len(cv.fold_scores) == len(cv.best_epochs) == 3
@@ -81,6 +85,42 @@ def test_two_trials_hold_out_the_same_images_whatever_their_seed_and_order() -> 
     fold_of = dict(zip(first.predictions.image_ids, first.folds.tolist(), strict=True))
     assert [fold_of[i] for i in second.predictions.image_ids] == second.folds.tolist()
     assert sorted(np.bincount(first.folds).tolist()) == [9, 9]
+
+
+def _keras_head_weights(training: np.ndarray, labels: np.ndarray, config, epochs: int
+                        ) -> list[np.ndarray]:
+    """A head fitted as the train step fits one: a model of its own, with its own L2,
+    compiled for this fit alone."""
+    views, _, width = training.shape
+    x, y = training.reshape(-1, width), np.tile(labels, views)
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+    model = head_model(width, len(CLASSES), config, len(y))
+    batches, steps = inputs.epoch_batches(
+        tf.data.Dataset.from_tensor_slices(((x - mean) / std, y)), len(y), config,
+        first_epoch=0, last_epoch=epochs, augmenter=None)
+    compile_model(model, config.learning_rate, config, steps_per_execution=steps)
+    model.fit(batches, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
+              class_weight=class_weights_for(labels, len(CLASSES)))
+    return model.get_weights()
+
+
+def test_a_head_fitted_after_another_fold_is_the_head_fitted_on_its_own() -> None:
+    """The fold heads share one compiled model (one traced training loop): a fit that follows
+    another fold's, with other rows (so another L2 strength) and the optimizer moved on,
+    gives the very weights of a head compiled and fitted on its own from the same seed."""
+    features = _features(24, 6, seed=6, signal=1.0)
+    config = _config(epochs=6, learning_rate=0.2, head_c=0.05, seed=3)
+    first, second = np.arange(24) < 21, np.arange(24) >= 2  # 21 and 22 images: 6 steps each
+    trainer = crossval.HeadTrainer(6, len(CLASSES), config)
+    trainer.fit(features.training[:, first], features.labels[first], 6)
+    keras.utils.set_random_seed(9)
+    reused, _ = trainer.fit(features.training[:, second], features.labels[second], 6)
+    keras.utils.set_random_seed(9)
+    alone = _keras_head_weights(features.training[:, second], features.labels[second],
+                                config, 6)
+    assert trainer.compilations == 1
+    for got, expected in zip(reused.model.get_weights(), alone, strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_each_fold_head_scores_the_extra_images_as_it_scored_its_own_fold() -> None:

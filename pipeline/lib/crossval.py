@@ -41,6 +41,7 @@ from pipeline.lib.feature_head import (
     FeatureHead,
     extract_features,
     head_model,
+    l2_strength,
     plain_and_augmented,
     test_time_views,
 )
@@ -156,37 +157,84 @@ class _BestEpoch(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def fit_head(training: np.ndarray, labels: np.ndarray, config: TrainParams, num_classes: int,
-             epochs: int, held_out: tuple[np.ndarray, np.ndarray] | None = None
-             ) -> tuple[FeatureHead, int]:
-    """A head on ``training`` ([views, images, width]) as :class:`FeatureHead` trains one.
+class _VariableL2(keras.regularizers.Regularizer):
+    """Keras' L2 (``strength * sum(x**2)``, the same float32 numbers) with its strength in a
+    variable: a head model traced once trains folds of different row counts."""
 
-    With ``held_out`` (plain features, labels) it early-stops on their loss and keeps its
-    best epoch's weights; without, it trains exactly ``epochs`` epochs. Returns the head and
-    its best (or last) epoch.
+    def __init__(self) -> None:
+        self.strength = keras.Variable(0.0, trainable=False, dtype="float32", name="l2")
+
+    def __call__(self, x: Any) -> Any:
+        return self.strength * keras.ops.sum(keras.ops.square(x))
+
+
+class HeadTrainer:
+    """Fits heads of one width and class count, as :class:`FeatureHead` trains one, on a
+    compiled model kept per epoch length.
+
+    Why: Keras traces its training loop once per compiled model, about 1.1 s, most of a
+    small fold's fit; the folds of a cross-validation mostly share their epoch length
+    (``steps_per_execution`` is part of the trace), so they share one traced loop. Each fit
+    starts from what a head of its own would: the initial weights of a freshly built head
+    (the same random draws), the optimizer's initial state and its rows' L2 strength, and
+    gives the same weights (``tests/test_crossval.py``).
     """
-    views, _, width = training.shape
-    x = training.reshape(-1, width)
-    y = np.tile(labels, views)
-    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
-    rows = len(y)
-    model = head_model(width, num_classes, config, rows)
-    examples = tf.data.Dataset.from_tensor_slices(((x - mean) / std, y))
-    batches, steps = inputs.epoch_batches(examples, rows, config, first_epoch=0,
-                                          last_epoch=epochs, augmenter=None)
-    compile_model(model, config.learning_rate, config, steps_per_execution=steps)
-    weights = class_weights_for(labels, num_classes) if config.class_weights else None
-    best = None
-    if held_out is not None:
-        best = _BestEpoch((held_out[0] - mean) / std, held_out[1],
-                          config.early_stopping_patience)
-    model.fit(batches, epochs=epochs, steps_per_epoch=steps, class_weight=weights,
-              callbacks=[best] if best else [], shuffle=False, verbose=0)
-    if best is not None and best.weights is not None:
-        model.set_weights(best.weights)
-    empty = (np.zeros((0, width), np.float32), np.zeros(0, np.int64))
-    head = FeatureHead(model, batches, steps, empty, mean, std, rows, 0)
-    return head, best.best_epoch if best is not None else epochs
+
+    def __init__(self, width: int, num_classes: int, config: TrainParams) -> None:
+        self.width, self.num_classes, self.config = width, num_classes, config
+        self._compiled: dict[int, tuple[keras.Model, _VariableL2, list[np.ndarray]]] = {}
+
+    @property
+    def compilations(self) -> int:
+        return len(self._compiled)
+
+    def _model_for(self, steps: int) -> tuple[keras.Model, _VariableL2, list[np.ndarray]]:
+        if steps not in self._compiled:
+            penalty = _VariableL2()
+            model = head_model(self.width, self.num_classes, self.config, 1, penalty=penalty,
+                               kernel_initializer="zeros")  # no random draw: fits set weights
+            compile_model(model, self.config.learning_rate, self.config,
+                          steps_per_execution=steps)
+            model.optimizer.build(model.trainable_variables)
+            start = [np.array(v) for v in model.optimizer.variables]
+            self._compiled[steps] = model, penalty, start
+        return self._compiled[steps]
+
+    def fit(self, training: np.ndarray, labels: np.ndarray, epochs: int,
+            held_out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[FeatureHead, int]:
+        """A head on ``training`` ([views, images, width]).
+
+        With ``held_out`` (plain features, labels) it early-stops on their loss and keeps its
+        best epoch's weights; without, it trains exactly ``epochs`` epochs. Returns the head
+        (a model of its own) and its best (or last) epoch.
+        """
+        config, width = self.config, self.width
+        views = training.shape[0]
+        x = training.reshape(-1, width)
+        y = np.tile(labels, views)
+        mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+        rows = len(y)
+        head = head_model(width, self.num_classes, config, rows)
+        examples = tf.data.Dataset.from_tensor_slices(((x - mean) / std, y))
+        batches, steps = inputs.epoch_batches(examples, rows, config, first_epoch=0,
+                                              last_epoch=epochs, augmenter=None)
+        model, penalty, optimizer_start = self._model_for(steps)
+        model.set_weights(head.get_weights())
+        penalty.strength.assign(l2_strength(config, rows))
+        for variable, value in zip(model.optimizer.variables, optimizer_start, strict=True):
+            variable.assign(value)
+        weights = class_weights_for(labels, self.num_classes) if config.class_weights else None
+        best = None
+        if held_out is not None:
+            best = _BestEpoch((held_out[0] - mean) / std, held_out[1],
+                              config.early_stopping_patience)
+        model.fit(batches, epochs=epochs, steps_per_epoch=steps, class_weight=weights,
+                  callbacks=[best] if best else [], shuffle=False, verbose=0)
+        head.set_weights(best.weights if best is not None and best.weights is not None
+                         else model.get_weights())
+        empty = (np.zeros((0, width), np.float32), np.zeros(0, np.int64))
+        return (FeatureHead(head, batches, steps, empty, mean, std, rows, 0),
+                best.best_epoch if best is not None else epochs)
 
 
 def view_probabilities(head: FeatureHead, scoring: np.ndarray) -> np.ndarray:
@@ -227,11 +275,11 @@ def cross_validate(features: PooledFeatures, classes: Sequence[str], config: Tra
     num_classes = len(classes)
     probabilities = np.zeros((len(labels), num_classes), np.float32)
     fold_scores, best_epochs, also = [], [], []
+    trainer = HeadTrainer(features.training.shape[-1], num_classes, config)
     for fold in range(folds_wanted):
         held = folds == fold
-        head, best = fit_head(features.training[:, ~held], labels[~held], config, num_classes,
-                              config.epochs,
-                              held_out=(features.training[0, held], labels[held]))
+        head, best = trainer.fit(features.training[:, ~held], labels[~held], config.epochs,
+                                 held_out=(features.training[0, held], labels[held]))
         probabilities[held] = view_probabilities(head, features.scoring[:, held])
         fold_scores.append(stats.score(labels[held], probabilities[held].argmax(axis=1),
                                        num_classes))
@@ -242,11 +290,12 @@ def cross_validate(features: PooledFeatures, classes: Sequence[str], config: Tra
                     fold + 1, folds_wanted, int(held.sum()), best,
                     fold_scores[-1]["balanced_accuracy"])
     final_epochs = max(1, round(float(np.mean(best_epochs))))
-    head, _ = fit_head(features.training, labels, config, num_classes, final_epochs)
+    head, _ = trainer.fit(features.training, labels, final_epochs)
     predictions = stats.Predictions(features.image_ids, labels, probabilities.argmax(axis=1),
                                     probabilities, tuple(classes))
     logger.info("cross-validated over %d folds of %d images; final head: %d epochs on all "
-                "of them (the folds' average best)", folds_wanted, len(labels), final_epochs)
+                "of them (the folds' average best); %d heads on %d compiled models",
+                folds_wanted, len(labels), final_epochs, folds_wanted + 1, trainer.compilations)
     return CrossValidation(predictions, folds, tuple(fold_scores), tuple(best_epochs),
                            final_epochs, head, features.computed,
                            np.stack(also) if also else None)
@@ -267,6 +316,6 @@ def serving_cost_ms(model: keras.Model, data_dir: Path, config: TrainParams) -> 
     return 1000.0 * min(timings) / int(batch.shape[0])
 
 
-__all__ = ["FOLD_SEED", "CrossValidation", "PooledFeatures", "cross_validate", "fit_head",
+__all__ = ["FOLD_SEED", "CrossValidation", "HeadTrainer", "PooledFeatures", "cross_validate",
            "fold_assignment",
            "pooled_features", "serving_cost_ms", "view_probabilities"]

@@ -196,12 +196,22 @@ def _compute_missing(core: keras.Model, data_dir: Path | None, split: str, confi
     return missing
 
 
-def head_model(width: int, num_classes: int, config: TrainParams, rows: int) -> keras.Model:
-    """The softmax head on ``width`` standardized features, L2 as in :class:`FeatureHead`."""
+def l2_strength(config: TrainParams, rows: int) -> float:
+    """The kernel's L2 factor for ``rows`` training rows: |W|^2 / (2 C) spread over the rows,
+    since Keras averages the loss per row (see :class:`FeatureHead`)."""
+    return 1.0 / (2.0 * config.head_c * rows)
+
+
+def head_model(width: int, num_classes: int, config: TrainParams, rows: int, *,
+               penalty: keras.regularizers.Regularizer | None = None,
+               kernel_initializer: str = "glorot_uniform") -> keras.Model:
+    """The softmax head on ``width`` standardized features, L2 as in :class:`FeatureHead`
+    (``penalty`` replaces the L2 of ``rows`` rows)."""
     features = keras.Input(shape=(width,), name="features")
     dense = keras.layers.Dense(
         num_classes, activation="softmax", dtype="float32", name=models.HEAD,
-        kernel_regularizer=keras.regularizers.L2(1.0 / (2.0 * config.head_c * rows)))
+        kernel_initializer=kernel_initializer,
+        kernel_regularizer=penalty or keras.regularizers.L2(l2_strength(config, rows)))
     return keras.Model(features, dense(features), name="feature_head")
 
 
