@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from pipeline.lib import inputs
 from tests.support.train_helpers import small_train
@@ -165,10 +166,22 @@ def test_steps_per_epoch_from_config():
 
 
 def test_augmentation_preview_png(data_dir, tmp_path):
-    path = inputs.save_augmentation_preview(data_dir, small_train(), tmp_path / "p.png",
+    """A grid of captioned tiles: each row a training image, then its augmented versions."""
+    config = small_train()
+    path = inputs.save_augmentation_preview(data_dir, config, tmp_path / "p.png",
                                             num_images=2, num_versions=3)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*"))
+    sheet = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    tile, caption, gap = inputs.PREVIEW_TILE, inputs.PREVIEW_CAPTION, inputs.PREVIEW_GAP
+    assert sheet.shape == (2 * (tile + caption), 4 * (tile + gap) - gap, 3)
+    first = next(iter(inputs.load_examples(data_dir, "train", config.image_size, cache=False)))
+    original = Image.fromarray(np.clip(first[0].numpy(), 0, 255).astype(np.uint8))
+    expected = np.asarray(original.resize((tile, tile), Image.Resampling.BILINEAR)).astype(int)
+    np.testing.assert_array_equal(sheet[caption:caption + tile, :tile], expected)
+    augmented = sheet[caption:caption + tile, tile + gap:2 * tile + gap]
+    assert np.abs(augmented - expected).mean() > 10  # an augmented version, not the original
+    assert sheet[:caption, :tile].min() < 128  # a caption was drawn in the band
 
 
 def _graph(dataset: tf.data.Dataset) -> tf.compat.v1.GraphDef:

