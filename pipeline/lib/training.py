@@ -358,7 +358,8 @@ def write_saved_model(model: keras.Model, directory: Path) -> None:
     A plain ``tf.Module`` holding the variables and the one traced function, rather than
     ``keras.export.ExportArchive``: the archive also tracks and serializes every layer's
     resources, which took 20 to 27 s of the default run's train step for the same files
-    TensorFlow Serving, KServe and ``tf.saved_model.load`` read.
+    TensorFlow Serving, KServe and ``tf.saved_model.load`` read. ``serve`` is also an
+    attribute of the loaded object, as in Keras' export.
     """
     spec = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 
@@ -368,8 +369,8 @@ def write_saved_model(model: keras.Model, directory: Path) -> None:
 
     module = tf.Module()
     module.model_variables = list(model.variables)
-    module.serve = serve
     signature = serve.get_concrete_function()
+    module.serve = signature  # not the tf.function: saving one traces the model once more
     tf.saved_model.save(module, str(directory),
                         signatures={"serve": signature, "serving_default": signature})
 
