@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.lib import inputs, models
 from pipeline.lib.contract import CHECKPOINT_ROOT_ENV
+from pipeline.lib.feature_cache import CACHE_ROOT_ENV
 from pipeline.lib.feature_head import probabilities_from_features
 from pipeline.lib.training import split_scores
 from pipeline.steps import train
@@ -22,6 +23,8 @@ from tests.support.train_helpers import read_history, tiny_prepared_data, tiny_t
 #: Overfits noise within a few epochs (high learning rate, almost no L2): early stopping fires.
 STOPPING = {"epochs": 40, "learning_rate": 0.5, "head_c": 10_000.0,
             "early_stopping_patience": 2, "tta_views": 8}
+#: The tiny trainings' shared feature cache, beside their data.
+FEATURES = "features"
 #: numpy versions of the 8 dihedral views (``DihedralView`` indices 0..7).
 VIEWS = [lambda x, i=i: _view(x, i) for i in range(8)]
 
@@ -41,7 +44,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, TrainRes
     """The tiny data set and one early-stopped training on it (8 test-time views)."""
     root = tmp_path_factory.mktemp("tiny")
     data_dir = tiny_prepared_data(root)
-    result = train_model(data_dir, root / "model", tiny_train(**STOPPING))
+    with pytest.MonkeyPatch.context() as patch:  # features a later training here can reuse
+        patch.setenv(CACHE_ROOT_ENV, str(root / FEATURES))
+        result = train_model(data_dir, root / "model", tiny_train(**STOPPING))
     return data_dir, root / "model", result
 
 
@@ -79,8 +84,9 @@ def test_early_stopping_ends_the_phase_and_the_best_epoch_is_exported(tiny):
     assert loss == pytest.approx(history[best - 1]["val_loss"], rel=2e-3)
 
 
-def test_class_weights_reach_the_loss(tiny, tmp_path):
+def test_class_weights_reach_the_loss(tiny, tmp_path, monkeypatch):
     data_dir, model_dir, weighted = tiny
+    monkeypatch.setenv(CACHE_ROOT_ENV, str(model_dir.parent / FEATURES))  # same features
     labels = inputs.read_labels(data_dir, "train")
     counts = np.bincount(labels, minlength=3)
     assert len(set(counts.tolist())) > 1  # imbalanced, so weighting changes the loss
