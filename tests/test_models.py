@@ -9,7 +9,7 @@ import http.server
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -22,6 +22,7 @@ from pipeline.config import CHOICES, PipelineConfig
 from pipeline.lib import models
 from pipeline.lib.backbones import model_label
 from pipeline.lib.contract import SAVED_MODEL_DIR
+from pipeline.lib.params import TrainParams
 from pipeline.lib.training import export_model
 from tests.support.train_helpers import small_train
 
@@ -30,8 +31,49 @@ def _odd_images(n: int = 2, h: int = 71, w: int = 53) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
-def test_mobilenet_takes_uint8_of_any_size(mobilenet_weights):
-    model = models.build_model(small_train(weights=str(mobilenet_weights)), 3)
+@pytest.fixture(scope="module")
+def built() -> Callable[[TrainParams], keras.Model]:
+    """``build_model(config, 3)``, built once per config for this module's tests.
+
+    Building a backbone is most of a test's time here (0.5-3 s each), and several tests
+    build the same one. Only for tests that run, wrap, save or read a model: one that changes
+    its layers (trainability, weights) builds its own or restores them (``unfrozen_core``),
+    and one that compares two builds calls ``build_model`` for the second.
+    """
+    cache: dict[TrainParams, keras.Model] = {}
+
+    def build(config: TrainParams) -> keras.Model:
+        if config not in cache:
+            cache[config] = models.build_model(config, 3)
+        return cache[config]
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def core_model(built, mobilenet_weights) -> keras.Model:
+    """The default transfer model: MobileNet-0.25 with the shared weights, 64 px."""
+    return built(small_train(weights=str(mobilenet_weights)))
+
+
+@pytest.fixture
+def unfrozen_core(core_model) -> Iterator[keras.Model]:
+    """``core_model`` for a test that unfreezes backbone layers, frozen again afterwards as
+    ``build_model`` returns it, so the tests sharing the model do not depend on the order."""
+    backbone = core_model.get_layer(models.BACKBONE)
+
+    def trainability() -> list[tuple[str, bool]]:
+        return ([(layer.name, layer.trainable) for layer in core_model.layers + backbone.layers]
+                + [(v.path, v.trainable) for v in core_model.weights])
+
+    before = trainability()
+    yield core_model
+    backbone.trainable = False  # build_backbone's freeze: every layer and variable
+    assert trainability() == before
+
+
+def test_mobilenet_takes_uint8_of_any_size(core_model):
+    model = core_model
     for shape in [(2, 71, 53), (1, 300, 17), (3, 64, 64)]:
         out = np.asarray(model(_odd_images(*shape), training=False))
         assert out.shape == (shape[0], 3)
@@ -53,8 +95,9 @@ def test_seed_cnn_matches_notebook_architecture():
 
 
 @pytest.mark.parametrize(("pooling", "width"), [("avg", 1), ("avg_max", 2)])
-def test_pooling_feeds_average_or_average_and_max_features(mobilenet_weights, pooling, width):
-    model = models.build_model(small_train(weights=str(mobilenet_weights), pooling=pooling), 3)
+def test_pooling_feeds_average_or_average_and_max_features(built, mobilenet_weights, pooling,
+                                                           width):
+    model = built(small_train(weights=str(mobilenet_weights), pooling=pooling))
     backbone = model.get_layer(models.BACKBONE)
     channels = backbone.output_shape[-1]
     assert model.get_layer(models.POOL).output.shape[-1] == width * channels
@@ -68,9 +111,9 @@ def test_pooling_feeds_average_or_average_and_max_features(mobilenet_weights, po
                                rtol=1e-5, atol=1e-5)
 
 
-def test_imagenet_weights_file_is_loaded(mobilenet_weights):
-    loaded = models.build_model(small_train(weights=str(mobilenet_weights)), 3)
-    again = models.build_model(small_train(weights=str(mobilenet_weights)), 3)
+def test_imagenet_weights_file_is_loaded(core_model, mobilenet_weights):
+    loaded = core_model
+    again = models.build_model(small_train(weights=str(mobilenet_weights)), 3)  # a 2nd build
     random = models.build_model(small_train(weights="none"), 3)
     kernel = loaded.get_layer(models.BACKBONE).get_layer("conv1").get_weights()[0]
     np.testing.assert_array_equal(
@@ -109,8 +152,8 @@ def test_weights_download_failure_says_how_to_use_a_local_copy(closed_port_uri, 
         models.build_model(small_train(weights=str(tmp_path / "missing.h5")), 3)
 
 
-def test_fine_tune_unfreezes_top_convolutions_only(mobilenet_weights):
-    model = models.build_model(small_train(weights=str(mobilenet_weights)), 3)
+def test_fine_tune_unfreezes_top_convolutions_only(unfrozen_core):
+    model = unfrozen_core
     count = models.set_fine_tune(model, 4)
     backbone = model.get_layer(models.BACKBONE)
     trainable = [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
@@ -132,9 +175,9 @@ def test_mixed_precision_keeps_float32_output():
 
 
 @pytest.mark.parametrize(("backbone", "views"), [("mobilenet", 0), ("mobilenet_v2", 2)])
-def test_load_model_uses_safe_mode_and_round_trips(tmp_path, backbone, views):
+def test_load_model_uses_safe_mode_and_round_trips(built, tmp_path, backbone, views):
     config = small_train(weights="none", backbone=backbone, alpha=0.5)
-    model = models.with_test_time_views(models.build_model(config, 3), views, config.image_size)
+    model = models.with_test_time_views(built(config), views, config.image_size)
     model.save(tmp_path / models.MODEL_FILE)
     loaded = models.load_model(tmp_path)
     x = _odd_images()
@@ -218,13 +261,13 @@ def test_every_configurable_backbone_has_a_builder():
     assert (PipelineConfig().backbone, PipelineConfig().alpha) == ("mobilenet", 0.25)
 
 
-def test_config_rejects_unknown_backbone_and_view_counts():
+def test_config_rejects_unknown_backbone_and_view_counts(core_model):
     with pytest.raises(ValueError, match="backbone='resnet'"):
         PipelineConfig(backbone="resnet")
     with pytest.raises(ValueError, match="tta_views=3"):
         PipelineConfig(tta_views=3)
     with pytest.raises(ValueError, match="tta_views must be one of"):
-        models.with_test_time_views(models.build_model(small_train(weights="none"), 3), 5, 64)
+        models.with_test_time_views(core_model, 5, 64)
 
 
 @pytest.mark.parametrize("backbone", [
@@ -239,21 +282,30 @@ def test_backbone_predicts_on_raw_uint8_with_its_own_preprocessing(backbone):
     own preprocessing layers), so no backbone sees unscaled or twice-scaled pixels.
     """
     module, channels = BACKBONE_FACTS[backbone]
-    model = models.build_model(
+    model = models.build_model(  # its own: set_fine_tune below changes its layers
         small_train(backbone=backbone, weights="none", alpha=0.5, image_size=64,
                     pooling="avg_max"), 3)
-    for shape in [(2, 71, 53), (1, 40, 97)]:
-        out = np.asarray(model(_odd_images(*shape), training=False))
-        assert out.shape == (shape[0], 3)
-        np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
     backbone_layer = model.get_layer(models.BACKBONE)
     assert model.get_layer(models.POOL).output.shape[-1] == 2 * channels
+    # the classifier's output and its pooled features from one pass (a pass of the larger
+    # backbones takes 0.3-0.8 s here): the same layers model() calls, in the same graph
+    probe = keras.Model(model.input, [model.output, model.get_layer(models.POOL).output])
     images = _odd_images()
-    pooled = keras.Model(model.inputs, model.get_layer(models.POOL).output)(images)
+    probabilities, pooled = probe(images, training=False)
+    for shape, out in [((2, 71, 53), probabilities),
+                       ((1, 40, 97), model(_odd_images(1, 40, 97), training=False))]:
+        out = np.asarray(out)
+        assert out.shape == (shape[0], 3)
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
     resized = np.array(model.get_layer("resize")(images.astype("float32")))
     feature_map = np.asarray(backbone_layer(module.preprocess_input(resized), training=False))
     expected = np.concatenate([feature_map.mean(axis=(1, 2)), feature_map.max(axis=(1, 2))], 1)
     np.testing.assert_allclose(np.asarray(pooled), expected, rtol=1e-4, atol=1e-4)
+    # with random weights the MobileNets' features are tiny (1e-17 to 1e-7), under the absolute
+    # tolerance above whatever the pooling or pixel scaling: compared to their scale as well
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(pooled) / scale, expected / scale, rtol=1e-4, atol=1e-4)
     # fine-tuning finds layers to train in every backbone and leaves batch statistics frozen
     assert models.set_fine_tune(model, 0) > 0
     assert not [layer.name for layer in backbone_layer.layers
@@ -270,7 +322,7 @@ def _h5_arrays(path) -> list[np.ndarray]:
     return arrays
 
 
-def test_mobilenet_v2_weights_file_loads_by_layer_order(mobilenet_v2_weights):
+def test_mobilenet_v2_weights_file_loads_by_layer_order(built, mobilenet_v2_weights):
     """The shared MobileNetV2-0.5 file (old layer names) fills every backbone weight, in order."""
     config = small_train(backbone="mobilenet_v2", alpha=0.5, weights=str(mobilenet_v2_weights))
     backbone = models.build_model(config, 3).get_layer(models.BACKBONE)
@@ -279,7 +331,7 @@ def test_mobilenet_v2_weights_file_loads_by_layer_order(mobilenet_v2_weights):
     assert len(loaded) == len(expected) and sum(a.size for a in expected) == 706_224
     for got, want in zip(loaded, expected, strict=True):
         np.testing.assert_array_equal(got, want)
-    random = models.build_model(dataclasses.replace(config, weights="none"), 3)
+    random = built(dataclasses.replace(config, weights="none"))
     assert not np.allclose(np.asarray(random.get_layer(models.BACKBONE).weights[0]), expected[0])
 
 
@@ -296,22 +348,32 @@ NUMPY_VIEWS = [
 ]
 
 
+TTA_IMAGES = _odd_images(2, 71, 53)
+
+
 @pytest.fixture(scope="module")
-def core_model(mobilenet_weights) -> keras.Model:
-    return models.build_model(small_train(weights=str(mobilenet_weights)), 3)
+def core_on_view(core_model) -> Callable[[int], np.ndarray]:
+    """``core_model``'s probabilities for ``NUMPY_VIEWS[i]`` of :data:`TTA_IMAGES`, each
+    computed once for the three view counts (2 + 4 + 8 passes would repeat views 0-3)."""
+    outputs: dict[int, np.ndarray] = {}
+
+    def output(i: int) -> np.ndarray:
+        if i not in outputs:
+            view = np.ascontiguousarray(NUMPY_VIEWS[i](TTA_IMAGES))
+            outputs[i] = np.asarray(core_model(view, training=False))
+        return outputs[i]
+
+    return output
 
 
 @pytest.mark.parametrize(("views", "which"), [(2, [0, 1]), (4, [0, 1, 2, 3]), (8, range(8))])
-def test_test_time_views_average_the_flips_and_turns(core_model, views, which):
+def test_test_time_views_average_the_flips_and_turns(core_model, core_on_view, views, which):
     core = core_model
     tta = models.with_test_time_views(core, views, small_train().image_size)
-    images = _odd_images(2, 71, 53)
-    copies = [NUMPY_VIEWS[i](images) for i in which]
-    expected = np.mean([np.asarray(core(np.ascontiguousarray(c), training=False))
-                        for c in copies], axis=0)
-    got = np.asarray(tta(images, training=False))
+    expected = np.mean([core_on_view(i) for i in which], axis=0)
+    got = np.asarray(tta(TTA_IMAGES, training=False))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(got, np.asarray(core(images, training=False)), atol=1e-4)
+    assert not np.allclose(got, core_on_view(0), atol=1e-4)  # view 0: the images as they are
     assert models.with_test_time_views(core, 0, 64) is core
 
 
