@@ -236,13 +236,14 @@ def test_a_server_lost_mid_step_fails_it_within_the_bound_naming_the_server(
 @pytest.mark.mlflow_server
 def test_a_server_back_within_the_bound_loses_nothing(forwarded_server: PortForward,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Back after 1 s: later than the two retries without backoff (at once), in time for the
-    first one after a backoff (2 s); a server back later only waits longer, for the next."""
+    """Back after 2 s: later than retries without backoff reach (the first at once, then four
+    waits of at most the 0.5 s jitter), in time for the first retry after a backoff (2 s plus
+    jitter); should it just miss that one, the next, at 6 s, finds the server back."""
     monkeypatch.setenv(tracking_store.GIVE_UP_ENV, "60")  # retries at 0, 0, 2, 6, 14, 30 s
     with step_run("train", **run_kwargs(forwarded_server.url,
                                         f"back-{uuid.uuid4().hex[:8]}")) as run:
         forwarded_server.stop()
-        threading.Timer(1.0, forwarded_server.start).start()  # longer than retries w/o backoff
+        threading.Timer(2.0, forwarded_server.start).start()  # longer than retries w/o backoff
         log_metrics({"loss": 0.5})
     client = MlflowClient(forwarded_server.url)
     assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
