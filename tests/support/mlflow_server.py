@@ -78,19 +78,17 @@ def _children(pid: int) -> list[int]:
 
 
 def _gone(pid: int) -> bool:
-    """Whether ``pid`` has exited (a zombie not reaped yet counts as exited)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    """Whether ``pid`` has exited and was reaped by its parent (its CPU time then counts in
+    the parent's, and so in this process's children's)."""
+    return not Path(f"/proc/{pid}").exists()
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM the server's process group (uvicorn worker, job runner), then SIGKILL.
 
     The ``mlflow`` command that started uvicorn as its child exits once the child has, but
-    its own interpreter shutdown then takes another 1-2 s of CPU: once the children it had
-    are gone, what is left of the group is killed.
+    its own interpreter shutdown then takes another 1-2 s of CPU: once it has reaped the
+    children it had, what is left of the group is killed.
     """
     if process.poll() is not None:
         return
