@@ -43,6 +43,9 @@ STARTUP_TIMEOUT_S = 120.0
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
 #: A RAM file system (tmpfs): sqlite commits there do not wait for the disk.
 RAM_DIR = Path("/dev/shm")
+#: Free bytes :data:`RAM_DIR` needs to be used (a container's default is only 64 MiB; the
+#: slow tier's server keeps real models among its artifacts).
+RAM_DIR_MIN_FREE = 2 << 30
 #: Name prefix of the session folders in :data:`RAM_DIR`; the creating process id follows.
 RAM_PREFIX = "iris-tests-"
 
@@ -291,8 +294,10 @@ def _remove_stale_ram_dirs() -> None:
 @pytest.fixture(scope="session")
 def ram_tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A session folder on :data:`RAM_DIR`, removed at the end; pytest's temp folder where
-    the machine has no writable ``/dev/shm`` (the tests then run as before, only slower)."""
-    if not (RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK)):
+    the machine has no writable ``/dev/shm`` with :data:`RAM_DIR_MIN_FREE` bytes free (the
+    tests then run as before, only slower)."""
+    if not (RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK)
+            and shutil.disk_usage(RAM_DIR).free >= RAM_DIR_MIN_FREE):
         yield tmp_path_factory.mktemp("ram")
         return
     _remove_stale_ram_dirs()
