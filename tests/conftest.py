@@ -15,6 +15,9 @@ from tests.support.mlflow_server import (  # noqa: F401 (fixtures)
     forwarded_server,
     isolated_mlflow_globals,
     mlflow_server,
+    new_sqlite_store,
+    ram_tmp_path,
+    ram_tmp_root,
 )
 from tests.support.paths import IRIS_ZIP, MOBILENET_V2_WEIGHTS, MOBILENET_WEIGHTS
 

@@ -226,7 +226,7 @@ def test_the_server_promotion_lease_admits_one_holder_at_a_time(
             with lock:
                 inside.append(index)
                 entered = time.monotonic()
-            time.sleep(0.3)
+            time.sleep(0.15)  # long enough for two holders at once to overlap in the spans
             with lock:
                 inside.remove(index)
                 spans.append((entered, time.monotonic()))
@@ -270,10 +270,11 @@ class ServerLikeClient(MlflowClient):
 
 
 @pytest.fixture(scope="module")
-def local_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+def local_store(tmp_path_factory: pytest.TempPathFactory,
+                new_sqlite_store: Callable[[str], str]) -> tuple[str, str]:
     """(tracking URI, experiment id) of a sqlite store shared by the fast tests below."""
     root = tmp_path_factory.mktemp("promotion")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_sqlite_store("promotion")
     experiment = MlflowClient(uri).create_experiment(
         "promotion", artifact_location=(root / "artifacts").as_uri())
     return uri, experiment

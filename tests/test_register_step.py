@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -36,17 +37,6 @@ from pipeline.steps import register
 CODE = """
 import json, sys
 import mlflow
-mlflow.set_tracking_uri({uri!r})
-mlflow.set_experiment("e")
-
-class Echo(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input):
-        return model_input
-
-with mlflow.start_run():
-    # requirements given: MLflow infers none (a process of its own that loads the model)
-    uri = mlflow.pyfunc.log_model(name="m", python_model=Echo(),
-                                  pip_requirements=["mlflow"]).model_uri
 assert "tensorflow" not in sys.modules
 
 import numpy as np
@@ -60,7 +50,7 @@ Predictions(("a", "b", "c", "d"), labels, labels, np.eye(2)[labels],
 metrics = {{"balanced_accuracy": 0.7, "gate_passed": True, "data_sha256": "d" * 64,
            "split_digest": "s" * 64, "predictions_uri": "runs:/none/predictions.csv"}}
 decision = register.run_step(
-    {{"mlflow_model_uri": uri}}, metrics, ".",
+    {{"mlflow_model_uri": {model_uri!r}}}, metrics, ".",
     RegisterParams(registered_model_name={name!r}, gate_metric="balanced_accuracy",
                    promotion_margin=0.0),
     TrackingParams(tracking_uri={uri!r}, experiment_name="e", pipeline_run_id="run-1",
@@ -71,10 +61,25 @@ print(json.dumps({{"decision": decision["decision"],
 """
 
 
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context: object, model_input: object) -> object:
+        return model_input
+
+
 def test_register_step_registers_without_importing_tensorflow(
         store: tuple[str, str], tmp_path: Path) -> None:
-    """In a fresh process on the module's store (created already: no migrations to wait for)."""
-    code = CODE.format(uri=store[0], name=f"no-tf-{uuid.uuid4().hex[:8]}")
+    """In a fresh process on the module's store (created already: no migrations to wait for).
+    The model it registers is logged here, where MLflow's model logging is loaded already
+    (in the fresh process it took as long again as the step)."""
+    mlflow.set_tracking_uri(store[0])
+    try:
+        with mlflow.start_run(experiment_id=store[1]):
+            # requirements given: MLflow infers none (a process of its own that loads the model)
+            model_uri = mlflow.pyfunc.log_model(name="m", python_model=Echo(),
+                                                pip_requirements=["mlflow"]).model_uri
+    finally:
+        mlflow.set_tracking_uri(None)
+    code = CODE.format(uri=store[0], model_uri=model_uri, name=f"no-tf-{uuid.uuid4().hex[:8]}")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -101,10 +106,11 @@ def balanced(labels: np.ndarray, predicted: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+def store(tmp_path_factory: pytest.TempPathFactory,
+          new_sqlite_store: Callable[[str], str]) -> tuple[str, str]:
     """(tracking URI, experiment id) of a sqlite store with artifacts beside it."""
     root = tmp_path_factory.mktemp("register-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_sqlite_store("register-store")
     experiment = MlflowClient(uri).create_experiment(
         "register", artifact_location=(root / "artifacts").as_uri())
     return uri, experiment

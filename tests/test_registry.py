@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -82,6 +83,13 @@ def register_in_step(server: MlflowServer, model_uri: str, name: str, value: flo
     return decision, run.info.run_id
 
 
+def registered(server: MlflowServer, model_uri: str, name: str, value: float) -> dict:
+    """A registration a test only starts from: ``register_model`` without the parent and
+    step runs a register step opens around it (about half of its requests to the server)."""
+    return register_model(model_uri, name=name, metric_name="balanced_accuracy",
+                          metric_value=value, client=MlflowClient(server.url))
+
+
 def aliases(client: MlflowClient, name: str) -> dict[str, str]:
     return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
 
@@ -127,8 +135,8 @@ def test_champion_then_lower_challenger_then_higher_takes_over(
 def test_champion_alias_loads_and_predicts_on_raw_images(
         mlflow_server: MlflowServer, model_uris: dict[str, str]) -> None:
     name = f"iris-{uuid.uuid4().hex[:8]}"
-    register_in_step(mlflow_server, model_uris["m2"], name, 0.9)
-    register_in_step(mlflow_server, model_uris["m1"], name, 0.5)  # challenger, not served
+    registered(mlflow_server, model_uris["m2"], name, 0.9)
+    registered(mlflow_server, model_uris["m1"], name, 0.5)  # challenger, not served
 
     mlflow.set_tracking_uri(mlflow_server.url)
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
@@ -182,7 +190,7 @@ def test_failure_mid_registration_leaves_no_half_registered_version(
     assert client.search_registered_models(filter_string=f"name = '{name}'") == [], (
         "a registered model created by the failed call must be removed")
 
-    register_in_step(mlflow_server, model_uris["m1"], name, 0.8)
+    registered(mlflow_server, model_uris["m1"], name, 0.8)
     with pytest.raises(MlflowException, match="injected"):
         register_in_step(mlflow_server, model_uris["m2"], name, 0.9,
                          client=FailingAliasClient(mlflow_server.url))
@@ -212,8 +220,8 @@ def test_failure_after_the_alias_moved_restores_it_and_deletes_the_version(
         alias: str) -> None:
     name = f"iris-{uuid.uuid4().hex[:8]}"
     client = MlflowClient(mlflow_server.url)
-    register_in_step(mlflow_server, model_uris["m1"], name, 0.8)
-    register_in_step(mlflow_server, model_uris["m2"], name, 0.7)
+    registered(mlflow_server, model_uris["m1"], name, 0.8)
+    registered(mlflow_server, model_uris["m2"], name, 0.7)
     assert aliases(client, name) == {CHAMPION: "1", CHALLENGER: "2"}
 
     failing = FailingAfterAliasClient(mlflow_server.url)
@@ -266,10 +274,11 @@ IMAGE_IDS = tuple(f"{i:064x}" for i in range(LABELS.size))  # content sha256 sta
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+def store(tmp_path_factory: pytest.TempPathFactory,
+          new_sqlite_store: Callable[[str], str]) -> tuple[str, str]:
     """(tracking URI, experiment id) of a sqlite store with artifacts beside it."""
     root = tmp_path_factory.mktemp("registry-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_sqlite_store("registry-store")
     experiment = MlflowClient(uri).create_experiment(
         "champion-rule", artifact_location=(root / "artifacts").as_uri())
     return uri, experiment

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import filelock
@@ -45,8 +46,10 @@ CLASSES = ["iris-setosa", "iris-versicolour", "iris-virginica"]
 SHA = "48a5f6b0ad1019f4f7ce2628e08e9f71104ae625db1b7e4c24eaf051133f4589"
 
 
-def tiny_model(fixed_size: int | None = None, dtype: str = "uint8") -> keras.Model:
-    """Images in (any size unless ``fixed_size``), resizing and rescaling inside."""
+def tiny_model(fixed_size: int | None = None, dtype: str = "uint8",
+               run_eagerly: bool = False) -> keras.Model:
+    """Images in (any size unless ``fixed_size``), resizing and rescaling inside.
+    ``run_eagerly``: a fit of a few images skips tracing the training step (a second)."""
     keras.utils.set_random_seed(0)
     side = fixed_size
     inputs = keras.Input(shape=(side, side, 3), dtype=dtype)
@@ -57,7 +60,7 @@ def tiny_model(fixed_size: int | None = None, dtype: str = "uint8") -> keras.Mod
     outputs = keras.layers.Dense(len(CLASSES), activation="softmax")(x)
     model = keras.Model(inputs, outputs)
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], run_eagerly=run_eagerly)
     return model
 
 
@@ -96,12 +99,13 @@ def test_resolve_tracking_uri_prefers_explicit_then_env_then_absolute_sqlite(
 
 
 def test_sqlite_default_keeps_database_and_artifacts_in_workdir(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    workdir, elsewhere = tmp_path / "work", tmp_path / "cwd"
+        ram_tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In RAM (``ram_tmp_path``): the new store's migrations commit many times."""
+    workdir, elsewhere = ram_tmp_path / "work", ram_tmp_path / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # a cwd-relative ./mlruns would land here
     uri = resolve_tracking_uri(None, workdir)
-    note = tmp_path / "note.txt"
+    note = ram_tmp_path / "note.txt"
     note.write_text("hello")
     with step_run("train", **run_kwargs(uri, "local-1", params={"epochs": 2})) as run:
         log_artifacts(note)
@@ -146,9 +150,9 @@ def test_server_that_never_answers_fails_within_the_timeout() -> None:
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
         with pytest.raises(TrackingServerError, match=re.escape(uri)):
-            check_tracking_server(uri, timeout_s=2)
+            check_tracking_server(uri, timeout_s=1)
         elapsed = time.monotonic() - started
-    assert 1.5 < elapsed < 10, f"expected to give up after ~2 s, took {elapsed:.1f} s"
+    assert 0.75 < elapsed < 5, f"expected to give up after ~1 s, took {elapsed:.1f} s"
 
 
 class _Refusing(http.server.BaseHTTPRequestHandler):
@@ -177,7 +181,9 @@ class _Refusing(http.server.BaseHTTPRequestHandler):
 def test_refusing_server_is_a_clear_error(status: int, phrase: str) -> None:
     handler = type("Handler", (_Refusing,), {"status": status})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for the loop's next poll: the default 0.5 s was most of the test
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                              daemon=True)
     thread.start()
     uri = f"http://127.0.0.1:{server.server_address[1]}"
     try:
@@ -230,11 +236,14 @@ def test_a_server_lost_mid_step_fails_it_within_the_bound_naming_the_server(
 @pytest.mark.mlflow_server
 def test_a_server_back_within_the_bound_loses_nothing(forwarded_server: PortForward,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Back after 2 s: later than retries without backoff reach (the first at once, then four
+    waits of at most the 0.5 s jitter), in time for the first retry after a backoff (2 s plus
+    jitter); should it just miss that one, the next, at 6 s, finds the server back."""
     monkeypatch.setenv(tracking_store.GIVE_UP_ENV, "60")  # retries at 0, 0, 2, 6, 14, 30 s
     with step_run("train", **run_kwargs(forwarded_server.url,
                                         f"back-{uuid.uuid4().hex[:8]}")) as run:
         forwarded_server.stop()
-        threading.Timer(4.0, forwarded_server.start).start()  # longer than retries w/o backoff
+        threading.Timer(2.0, forwarded_server.start).start()  # longer than retries w/o backoff
         log_metrics({"loss": 0.5})
     client = MlflowClient(forwarded_server.url)
     assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
@@ -442,12 +451,13 @@ def test_epoch_logger_history_matches_epochs_run(mlflow_server: MlflowServer) ->
                                                   (4, pytest.approx(0.001))]
 
 
-def test_a_learning_rate_is_a_metric_only_once_it_changes(tmp_path: Path) -> None:
+def test_a_learning_rate_is_a_metric_only_once_it_changes(
+        new_sqlite_store: Callable[[str], str]) -> None:
     """Constant, it is the param (MLflow drew its one point at zero on a -0.5..0.5 axis);
     changed by a second fit, both values are logged at the steps they began."""
-    model = tiny_model()
+    model = tiny_model(run_eagerly=True)
     x, y = images(6, 20, 20), np.arange(6) % 3
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_sqlite_store("learning-rate")
     with step_run("train", **run_kwargs(uri, f"kfp-{uuid.uuid4()}")) as run:
         logger = MlflowEpochLogger()
         model.fit(x, y, epochs=2, verbose=0, callbacks=[logger])

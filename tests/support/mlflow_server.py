@@ -4,20 +4,30 @@ Imported by ``tests/conftest.py`` so any test (also the pipeline's end-to-end te
 for ``mlflow_server``. One server per test session: sqlite backend and served artifacts in
 a temp folder, a free port, /health polled with a deadline, the process group terminated at
 the end. Its log is attached to start-up failures so they explain themselves.
+
+The sqlite files of the server and of the tests' local stores live on a RAM file system
+(``/dev/shm``) where the machine has one (:func:`ram_tmp_root`): on the shared disk every
+sqlite commit waits for a flush, which cost a third of each server request and seconds of
+each fresh store's migrations. Local stores start as copies of one store migrated once per
+session (:func:`new_sqlite_store`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +35,19 @@ import mlflow
 import numpy as np
 import pytest
 import requests
+from mlflow.tracking import MlflowClient
 
 #: Seconds to wait for /health; a cold start (imports, DB migrations) takes ~10-20 s on 2 cores.
 STARTUP_TIMEOUT_S = 120.0
 #: Process-global MLflow state: ``mlflow.set_tracking_uri`` exports the first one.
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
+#: A RAM file system (tmpfs): sqlite commits there do not wait for the disk.
+RAM_DIR = Path("/dev/shm")
+#: Free bytes :data:`RAM_DIR` needs to be used (a container's default is only 64 MiB; the
+#: slow tier's server keeps real models among its artifacts).
+RAM_DIR_MIN_FREE = 2 << 30
+#: Name prefix of the session folders in :data:`RAM_DIR`; the creating process id follows.
+RAM_PREFIX = "iris-tests-"
 
 
 @dataclass(frozen=True)
@@ -53,14 +71,42 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _children(pid: int) -> list[int]:
+    """Process ids of ``pid``'s children (Linux ``/proc``; none where it cannot tell)."""
+    try:
+        return [int(child) for child in
+                Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited and was reaped by its parent (its CPU time then counts in
+    the parent's, and so in this process's children's)."""
+    return not Path(f"/proc/{pid}").exists()
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (uvicorn worker, job runner), then SIGKILL."""
+    """SIGTERM the server's process group (uvicorn worker, job runner), then SIGKILL.
+
+    The ``mlflow`` command that started uvicorn as its child exits once the child has, but
+    its own interpreter shutdown then takes another 1-2 s of CPU: once it has reaped the
+    children it had, what is left of the group is killed.
+    """
     if process.poll() is not None:
         return
+    servers = _children(process.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while servers and process.poll() is None and time.monotonic() < deadline:
+        if all(_gone(pid) for pid in servers):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
     try:
-        process.wait(timeout=15)
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
@@ -230,11 +276,76 @@ def forwarded_server(mlflow_server: MlflowServer) -> Iterator[PortForward]:
         forward.stop()
 
 
+def _remove_stale_ram_dirs() -> None:
+    """Remove session folders in :data:`RAM_DIR` whose process is gone (a killed session's):
+    RAM is not cleaned up the way pytest prunes its old temp folders."""
+    for folder in RAM_DIR.glob(f"{RAM_PREFIX}*"):
+        pid = folder.name.removeprefix(RAM_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A real MLflow tracking server for the whole session (sqlite, served artifacts)."""
+def ram_tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A session folder on :data:`RAM_DIR`, removed at the end; pytest's temp folder where
+    the machine has no writable ``/dev/shm`` with :data:`RAM_DIR_MIN_FREE` bytes free (the
+    tests then run as before, only slower)."""
+    if not (RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK)
+            and shutil.disk_usage(RAM_DIR).free >= RAM_DIR_MIN_FREE):
+        yield tmp_path_factory.mktemp("ram")
+        return
+    _remove_stale_ram_dirs()
+    root = Path(tempfile.mkdtemp(prefix=f"{RAM_PREFIX}{os.getpid()}-", dir=RAM_DIR))
     try:
-        with run_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def ram_tmp_path(ram_tmp_root: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh folder for one test on the RAM file system (like ``tmp_path``)."""
+    name = re.sub(r"\W", "_", request.node.name)[:40]
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=ram_tmp_root))
+
+
+@pytest.fixture(scope="session")
+def new_sqlite_store(ram_tmp_root: Path) -> Callable[[str], str]:
+    """``new_sqlite_store(name)``: the URI of a fresh, empty local sqlite store in a folder of
+    its own on the RAM file system.
+
+    Each is a copy of one store MLflow created and migrated at the first call (a fresh
+    store's migrations take seconds; a copy, milliseconds): the same schema and the same
+    empty store, whose ``Default`` experiment the tests do not use. Tests of how the
+    pipeline creates its own store (``tests/test_tracking.py``) start from no file instead.
+    """
+    template = ram_tmp_root / "store-template" / "mlflow.db"
+    counter = itertools.count(1)
+
+    def new(name: str) -> str:
+        if not template.exists():
+            template.parent.mkdir()
+            MlflowClient(f"sqlite:///{template}").search_experiments(max_results=1)
+        folder = ram_tmp_root / f"{name}-{next(counter)}"
+        folder.mkdir()
+        shutil.copyfile(template, folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
+    return new
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(ram_tmp_root: Path) -> Iterator[MlflowServer]:
+    """A real MLflow tracking server for the whole session (sqlite, served artifacts), its
+    folder (``mlflow.db``, ``artifacts``, ``server.log``) on the RAM file system."""
+    try:
+        with run_mlflow_server(ram_tmp_root / "mlflow-server") as server:
             yield server
     except RuntimeError as exc:
         pytest.fail(str(exc))
