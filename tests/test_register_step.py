@@ -62,7 +62,8 @@ print(json.dumps({{"decision": decision["decision"],
 
 
 class Echo(mlflow.pyfunc.PythonModel):
-    def predict(self, context: object, model_input: object) -> object:
+    # no type hints: MLflow would infer a signature from them (and warn that these do not fit)
+    def predict(self, context, model_input):
         return model_input
 
 
@@ -70,7 +71,7 @@ def test_register_step_registers_without_importing_tensorflow(
         store: tuple[str, str], tmp_path: Path) -> None:
     """In a fresh process on the module's store (created already: no migrations to wait for).
     The model it registers is logged here, where MLflow's model logging is loaded already
-    (in the fresh process it took as long again as the step)."""
+    (in the fresh process, loading it and logging took a second or more)."""
     mlflow.set_tracking_uri(store[0])
     try:
         with mlflow.start_run(experiment_id=store[1]):
