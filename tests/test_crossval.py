@@ -23,7 +23,7 @@ from pipeline.lib.contract import (
     META_TRAIN_PARAMS,
     OOF_PREDICTIONS_FILE,
 )
-from pipeline.lib.feature_head import head_model
+from pipeline.lib.feature_head import head_model, l2_strength
 from pipeline.lib.training import class_weights_for, compile_model
 from pipeline.steps.select import SWEEP_FILE, select_trial
 from pipeline.sweep import build_sweep
@@ -94,7 +94,7 @@ def _keras_head_weights(training: np.ndarray, labels: np.ndarray, config, epochs
     views, _, width = training.shape
     x, y = training.reshape(-1, width), np.tile(labels, views)
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
-    model = head_model(width, len(CLASSES), config, len(y))
+    model = head_model(width, len(CLASSES), keras.regularizers.L2(l2_strength(config, len(y))))
     batches, steps = inputs.epoch_batches(
         tf.data.Dataset.from_tensor_slices(((x - mean) / std, y)), len(y), config,
         first_epoch=0, last_epoch=epochs, augmenter=None)

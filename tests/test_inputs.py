@@ -197,6 +197,20 @@ def test_augmentation_preview_png(data_dir, tmp_path):
     assert sheet[:caption, :tile].min() < 128  # a caption was drawn in the band
 
 
+def test_a_long_class_name_is_cut_to_its_tile_in_the_preview(tmp_path):
+    """A user's class name wider than a tile ends in an ellipsis instead of running into the
+    next tile's caption: the gap between the captions stays white."""
+    name = "a-class-name-far-wider-than-one-preview-tile"
+    data = tiny_prepared_data(tmp_path, {name: 6, "b": 6, "c": 6})
+    path = inputs.save_augmentation_preview(data, small_train(image_size=32), tmp_path / "p.png",
+                                            num_images=6, num_versions=1)
+    sheet = np.asarray(Image.open(path).convert("RGB"))
+    tile, caption, gap = inputs.PREVIEW_TILE, inputs.PREVIEW_CAPTION, inputs.PREVIEW_GAP
+    bands = sheet.reshape(6, tile + caption, *sheet.shape[1:])[:, :caption]
+    assert (bands[:, :, tile:tile + gap] == 255).all()
+    assert (bands[:, :, :tile] < 128).any()  # the captions were drawn
+
+
 def _graph(dataset: tf.data.Dataset) -> tf.compat.v1.GraphDef:
     return tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
 

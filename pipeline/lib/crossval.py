@@ -186,12 +186,13 @@ class HeadTrainer:
 
     @property
     def compilations(self) -> int:
+        """Models compiled so far: one per distinct epoch length."""
         return len(self._compiled)
 
     def _model_for(self, steps: int) -> tuple[keras.Model, _VariableL2, list[np.ndarray]]:
         if steps not in self._compiled:
             penalty = _VariableL2()
-            model = head_model(self.width, self.num_classes, self.config, 1, penalty=penalty,
+            model = head_model(self.width, self.num_classes, penalty,
                                kernel_initializer="zeros")  # no random draw: fits set weights
             compile_model(model, self.config.learning_rate, self.config,
                           steps_per_execution=steps)
@@ -214,7 +215,8 @@ class HeadTrainer:
         y = np.tile(labels, views)
         mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
         rows = len(y)
-        head = head_model(width, self.num_classes, config, rows)
+        head = head_model(width, self.num_classes,
+                          keras.regularizers.L2(l2_strength(config, rows)))
         examples = tf.data.Dataset.from_tensor_slices(((x - mean) / std, y))
         batches, steps = inputs.epoch_batches(examples, rows, config, first_epoch=0,
                                               last_epoch=epochs, augmenter=None)

@@ -202,16 +202,14 @@ def l2_strength(config: TrainParams, rows: int) -> float:
     return 1.0 / (2.0 * config.head_c * rows)
 
 
-def head_model(width: int, num_classes: int, config: TrainParams, rows: int, *,
-               penalty: keras.regularizers.Regularizer | None = None,
+def head_model(width: int, num_classes: int, penalty: keras.regularizers.Regularizer, *,
                kernel_initializer: str = "glorot_uniform") -> keras.Model:
-    """The softmax head on ``width`` standardized features, L2 as in :class:`FeatureHead`
-    (``penalty`` replaces the L2 of ``rows`` rows)."""
+    """The softmax head on ``width`` standardized features; ``penalty`` on its kernel (the
+    L2 of :class:`FeatureHead`, ``keras.regularizers.L2(l2_strength(config, rows))``)."""
     features = keras.Input(shape=(width,), name="features")
     dense = keras.layers.Dense(
         num_classes, activation="softmax", dtype="float32", name=models.HEAD,
-        kernel_initializer=kernel_initializer,
-        kernel_regularizer=penalty or keras.regularizers.L2(l2_strength(config, rows)))
+        kernel_initializer=kernel_initializer, kernel_regularizer=penalty)
     return keras.Model(features, dense(features), name="feature_head")
 
 
@@ -256,7 +254,8 @@ class FeatureHead:
         mean = x_train.mean(axis=0)
         std = x_train.std(axis=0) + 1e-6
         rows = len(y_train)
-        model = head_model(x_train.shape[1], num_classes, config, rows)
+        model = head_model(x_train.shape[1], num_classes,
+                           keras.regularizers.L2(l2_strength(config, rows)))
         examples = tf.data.Dataset.from_tensor_slices(((x_train - mean) / std, y_train))
         batches, steps = inputs.epoch_batches(examples, rows, config, first_epoch=first_epoch,
                                             last_epoch=last_epoch, augmenter=None)

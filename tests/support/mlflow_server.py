@@ -33,6 +33,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
@@ -71,19 +72,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _children(pid: int) -> list[int]:
-    """Process ids of ``pid``'s children (Linux ``/proc``; none where it cannot tell)."""
+def _children(pid: int) -> list[psutil.Process]:
+    """``pid``'s child processes (none once it is gone)."""
     try:
-        return [int(child) for child in
-                Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
+        return psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
         return []
 
 
-def _gone(pid: int) -> bool:
-    """Whether ``pid`` has exited and was reaped by its parent (its CPU time then counts in
-    the parent's, and so in this process's children's)."""
-    return not Path(f"/proc/{pid}").exists()
+def _gone(child: psutil.Process) -> bool:
+    """Whether ``child`` has exited and was reaped by its parent (its CPU time then counts in
+    the parent's, and so in this process's children's); a zombie is not gone yet."""
+    return not psutil.pid_exists(child.pid)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -100,7 +100,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     while servers and process.poll() is None and time.monotonic() < deadline:
-        if all(_gone(pid) for pid in servers):
+        if all(_gone(child) for child in servers):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             break
