@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipeline.lib import inputs
+from pipeline.lib import inputs, preview
 from tests.support.train_helpers import small_train, tiny_prepared_data
 
 
@@ -181,12 +181,12 @@ def test_steps_per_epoch_from_config():
 def test_augmentation_preview_png(data_dir, tmp_path):
     """A grid of captioned tiles: each row a training image, then its augmented versions."""
     config = small_train()
-    path = inputs.save_augmentation_preview(data_dir, config, tmp_path / "p.png",
+    path = preview.save_augmentation_preview(data_dir, config, tmp_path / "p.png",
                                             num_images=2, num_versions=3)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*"))
     sheet = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    tile, caption, gap = inputs.PREVIEW_TILE, inputs.PREVIEW_CAPTION, inputs.PREVIEW_GAP
+    tile, caption, gap = preview.PREVIEW_TILE, preview.PREVIEW_CAPTION, preview.PREVIEW_GAP
     assert sheet.shape == (2 * (tile + caption), 4 * (tile + gap) - gap, 3)
     first = next(iter(inputs.load_examples(data_dir, "train", config.image_size, cache=False)))
     original = Image.fromarray(np.clip(first[0].numpy(), 0, 255).astype(np.uint8))
@@ -202,10 +202,10 @@ def test_a_long_class_name_is_cut_to_its_tile_in_the_preview(tmp_path):
     next tile's caption: the gap between the captions stays white."""
     name = "a-class-name-far-wider-than-one-preview-tile"
     data = tiny_prepared_data(tmp_path, {name: 6, "b": 6, "c": 6})
-    path = inputs.save_augmentation_preview(data, small_train(image_size=32), tmp_path / "p.png",
+    path = preview.save_augmentation_preview(data, small_train(image_size=32), tmp_path / "p.png",
                                             num_images=6, num_versions=1)
     sheet = np.asarray(Image.open(path).convert("RGB"))
-    tile, caption, gap = inputs.PREVIEW_TILE, inputs.PREVIEW_CAPTION, inputs.PREVIEW_GAP
+    tile, caption, gap = preview.PREVIEW_TILE, preview.PREVIEW_CAPTION, preview.PREVIEW_GAP
     bands = sheet.reshape(6, tile + caption, *sheet.shape[1:])[:, :caption]
     assert (bands[:, :, tile:tile + gap] == 255).all()
     assert (bands[:, :, :tile] < 128).any()  # the captions were drawn

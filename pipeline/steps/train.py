@@ -67,6 +67,7 @@ from pipeline.lib.feature_cache import FeatureCache
 from pipeline.lib.feature_head import FeatureHead, scores_from_features, uses_feature_head
 from pipeline.lib.files import atomic_write_json, read_json
 from pipeline.lib.params import DownloadParams, PreprocessParams, TrackingParams, TrainParams
+from pipeline.lib.preview import save_augmentation_preview
 from pipeline.lib.training import (
     Checkpoints,
     EpochCheckpoint,
@@ -341,7 +342,7 @@ def _export(run: Training, core: keras.Model,
                                 * max(1, config.tta_views))
     atomic_write_json(run.model_dir / CLASSES_FILE, run.classes)
     atomic_write_json(run.model_dir / HISTORY_FILE, run.state.history)
-    inputs.save_augmentation_preview(run.data_dir, config, run.model_dir / PREVIEW_FILE)
+    save_augmentation_preview(run.data_dir, config, run.model_dir / PREVIEW_FILE)
     return scores
 
 
