@@ -77,7 +77,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         order_by_unit(items)
 
 
-@pytest.hookimpl(optionalhook=True)  # the xdist hook: absent under -p no:xdist
+@pytest.hookimpl(optionalhook=True)  # the xdist hooks: absent under -p no:xdist
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: one worker more than the cores (``tests/support/scheduling.py``);
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when set (xdist's own hook reads it)."""
+    from tests.support.scheduling import worker_count
+
+    return None if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") else worker_count()
+
+
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     from tests.support.scheduling import make_scheduler
 

@@ -1,0 +1,38 @@
+"""How many xdist workers ``-n auto`` starts (``tests/support/scheduling.py``)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from tests.support import scheduling
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(("cores", "available_gib", "workers"), [
+    (2, 24, 3),  # this project's CI machine: one worker per core plus one
+    (8, 64, 9),
+    (8, 10, 3),  # memory for 3 workers only
+    (2, 1, 1),  # never none
+])
+def test_auto_starts_a_worker_per_core_plus_one_as_memory_allows(
+        monkeypatch: pytest.MonkeyPatch, cores: int, available_gib: int, workers: int) -> None:
+    monkeypatch.setattr(scheduling.os, "sched_getaffinity", lambda pid: set(range(cores)),
+                        raising=False)
+    monkeypatch.setattr(scheduling.psutil, "virtual_memory",
+                        lambda: SimpleNamespace(available=available_gib * GIB))
+    assert scheduling.worker_count() == workers
+
+
+def test_the_suites_hook_gives_the_count_unless_the_environment_sets_it(
+        pytestconfig: pytest.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not pytestconfig.pluginmanager.hasplugin("xdist"):
+        pytest.skip("pytest-xdist not loaded (-p no:xdist)")
+    hook = pytestconfig.pluginmanager.hook.pytest_xdist_auto_num_workers
+    monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    monkeypatch.setattr(scheduling, "worker_count", lambda: 7)
+    assert hook(config=pytestconfig) == 7
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "5")
+    assert hook(config=pytestconfig) == 5
