@@ -28,14 +28,16 @@ labels them) the mean test / validation score, interval width and train seconds;
 test score of the picks ("sweep pick"), how often each trial was picked, and the first
 trial's (the default's) mean beside it. The test split never takes part in a pick.
 
-``--cv-folds K`` sets ``cv_folds``: every trial is also scored out of fold over train +
-validation (its ``cv_balanced_accuracy`` and measured serving cost per image), and the pick is
-the select step's own (``select.select_trial``: with out-of-fold predictions the paired,
-cost-aware rule of ``pipeline/lib/selection.py``, else the best validation score). The JSON
-line gives ``selection_regret``: the best single trial's mean test score minus the picks'.
+``--cv-folds K`` sets ``cv_folds`` (over the sweep file's own, which ``sweeps/default.yaml``
+sets to 5; ``--cv-folds 0`` measures the validation rule): every trial is also scored out of
+fold over train + validation (its ``cv_balanced_accuracy`` and measured serving cost per
+image), and the pick is the select step's own (``select.select_trial``: with out-of-fold
+predictions the paired, cost-aware rule of ``pipeline/lib/selection.py``, else the best
+validation score). The JSON line gives ``selection_regret``: the best single trial's mean test
+score minus the picks'.
 
 Run: ``python -m bench.train_quality [--seeds 5] [--skip-seed-cnn] [--set KEY=VALUE ...]
-[--tta-views 8 | --sweep sweeps/default.yaml [--cv-folds 5]]``; one JSON line last.
+[--tta-views 8 | --sweep sweeps/default.yaml [--cv-folds K]]``; one JSON line last.
 """
 
 from __future__ import annotations
@@ -215,21 +217,23 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also score each trained model with this many test-time views")
     parser.add_argument("--sweep", metavar="FILE", type=Path,
                         help="measure every trial of this sweep file and the sweep's pick")
-    parser.add_argument("--cv-folds", type=int, default=0,
-                        help="cross-validate every trial with this many folds (cv_folds)")
+    parser.add_argument("--cv-folds", type=int, default=None,
+                        help="cross-validate every trial with this many folds (cv_folds; "
+                             "over the sweep file's own)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.sweep and args.tta_views:
         parser.error("--tta-views does not combine with --sweep (a trial sets tta_views)")
     try:
         overrides = parse_overrides(args.set)
-        if args.cv_folds:
-            overrides["cv_folds"] = str(args.cv_folds)
+        folds = {} if args.cv_folds is None else {"cv_folds": str(args.cv_folds)}
         sweep = labels = None
         if args.sweep:
             sweep = load_sweep(args.sweep, PipelineConfig.from_mapping(
                 overrides, PipelineConfig(data_source=str(args.zip), weights=args.weights)))
             labels = [label for label, _ in trial_labels(sweep.trials, DEFAULTS)]
+            overrides = {**overrides, **{k: str(v) for k, v in sweep.shared.items()}}
+        overrides.update(folds)  # the flag over the file
     except ValueError as exc:
         parser.error(str(exc))
 

@@ -195,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _credentials_to_env(args, config)
         refuse_credentials(config, args.tracking_uri or "")
         sweep = load_sweep(args.sweep, config) if args.sweep else None
+        if sweep:
+            config = sweep.base(config)
         if sweep and args.restore_champion:
             raise ValueError("--sweep does not apply to --restore-champion")
         if not args.local:

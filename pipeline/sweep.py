@@ -9,11 +9,15 @@ would make the trials disagree with the data or the evaluation they are compared
 The file (YAML)::
 
     parallelism: 2          # trials trained at once on a cluster (kfp.local: one at a time)
+    cv_folds: 5             # shared by every trial: chosen out of fold (0: on validation)
     trials:                 # a list of overrides; [{}] (the base config) when left out
       - {}
       - {backbone: mobilenet_v2, alpha: 0.5, weights: "${IRIS_MOBILENET_V2_WEIGHTS:-imagenet}"}
     grid:                   # every combination, crossed with every trial
       image_size: [224, 320]
+
+A setting every trial must share (:data:`SAME_FOR_EVERY_TRIAL`) is a top-level key; like a
+trial's own settings, it wins over ``--set`` and ``--config``.
 
 String values may name environment variables as ``${NAME}`` or ``${NAME:-default}`` (a weights
 file differs per machine); an unset variable without a default is an error.
@@ -48,7 +52,7 @@ SWEEPABLE: frozenset[str] = frozenset(TrainParams.field_names()) - {
 #: More trials than this is almost surely a grid typo (and a very long local run).
 MAX_TRIALS = 64
 MAX_PARALLELISM = 32
-SWEEP_KEYS = ("parallelism", "trials", "grid")
+SWEEP_KEYS = ("parallelism", "trials", "grid", *sorted(SAME_FOR_EVERY_TRIAL))
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -58,6 +62,12 @@ class Sweep:
 
     trials: tuple[dict[str, Any], ...]
     parallelism: int = 1
+    #: the file's settings every trial shares (:data:`SAME_FOR_EVERY_TRIAL`), e.g. cv_folds
+    shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def base(self, config: PipelineConfig) -> PipelineConfig:
+        """``config`` with the settings every trial shares: the run's base config."""
+        return PipelineConfig.from_mapping(self.shared, config) if self.shared else config
 
     def one_at_a_time(self) -> Sweep:
         """This sweep training one trial at a time (what ``--local`` runs, see run_local)."""
@@ -134,15 +144,23 @@ def build_sweep(spec: Mapping[str, Any], base: PipelineConfig,
             or not 1 <= parallelism <= MAX_PARALLELISM):
         raise ValueError(f"parallelism must be an integer in [1, {MAX_PARALLELISM}], "
                          f"got {parallelism!r}")
+    shared = {key: spec[key] for key in sorted(SAME_FOR_EVERY_TRIAL) if key in spec}
+    try:
+        base = PipelineConfig.from_mapping(shared, base)
+    except ValueError as exc:
+        raise ValueError(f"{', '.join(shared)} (shared by every trial): {exc}") from exc
     overrides, grid = _overrides(spec.get("trials"), "trials"), spec.get("grid")
     _check_size(len(overrides), grid)
     combined = [{**trial, **point} for trial in overrides for point in _grid(grid)]
     keys = sorted({key for trial in combined for key in trial})
     fixed = [key for key in keys if key not in SWEEPABLE]
     if fixed:
+        shared_hint = sorted(set(fixed) & SAME_FOR_EVERY_TRIAL)
         raise ValueError(
             f"a sweep cannot vary {', '.join(map(repr, fixed))}: only train-step settings that "
-            f"no other step reads can differ between trials ({', '.join(sorted(SWEEPABLE))})")
+            f"no other step reads can differ between trials ({', '.join(sorted(SWEEPABLE))})"
+            + (f"; {', '.join(shared_hint)} is shared by every trial: set it at the top of "
+               "the sweep file" if shared_hint else ""))
     trials: list[dict[str, Any]] = []
     for number, overrides in enumerate(combined, start=1):
         values = {k: expand_env(v, environ) for k, v in overrides.items()}
@@ -162,7 +180,7 @@ def build_sweep(spec: Mapping[str, Any], base: PipelineConfig,
         raise ValueError("the sweep overrides nothing: give trials or a grid")
     if len(trials) < 2:
         raise ValueError("a sweep needs at least two trials to choose from")
-    return Sweep(tuple(trials), parallelism)
+    return Sweep(tuple(trials), parallelism, shared)
 
 
 def _describe(overrides: Mapping[str, Any]) -> str:
@@ -178,8 +196,8 @@ def load_sweep(path: str | Path, base: PipelineConfig,
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"cannot read sweep file {str(path)!r}: {exc}") from exc
     if not isinstance(spec, dict):
-        raise ValueError(f"sweep file {str(path)!r} must hold a mapping (trials, grid, "
-                         "parallelism)")
+        raise ValueError(f"sweep file {str(path)!r} must hold a mapping "
+                         f"({', '.join(SWEEP_KEYS)})")
     try:
         return build_sweep(spec, base, environ)
     except ValueError as exc:

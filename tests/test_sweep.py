@@ -83,6 +83,36 @@ def test_the_shipped_default_sweep_loads() -> None:
     assert labels[-1] == ("alpha=0.5, backbone=mobilenet_v2, image_size=320, pooling=avg_max, "
                           "tta_views=8")
     assert len(set(labels)) == len(labels) >= 6
+    assert sweep.shared == {"cv_folds": 5}  # chosen out of fold, not on 59 validation images
+
+
+def test_the_files_cv_folds_is_every_trials_and_wins_over_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting all trials share sits at the top of the file and becomes the run's base
+    config, over ``--set`` as a trial's own settings are; a trial may not vary it."""
+    seen: list[PipelineConfig] = []
+
+    def fake_run(config: PipelineConfig, **kwargs: object) -> None:
+        seen.append(config)
+        raise KeyboardInterrupt  # stop here: the config is what this test is about
+
+    monkeypatch.setattr("pipeline.cli.run_local", fake_run)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("cv_folds: 4\ntrials:\n  - {}\n  - {pooling: avg_max}\n")
+    main(["--local", "--sweep", str(spec), "--set", "cv_folds=0", "--set", "epochs=7",
+          "--output-dir", str(tmp_path / "out")])
+    assert (seen[-1].cv_folds, seen[-1].epochs) == (4, 7)
+    spec.write_text("trials:\n  - {}\n  - {pooling: avg_max}\n")
+    main(["--local", "--sweep", str(spec), "--set", "cv_folds=3",
+          "--output-dir", str(tmp_path / "out")])
+    assert seen[-1].cv_folds == 3  # no shared setting in the file: --set stands
+    with pytest.raises(ValueError, match="cv_folds is shared by every trial: set it at the top"):
+        build_sweep({"trials": [{"cv_folds": 0}, {"cv_folds": 3}]}, PipelineConfig())
+    with pytest.raises(ValueError, match=r"cv_folds \(shared by every trial\).*2 to 20 folds"):
+        build_sweep({"cv_folds": 1, "trials": [{}, {"pooling": "avg_max"}]}, PipelineConfig())
+    with pytest.raises(ValueError, match=r"trial 2 .*frozen-backbone feature head"):
+        build_sweep({"cv_folds": 5, "trials": [{}, {"head_feature_views": 0}]},
+                    PipelineConfig())
 
 
 def test_a_bad_sweep_file_exits_2_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
