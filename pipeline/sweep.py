@@ -1,7 +1,8 @@
 """Sweep files: the trials of a ``--sweep`` run, each a set of config overrides of the train step.
 
 A sweep trains every trial on the same prepared splits (one download and preprocess), scores
-each trained model on the *validation* split and hands only the best one on to evaluation on
+each trained model out of fold over train + validation (``cv_folds``, the paired cost-aware
+rule) or else on the *validation* split, and hands only the chosen one on to evaluation on
 the test split, the gate and the registry, so the test split never takes part in a choice.
 Only train-step settings can vary (:data:`SWEEPABLE`): a setting another step also reads
 would make the trials disagree with the data or the evaluation they are compared on.
