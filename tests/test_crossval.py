@@ -243,6 +243,41 @@ def test_select_takes_the_cheaper_trial_within_noise_of_the_leader(tmp_path: Pat
     assert verdict["trials"][0]["difference"] is None
 
 
+def test_the_select_step_names_each_trial_run_by_its_out_of_fold_rank(
+        tmp_path: Path, new_sqlite_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trial runs in MLflow say the choice: ranked by the out-of-fold score, the cheaper
+    trial within noise chosen although it ranks second."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.lib import tracking_runs
+    from pipeline.lib.params import SelectParams, TrackingParams
+    from pipeline.steps import select
+
+    monkeypatch.chdir(tmp_path)
+    uri = new_sqlite_store("select")
+    tracking = TrackingParams(tracking_uri=uri, experiment_name="sweep", pipeline_run_id="p-1",
+                              pipeline_name="iris-image-pipeline")
+    run_ids = []
+    for _ in range(2):
+        with tracking_runs.tracked_step("train", tracking, {}) as run:
+            run_ids.append(run.info.run_id)
+    base = np.random.default_rng(0).random(120) < 0.7
+    better = base.copy()
+    better[np.flatnonzero(~base)[:3]] = True  # 3 more right: the leader, within noise
+    metas = [_oof_trial(tmp_path / "slow", list(better), 40.0, run_ids[0]),
+             _oof_trial(tmp_path / "fast", list(base), 10.0, run_ids[1], tta_views=0)]
+    select.run_step([tmp_path / "slow", tmp_path / "fast"], metas, tmp_path / "out",
+                    SelectParams(gate_metric="balanced_accuracy"), tracking, DEFAULTS)
+    leader, chosen = (MlflowClient(uri).get_run(run_id) for run_id in run_ids)
+    assert [leader.data.tags["sweep.rank"], chosen.data.tags["sweep.rank"]] == ["1", "2"]
+    assert [leader.data.tags["sweep.chosen"], chosen.data.tags["sweep.chosen"]] == [
+        "false", "true"]
+    assert chosen.info.run_name.startswith("train · #2 of 2, chosen · ")
+    assert leader.info.run_name.startswith("train · #1 of 2 · ")
+    assert chosen.data.metrics["choice/cv_balanced_accuracy"] < leader.data.metrics[
+        "choice/cv_balanced_accuracy"]
+
+
 def test_select_keeps_the_leader_when_the_cheaper_trial_is_shown_worse(tmp_path: Path) -> None:
     good = [True] * 100 + [False] * 20
     bad = [True] * 60 + [False] * 60
@@ -280,11 +315,12 @@ def test_a_cross_validated_two_trial_sweep_registers_the_rules_choice(
     )
 
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("trials:\n  - {tta_views: 2}\n  - {tta_views: 0}\n")
+    # cv_folds for every trial, from the file's top (as sweeps/default.yaml sets it)
+    sweep.write_text("cv_folds: 3\ntrials:\n  - {tta_views: 2}\n  - {tta_views: 0}\n")
     run = run_local_cli(
         tmp_path, "--data", str(iris_zip), "--sweep", str(sweep), "--set", "epochs=5",
         "--set", "image_size=64", "--set", f"weights={mobilenet_weights}",
-        *set_flags(*V1_BACKBONE), "--set", "head_feature_views=1", "--set", "cv_folds=3",
+        *set_flags(*V1_BACKBONE), "--set", "head_feature_views=1",
         "--set", "gate_threshold=0", env=clean_env(TF_CPP_MIN_LOG_LEVEL="2"))
     summary = succeeded(run)
     verdict = summary["sweep"]
@@ -297,6 +333,9 @@ def test_a_cross_validated_two_trial_sweep_registers_the_rules_choice(
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     winner = client.get_run(chosen["run_id"])
     assert winner.data.tags["sweep.chosen"] == "true"
+    # ranked by the out-of-fold score (the cost-aware rule may choose another than the first)
+    ranks = sorted(verdict["trials"], key=lambda t: -t["cv_score"])
+    assert winner.data.tags["sweep.rank"] == str(ranks.index(chosen) + 1)
     assert "cv_balanced_accuracy_ci_low" in winner.data.metrics
     # the out-of-fold score ranked the trials: MLflow's Compare view plots it first
     assert min(winner.data.metrics) == "choice/cv_balanced_accuracy"

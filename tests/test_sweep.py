@@ -247,7 +247,7 @@ def test_a_local_two_trial_sweep_registers_only_the_trial_best_on_validation(
         assert train.data.metrics[min(train.data.metrics)] == val[train.info.run_id]
     (winner,) = [r for r in trains if r.data.tags["sweep.chosen"] == "true"]
     assert val[winner.info.run_id] == max(val.values())
-    assert winner.data.tags["sweep.val_rank"] == "1"
+    assert winner.data.tags["sweep.rank"] == "1"
     # labelled by departures from the default config, so the first trial is not "base"
     assert {r.data.tags["sweep.trial"] for r in trains} == {"head_c=0.0001, pooling=avg_max",
                                                             "head_c=1.0"}

@@ -118,7 +118,8 @@ class EvaluateParams(StepParams):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SelectParams(StepParams):
-    """A sweep chooses its trial on the validation score of the metric the gate reads."""
+    """A sweep chooses its trial on the metric the gate reads: out of fold when the trials
+    were cross-validated, else on the validation split."""
 
     gate_metric: str
 

@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
 TAG_TRIAL = "sweep.trial"
-TAG_RANK = "sweep.val_rank"
+#: the trial's rank by the score the sweep chose on (out of fold, else validation)
+TAG_RANK = "sweep.rank"
 TAG_CHOSEN = "sweep.chosen"
 TAG_WINNER = "sweep.winner"
 TAG_WINNER_RUN = "sweep.winner_run_id"
