@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import os
 import re
@@ -41,6 +42,8 @@ from pipeline.config import PipelineConfig
 from pipeline.lib.credentials import has_credentials
 from pipeline.lib.params import TrackingParams, TrainParams
 from pipeline.stepspec import STEP_PARAMS
+
+logger = logging.getLogger(__name__)
 
 #: Train-step settings every trial must share: the choice between cross-validated trials
 #: pairs their out-of-fold predictions, so all must hold out the same folds.
@@ -67,7 +70,17 @@ class Sweep:
     shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def base(self, config: PipelineConfig) -> PipelineConfig:
-        """``config`` with the settings every trial shares: the run's base config."""
+        """``config`` with the settings every trial shares: the run's base config.
+
+        The file wins, as a trial's settings do; a value the user gave (not the default)
+        that the file replaces is logged, so a ``--set cv_folds=0`` is not lost silently.
+        """
+        defaults = PipelineConfig()
+        for key, value in self.shared.items():
+            given = getattr(config, key)
+            if given != value and given != getattr(defaults, key):
+                logger.warning("the sweep file sets %s=%s for every trial, over %s=%s from "
+                               "--set, --config or the environment", key, value, key, given)
         return PipelineConfig.from_mapping(self.shared, config) if self.shared else config
 
     def one_at_a_time(self) -> Sweep:
@@ -145,11 +158,13 @@ def build_sweep(spec: Mapping[str, Any], base: PipelineConfig,
             or not 1 <= parallelism <= MAX_PARALLELISM):
         raise ValueError(f"parallelism must be an integer in [1, {MAX_PARALLELISM}], "
                          f"got {parallelism!r}")
-    shared = {key: spec[key] for key in sorted(SAME_FOR_EVERY_TRIAL) if key in spec}
+    shared = {key: expand_env(spec[key], environ) for key in sorted(SAME_FOR_EVERY_TRIAL)
+              if key in spec}
     try:
         base = PipelineConfig.from_mapping(shared, base)
     except ValueError as exc:
         raise ValueError(f"{', '.join(shared)} (shared by every trial): {exc}") from exc
+    shared = {key: getattr(base, key) for key in shared}  # typed, ${VAR} expanded
     overrides, grid = _overrides(spec.get("trials"), "trials"), spec.get("grid")
     _check_size(len(overrides), grid)
     combined = [{**trial, **point} for trial in overrides for point in _grid(grid)]

@@ -115,6 +115,19 @@ def test_the_files_cv_folds_is_every_trials_and_wins_over_set(
                     PipelineConfig())
 
 
+def test_the_files_shared_setting_expands_variables_and_says_what_it_replaces(
+        caplog: pytest.LogCaptureFixture) -> None:
+    spec = {"cv_folds": "${FOLDS:-4}", "trials": [{}, {"pooling": "avg_max"}]}
+    assert build_sweep(spec, PipelineConfig(), environ={}).shared == {"cv_folds": 4}
+    sweep = build_sweep(spec, PipelineConfig(), environ={"FOLDS": "6"})
+    assert sweep.shared == {"cv_folds": 6}
+    with caplog.at_level("WARNING", logger="pipeline.sweep"):
+        assert sweep.base(PipelineConfig()).cv_folds == 6  # over the default: nothing to say
+        assert not caplog.records
+        assert sweep.base(PipelineConfig(cv_folds=3)).cv_folds == 6
+    assert "sets cv_folds=6 for every trial, over cv_folds=3" in caplog.text
+
+
 def test_a_bad_sweep_file_exits_2_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
     def no_work(*args: object, **kwargs: object) -> None:
