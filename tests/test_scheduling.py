@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 
 import pytest
@@ -36,3 +37,15 @@ def test_the_suites_hook_gives_the_count_unless_the_environment_sets_it(
     assert hook(config=pytestconfig) == 7
     monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "5")
     assert hook(config=pytestconfig) == 5
+
+
+def test_a_test_process_freezes_its_heap_when_the_session_ends() -> None:
+    """So its exit skips collecting what the tests left (``conftest.pytest_sessionfinish``)."""
+    from tests import conftest
+
+    gc.unfreeze()
+    try:
+        conftest.pytest_sessionfinish(session=None)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

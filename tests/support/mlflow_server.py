@@ -31,12 +31,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import psutil
 import pytest
 import requests
-from mlflow.tracking import MlflowClient
 
 #: Seconds to wait for /health; a cold start (imports, DB migrations) takes ~10-20 s on 2 cores.
 STARTUP_TIMEOUT_S = 120.0
@@ -331,6 +329,8 @@ def new_sqlite_store(ram_tmp_root: Path) -> Callable[[str], str]:
     def new(name: str) -> str:
         if not template.exists():
             template.parent.mkdir()
+            from mlflow import MlflowClient
+
             MlflowClient(f"sqlite:///{template}").search_experiments(max_results=1)
         folder = ram_tmp_root / f"{name}-{next(counter)}"
         folder.mkdir()
@@ -363,13 +363,17 @@ def isolated_mlflow_globals() -> Iterator[None]:
 
     ``mlflow.set_tracking_uri`` writes ``$MLFLOW_TRACKING_URI``; without this guard a test that
     points MLflow at the session server silently redirects every later test that expects the
-    local sqlite default (test order then decides the outcome).
+    local sqlite default (test order then decides the outcome). MLflow is not imported
+    here: a process that never imported it has no MLflow state to reset (and the xdist
+    controller starts its workers 2 s sooner).
     """
     saved = {name: os.environ.pop(name, None) for name in MLFLOW_ENV}
     yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
     for name, value in saved.items():
         os.environ.pop(name, None)
         if value is not None:
