@@ -82,7 +82,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Freeze the heap once the session is over, as the step processes do
     (``pipeline/lib/progress.py``): the interpreter's last garbage collections then skip the
-    TensorFlow and MLflow objects a test process piled up. They took 5 to 10 s of a core per
+    TensorFlow and MLflow objects a test process piled up. They took about 10 s of a core per
     xdist worker at exit; the fast tier ended 16 s sooner on 2 cores."""
     gc.freeze()
 
