@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     check_server_modules(items)
     if hasattr(config, "workerinput"):  # an xdist worker: the order the controller queues
         order_by_unit(items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Iterator[object]:
+    """Collect with the garbage collector off, then freeze what collection imported.
+
+    Collection imports TensorFlow, Keras and MLflow in every xdist worker; the collector
+    walked those millions of objects again and again while they were being created, and
+    later for every full collection while the tests ran. Off and frozen, the fast tier took
+    about 11 s less CPU (172 and 173 s of user time against 182 and 185 s, alternating).
+    """
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.enable()
+        gc.freeze()
 
 
 @pytest.hookimpl(trylast=True)

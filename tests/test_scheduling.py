@@ -49,3 +49,21 @@ def test_a_test_process_freezes_its_heap_when_the_session_ends() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_collection_runs_with_the_garbage_collector_off_and_freezes_what_it_imported() -> None:
+    """``conftest.pytest_collection`` wraps pytest's collection (a new-style hook wrapper)."""
+    from tests import conftest
+
+    gc.unfreeze()
+    wrapper = conftest.pytest_collection(session=None)
+    try:
+        next(wrapper)  # collection runs here
+        assert not gc.isenabled()
+        with pytest.raises(StopIteration):
+            wrapper.send(None)
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.enable()
+        gc.unfreeze()
