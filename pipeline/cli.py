@@ -10,7 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.cli_args import build_parser, check_mode_options, output_problem, resolve_config
+from pipeline.cli_args import (
+    build_parser,
+    check_mode_options,
+    output_problem,
+    parse_overrides,
+    resolve_config,
+)
 from pipeline.cli_closing import closing_block
 from pipeline.config import PipelineConfig, placeholder_images
 from pipeline.dag import refuse_credentials
@@ -196,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         refuse_credentials(config, args.tracking_uri or "")
         sweep = load_sweep(args.sweep, config) if args.sweep else None
         if sweep:
-            config = sweep.base(config)
+            config = sweep.base(config, given=parse_overrides(args.overrides or []).keys())
         if sweep and args.restore_champion:
             raise ValueError("--sweep does not apply to --restore-champion")
         if not args.local:

@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,18 +69,19 @@ class Sweep:
     #: the file's settings every trial shares (:data:`SAME_FOR_EVERY_TRIAL`), e.g. cv_folds
     shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    def base(self, config: PipelineConfig) -> PipelineConfig:
+    def base(self, config: PipelineConfig, given: Collection[str] = ()) -> PipelineConfig:
         """``config`` with the settings every trial shares: the run's base config.
 
-        The file wins, as a trial's settings do; a value the user gave (not the default)
-        that the file replaces is logged, so a ``--set cv_folds=0`` is not lost silently.
+        The file wins, as a trial's settings do. A value it replaces is logged when the user
+        set the key (``given``: the ``--set`` keys, so a ``--set cv_folds=0`` is not lost
+        silently) or when it is not the default (from ``--config`` or the environment).
         """
         defaults = PipelineConfig()
         for key, value in self.shared.items():
-            given = getattr(config, key)
-            if given != value and given != getattr(defaults, key):
+            current = getattr(config, key)
+            if current != value and (key in given or current != getattr(defaults, key)):
                 logger.warning("the sweep file sets %s=%s for every trial, over %s=%s from "
-                               "--set, --config or the environment", key, value, key, given)
+                               "--set, --config or the environment", key, value, key, current)
         return PipelineConfig.from_mapping(self.shared, config) if self.shared else config
 
     def one_at_a_time(self) -> Sweep:

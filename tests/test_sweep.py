@@ -87,7 +87,8 @@ def test_the_shipped_default_sweep_loads() -> None:
 
 
 def test_the_files_cv_folds_is_every_trials_and_wins_over_set(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A setting all trials share sits at the top of the file and becomes the run's base
     config, over ``--set`` as a trial's own settings are; a trial may not vary it."""
     seen: list[PipelineConfig] = []
@@ -102,6 +103,8 @@ def test_the_files_cv_folds_is_every_trials_and_wins_over_set(
     main(["--local", "--sweep", str(spec), "--set", "cv_folds=0", "--set", "epochs=7",
           "--output-dir", str(tmp_path / "out")])
     assert (seen[-1].cv_folds, seen[-1].epochs) == (4, 7)
+    # the replaced --set is named, though 0 is also the default value
+    assert "sets cv_folds=4 for every trial, over cv_folds=0" in caplog.text
     spec.write_text("trials:\n  - {}\n  - {pooling: avg_max}\n")
     main(["--local", "--sweep", str(spec), "--set", "cv_folds=3",
           "--output-dir", str(tmp_path / "out")])
