@@ -1,18 +1,21 @@
-"""Benchmark: with ``cv_folds``, ship the fold heads' ensemble or the head refitted on all rows?
+"""Benchmark: with ``cv_folds``, ship the fold heads or a head refitted on all rows?
 
-Cross-validation trains k heads on the frozen backbone's features anyway; the train step then
-fits one more head on every train + validation row and exports that one. Keeping the k fold
-heads instead (their softmaxes averaged) would skip the refit and cost k small matrix products
-per served view. This bench scores both on the test split, paired image by image, and times
-cross-validation for several fold counts (the features are computed once per seed and cached,
-so the timing is the head fits alone: how ``cv_folds`` scales).
+Cross-validation trains k heads on the frozen backbone's features anyway. The train step
+exports their average (kernels and biases averaged: one head whose logits are the mean of
+theirs, ``crossval.CrossValidation.head``); the alternatives are one more head fitted on every
+train + validation row for the folds' average best epoch count (what the train step exported
+before), and the k heads kept with their probabilities averaged (k softmaxes per served view).
+This bench scores the three on the test split, paired with the refit image by image, and
+times cross-validation for several fold counts (the features are computed once per seed and
+cached, so the timing is the head fits alone: how ``cv_folds`` scales).
 
 For each seed: split the shared archive as ``bench/train_quality.py`` does, build the config's
 backbone, compute the train + validation features (``crossval.pooled_features``) and the
 test split's test-time view features once, then per fold count ``crossval.cross_validate``
-with the test features scored by every fold head. Per seed and fold count one JSON line:
-out-of-fold and test balanced accuracy of the refitted head and of the ensemble, their paired
-difference on test (ensemble minus refit, 95% interval), and the cross-validation seconds.
+with the test features scored by every fold head, then the refit. Per seed and fold count
+one JSON line: out-of-fold balanced accuracy, test balanced accuracy of the refitted head, of
+the averaged head (``averaged``) and of the probability ensemble (``ensemble``), each one's
+paired difference with the refit on test (95% interval), and the cross-validation seconds.
 
 Run: ``python -m bench.fold_ensemble [--seeds 5] [--folds 3 5 10] [--set KEY=VALUE ...]``
 (``IRIS_FEATURE_CACHE`` shares features with other runs); one JSON line last.
@@ -38,7 +41,7 @@ from pipeline.cli_args import parse_overrides
 from pipeline.config import PipelineConfig
 from pipeline.lib import crossval, inputs, models, records, stats
 from pipeline.lib.feature_cache import FeatureCache
-from pipeline.lib.feature_head import extract_features, test_time_views
+from pipeline.lib.feature_head import LinearHead, extract_features, test_time_views
 from pipeline.lib.params import PreprocessParams, TrainParams
 from pipeline.steps.preprocess import prepare_dataset
 from tests.support.paths import DEFAULT_BACKBONE_WEIGHTS, IRIS_ZIP
@@ -55,21 +58,33 @@ def test_view_features(core: keras.Model, data_dir: Path, config: TrainParams,
     return features.x.reshape(len(views), count, -1), features.y[:count]
 
 
-def compare(cv: crossval.CrossValidation, test_x: np.ndarray, test_y: np.ndarray,
-            num_classes: int) -> dict:
-    """Refitted head against the fold heads' ensemble on the test split, paired."""
-    refit = crossval.view_probabilities(cv.head, test_x).argmax(axis=1)
-    ensemble = cv.fold_probabilities.mean(axis=0).argmax(axis=1)
-    difference = stats.paired_difference(test_y, ensemble, refit, num_classes, METRIC)
-    return {
-        "cv_balanced_accuracy": round(cv.scores()[METRIC], 4),
-        "refit_balanced_accuracy": round(stats.score(test_y, refit, num_classes)[METRIC], 4),
-        "ensemble_balanced_accuracy": round(
-            stats.score(test_y, ensemble, num_classes)[METRIC], 4),
-        "ensemble_minus_refit": [round(difference.value, 4), round(difference.ci_low, 4),
-                                 round(difference.ci_high, 4)],
-        "final_epochs": cv.final_epochs,
+def refit_head(features: crossval.PooledFeatures, cv: crossval.CrossValidation,
+               config: TrainParams, num_classes: int) -> LinearHead:
+    """One head on every train + validation row for the folds' average best epoch count."""
+    trainer = crossval.HeadTrainer(features.training.shape[-1], num_classes, config)
+    epochs = max(1, round(float(np.mean(cv.best_epochs))))
+    head, _ = trainer.fit(features.training, features.labels, epochs)
+    return head.linear()
+
+
+def compare(cv: crossval.CrossValidation, refit_head: LinearHead, test_x: np.ndarray,
+            test_y: np.ndarray, num_classes: int) -> dict:
+    """The refitted head against the fold heads on the test split, paired: averaged into one
+    head (the export) and kept as an ensemble of their probabilities."""
+    refit = refit_head.view_probabilities(test_x).argmax(axis=1)
+    ensembles = {
+        "averaged": cv.head.view_probabilities(test_x).argmax(axis=1),
+        "ensemble": cv.fold_probabilities.mean(axis=0).argmax(axis=1),
     }
+    out = {"cv_balanced_accuracy": round(cv.scores()[METRIC], 4),
+           "refit_balanced_accuracy": round(stats.score(test_y, refit, num_classes)[METRIC], 4)}
+    for name, predicted in ensembles.items():
+        difference = stats.paired_difference(test_y, predicted, refit, num_classes, METRIC)
+        out[f"{name}_balanced_accuracy"] = round(
+            stats.score(test_y, predicted, num_classes)[METRIC], 4)
+        out[f"{name}_minus_refit"] = [round(difference.value, 4), round(difference.ci_low, 4),
+                                      round(difference.ci_high, 4)]
+    return out
 
 
 def run_seed(config: TrainParams, data_dir: Path, folds: list[int],
@@ -87,10 +102,11 @@ def run_seed(config: TrainParams, data_dir: Path, folds: list[int],
         started = time.perf_counter()
         cv = crossval.cross_validate(features, classes, dataclasses.replace(config, cv_folds=k),
                                      also_score=test_x)
-        rows.append({"seed": config.seed, "folds": k,
-                     "cv_seconds": round(time.perf_counter() - started, 2),
+        seconds = time.perf_counter() - started
+        refit = refit_head(features, cv, config, len(classes))
+        rows.append({"seed": config.seed, "folds": k, "cv_seconds": round(seconds, 2),
                      "feature_seconds": round(feature_seconds, 1),
-                     **compare(cv, test_x, test_y, len(classes))})
+                     **compare(cv, refit, test_x, test_y, len(classes))})
         print(json.dumps({"fold_ensemble": rows[-1]}), flush=True)
     return rows
 
@@ -99,13 +115,18 @@ def summarize(rows: list[dict], folds: list[int]) -> list[dict]:
     out = []
     for k in folds:
         mine = [r for r in rows if r["folds"] == k]
-        out.append({"folds": k, **{key: round(float(np.mean([r[key] for r in mine])), 4)
-                                   for key in ("cv_balanced_accuracy", "refit_balanced_accuracy",
-                                               "ensemble_balanced_accuracy", "cv_seconds")},
-                    "mean_ensemble_minus_refit": round(float(np.mean(
-                        [r["ensemble_minus_refit"][0] for r in mine])), 4),
-                    "ensemble_worse_shown": sum(r["ensemble_minus_refit"][2] < 0 for r in mine),
-                    "ensemble_better_shown": sum(r["ensemble_minus_refit"][1] > 0 for r in mine)})
+        summary = {"folds": k, **{key: round(float(np.mean([r[key] for r in mine])), 4)
+                                  for key in ("cv_balanced_accuracy", "refit_balanced_accuracy",
+                                              "ensemble_balanced_accuracy",
+                                              "averaged_balanced_accuracy", "cv_seconds")}}
+        for name in ("averaged", "ensemble"):
+            differences = [r[f"{name}_minus_refit"] for r in mine]
+            summary.update({
+                f"mean_{name}_minus_refit": round(float(np.mean([d[0] for d in differences])),
+                                                  4),
+                f"{name}_worse_shown": sum(d[2] < 0 for d in differences),
+                f"{name}_better_shown": sum(d[1] > 0 for d in differences)})
+        out.append(summary)
     return out
 
 

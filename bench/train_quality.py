@@ -34,7 +34,9 @@ fold over train + validation (its ``cv_balanced_accuracy`` and measured serving 
 image), and the pick is the select step's own (``select.select_trial``: with out-of-fold
 predictions the paired, cost-aware rule of ``pipeline/lib/selection.py``, else the best
 validation score). The JSON line gives ``selection_regret``: the best single trial's mean test
-score minus the picks'.
+score minus the picks'; and ``leader_regret``, the same for each seed's leader (best
+out-of-fold score, the trial the rule pairs the others with), so the ranking's own regret
+and what the cost-aware choice trades for serving cost are told apart.
 
 Run: ``python -m bench.train_quality [--seeds 5] [--skip-seed-cnn] [--set KEY=VALUE ...]
 [--tta-views 8 | --sweep sweeps/default.yaml [--cv-folds K]]``; one JSON line last.
@@ -150,9 +152,13 @@ def run_sweep(sweep: Sweep, labels: list[str], base: PipelineConfig, data_dir: P
                  metadatas, work / "selected", METRIC, DEFAULTS)
     verdict = read_json(work / "selected" / SWEEP_FILE)
     chosen = verdict["winner"]
+    # cross-validated, the leader (best out-of-fold score) is the row the others pair with
+    leader = next((t["trial"] for t in verdict["trials"]
+                   if "cv_score" in t and t["difference"] is None), chosen)
     pick = {"seed": seed, "trial": chosen + 1, "label": labels[chosen],
             "val_balanced_accuracy": rows[chosen]["val_balanced_accuracy"],
             "balanced_accuracy": rows[chosen]["balanced_accuracy"],
+            "leader": leader + 1, "leader_balanced_accuracy": rows[leader]["balanced_accuracy"],
             "sweep_wall_seconds": round(seconds, 1), "rule": verdict["summary"],
             # cross-validated: the trials not shown worse than that seed's leader
             "within_noise": [t["trial"] + 1 for t in verdict["trials"] if t.get("within_noise")]}
@@ -194,6 +200,9 @@ def sweep_result(sweep: Sweep, labels: list[str], rows: list[dict],
         },
         # the best single trial's mean test score minus the picks' (0: the rule never lost)
         "selection_regret": round(best - mean(picks, "balanced_accuracy"), 4),
+        # the same for the leader alone (best out-of-fold score, cost not considered): what
+        # the cost-aware choice gives up is selection_regret minus this
+        "leader_regret": round(best - mean(picks, "leader_balanced_accuracy"), 4),
         "default": {"trial": 1, "label": labels[0],
                     "mean_balanced_accuracy": trials[0]["mean_balanced_accuracy"],
                     "mean_val_balanced_accuracy": trials[0]["mean_val_balanced_accuracy"]},

@@ -42,7 +42,7 @@ def closing_block(summary: Mapping[str, Any]) -> list[str]:
                          True))
         lines.append(f"{'':<22}(out of fold, {int(cv['cv_folds'])} folds over the "
                      f"{int(cv['cv_images'])} train + validation images; the model: "
-                     f"{int(cv['cv_final_epochs'])} epochs on all of them)")
+                     f"the {int(cv['cv_folds'])} fold heads averaged)")
     sweep = summary.get("sweep")
     if sweep and sweep.get("trials") and "cv_score" in sweep["trials"][0]:
         lines.append(f"sweep: {sweep['summary']}")

@@ -110,8 +110,8 @@ def _show_train(result: Mapping[str, Any]) -> str:
         low, high = (result.get(k) for k in stats.ci_keys(cv))
         # KFP metadata hands whole numbers back as floats
         return (f"cross-validated balanced_accuracy {_fmt(result[cv])} [{_fmt(low)}, "
-                f"{_fmt(high)}] over {int(result.get('cv_folds', 0))} folds; final head "
-                f"{int(result.get('cv_final_epochs', 0))} epochs on train + val; serving "
+                f"{_fmt(high)}] over {int(result.get('cv_folds', 0))} folds, their heads "
+                f"averaged; serving "
                 f"{float(result.get(contract.META_SERVING_MS, math.nan)):.1f} ms/image")
     score = result.get(f"{contract.VAL_SCORE_PREFIX}balanced_accuracy")
     return (f"val balanced_accuracy {_fmt(score)} (best epoch {_fmt(result.get('best_epoch'))} "

@@ -15,8 +15,12 @@ pod per fold would add its start-up to each fit and re-read the features. Trials
 parallel KFP tasks. End-to-end training (fine-tuning, the seed CNN) would mean k full
 trainings: the config refuses ``cv_folds`` there (:func:`pipeline.config.validate`).
 
-The exported model is then the head trained once more on every train + validation row for
-the fold-average best epoch count: no split is left to watch, so no early stopping.
+The exported model is then the k fold heads averaged: a softmax head is linear up to its
+softmax, so the mean of their kernels and biases is one Dense head whose logits are the mean
+of theirs (:class:`~pipeline.lib.feature_head.LinearHead`), exported, served and explained
+like any other. Over 5 seeds (bench/fold_ensemble.py) it scored higher on test than a head
+refitted on all train + validation rows (+0.026 balanced accuracy for 5 folds, never shown
+worse), as high as averaging the heads' probabilities would, and saves that refit.
 Each fold's best epoch is picked on its held-out fold's loss (as the single-split run picks
 it on the validation split), a small optimism of the out-of-fold score that every trial
 shares.
@@ -39,6 +43,7 @@ from pipeline.lib import inputs, stats
 from pipeline.lib.feature_cache import FeatureCache
 from pipeline.lib.feature_head import (
     FeatureHead,
+    LinearHead,
     extract_features,
     head_model,
     l2_strength,
@@ -74,18 +79,22 @@ class PooledFeatures:
 
 @dataclasses.dataclass(frozen=True)
 class CrossValidation:
-    """The out-of-fold predictions, each fold's score and best epoch, and the final head."""
+    """The out-of-fold predictions, each fold's score and best epoch, and the fold heads."""
 
     predictions: stats.Predictions
     folds: np.ndarray  # each image's fold (predictions' order)
     fold_scores: tuple[dict[str, float], ...]
     best_epochs: tuple[int, ...]
-    final_epochs: int
-    head: FeatureHead  # trained on every train + validation row, to fold into the model
+    fold_heads: tuple[LinearHead, ...]  # in fold order
     computed: int
     # each fold head's probabilities on the caller's other images ([folds, images, classes]),
-    # for comparing the fold heads' ensemble with the final head (bench/fold_ensemble.py)
+    # for comparing ensembles of the fold heads (bench/fold_ensemble.py)
     fold_probabilities: np.ndarray | None = None
+
+    @property
+    def head(self) -> LinearHead:
+        """The exported head: the fold heads' logits averaged, as one head."""
+        return LinearHead.mean(self.fold_heads)
 
     def scores(self) -> dict[str, float]:
         p = self.predictions
@@ -96,8 +105,7 @@ class CrossValidation:
         p = self.predictions
         intervals = stats.bootstrap_intervals(p.labels, p.predicted, len(p.classes))
         out: dict[str, Any] = {"cv_folds": len(self.fold_scores), "cv_images": len(p.labels),
-                               "cv_best_epochs": list(self.best_epochs),
-                               "cv_final_epochs": self.final_epochs}
+                               "cv_best_epochs": list(self.best_epochs)}
         for name, value in self.scores().items():
             if name not in metric_names:
                 continue
@@ -239,15 +247,6 @@ class HeadTrainer:
                 best.best_epoch if best is not None else epochs)
 
 
-def view_probabilities(head: FeatureHead, scoring: np.ndarray) -> np.ndarray:
-    """What the exported model returns from test-time view features ([views, images, width]):
-    the head's softmax on each view, averaged over the views."""
-    views, count, width = scoring.shape
-    x = (scoring.reshape(-1, width) - head.mean) / head.std
-    probabilities = np.asarray(head.model(x.astype(np.float32), training=False))
-    return probabilities.reshape(views, count, -1).mean(axis=0)
-
-
 def fold_assignment(image_ids: Sequence[str], labels: np.ndarray, classes: Sequence[str],
                     folds: int) -> np.ndarray:
     """Each image's fold: from the contents and labels alone (:data:`FOLD_SEED`), never the
@@ -263,7 +262,7 @@ def fold_assignment(image_ids: Sequence[str], labels: np.ndarray, classes: Seque
 
 def cross_validate(features: PooledFeatures, classes: Sequence[str], config: TrainParams,
                    also_score: np.ndarray | None = None) -> CrossValidation:
-    """k heads, each fitted on the other folds and scoring its own; then the final head.
+    """k heads, each fitted on the other folds and scoring its own (their mean: ``head``).
 
     ``also_score`` (test-time view features, [views, images, width]) is scored by every fold
     head too (``fold_probabilities``).
@@ -276,30 +275,30 @@ def cross_validate(features: PooledFeatures, classes: Sequence[str], config: Tra
     folds = fold_assignment(features.image_ids, labels, classes, folds_wanted)
     num_classes = len(classes)
     probabilities = np.zeros((len(labels), num_classes), np.float32)
-    fold_scores, best_epochs, also = [], [], []
+    fold_scores, best_epochs, also, fold_heads = [], [], [], []
     trainer = HeadTrainer(features.training.shape[-1], num_classes, config)
     for fold in range(folds_wanted):
         held = folds == fold
-        head, best = trainer.fit(features.training[:, ~held], labels[~held], config.epochs,
-                                 held_out=(features.training[0, held], labels[held]))
-        probabilities[held] = view_probabilities(head, features.scoring[:, held])
+        fitted, best = trainer.fit(features.training[:, ~held], labels[~held], config.epochs,
+                                   held_out=(features.training[0, held], labels[held]))
+        head = fitted.linear()
+        probabilities[held] = head.view_probabilities(features.scoring[:, held])
         fold_scores.append(stats.score(labels[held], probabilities[held].argmax(axis=1),
                                        num_classes))
         best_epochs.append(best)
+        fold_heads.append(head)
         if also_score is not None:
-            also.append(view_probabilities(head, also_score))
+            also.append(head.view_probabilities(also_score))
         logger.info("fold %d/%d: %d held-out images, best epoch %d, balanced accuracy %.3f",
                     fold + 1, folds_wanted, int(held.sum()), best,
                     fold_scores[-1]["balanced_accuracy"])
-    final_epochs = max(1, round(float(np.mean(best_epochs))))
-    head, _ = trainer.fit(features.training, labels, final_epochs)
     predictions = stats.Predictions(features.image_ids, labels, probabilities.argmax(axis=1),
                                     probabilities, tuple(classes))
-    logger.info("cross-validated over %d folds of %d images; final head: %d epochs on all "
-                "of them (the folds' average best); %d heads on %d compiled models",
-                folds_wanted, len(labels), final_epochs, folds_wanted + 1, trainer.compilations)
+    logger.info("cross-validated over %d folds of %d images (%d heads on %d compiled "
+                "models); the model: the fold heads averaged", folds_wanted, len(labels),
+                folds_wanted, trainer.compilations)
     return CrossValidation(predictions, folds, tuple(fold_scores), tuple(best_epochs),
-                           final_epochs, head, features.computed,
+                           tuple(fold_heads), features.computed,
                            np.stack(also) if also else None)
 
 
@@ -320,4 +319,4 @@ def serving_cost_ms(model: keras.Model, data_dir: Path, config: TrainParams) -> 
 
 __all__ = ["FOLD_SEED", "CrossValidation", "HeadTrainer", "PooledFeatures", "cross_validate",
            "fold_assignment",
-           "pooled_features", "serving_cost_ms", "view_probabilities"]
+           "pooled_features", "serving_cost_ms"]

@@ -264,13 +264,49 @@ class FeatureHead:
         return cls(model, batches, steps, ((x_val - mean) / std, y_val), mean, std, rows,
                    train.computed + val.computed)
 
-    def fold_into(self, core: keras.Model) -> None:
-        """Set ``core``'s Dense head to this head composed with the standardization."""
+    def linear(self) -> LinearHead:
+        """This head composed with the standardization: logits of raw backbone features."""
         kernel, bias = (np.asarray(w, np.float64) for w in self.model.get_weights())
         kernel = kernel / self.std[:, None]
-        bias = bias - self.mean @ kernel
-        core.get_layer(models.HEAD).set_weights([kernel.astype(np.float32),
-                                                 bias.astype(np.float32)])
+        return LinearHead(kernel, bias - self.mean @ kernel)
+
+    def fold_into(self, core: keras.Model) -> None:
+        """Set ``core``'s Dense head to this head composed with the standardization."""
+        self.linear().fold_into(core)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearHead:
+    """A softmax head as the exported model holds it: logits = features @ kernel + bias, on
+    raw (unstandardized) backbone features.
+
+    Why: heads of one width and class count are then plain arrays; the mean of k such heads
+    is one head of the same shape whose logits are the mean of theirs (a logit-averaged
+    ensemble), so an ensemble of fold heads exports, serves and explains as one Dense layer.
+    """
+
+    kernel: np.ndarray  # [width, classes]
+    bias: np.ndarray  # [classes]
+
+    @classmethod
+    def mean(cls, heads: Sequence[LinearHead]) -> LinearHead:
+        """The head whose logits are the average of ``heads``' logits."""
+        return cls(np.mean([h.kernel for h in heads], axis=0),
+                   np.mean([h.bias for h in heads], axis=0))
+
+    def view_probabilities(self, scoring: np.ndarray) -> np.ndarray:
+        """What the exported model returns from test-time view features ([views, images,
+        width]): the softmax of each view's logits, averaged over the views."""
+        logits = scoring @ self.kernel + self.bias
+        logits -= logits.max(axis=-1, keepdims=True)
+        probabilities = np.exp(logits)
+        probabilities /= probabilities.sum(axis=-1, keepdims=True)
+        return probabilities.mean(axis=0)
+
+    def fold_into(self, core: keras.Model) -> None:
+        """Set ``core``'s Dense head to this head."""
+        core.get_layer(models.HEAD).set_weights([self.kernel.astype(np.float32),
+                                                 self.bias.astype(np.float32)])
 
 
 def probabilities_from_features(core: keras.Model, data_dir: Path, split: str,

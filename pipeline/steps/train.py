@@ -302,8 +302,8 @@ def _run_phase(run: Training, core: keras.Model, trainer: keras.Model,
 
 def _cross_validate(run: Training, core: keras.Model,
                     augmenter: inputs.RandomAugment) -> crossval.CrossValidation:
-    """``cv_folds``: out-of-fold predictions over train + validation, then the head trained
-    on all of them folded into ``core`` (:mod:`pipeline.lib.crossval`)."""
+    """``cv_folds``: out-of-fold predictions over train + validation, then the fold heads'
+    average folded into ``core`` (:mod:`pipeline.lib.crossval`)."""
     started = time.perf_counter()
     features = crossval.pooled_features(core, run.data_dir, run.config, augmenter,
                                         run.feature_cache)
@@ -311,7 +311,7 @@ def _cross_validate(run: Training, core: keras.Model,
         cv = crossval.cross_validate(features, run.classes, run.config)
     cv.head.fold_into(core)
     run.backbone_images += features.computed
-    run.feature_rows = cv.head.rows
+    run.feature_rows = features.training.shape[0] * features.training.shape[1]
     run.fit_seconds += time.perf_counter() - started
     run.state.train_seconds += time.perf_counter() - started
     return cv
