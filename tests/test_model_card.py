@@ -47,3 +47,19 @@ def test_card_writes_whole_numbers_from_kfp_metadata_and_names_the_data_sets_cla
     assert "(cat 24, dog 35)" in text and "4 of 24 test images of cat were called dog" in text
     assert "knows 2 classes only (cat, dog): any other picture gets one of them" in text
     assert "iris" not in text.split("**Known limits**")[1]
+
+
+def test_a_cross_validated_models_card_gives_its_out_of_fold_scores_and_how_it_was_made() -> None:
+    """With ``cv_folds`` the model trained on train + validation: its card says so, with the
+    out-of-fold estimate (steadier than 59 test images) before the test metrics."""
+    cross_validated = {**MODEL, "cv_folds": 5.0, "cv_images": 330.0,
+                       "cv_balanced_accuracy": 0.605, "cv_balanced_accuracy_ci_low": 0.551,
+                       "cv_balanced_accuracy_ci_high": 0.662, "cv_accuracy": 0.7,
+                       "cv_accuracy_ci_low": 0.65, "cv_accuracy_ci_high": 0.75,
+                       "cv_fold_balanced_accuracy": [0.6] * 5}
+    text = model_card.card(METRICS, cross_validated)
+    assert ("**Cross-validated**: 5 folds over the 330 train + validation images, each scored "
+            "by a head that never saw it: balanced_accuracy 0.605 [0.551, 0.662]; accuracy "
+            "0.700 [0.650, 0.750]. The model is the 5 fold heads averaged.") in text
+    assert text.index("**Cross-validated**") < text.index("**Test metrics**")
+    assert "Cross-validated" not in model_card.card(METRICS, MODEL)

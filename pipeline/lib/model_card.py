@@ -17,7 +17,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.lib.contract import META_TRAIN_PARAMS, METRICS_FILE
+from pipeline.lib.contract import CV_SCORE_PREFIX, META_TRAIN_PARAMS, METRICS_FILE
 from pipeline.lib.files import read_json
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,20 @@ def _most_confused(metrics: Mapping[str, Any]) -> str | None:
             f"{classes[pred]}, the most frequent confusion")
 
 
+def _cross_validation(model_metadata: Mapping[str, Any]) -> list[str]:
+    """How a ``cv_folds`` model was made and scored out of fold (nothing without folds)."""
+    folds = model_metadata.get(f"{CV_SCORE_PREFIX}folds")
+    if not folds:
+        return []
+    scores = "; ".join(
+        f"{name} {model_metadata[key]:.3f} {_interval(model_metadata, key)}"
+        for name in CARD_METRICS if (key := f"{CV_SCORE_PREFIX}{name}") in model_metadata)
+    return [f"**Cross-validated**: {_whole(folds)} folds over the "
+            f"{_whole(model_metadata.get(f'{CV_SCORE_PREFIX}images', '?'))} train + validation "
+            "images, each scored by a head that never saw it: " + scores + ". The model is "
+            f"the {_whole(folds)} fold heads averaged.", ""]
+
+
 def card(metrics: Mapping[str, Any], model_metadata: Mapping[str, Any],
          decision: Mapping[str, Any] | None = None) -> str:
     """The card's Markdown from evaluate's metrics, train's metadata and the registry decision."""
@@ -75,6 +89,7 @@ def card(metrics: Mapping[str, Any], model_metadata: Mapping[str, Any],
               f"{_whole(model_metadata.get('train_examples', '?'))} training images; "
               f"{metrics.get('test_examples', '?')} test images ("
               + ", ".join(f"{c} {_whole(n)}" for c, n in support.items()) + ").", ""]
+    lines += _cross_validation(model_metadata)
     lines += ["**Test metrics** (95% intervals: " + str(metrics.get("interval_method", ""))
               + ")", "", "| metric | value | 95% interval | majority baseline |",
               "| --- | --- | --- | --- |"]
