@@ -1,4 +1,4 @@
-"""Component ``select_model`` (sweeps only): the trial with the best validation score."""
+"""Component ``select_model`` (sweeps only): the trial the sweep's rule chooses."""
 
 from typing import List  # noqa: UP035 (KFP reads the annotation: List[Model], not list[Model])
 
@@ -12,9 +12,12 @@ def select_model(
     pipeline_name: str,
     experiment_name: str,
     gate_metric: str,
+    sweep_choice: str,
     selected_model: Output[Model],
 ) -> None:
-    """Copy the trial with the best validation ``gate_metric`` into ``selected_model``.
+    """Copy the trial the rule chooses on ``gate_metric`` into ``selected_model``: out of
+    fold, paired and cost-aware (``sweep_choice``) when the trials were cross-validated, else
+    the best validation score.
 
     The test split is not read: evaluation scores only the model chosen here.
     """

@@ -122,6 +122,11 @@ class PipelineConfig:
     # the out-of-fold score, with its interval, is what a sweep chooses on; 0 keeps the
     # single validation split (README: Sweeps, Cross-validation)
     cv_folds: int = 0
+    # how a sweep chooses among cross-validated trials: the cheapest to serve of those not
+    # shown worse than the leader ("cheapest_within_noise"), or the leader itself
+    # ("best_score": when serving cost does not matter); without folds, the best validation
+    # score either way (README: Cross-validation)
+    sweep_choice: str = "cheapest_within_noise"
     class_weights: bool = True  # weight the loss by inverse class frequency
     mixed_precision: bool = True  # mixed_float16 when a GPU is present (ignored on CPU)
     xla: bool = False  # jit_compile the train step
@@ -335,6 +340,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gate_metric": ("accuracy", "balanced_accuracy", "macro_f1"),
     "augment_placement": ("auto", "model", "data"),
     "gate_on": ("point", "ci_low"),
+    "sweep_choice": ("cheapest_within_noise", "best_score"),
 }
 
 

@@ -11,6 +11,7 @@ The file (YAML)::
 
     parallelism: 2          # trials trained at once on a cluster (kfp.local: one at a time)
     cv_folds: 5             # shared by every trial: chosen out of fold (0: on validation)
+    sweep_choice: best_score  # the leader (default cheapest_within_noise: cost-aware)
     trials:                 # a list of overrides; [{}] (the base config) when left out
       - {}
       - {backbone: mobilenet_v2, alpha: 0.5, weights: "${IRIS_MOBILENET_V2_WEIGHTS:-imagenet}"}
@@ -45,9 +46,10 @@ from pipeline.stepspec import STEP_PARAMS
 
 logger = logging.getLogger(__name__)
 
-#: Train-step settings every trial must share: the choice between cross-validated trials
-#: pairs their out-of-fold predictions, so all must hold out the same folds.
-SAME_FOR_EVERY_TRIAL = frozenset({"cv_folds"})
+#: Settings the sweep file sets once, at its top, for every trial: the choice between
+#: cross-validated trials pairs their out-of-fold predictions, so all must hold out the same
+#: folds (``cv_folds``); and the rule that choice follows (``sweep_choice``).
+SAME_FOR_EVERY_TRIAL = frozenset({"cv_folds", "sweep_choice"})
 #: Train-step settings no other step reads: the ones a trial may change.
 SWEEPABLE: frozenset[str] = frozenset(TrainParams.field_names()) - {
     name for step, classes in STEP_PARAMS.items() if step != "train_model"

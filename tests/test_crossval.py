@@ -265,9 +265,19 @@ def test_select_takes_the_cheaper_trial_within_noise_of_the_leader(tmp_path: Pat
     assert verdict["metric"] == "cv_balanced_accuracy" and verdict["winner"] == 1
     assert verdict["summary"].startswith("trial 1 leads")
     assert "trial 2 is within noise" in verdict["summary"] and "4.0x cheaper" in verdict["summary"]
+    assert verdict["rule"] == "cross-validated, paired: cheapest within noise"
     fast = verdict["trials"][1]
     assert fast["difference"]["value"] < 0 <= fast["difference"]["ci_high"]
     assert verdict["trials"][0]["difference"] is None
+    # sweep_choice=best_score: serving cost does not matter, the leader is taken
+    metadata, _ = select_trial([tmp_path / "slow", tmp_path / "fast"], metas, tmp_path / "out",
+                               "balanced_accuracy", DEFAULTS, "best_score")
+    assert metadata[META_RUN_ID] == "slow"
+    assert (tmp_path / "out" / "model.keras").read_text() == "slow"
+    verdict = metadata[META_SWEEP]
+    assert verdict["rule"] == "cross-validated, paired: best score" and verdict["winner"] == 0
+    assert verdict["summary"].endswith(
+        ": chosen (best_score; trial 2 is within noise and 4.0x cheaper to serve)")
 
 
 def test_the_select_step_names_each_trial_run_by_its_out_of_fold_rank(
@@ -294,7 +304,8 @@ def test_the_select_step_names_each_trial_run_by_its_out_of_fold_rank(
     metas = [_oof_trial(tmp_path / "slow", list(better), 40.0, run_ids[0]),
              _oof_trial(tmp_path / "fast", list(base), 10.0, run_ids[1], tta_views=0)]
     select.run_step([tmp_path / "slow", tmp_path / "fast"], metas, tmp_path / "out",
-                    SelectParams(gate_metric="balanced_accuracy"), tracking, DEFAULTS)
+                    SelectParams(gate_metric="balanced_accuracy",
+                                 sweep_choice="cheapest_within_noise"), tracking, DEFAULTS)
     leader, chosen = (MlflowClient(uri).get_run(run_id) for run_id in run_ids)
     assert [leader.data.tags["sweep.rank"], chosen.data.tags["sweep.rank"]] == ["1", "2"]
     assert [leader.data.tags["sweep.chosen"], chosen.data.tags["sweep.chosen"]] == [

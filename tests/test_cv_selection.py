@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.lib import stats
 from pipeline.lib.folds import assign_folds, check_fold_count
-from pipeline.lib.selection import TrialEvidence, choose_trial
+from pipeline.lib.selection import BEST_SCORE, TrialEvidence, choose_trial
 
 CLASSES = ("a", "b", "c")
 
@@ -88,6 +88,25 @@ def test_a_cheaper_trial_within_noise_of_the_leader_is_chosen_and_said_so() -> N
     assert choice.chosen == 0
     assert "trial 2 leads" in choice.summary
     assert "trial 1 is within noise" in choice.summary and "4.0x cheaper" in choice.summary
+
+
+def test_best_score_takes_the_leader_and_names_the_cheaper_trial_it_passed_over() -> None:
+    leader = _noisy(LABELS, 0.30, seed=1)
+    close = leader.copy()
+    close[:4] = (LABELS[:4] + 1) % 3
+    trials = [_trial(0, LABELS, close, cost=10.0, ids=IDS),
+              _trial(1, LABELS, leader, cost=40.0, ids=IDS)]
+    choice = choose_trial(trials, "balanced_accuracy", BEST_SCORE)
+    assert choice.leader == choice.chosen == 1
+    assert [v.chosen for v in choice.verdicts] == [True, False]  # leader first
+    assert choice.summary.startswith("trial 2 leads (")
+    assert choice.summary.endswith(
+        ": chosen (best_score; trial 1 is within noise and 4.0x cheaper to serve)")
+    alone = choose_trial(trials[1:], "balanced_accuracy", BEST_SCORE)
+    assert alone.summary.endswith(": chosen (best_score; no trial within noise is cheaper to "
+                                  "serve)")
+    with pytest.raises(ValueError, match="sweep_choice must be one of"):
+        choose_trial(trials, "balanced_accuracy", "cheapest")
 
 
 def test_a_cheaper_trial_shown_worse_loses_to_the_leader() -> None:

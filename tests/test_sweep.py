@@ -118,6 +118,24 @@ def test_the_files_cv_folds_is_every_trials_and_wins_over_set(
                     PipelineConfig())
 
 
+def test_the_files_sweep_choice_is_the_rule_of_the_whole_sweep() -> None:
+    """``sweep_choice`` (the select step's rule) is set once at the top of the file, checked
+    like ``--set``, and a trial may not vary it."""
+    trials = [{}, {"pooling": "avg_max"}]
+    sweep = build_sweep({"cv_folds": 3, "sweep_choice": "best_score", "trials": trials},
+                        PipelineConfig())
+    assert sweep.shared == {"cv_folds": 3, "sweep_choice": "best_score"}
+    assert sweep.base(PipelineConfig()).sweep_choice == "best_score"
+    assert build_sweep({"trials": trials}, PipelineConfig()).base(
+        PipelineConfig()).sweep_choice == "cheapest_within_noise"
+    with pytest.raises(ValueError, match=r"sweep_choice \(shared by every trial\).*"
+                                         r"cheapest_within_noise"):
+        build_sweep({"sweep_choice": "cheapest", "trials": trials}, PipelineConfig())
+    with pytest.raises(ValueError, match="sweep_choice is shared by every trial: set it at the "
+                                         "top"):
+        build_sweep({"trials": [{"sweep_choice": "best_score"}, {}]}, PipelineConfig())
+
+
 def test_the_files_shared_setting_expands_variables_and_says_what_it_replaces(
         caplog: pytest.LogCaptureFixture) -> None:
     spec = {"cv_folds": "${FOLDS:-4}", "trials": [{}, {"pooling": "avg_max"}]}

@@ -122,6 +122,7 @@ class SelectParams(StepParams):
     were cross-validated, else on the validation split."""
 
     gate_metric: str
+    sweep_choice: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ and among the trials not shown to be worse than the leader the cheapest to serve
 user pays for every forward pass on every image they score, and a setting that is not shown
 to be better is not worth paying for. Costs within :data:`COST_TOLERANCE` of the cheapest
 count as equal (measured costs jitter); among those the better score wins, then the earlier
-trial.
+trial. Where serving cost does not matter, ``sweep_choice=best_score`` takes the leader.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from pipeline.lib import stats
 
 #: Costs within this factor of the cheapest candidate's count as equally cheap.
 COST_TOLERANCE = 1.25
+#: The rules (config ``sweep_choice``): the cheapest trial not shown worse than the leader,
+#: or the leader.
+CHEAPEST_WITHIN_NOISE = "cheapest_within_noise"
+BEST_SCORE = "best_score"
+RULES = (CHEAPEST_WITHIN_NOISE, BEST_SCORE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +109,16 @@ def _pick(verdicts: Sequence[TrialVerdict]) -> TrialVerdict:
     return min(near, key=lambda v: (-v.score, v.index))
 
 
-def _summary(verdicts: Sequence[TrialVerdict], chosen: TrialVerdict) -> str:
+def _summary(verdicts: Sequence[TrialVerdict], chosen: TrialVerdict, rule: str) -> str:
     leader = verdicts[0]
     text = (f"trial {leader.index + 1} leads "
             f"({_interval_text(leader.score, leader.ci_low, leader.ci_high)})")
+    if rule == BEST_SCORE:
+        passed = _pick(verdicts)
+        if passed is leader:
+            return f"{text}: chosen ({BEST_SCORE}; no trial within noise is cheaper to serve)"
+        return (f"{text}: chosen ({BEST_SCORE}; trial {passed.index + 1} is within noise and "
+                f"{leader.cost / passed.cost:.1f}x cheaper to serve)")
     if chosen is leader:
         cheaper = [v for v in verdicts[1:] if v.within_noise]
         reason = ("no other trial is within noise of it" if not cheaper
@@ -121,21 +132,26 @@ def _summary(verdicts: Sequence[TrialVerdict], chosen: TrialVerdict) -> str:
             f"{ratio:.1f}x cheaper to serve: chosen")
 
 
-def choose_trial(trials: Sequence[TrialEvidence], metric: str) -> Choice:
-    """Rank ``trials`` by cross-validated ``metric`` and apply the paired, cost-aware rule.
+def choose_trial(trials: Sequence[TrialEvidence], metric: str,
+                 rule: str = CHEAPEST_WITHIN_NOISE) -> Choice:
+    """Rank ``trials`` by cross-validated ``metric``, pair each with the leader, and choose
+    by ``rule`` (:data:`RULES`): the cheapest not shown worse, or the leader.
 
-    ``ValueError`` when there is no trial, or when the trials were not scored on the same
-    images (their out-of-fold predictions cannot be paired).
+    ``ValueError`` when there is no trial, for an unknown rule, or when the trials were not
+    scored on the same images (their out-of-fold predictions cannot be paired).
     """
     if not trials:
         raise ValueError("the sweep produced no trials to choose from")
     if metric not in stats.METRICS:
         raise ValueError(f"metric must be one of {list(stats.METRICS)}, got {metric!r}")
+    if rule not in RULES:
+        raise ValueError(f"sweep_choice must be one of {list(RULES)}, got {rule!r}")
     verdicts = _ranked(trials, metric)
-    chosen = _pick(verdicts)
+    chosen = verdicts[0] if rule == BEST_SCORE else _pick(verdicts)
     marked = tuple(dataclasses.replace(v, chosen=v is chosen) for v in verdicts)
     return Choice(metric=metric, verdicts=marked, leader=verdicts[0].index,
-                  chosen=chosen.index, summary=_summary(verdicts, chosen))
+                  chosen=chosen.index, summary=_summary(verdicts, chosen, rule))
 
 
-__all__ = ["COST_TOLERANCE", "Choice", "TrialEvidence", "TrialVerdict", "choose_trial"]
+__all__ = ["BEST_SCORE", "CHEAPEST_WITHIN_NOISE", "COST_TOLERANCE", "RULES", "Choice",
+           "TrialEvidence", "TrialVerdict", "choose_trial"]

@@ -213,8 +213,9 @@ def _verdict_rows(trials: Sequence[Trial], choice: selection.Choice | None
 
 
 def select_trial(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[str, Any]],
-                 out_dir: str | Path, metric: str,
-                 defaults: Mapping[str, Any]) -> tuple[dict[str, Any], list[Trial]]:
+                 out_dir: str | Path, metric: str, defaults: Mapping[str, Any],
+                 rule: str = selection.CHEAPEST_WITHIN_NOISE
+                 ) -> tuple[dict[str, Any], list[Trial]]:
     """Copy the chosen trial's model folder into ``out_dir``; return its metadata and the
     trials in rank order.
 
@@ -229,7 +230,7 @@ def select_trial(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[s
     by_index = {t.index: t for t in ranked}
     evidence = cross_validated_evidence(model_dirs, metadatas,
                                         [by_index[i] for i in range(len(ranked))])
-    choice = selection.choose_trial(evidence, metric) if evidence else None
+    choice = selection.choose_trial(evidence, metric, rule) if evidence else None
     if choice is not None:
         ranked = [by_index[v.index] for v in choice.verdicts]
         winner = by_index[choice.chosen]
@@ -243,7 +244,8 @@ def select_trial(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[s
         shutil.rmtree(out_dir)
     shutil.copytree(model_dirs[winner.index], out_dir)
     verdict = {
-        "rule": "cross-validated, paired, cheapest within noise" if choice else "validation",
+        "rule": (f"cross-validated, paired: {rule.replace('_', ' ')}" if choice
+                 else "validation"),
         "metric": f"{CV_SCORE_PREFIX if choice else VAL_SCORE_PREFIX}{metric}",
         "winner": winner.index,
         "summary": summary,
@@ -289,7 +291,7 @@ def run_step(model_dirs: Sequence[str | Path], metadatas: Sequence[Mapping[str, 
     """
     with tracking_runs.tracked_step("select", tracking_params, params.to_dict()):
         metadata, ranked = select_trial(model_dirs, metadatas, out_dir, params.gate_metric,
-                                        defaults)
+                                        defaults, params.sweep_choice)
         verdict = metadata[META_SWEEP]
         _log_ranking(verdict, params.gate_metric)
         tracking_log.log_artifacts(Path(out_dir) / SWEEP_FILE)
