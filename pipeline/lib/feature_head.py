@@ -323,11 +323,9 @@ def probabilities_from_features(core: keras.Model, data_dir: Path, split: str,
     views = test_time_views(config)
     features = extract_features(core, data_dir, split, config, views, cache=cache)
     kernel, bias = (np.asarray(w, np.float32) for w in core.get_layer(models.HEAD).get_weights())
-    logits = features.x @ kernel + bias
-    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    head = LinearHead(kernel, bias)
     count = len(features.y) // len(views)
-    averaged = probabilities.reshape(len(views), count, -1).mean(axis=0)
+    averaged = head.view_probabilities(features.x.reshape(len(views), count, -1))
     return averaged, features.y[:count], features.computed
 
 
