@@ -25,8 +25,9 @@ evaluation seconds. Per seed: the trial the sweep's rule picks (``select.rank_tr
 validation balanced accuracy, ties to the earlier trial), its test score, and the sweep's wall
 seconds (every trial's training and evaluation). Last: per trial (labelled as the pipeline
 labels them) the mean test / validation score, interval width and train seconds; the mean
-test score of the picks ("sweep pick"), how often each trial was picked, and the first
-trial's (the default's) mean beside it. The test split never takes part in a pick.
+test score of the picks ("sweep pick"), how often each trial was picked, and beside it the
+mean of the trial that is the measured config unchanged (the default, if the file has it).
+The test split never takes part in a pick.
 
 ``--cv-folds K`` sets ``cv_folds`` (over the sweep file's own, which ``sweeps/default.yaml``
 sets to 5; ``--cv-folds 0`` measures the validation rule): every trial is also scored out of
@@ -167,7 +168,7 @@ def run_sweep(sweep: Sweep, labels: list[str], base: PipelineConfig, data_dir: P
 
 
 def sweep_result(sweep: Sweep, labels: list[str], rows: list[dict],
-                 picks: list[dict]) -> dict:
+                 picks: list[dict], default: int | None) -> dict:
     """The sweep's part of the closing JSON line: per trial, per seed's pick, overall."""
     trials = []
     for index, (trial, label) in enumerate(zip(sweep.trials, labels, strict=True)):
@@ -200,12 +201,14 @@ def sweep_result(sweep: Sweep, labels: list[str], rows: list[dict],
         },
         # the best single trial's mean test score minus the picks' (0: the rule never lost)
         "selection_regret": round(best - mean(picks, "balanced_accuracy"), 4),
-        # the same for the leader alone (best out-of-fold score, cost not considered): what
-        # the cost-aware choice gives up is selection_regret minus this
+        # the same for the leader alone (best out-of-fold score, cost not considered,
+        # sweep_choice=best_score): beside selection_regret, what choosing on cost changed
         "leader_regret": round(best - mean(picks, "leader_balanced_accuracy"), 4),
-        "default": {"trial": 1, "label": labels[0],
-                    "mean_balanced_accuracy": trials[0]["mean_balanced_accuracy"],
-                    "mean_val_balanced_accuracy": trials[0]["mean_val_balanced_accuracy"]},
+        # the trial that is the measured config unchanged (None: the file has none)
+        "default": None if default is None else {
+            "trial": default + 1, "label": labels[default],
+            "mean_balanced_accuracy": trials[default]["mean_balanced_accuracy"],
+            "mean_val_balanced_accuracy": trials[default]["mean_val_balanced_accuracy"]},
     }
 
 
@@ -236,11 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         overrides = parse_overrides(args.set)
         folds = {} if args.cv_folds is None else {"cv_folds": str(args.cv_folds)}
-        sweep = labels = None
+        sweep = labels = default = None
         if args.sweep:
-            sweep = load_sweep(args.sweep, PipelineConfig.from_mapping(
-                overrides, PipelineConfig(data_source=str(args.zip), weights=args.weights)))
+            sweep_base = PipelineConfig.from_mapping(
+                overrides, PipelineConfig(data_source=str(args.zip), weights=args.weights))
+            sweep = load_sweep(args.sweep, sweep_base)
             labels = [label for label, _ in trial_labels(sweep.trials, DEFAULTS)]
+            default = next((i for i, trial in enumerate(sweep.trials)
+                            if PipelineConfig.from_mapping(trial, sweep_base) == sweep_base),
+                           None)
             overrides = {**overrides, **{k: str(v) for k, v in sweep.shared.items()}}
         overrides.update(folds)  # the flag over the file
     except ValueError as exc:
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if sweep is not None:
         result["sweep"] = {"file": str(args.sweep), **sweep_result(sweep, labels, trial_rows,
-                                                                     picks)}
+                                                                     picks, default)}
     else:
         result["default"] = {
             "per_seed": ours, "mean_balanced_accuracy": mean(ours, "balanced_accuracy"),
