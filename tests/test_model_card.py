@@ -62,4 +62,6 @@ def test_a_cross_validated_models_card_gives_its_out_of_fold_scores_and_how_it_w
             "by a head that never saw it: balanced_accuracy 0.605 [0.551, 0.662]; accuracy "
             "0.700 [0.650, 0.750]. The model is the 5 fold heads averaged.") in text
     assert text.index("**Cross-validated**") < text.index("**Test metrics**")
+    assert "330 train + validation images; 59 test images" in text  # what the model saw
+    assert "271 training images" not in text
     assert "Cross-validated" not in model_card.card(METRICS, MODEL)

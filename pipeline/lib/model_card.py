@@ -84,9 +84,11 @@ def card(metrics: Mapping[str, Any], model_metadata: Mapping[str, Any],
         + ". Takes raw "
         "RGB images of any size (a base64 JPEG or PNG per row when served).", ""]
     support = {c: v.get("support") for c, v in (metrics.get("per_class") or {}).items()}
+    cv_images = model_metadata.get(f"{CV_SCORE_PREFIX}images")
+    trained_on = (f"{_whole(cv_images)} train + validation images" if cv_images else
+                  f"{_whole(model_metadata.get('train_examples', '?'))} training images")
     lines += [f"**Data**: sha256 `{metrics.get('data_sha256') or 'unknown'}`, test split digest "
-              f"`{metrics.get('split_digest', 'unknown')}`; "
-              f"{_whole(model_metadata.get('train_examples', '?'))} training images; "
+              f"`{metrics.get('split_digest', 'unknown')}`; {trained_on}; "
               f"{metrics.get('test_examples', '?')} test images ("
               + ", ".join(f"{c} {_whole(n)}" for c, n in support.items()) + ").", ""]
     lines += _cross_validation(model_metadata)
