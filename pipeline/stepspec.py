@@ -170,6 +170,14 @@ STEP_SPECS: dict[str, StepSpec] = {spec.name: spec for spec in (
 #: The params object(s) each step component builds from its parameters, by step name.
 STEP_PARAMS: dict[str, tuple[type[StepParams], ...]] = {
     name: spec.params for name, spec in STEP_SPECS.items()}
+#: Steps only a sweep's DAG runs: they choose among the trained trials.
+SWEEP_STEPS = frozenset({"select_model"})
+#: Config fields only those steps read (``sweep_choice``): a single run has no use for them,
+#: so its MLflow runs do not record them.
+SWEEP_ONLY_FIELDS: frozenset[str] = frozenset(
+    field for step in SWEEP_STEPS for cls in STEP_PARAMS[step] for field in cls.field_names()
+) - frozenset(field for step, classes in STEP_PARAMS.items() if step not in SWEEP_STEPS
+              for cls in classes for field in cls.field_names())
 #: Specs by KFP task name (what the local runner finds in task folders).
 SPECS_BY_TASK: dict[str, StepSpec] = {spec.task: spec for spec in STEP_SPECS.values()}
 
@@ -180,5 +188,5 @@ def outputs_type(name: str, steps: Iterable[str]) -> Any:
     return typing.NamedTuple(name, fields)
 
 
-__all__ = ["SPECS_BY_TASK", "STEP_PARAMS", "STEP_SPECS", "Resources", "StepSpec",
-           "outputs_type"]
+__all__ = ["SPECS_BY_TASK", "STEP_PARAMS", "STEP_SPECS", "SWEEP_ONLY_FIELDS", "SWEEP_STEPS",
+           "Resources", "StepSpec", "outputs_type"]

@@ -275,6 +275,15 @@ def test_a_sweep_compiles_to_a_parallel_for_over_train_with_its_trials(
     assert wired["epochs"]["componentInputParameter"] == "pipelinechannel--epochs"
 
 
+def test_the_sweep_only_steps_and_fields_are_the_select_steps() -> None:
+    """stepspec's sweep-only steps are those whose component takes the trained trials, and
+    the fields only they read are the ones a single run leaves off its MLflow runs."""
+    from pipeline import stepspec
+
+    assert stepspec.SWEEP_STEPS == SWEEP_STEPS
+    assert {"sweep_choice"} == stepspec.SWEEP_ONLY_FIELDS
+
+
 def test_a_sweep_evaluates_only_the_trial_select_chose(sweep_spec: dict[str, Any]) -> None:
     root = sweep_spec["root"]["dag"]["tasks"]
     assert set(_tasks(sweep_spec)) == set(TASK_NAMES.values())

@@ -384,6 +384,7 @@ def test_a_cross_validated_two_trial_sweep_registers_the_rules_choice(
     parent = client.get_run(summary["mlflow"]["run_id"])
     settings = f"tta_views={int(chosen['overrides']['tta_views'])}"
     assert parent.info.run_name.startswith(f"sweep of 2: {settings}")
+    assert parent.data.params["sweep_choice"] == "cheapest_within_noise"  # the select step's
     versions = client.search_model_versions(f"name = '{summary['registration']['name']}'")
     assert [v.run_id for v in versions] == [winner.info.run_id]
 

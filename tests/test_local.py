@@ -38,6 +38,7 @@ from pipeline.runners.local import (
     verify_trials,
 )
 from pipeline.runners.run_files import NO_END, find_run_dir, first_failure, task_statuses
+from pipeline.stepspec import SWEEP_ONLY_FIELDS
 from tests.support.cli_helpers import (
     V1_BACKBONE,
     CliRun,
@@ -454,7 +455,7 @@ def test_local_summary_has_gate_registration_and_mlflow_ids(first_run: CliRun,
 
     client = MlflowClient(mlflow_info["tracking_uri"])
     params = client.get_run(mlflow_info["run_id"]).data.params
-    missing = set(PipelineConfig.field_names()) - set(params)
+    missing = set(PipelineConfig.field_names()) - SWEEP_ONLY_FIELDS - set(params)
     assert not missing, f"config fields not logged on the parent run: {sorted(missing)}"
     assert params["data_source"] == summary["data"]["source"] and params["epochs"] == "2"
 
