@@ -22,6 +22,7 @@ from pipeline.lib.archive import (
 from pipeline.lib.backbones import BACKBONES, MODELS, TRANSFER, canonical_model
 from pipeline.lib.folds import MAX_FOLDS, MIN_FOLDS
 from pipeline.lib.params import TTA_VIEWS, StepParams
+from pipeline.lib.selection import CHEAPEST_WITHIN_NOISE, RULES
 
 P = typing.TypeVar("P", bound=StepParams)
 
@@ -126,7 +127,7 @@ class PipelineConfig:
     # shown worse than the leader ("cheapest_within_noise"), or the leader itself
     # ("best_score": when serving cost does not matter); without folds, the best validation
     # score either way (README: Cross-validation)
-    sweep_choice: str = "cheapest_within_noise"
+    sweep_choice: str = CHEAPEST_WITHIN_NOISE
     class_weights: bool = True  # weight the loss by inverse class frequency
     mixed_precision: bool = True  # mixed_float16 when a GPU is present (ignored on CPU)
     xla: bool = False  # jit_compile the train step
@@ -340,7 +341,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gate_metric": ("accuracy", "balanced_accuracy", "macro_f1"),
     "augment_placement": ("auto", "model", "data"),
     "gate_on": ("point", "ci_low"),
-    "sweep_choice": ("cheapest_within_noise", "best_score"),
+    "sweep_choice": RULES,
 }
 
 
