@@ -67,11 +67,11 @@ def refit_head(features: crossval.PooledFeatures, cv: crossval.CrossValidation,
     return head.linear()
 
 
-def compare(cv: crossval.CrossValidation, refit_head: LinearHead, test_x: np.ndarray,
+def compare(cv: crossval.CrossValidation, refitted: LinearHead, test_x: np.ndarray,
             test_y: np.ndarray, num_classes: int) -> dict:
     """The refitted head against the fold heads on the test split, paired: averaged into one
     head (the export) and kept as an ensemble of their probabilities."""
-    refit = refit_head.view_probabilities(test_x).argmax(axis=1)
+    refit = refitted.view_probabilities(test_x).argmax(axis=1)
     ensembles = {
         "averaged": cv.head.view_probabilities(test_x).argmax(axis=1),
         "ensemble": cv.fold_probabilities.mean(axis=0).argmax(axis=1),
